@@ -1,0 +1,46 @@
+# The README's two commands are `make run` and `make test`; everything else is for developers.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+PARAMS ?= params.yaml
+export DVC_NO_ANALYTICS := 1
+# dvc.yaml's stage commands call `jointdistill` from the project's venv.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup run test test-fast lint lock bench pipeline clean
+
+## setup: create $(VENV) from requirements.lock (no-op when it is already up to date)
+setup:
+	@scripts/install.sh $(VENV)
+
+## run: the main job -- the whole pipeline on the embedded synthetic dataset, through `dvc repro`
+run: setup
+	dvc repro
+	@jointdistill summary --params $(PARAMS)
+
+## test: the test suite (unit + end-to-end through dvc and kfp.local)
+test: setup
+	$(BIN)/python -m pytest
+
+## test-fast: unit tests only
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests components pipelines bench
+
+## lock: re-resolve requirements.lock from pyproject.toml (needs the network)
+lock: setup
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra gcs --universal --python-version 3.11 \
+		-c requirements/constraints.txt --no-header -o requirements.lock
+
+## bench: benchmarks (never part of `make test`); results in bench/results/
+bench: setup
+	$(BIN)/python -m bench
+
+## pipeline: compile the Kubeflow pipeline to jointdistill.yaml
+pipeline: setup
+	$(BIN)/jointdistill pipeline compile -o jointdistill.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""KFP components: one per pipeline step, each a thin wrapper around jointdistill.stages."""

@@ -1,0 +1,27 @@
+"""KFP component for the `prepare` stage: the typed-artifact adapter around jointdistill.stages.prepare."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+
+def prepare(params: dict, prepared: Output[Dataset]):
+    """Build the prepared dataset (DESIGN §3) into the output artifact's directory."""
+    # Runs inside the project image: everything is already installed there.
+    from jointdistill.config import params_from_dict
+    from jointdistill.stages import prepare as stage
+
+    meta = stage.run(params_from_dict(params, "pipeline parameter 'params'"), prepared.path)
+    prepared.metadata.update(
+        {
+            "dataset": meta["dataset"],
+            "counts": meta["counts"],
+            "resolution": meta["resolution"],
+            "source_checksum": meta["source_checksum"],
+            "params_digest": meta["params_digest"],
+        }
+    )
+
+
+def component(image: str):
+    """The component, bound to ``image``; nothing is pip-installed at run time."""
+    return dsl.component(prepare, base_image=image, install_kfp_package=False)

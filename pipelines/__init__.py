@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline: definition, compilation and local execution."""

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One install procedure for every place the project runs: `make` (laptop, CI) and the Dockerfile.
+#   scripts/install.sh [VENV_DIR]
+# Creates VENV_DIR (default .venv), installs the locked dependency set with uv, then the project itself.
+# Skips everything when VENV_DIR was built from the same lock and pyproject (a stamp file holds their hash),
+# so a repeated `make test` costs nothing and CI only reinstalls when the lock changes.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${1:-$here/.venv}"
+python="${PYTHON:-python3}"
+uv_version="0.13.9"
+lock="$here/requirements.lock"
+stamp="$venv/.jointdistill-install"
+
+want="$(cat "$lock" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/jointdistill" ]]; then
+    echo "install: $venv is up to date with requirements.lock"
+    exit 0
+fi
+
+echo "install: building $venv from requirements.lock"
+rm -f "$stamp"
+[[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$uv_version"
+# --exact removes packages that are no longer in the lock, so the venv equals the lock.
+"$venv/bin/uv" pip sync --quiet --python "$venv/bin/python" "$lock"
+"$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --no-deps -e "$here"
+# Reinstall uv: pip sync removed it (it is a bootstrap tool, not a locked dependency).
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$uv_version"
+echo "$want" > "$stamp"
+echo "install: done"

@@ -1,0 +1,206 @@
+"""Typed parameters: ``params.yaml`` is the one knob file; every stage, DVC and KFP read it through here.
+
+Every section forbids unknown keys, so a typo fails loudly instead of silently using a default:
+
+    >>> load_params("params.yaml", ["prepare.num_samples=64"]).prepare.num_samples
+    64
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareParams(_Section):
+    """The ``prepare`` stage: which source, at which resolution, and how it is split."""
+
+    dataset: Literal["synthetic", "nyuv2", "cityscapes", "folder"] = Field(
+        "synthetic", description="source of the samples; 'synthetic' is generated offline"
+    )
+    root: str | None = Field(None, description="folder of a real source (unused by 'synthetic')")
+    num_samples: int = Field(1200, ge=1, description="number of synthetic frames (train + test)")
+    height: int = Field(128, ge=16, le=4096, description="output height in pixels")
+    width: int = Field(256, ge=16, le=4096, description="output width in pixels")
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of the source's train split held out as val")
+    test_fraction: float = Field(
+        0.15, gt=0.0, lt=1.0, description="share of synthetic frames in its own test split (real sources have theirs)"
+    )
+    max_depth: float = Field(100.0, gt=0.0, description="depth beyond this (metres) is invalid (0)")
+    invalid_depth: Literal["mask", "error"] = Field(
+        "mask", description="NaN/inf/negative depth pixels: mask them (set 0, count in meta.json) or fail"
+    )
+    normalization: Literal["imagenet", "dataset"] = Field(
+        "imagenet", description="mean/std recorded in meta.json: ImageNet's, or measured on train"
+    )
+    gallery_images: int = Field(6, ge=0, le=64, description="rows in gallery.png (0: none)")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> PrepareParams:
+        if self.dataset != "synthetic" and not self.root:
+            raise ValueError(f"prepare.root is required for dataset '{self.dataset}'")
+        if self.val_fraction + (self.test_fraction if self.dataset == "synthetic" else 0) >= 1:
+            raise ValueError("val_fraction + test_fraction must leave some training samples")
+        return self
+
+
+class AugmentParams(_Section):
+    """Joint augmentation of image, labels and depth in the training loader."""
+
+    scale_min: float = Field(0.75, gt=0.0, description="smallest random scale factor")
+    scale_max: float = Field(1.5, gt=0.0, description="largest random scale factor")
+    hflip: bool = Field(True, description="random horizontal flip with probability 0.5")
+    crop_height: int | None = Field(None, ge=8, description="crop height (default: prepared height)")
+    crop_width: int | None = Field(None, ge=8, description="crop width (default: prepared width)")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AugmentParams:
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must not exceed scale_max")
+        return self
+
+
+class TeacherParams(_Section):
+    """The ``train-teacher`` stage (consumed from the teacher issue on)."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class DistillParams(_Section):
+    """The ``distill`` stage (DESIGN §6)."""
+
+    mode: Literal["mtl", "static_kd", "adaptive", "full"] = "full"
+    epochs: int = Field(20, ge=1)
+    alpha: float = Field(1.5, gt=0.0)
+    beta: float = Field(0.5, gt=0.0)
+    top_k: int = Field(10, ge=1)
+    trajectory_length: int = Field(5, ge=1)
+    probe_images: int = Field(16, ge=1)
+
+
+class ExportParams(_Section):
+    opset: int = Field(18, ge=18)
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0, description="global seed: data, splits, initialisation, order")
+    prepare: PrepareParams = PrepareParams()
+    augment: AugmentParams = AugmentParams()
+    teacher: TeacherParams = TeacherParams()
+    distill: DistillParams = DistillParams()
+    export: ExportParams = ExportParams()
+
+    def digest(self) -> str:
+        """A stable hash of every value (defaults included), for lineage and cache keys."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"prepare.height=96"`` → (["prepare", "height"], 96); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. prepare.height=96")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"--set {text!r}: empty part in key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Params
+    for part in path:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            known = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            lines.append(f"{key}: unknown key{hint} (known: {', '.join(known)})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            lines.append(f"{key}: {msg}{shown}")
+    return ConfigError(f"{source}: " + "; ".join(lines))
+
+
+def params_from_dict(data: dict | None, source: str = "params") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def read_params_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{at}") from None
+    return data or {}
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read ``path`` (or only defaults when None), apply ``--set`` overrides, validate."""
+    data = read_params_file(path) if path is not None else {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return params_from_dict(data, source=str(path) if path is not None else "params")

@@ -1,0 +1,1 @@
+"""Datasets: sources (synthetic, real adapters), validation, splitting and the prepared-data reader."""

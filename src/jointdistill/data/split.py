@@ -1,0 +1,32 @@
+"""Deterministic splits by a seeded hash of the sample id.
+
+Each sample's split depends on its own id and the seed only: adding samples never moves existing ones
+between splits, and re-running with the same seed gives the same split on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .base import SampleRef
+
+
+def hash_fraction(sample_id: str, seed: int, salt: str) -> float:
+    """A uniform number in [0, 1) fixed by (sample_id, seed, salt)."""
+    digest = hashlib.sha256(f"{salt}:{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(refs: list[SampleRef], val_fraction: float, seed: int) -> dict[str, list[SampleRef]]:
+    """train/val from the source's train split (val = ``val_fraction`` of it), test = the source's test."""
+    out: dict[str, list[SampleRef]] = {"train": [], "val": [], "test": []}
+    for ref in refs:
+        if ref.source_split == "test":
+            out["test"].append(ref)
+        elif hash_fraction(ref.sample_id, seed, "val") < val_fraction:
+            out["val"].append(ref)
+        else:
+            out["train"].append(ref)
+    for split in out.values():
+        split.sort(key=lambda r: r.sample_id)
+    return out

@@ -1,0 +1,17 @@
+"""The errors a user can cause. Each carries one message that names what is wrong and where."""
+
+
+class JointDistillError(Exception):
+    """Base class: the CLI prints these as one line, without a traceback."""
+
+
+class ConfigError(JointDistillError):
+    """A params file or override is unknown, mistyped or out of range."""
+
+
+class DataError(JointDistillError):
+    """An input sample or source is unusable (missing, corrupt, inconsistent)."""
+
+
+class OutputError(JointDistillError):
+    """An output location cannot be written."""

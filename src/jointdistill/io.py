@@ -1,0 +1,106 @@
+"""Atomic outputs: a stage writes into a temporary sibling and renames it into place when done, so a failed
+or killed run never leaves a half-written output and never destroys the previous one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+
+_TMP = ".tmp-"
+_OLD = ".old-"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def ensure_writable_dir(parent: Path, what: str) -> None:
+    """Fail early, with the path in the message, when ``parent`` cannot hold new files."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{what}: cannot write to {parent} ({exc.strerror or exc})") from None
+
+
+def recover(out: Path) -> None:
+    """Undo what a run killed mid-swap left behind: restore the previous output and drop stale temps."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{out.name}{_OLD}*"))
+    if olds and not out.exists():
+        os.replace(olds[-1], out)
+        olds = olds[:-1]
+    for stale in [*olds, *parent.glob(f".{out.name}{_TMP}*")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces ``out`` in one rename.
+
+    On an exception the temporary directory is removed and ``out`` is left exactly as it was.
+    """
+    out = Path(out).absolute()
+    ensure_writable_dir(out.parent, f"output {out}")
+    recover(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP}", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}{_OLD}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)  # a kill between these two renames is undone by recover()
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    ensure_writable_dir(path.parent, f"output {path}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,185 @@
+"""The `prepare` stage: any source → the prepared-data contract of DESIGN §3.
+
+    prepared/
+      meta.json  manifest.parquet  gallery.png
+      {train,val,test}/{images,labels,depth}.npy
+
+Samples are streamed one at a time into memory-mapped arrays inside a temporary directory, which
+replaces the output only when everything has been written and checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+from .. import __version__
+from ..config import Params
+from ..data.base import SampleRef, Source, make_source
+from ..data.prepared import SPLITS, sample_digest
+from ..data.resize import resize_sample
+from ..data.split import assign_splits
+from ..data.validate import DepthMaskCounts, validate_sample
+from ..errors import DataError
+from ..io import atomic_dir, write_json
+from ..viz import gallery, save_png
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT_VERSION = 1
+
+
+def _check_listing(source: Source, refs: list[SampleRef]) -> None:
+    if not refs:
+        raise DataError(f"dataset '{source.name}': the source lists no samples")
+    seen: set[str] = set()
+    for ref in refs:
+        if ref.sample_id in seen:
+            raise DataError(f"dataset '{source.name}': sample id {ref.sample_id} appears twice")
+        seen.add(ref.sample_id)
+
+
+def _write_split(source, refs, split, tmp, params, stats, progress):
+    """Stream one split into its .npy files; return its manifest rows."""
+    p = params.prepare
+    h, w, n = p.height, p.width, len(refs)
+    (tmp / split).mkdir()
+    images = open_memmap(tmp / split / "images.npy", mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
+    labels = open_memmap(tmp / split / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, h, w))
+    depth = open_memmap(tmp / split / "depth.npy", mode="w+", dtype=np.float32, shape=(n, h, w))
+    rows = []
+    n_classes = len(source.classes)
+    for i, ref in enumerate(refs):
+        sample = source.load(ref)
+        if sample.sample_id != ref.sample_id:
+            raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
+        sample, masked = validate_sample(sample, n_classes, source.ignore_index, p.max_depth, p.invalid_depth)
+        sample = resize_sample(sample, h, w)
+        images[i], labels[i], depth[i] = sample.image, sample.label, sample.depth
+        stats["masked"].add(masked)
+        counts = np.bincount(sample.label.ravel(), minlength=256)
+        stats["class_pixels"][split] += counts[:n_classes]
+        stats["ignored_pixels"][split] += int(counts[source.ignore_index])
+        valid = sample.depth > 0
+        stats["depth_valid"][split] += int(valid.sum())
+        if valid.any():
+            stats["depth_min"] = min(stats["depth_min"], float(sample.depth[valid].min()))
+            stats["depth_max"] = max(stats["depth_max"], float(sample.depth[valid].max()))
+        if split == "train":
+            px = sample.image.reshape(-1, 3).astype(np.float64) / 255.0
+            stats["sum"] += px.sum(0)
+            stats["sumsq"] += (px * px).sum(0)
+            stats["npx"] += px.shape[0]
+        rows.append(
+            {
+                "sample_id": ref.sample_id,
+                "split": split,
+                "index": i,
+                "source_split": ref.source_split,
+                "source_paths": "|".join(ref.paths),
+                "sha256": sample_digest(sample.image, sample.label, sample.depth),
+            }
+        )
+        progress.update(1)
+    for arr in (images, labels, depth):
+        arr.flush()
+    del images, labels, depth
+    return rows
+
+
+def run(params: Params, out: str | Path) -> dict:
+    """Prepare the configured source into ``out``. Returns meta.json's content."""
+    t0 = time.perf_counter()
+    p = params.prepare
+    source = make_source(p, params.seed)
+    refs = source.list()
+    _check_listing(source, refs)
+    splits = assign_splits(refs, p.val_fraction, params.seed)
+    empty = [s for s in SPLITS if not splits[s]]
+    if empty:
+        sizes = ", ".join(f"{s}={len(splits[s])}" for s in SPLITS)
+        raise DataError(
+            f"dataset '{source.name}': split {'/'.join(empty)} would be empty ({sizes} of {len(refs)} samples); "
+            "use more samples or larger fractions"
+        )
+
+    n_classes = len(source.classes)
+    stats = {
+        "masked": DepthMaskCounts(),
+        "class_pixels": {s: np.zeros(n_classes, np.int64) for s in SPLITS},
+        "ignored_pixels": dict.fromkeys(SPLITS, 0),
+        "depth_valid": dict.fromkeys(SPLITS, 0),
+        "depth_min": float("inf"),
+        "depth_max": 0.0,
+        "sum": np.zeros(3),
+        "sumsq": np.zeros(3),
+        "npx": 0,
+    }
+    with atomic_dir(out) as tmp:
+        rows = []
+        with tqdm(total=len(refs), desc=f"prepare {source.name}", unit="frame", disable=None) as bar:
+            for split in SPLITS:
+                rows += _write_split(source, splits[split], split, tmp, params, stats, bar)
+        manifest = pd.DataFrame(rows)
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+
+        if p.normalization == "dataset":
+            mean = stats["sum"] / stats["npx"]
+            std = np.sqrt(np.maximum(stats["sumsq"] / stats["npx"] - mean**2, 1e-12))
+            norm = {"kind": "dataset", "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
+        else:
+            norm = {"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dataset": source.name,
+            "classes": list(source.classes),
+            "palette": [list(c) for c in source.palette],
+            "ignore_index": source.ignore_index,
+            "depth_unit": "m",
+            "depth_range": [stats["depth_min"] if stats["depth_valid"]["train"] else 0.0, p.max_depth],
+            "depth_observed_max": stats["depth_max"],
+            "resolution": [p.height, p.width],
+            "normalization": norm,
+            "counts": {s: len(splits[s]) for s in SPLITS},
+            "val_fraction": p.val_fraction,
+            "seed": params.seed,
+            "class_pixels": {s: stats["class_pixels"][s].tolist() for s in SPLITS},
+            "ignored_pixels": stats["ignored_pixels"],
+            "valid_depth_pixels": stats["depth_valid"],
+            "masked_depth_pixels": stats["masked"].as_dict(),
+            "source": source.describe(),
+            "source_checksum": _manifest_digest(manifest),
+            "params_digest": params.digest(),
+            "jointdistill_version": __version__,
+        }
+        write_json(tmp / "meta.json", meta)
+
+        if p.gallery_images:
+            k = p.gallery_images
+            arrays = {a: np.load(tmp / "train" / f"{a}.npy", mmap_mode="r")[:k] for a in ("images", "labels", "depth")}
+            pic = gallery(arrays["images"], arrays["labels"], arrays["depth"], source.palette, p.max_depth,
+                          source.classes)
+            save_png(pic, tmp / "gallery.png")
+    seconds = time.perf_counter() - t0
+    log.info(
+        "prepared %s: train=%d val=%d test=%d at %dx%d in %.1fs → %s",
+        source.name, *(len(splits[s]) for s in SPLITS), p.height, p.width, seconds, out,
+    )
+    return meta
+
+
+def _manifest_digest(manifest: pd.DataFrame) -> str:
+    """One checksum over every sample's content, in split order."""
+    h = hashlib.sha256()
+    for sid, digest in zip(manifest["sample_id"], manifest["sha256"]):
+        h.update(f"{sid}:{digest}\n".encode())
+    return h.hexdigest()
