@@ -17,6 +17,9 @@ resolutions of the same index show the same scene.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +42,11 @@ FLAT, CONSTRUCTION, OBJECT, NATURE, SKY, HUMAN, VEHICLE = range(7)
 GENERATOR_VERSION = 1
 
 BOX, CYLINDER, SPHERE = 0, 1, 2
+# Surface hit per pixel.
+F_GROUND, F_X, F_Y, F_Z, F_CYLINDER, F_SPHERE = -1, 0, 1, 2, 3, 4
 # Surface patterns.
 M_PLAIN, M_FACADE, M_PERSON, M_FOLIAGE, M_GLASS = range(5)
+_SMALL_RECT = 400  # pixels: objects whose screen rectangle is smaller are cast together
 _NEAR = 0.05  # metres: the camera's near plane for screen-rectangle clipping
 _BOX_EDGES = np.array(
     [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7)]
@@ -93,6 +99,36 @@ class _SceneBuilder:
         )
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process heap instead of returning it to the OS (glibc only).
+
+    Rendering makes hundreds of short-lived frame-sized temporaries per frame. With glibc's defaults each
+    one is a fresh mmap or a trimmed-and-regrown heap, i.e. page faults on every operation: that costs
+    about 30 % of the generator's time. Raising the top pad and the trim and mmap thresholds keeps a few
+    tens of MB of freed memory for reuse. Process-wide, so done once, and skipped when the user has set
+    any MALLOC_*_ variable or JOINTDISTILL_NO_MALLOPT=1. Returns whether the setting was applied.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("JOINTDISTILL_NO_MALLOPT"):
+        return False
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_top_pad, 64 << 20) and libc.mallopt(m_trim_threshold, 128 << 20)
+        ok = ok and libc.mallopt(m_mmap_threshold, 16 << 20)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return False
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED
+
+
 def _value_noise(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """A tileable multi-octave noise texture in [0, 1] (used for asphalt, foliage, clouds...)."""
     out = np.zeros((size, size), np.float32)
@@ -122,9 +158,14 @@ class SyntheticScenes:
     classes = CLASSES
     palette = PALETTE
 
-    def __init__(self, height: int, width: int, seed: int = 0, hfov_deg: float = 72.0, max_depth: float = 100.0):
+    def __init__(
+        self, height: int, width: int, seed: int = 0, hfov_deg: float = 72.0, max_depth: float = 100.0,
+        tune_memory: bool = True,
+    ):
         if height < 8 or width < 8:
             raise ValueError(f"synthetic frames need at least 8×8 pixels, got {height}×{width}")
+        if tune_memory:
+            tune_allocator()
         self.height, self.width, self.seed = int(height), int(width), int(seed)
         self.max_depth = float(max_depth)
         self.focal = (width / 2) / np.tan(np.radians(hfov_deg) / 2)
@@ -133,13 +174,20 @@ class SyntheticScenes:
         self._yc = -(v + 0.5 - height / 2) / self.focal
         noise_rng = np.random.default_rng([seed, 0x7E47])
         self._texture = _value_noise(noise_rng)
+        self._texture_flat = self._texture.ravel()
         # Sensor noise: every frame adds a window of this field at a random offset, which costs one slice
         # instead of drawing H×W×3 normals per frame.
         self._noise = noise_rng.standard_normal((3, 2 * height, 2 * width), dtype=np.float32)
 
     # ------------------------------------------------------------------ scene sampling
     def _sample_scene(self, rng: np.random.Generator):
-        u = rng.uniform
+        # Uniform draws come from one pre-drawn block: a numpy call per draw would cost more than the
+        # rest of scene sampling together.
+        pool = iter(rng.random(2048).tolist())
+
+        def u(lo, hi):
+            return lo + (hi - lo) * next(pool)
+
         cam = {
             "x": u(-1.5, 1.5),
             "y": u(1.2, 1.8),
@@ -156,22 +204,22 @@ class SyntheticScenes:
             return (g, g * u(0.95, 1.05), g * u(0.9, 1.1))
 
         # Buildings on both sides, with gaps, setbacks and an optional building closing the street.
-        end = u(45, 150) if rng.random() < 0.75 else np.inf
+        end = u(45, 150) if next(pool) < 0.75 else np.inf
         for side in (-1, 1):
             z = u(-25, -5)
             while z < min(end, 160):
                 length = u(6, 22)
-                if rng.random() < 0.2:  # a gap: the terrain and whatever stands behind show through
+                if next(pool) < 0.2:  # a gap: the terrain and whatever stands behind show through
                     z += length * 0.6
                     continue
-                face = road + walk + (u(0, 4) if rng.random() < 0.5 else 0.0)
+                face = road + walk + (u(0, 4) if next(pool) < 0.5 else 0.0)
                 x0, x1 = (face, face + u(8, 15)) if side > 0 else (-face - u(8, 15), -face)
                 wall = (u(0.35, 0.8), u(0.3, 0.7), u(0.25, 0.6))
                 window = (u(0.05, 0.2), u(0.08, 0.22), u(0.1, 0.3))
                 b.box((x0, 0.0, z), (x1, u(6, 32), z + length), CONSTRUCTION, M_FACADE, wall, window)
-                if face > road + walk + 0.5 and rng.random() < 0.5:  # a low wall or hedge before the setback
+                if face > road + walk + 0.5 and next(pool) < 0.5:  # a low wall or hedge before the setback
                     xf = side * (road + walk + 0.1)
-                    if rng.random() < 0.5:
+                    if next(pool) < 0.5:
                         b.box((xf - 0.15, 0, z), (xf + 0.15, u(0.8, 1.8), z + length), CONSTRUCTION, M_PLAIN,
                               grey(0.4, 0.7))
                     else:
@@ -189,9 +237,9 @@ class SyntheticScenes:
                 x = side * (road + u(0.3, 0.6))
                 top = u(3.0, 7.0)
                 b.cylinder(x, z, u(0.05, 0.1), 0.0, top, OBJECT, grey(0.3, 0.6))
-                r = rng.random()
+                r = next(pool)
                 if r < 0.35:  # a sign plate
-                    c = [(0.75, 0.1, 0.1), (0.1, 0.25, 0.7), (0.85, 0.7, 0.1)][rng.integers(3)]
+                    c = [(0.75, 0.1, 0.1), (0.1, 0.25, 0.7), (0.85, 0.7, 0.1)][int(3 * next(pool))]
                     y = u(2.0, top - 0.3)
                     b.box((x - 0.35, y, z - 0.04), (x + 0.35, y + 0.6, z + 0.04), OBJECT, M_PLAIN, c)
                 elif r < 0.55:  # a traffic light
@@ -203,7 +251,7 @@ class SyntheticScenes:
         for side in (-1, 1):
             z = u(0, 12)
             while z < 110:
-                if rng.random() < 0.7:
+                if next(pool) < 0.7:
                     x = side * (road + walk * u(0.55, 0.9))
                     h = u(1.8, 3.2)
                     r = u(1.0, 2.8)
@@ -214,11 +262,11 @@ class SyntheticScenes:
 
         # Vehicles: moving in lanes and parked along the kerbs.
         for _ in range(rng.poisson(5) + 1):
-            kind = rng.random()
+            kind = next(pool)
             w, length, h = (1.8, 4.4, 1.5) if kind < 0.7 else (2.0, 5.2, 2.3) if kind < 0.9 else (2.5, 11.0, 3.2)
             w, length, h = w * u(0.92, 1.08), length * u(0.9, 1.1), h * u(0.92, 1.08)
-            if rng.random() < 0.4:
-                x = rng.choice([-1, 1]) * (road - w / 2 - 0.2)
+            if next(pool) < 0.4:
+                x = (1 if next(pool) < 0.5 else -1) * (road - w / 2 - 0.2)
             else:
                 x = u(-road + w / 2 + 0.3, road - w / 2 - 0.3)
             if abs(x - cam["x"]) < w / 2 + 0.8:  # keep clear of the camera's own lane near the camera
@@ -235,8 +283,8 @@ class SyntheticScenes:
 
         # Pedestrians on the pavements, some crossing the road.
         for _ in range(rng.poisson(6)):
-            if rng.random() < 0.75:
-                x = rng.choice([-1, 1]) * (road + u(0.3, walk - 0.3))
+            if next(pool) < 0.75:
+                x = (1 if next(pool) < 0.5 else -1) * (road + u(0.3, walk - 0.3))
             else:
                 x = u(-road, road)
             z = u(2.5, 55)
@@ -256,7 +304,7 @@ class SyntheticScenes:
             "exposure": u(0.75, 1.3),
             "white": np.array((u(0.92, 1.08), 1.0, u(0.92, 1.08)), np.float32),
             "noise": u(0.004, 0.03),
-            "noise_offset": (int(rng.integers(0, self.height)), int(rng.integers(0, self.width))),
+            "noise_offset": (int(self.height * next(pool)), int(self.width * next(pool))),
         }
         ground = {
             "road": grey(0.22, 0.4),
@@ -291,39 +339,51 @@ class SyntheticScenes:
         with np.errstate(divide="ignore", invalid="ignore"):
             tbuf = np.where(dy < 0, -origin[1] * iy, np.inf).astype(np.float32)
         ibuf = np.full((H, W), -1, np.int32)  # -1 ground or sky, else object index
+        # Which surface was hit: box faces by axis (the normal is then -sign(ray) along it), or round.
+        fbuf = np.full((H, W), F_GROUND, np.int8)
 
         rects = self._screen_rects(scene, origin, rot)
         ox, oy, oz = (float(v) for v in origin)
         errstate = np.errstate(invalid="ignore", over="ignore", divide="ignore")
         errstate.__enter__()
         try:
-            self._cast_objects(scene, rects, (ox, oy, oz), (dx, dy, dz), (ix, iy, iz), tbuf, ibuf)
+            self._cast_objects(scene, rects, (ox, oy, oz), (dx, dy, dz), (ix, iy, iz), tbuf, ibuf, fbuf)
         finally:
             errstate.__exit__(None, None, None)
-        return self._shade(scene, street, light, ground, origin, dx, dy, dz, tbuf, ibuf)
+        return self._shade(scene, street, light, ground, origin, dx, dy, dz, tbuf, ibuf, fbuf)
 
     @staticmethod
-    def _cast_objects(scene, rects, o, d, inv, tbuf, ibuf):
+    def _cast_objects(scene, rects, o, d, inv, tbuf, ibuf, fbuf):
+        """Z-buffer every visible object: large ones one by one over their rectangle, small ones (most of
+        a scene: distant poles, people, trees) all at once, so Python's per-object cost stays bounded."""
         ox, oy, oz = o
         dx, dy, dz = d
         ix, iy, iz = inv
-        for k in np.flatnonzero(rects[:, 0] >= 0).tolist():
+        visible = rects[:, 0] >= 0
+        area = (rects[:, 1] - rects[:, 0]) * (rects[:, 3] - rects[:, 2])
+        small = visible & (area <= _SMALL_RECT)
+        if small.any():
+            _cast_small(scene, rects, np.flatnonzero(small), area, o, d, inv, tbuf, ibuf, fbuf)
+        for k in np.flatnonzero(visible & ~small).tolist():
             r0, r1, c0, c1 = rects[k].tolist()
             sl = (slice(r0, r1), slice(c0, c1))
             kind = scene.kind[k]
             lo, hi = scene.lo[k].tolist(), scene.hi[k].tolist()
             if kind == BOX:
-                t = _hit_box(ix[sl], iy[sl], iz[sl], ox, oy, oz, lo, hi)
+                t, face = _hit_box(ix[sl], iy[sl], iz[sl], ox, oy, oz, lo, hi)
             elif kind == CYLINDER:
                 cxk, czk = (lo[0] + hi[0]) / 2, (lo[2] + hi[2]) / 2
                 t = _hit_cylinder(dx[sl], dy[sl], dz[sl], ox - cxk, oy, oz - czk, float(scene.radius[k]), lo[1], hi[1])
+                face = F_CYLINDER
             else:
                 c = [(a + b) / 2 for a, b in zip(lo, hi)]
                 t = _hit_sphere(dx[sl], dy[sl], dz[sl], ox - c[0], oy - c[1], oz - c[2], float(scene.radius[k]))
+                face = F_SPHERE
             zb = tbuf[sl]
             closer = t < zb
             np.copyto(zb, t, where=closer)
             np.copyto(ibuf[sl], k, where=closer)
+            np.copyto(fbuf[sl], face, where=closer)
 
     def _screen_rects(self, scene: _Scene, origin: np.ndarray, rot: np.ndarray) -> np.ndarray:
         """Pixel rectangles [r0, r1) × [c0, c1) that hold each object's projection; r0 = -1 when unseen.
@@ -364,7 +424,7 @@ class SyntheticScenes:
         out[seen] = np.stack([r0, r1, c0, c1], 1)[seen]
         return out
 
-    def _shade(self, scene, street, light, ground, origin, dx, dy, dz, tbuf, ibuf):
+    def _shade(self, scene, street, light, ground, origin, dx, dy, dz, tbuf, ibuf, fbuf):
         """Turn the z-buffer into image, labels and depth.
 
         Colour work is planar (3, H, W): numpy broadcasts over a leading axis of 3 far faster than over a
@@ -388,37 +448,30 @@ class SyntheticScenes:
         lk[sky] = n + 2
         label = label_table.take(lk)
 
-        # Normals, from the hit point and the object's shape (ground: up).
-        nx = np.zeros((H, W), np.float32)
-        ny = np.ones((H, W), np.float32)
-        nz = np.zeros((H, W), np.float32)
-        if n:
-            centre = (scene.lo + scene.hi) / 2
-            inv_half = 1.0 / np.maximum((scene.hi - scene.lo) / 2, 1e-3)
-            rx = px - centre[:, 0].take(k)
-            ry = py - centre[:, 1].take(k)
-            rz = pz - centre[:, 2].take(k)
-            kind = np.where(obj, scene.kind.take(k), -1)
-            qx = np.abs(rx * inv_half[:, 0].take(k))
-            qy = np.abs(ry * inv_half[:, 1].take(k))
-            qz = np.abs(rz * inv_half[:, 2].take(k))
-            box = kind == BOX
-            fx = box & (qx >= qy) & (qx >= qz)
-            fy = box & ~fx & (qy >= qz)
-            fz = box & ~fx & ~fy
-            inv_r = (1.0 / np.maximum(scene.radius, 1e-3)).take(k)
-            round_ = (kind == CYLINDER) | (kind == SPHERE)
-            nx = np.where(fx, np.sign(rx), np.where(round_, rx * inv_r, nx))
-            nz = np.where(fz, np.sign(rz), np.where(round_, rz * inv_r, nz))
-            ny = np.where(fy, np.sign(ry), np.where(kind == SPHERE, ry * inv_r, np.where(obj, 0, ny)))
+        # Normals: a box face's normal points against the ray along the face's axis; round surfaces need
+        # the hit point relative to the axis or centre, computed only where they were hit.
+        nx = np.where(fbuf == F_X, -np.sign(dx), np.float32(0))
+        ny = np.where(fbuf == F_Y, -np.sign(dy), np.float32(0))
+        ny[fbuf == F_GROUND] = 1
+        nz = np.where(fbuf == F_Z, -np.sign(dz), np.float32(0))
+        round_ = np.flatnonzero(fbuf >= F_CYLINDER)
+        if round_.size:
+            kr = ibuf.ravel()[round_]
+            inv_r = 1.0 / scene.radius.take(kr)
+            centre = (scene.lo + scene.hi) * 0.5
+            nx.ravel()[round_] = (px.ravel()[round_] - centre[:, 0].take(kr)) * inv_r
+            nz.ravel()[round_] = (pz.ravel()[round_] - centre[:, 2].take(kr)) * inv_r
+            sph = fbuf.ravel()[round_] == F_SPHERE
+            ks = kr[sph]
+            ny.ravel()[round_[sph]] = (py.ravel()[round_[sph]] - centre[:, 1].take(ks)) * inv_r[sph]
         upright = ny > 0.7
 
         # Texture: ground and tops use (x, z); vertical surfaces use (x + z, y).
-        tex = self._texture
         tu = np.where(upright, px, px + pz)
         tv = np.where(upright, pz, py)
-        fine = tex[(tu * 9).astype(np.int32) & 255, (tv * 9).astype(np.int32) & 255]
-        coarse = tex[(tu * 0.7).astype(np.int32) & 255, (tv * 0.7).astype(np.int32) & 255]
+        ti = ((tu * 9).astype(np.int32) & 255) << 8
+        ti |= (tv * 9).astype(np.int32) & 255
+        fine = self._texture_flat.take(ti)
 
         # Albedo: one index per pixel into a colour table, then one gather per channel.
         colors = np.concatenate(
@@ -431,7 +484,7 @@ class SyntheticScenes:
         lane = on_road & (np.abs(px - street["cx"]) < 0.08) & (((pz * (1 / 4.5)).astype(np.int32) & 1) == 0)
         kerb = on_road & (np.abs(ax - street["road"] + 0.35) < 0.07)
         ci[lane | kerb] = paint_i
-        detail = 0.8 + 0.25 * fine + 0.15 * (coarse - 0.5)
+        detail = 0.75 + 0.35 * fine
         tiles = on_walk & ((_frac(px * (1 / 0.6)) < 0.07) | (_frac(pz * (1 / 0.6)) < 0.07))
         detail[tiles] *= 0.7
         if n:
@@ -465,7 +518,7 @@ class SyntheticScenes:
             ddx, ddy, ddz = dx[r0:r1], dy[r0:r1], dz[r0:r1]
             elev = np.clip(ddy / np.sqrt(ddx * ddx + ddy * ddy + ddz * ddz), 0, 1)
             inv = 1.0 / np.maximum(ddy, 1e-3)
-            clouds = tex[(ddx * inv * 40).astype(np.int32) & 255, (ddz * inv * 40).astype(np.int32) & 255]
+            clouds = self._texture[(ddx * inv * 40).astype(np.int32) & 255, (ddz * inv * 40).astype(np.int32) & 255]
             cl = np.clip(clouds - 0.45, 0, 1) * 0.9
             for c in range(3):
                 np.copyto(rgb[c, r0:r1], horizon[c] + elev * (sky_rgb[c] - horizon[c]) + cl, where=s)
@@ -491,20 +544,62 @@ def _frac(x: np.ndarray) -> np.ndarray:
     return x - np.floor(x)
 
 
+def _cast_small(scene, rects, ks, area, o, d, inv, tbuf, ibuf, fbuf):
+    """Cast the rays of many small rectangles in one vectorised pass; each (object, pixel) pair is one
+    element, and the z-buffer is resolved with a scatter-min."""
+    W = tbuf.shape[1]
+    sizes = area[ks]
+    obj = np.repeat(ks, sizes)
+    off = np.arange(obj.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    width = np.repeat(rects[ks, 3] - rects[ks, 2], sizes)
+    pix = (np.repeat(rects[ks, 0], sizes) + off // width) * W + np.repeat(rects[ks, 2], sizes) + off % width
+    kind = scene.kind[obj]
+    t = np.full(obj.size, np.inf, np.float32)
+    face = np.empty(obj.size, np.int8)
+    ox, oy, oz = o
+    for which in (BOX, CYLINDER, SPHERE):
+        sel = np.flatnonzero(kind == which)
+        if not sel.size:
+            continue
+        p, k = pix[sel], obj[sel]
+        lo, hi = scene.lo[k].T, scene.hi[k].T
+        if which == BOX:
+            t[sel], face[sel] = _hit_box(inv[0].ravel()[p], inv[1].ravel()[p], inv[2].ravel()[p], ox, oy, oz, lo, hi)
+            continue
+        c = (lo + hi) * 0.5
+        dxs, dys, dzs = d[0].ravel()[p], d[1].ravel()[p], d[2].ravel()[p]
+        if which == CYLINDER:
+            t[sel] = _hit_cylinder(dxs, dys, dzs, ox - c[0], oy, oz - c[2], scene.radius[k], lo[1], hi[1])
+            face[sel] = F_CYLINDER
+        else:
+            t[sel] = _hit_sphere(dxs, dys, dzs, ox - c[0], oy - c[1], oz - c[2], scene.radius[k])
+            face[sel] = F_SPHERE
+    tb = tbuf.ravel()
+    np.minimum.at(tb, pix, t)
+    win = np.flatnonzero(t == tb[pix])
+    ibuf.ravel()[pix[win]] = obj[win]
+    fbuf.ravel()[pix[win]] = face[win]
+
+
 def _unit(v):
     v = np.asarray(v, np.float32)
     return v / np.linalg.norm(v)
 
 
 def _hit_box(ix, iy, iz, ox, oy, oz, lo, hi):
-    """Slab test; the camera is never inside a box, so the entry distance is the hit."""
+    """Slab test; the camera is never inside a box, so the entry distance is the hit, and the slab that
+    sets it is the face hit."""
     t1, t2 = (lo[0] - ox) * ix, (hi[0] - ox) * ix
     tn, tf = np.minimum(t1, t2), np.maximum(t1, t2)
     t1, t2 = (lo[1] - oy) * iy, (hi[1] - oy) * iy
-    tn, tf = np.maximum(tn, np.minimum(t1, t2)), np.minimum(tf, np.maximum(t1, t2))
+    ty = np.minimum(t1, t2)
+    face = (ty > tn).astype(np.int8)  # F_X = 0, F_Y = 1
+    tn, tf = np.maximum(tn, ty), np.minimum(tf, np.maximum(t1, t2))
     t1, t2 = (lo[2] - oz) * iz, (hi[2] - oz) * iz
-    tn, tf = np.maximum(tn, np.minimum(t1, t2)), np.minimum(tf, np.maximum(t1, t2))
-    return np.where((tn <= tf) & (tn > 0), tn, np.inf)
+    tz = np.minimum(t1, t2)
+    face[tz > tn] = F_Z
+    tn, tf = np.maximum(tn, tz), np.minimum(tf, np.maximum(t1, t2))
+    return np.where((tn <= tf) & (tn > 0), tn, np.inf), face
 
 
 def _hit_cylinder(dx, dy, dz, ex, oy, ez, r, y0, y1):
