@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from jointdistill.data.prepared import verify_prepared
+from jointdistill.data.contract import verify_prepared
 
 from .conftest import REPO, TINY
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from jointdistill.data.prepared import verify_prepared
+from jointdistill.data.contract import verify_prepared
 
 from .conftest import REPO
 

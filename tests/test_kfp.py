@@ -5,7 +5,7 @@ import yaml
 from jointdistill.pipelines import pipeline as kfp_pipeline
 from kfp import components
 
-from jointdistill.data.prepared import verify_prepared
+from jointdistill.data.contract import verify_prepared
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from PIL import Image
 
 from jointdistill.config import load_params
 from jointdistill.data.base import Sample, SampleRef
-from jointdistill.data.prepared import SPLITS, verify_prepared
+from jointdistill.data.contract import SPLITS, verify_prepared
 from jointdistill.data.synthetic import CLASSES, PALETTE
 from jointdistill.errors import DataError, OutputError
 from jointdistill.stages import prepare
@@ -169,3 +169,38 @@ def test_unknown_adapter_is_a_clear_error(tiny_params, tmp_path):
     p = load_params(REPO / "params.yaml", [*TINY, "prepare.dataset=cityscapes", f"prepare.root={tmp_path}"])
     with pytest.raises(ConfigError, match="'cityscapes' adapter is not available"):
         prepare.run(p, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_keeps_previous_output_and_next_run_recovers(prepared, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    shutil.copytree(prepared, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jointdistill", "prepare", "--params", str(REPO / "params.yaml"),
+         "--set", "prepare.num_samples=20000", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*/train/images.npy")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside the streaming loop
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob(".out.tmp-*")), "the killed run should have been writing to a temporary folder"
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert before == after
+    verify_prepared(out, check_digests=True)
+    # The next run cleans up what the killed one left and replaces the output.
+    p = load_params(REPO / "params.yaml", [*TINY, "prepare.height=32"])
+    prepare.run(p, out)
+    assert verify_prepared(out)["resolution"] == [32, 96]
+    assert [x.name for x in tmp_path.iterdir()] == ["out"]

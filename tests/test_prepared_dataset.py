@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from jointdistill.data.prepared import PreparedDataset, open_split, read_meta, verify_prepared
+from jointdistill.data.contract import open_split, read_meta, verify_prepared
+from jointdistill.data.prepared import PreparedDataset
 from jointdistill.data.transforms import JointTransform
 from jointdistill.errors import DataError
 

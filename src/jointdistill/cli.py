@@ -127,7 +127,7 @@ def summary(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Say where the pipeline's outputs are and what they hold (printed at the end of `make run`)."""
-    from .data.prepared import read_meta
+    from .data.contract import read_meta
 
     prepared = data / "prepared"
     meta = read_meta(prepared)

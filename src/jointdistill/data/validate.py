@@ -83,7 +83,10 @@ def validate_sample(
             f"sample {sid}: sizes differ: image {hw[0]}×{hw[1]}, label {_shape(label)}, depth {_shape(depth)}"
         )
 
-    ids = np.unique(label)
+    if label.dtype == np.uint8:  # the common case: a histogram is ~10× faster than np.unique's sort
+        ids = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    else:
+        ids = np.unique(label)
     bad = ids[((ids < 0) | (ids >= num_classes)) & (ids != ignore_index)]
     if bad.size:
         shown = ", ".join(map(str, bad[:10].tolist()))

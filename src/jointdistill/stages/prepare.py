@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..config import Params
 from ..data.base import SampleRef, Source, make_source
-from ..data.prepared import SPLITS, sample_digest
+from ..data.contract import SPLITS, sample_digest
 from ..data.resize import resize_sample
 from ..data.split import assign_splits
 from ..data.validate import DepthMaskCounts, validate_sample

@@ -1,0 +1,31 @@
+"""python -m bench [--quick] [--only data] [--out bench/results]"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import data
+from .common import machine_info, write_results
+
+SUITES = {"data": lambda quick, params: data.generator_rows(quick) + data.prepare_rows(quick, params)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
+    ap.add_argument("--only", default=",".join(SUITES), help=f"comma-separated suites ({', '.join(SUITES)})")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
+    args = ap.parse_args(argv)
+    info = machine_info()
+    for name in args.only.split(","):
+        rows = SUITES[name](args.quick, args.params)
+        js, md = write_results(args.out, name, rows, info)
+        print(md.read_text())
+        print(f"→ {js}\n→ {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

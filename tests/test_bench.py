@@ -1,0 +1,21 @@
+"""The benchmark suite runs and writes its JSON and markdown (speed is not checked here: see bench/)."""
+
+import json
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def test_bench_quick_writes_results(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "data.json").read_text())
+    names = [row["name"] for row in data["results"]]
+    assert any("generator 128×256" in n for n in names) and any(n.startswith("prepare") for n in names)
+    for row in data["results"]:
+        assert row["min"] <= row["median"] <= row["max"] and row["min"] > 0
+    assert data["machine"]["logical_cpus"] >= 1
+    table = (tmp_path / "data.md").read_text()
+    assert "| benchmark | median |" in table and "frames/s" in table
