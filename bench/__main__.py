@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import data
+from . import data, teachers
 from .common import machine_info, write_results
 
-SUITES = {"data": lambda quick, params: data.generator_rows(quick) + data.prepare_rows(quick, params)}
+SUITES = {
+    "data": lambda quick, params: data.generator_rows(quick) + data.prepare_rows(quick, params),
+    "teachers": teachers.rows,
+}
 
 
 def main(argv=None) -> int:

@@ -9,16 +9,24 @@ pydantic models when each step starts; the compiled file carries params.yaml's v
 
 
 from pathlib import Path
+from typing import NamedTuple
 
 from kfp import compiler, dsl
 
 from .. import __version__
 from ..components import prepare as prepare_component
+from ..components import teacher as teacher_component
 from ..config import Params
 
 PIPELINE_NAME = "jointdistill"
 # The project image (one for every step; see the Dockerfile). Its kfp is the version pinned in pyproject.
 DEFAULT_IMAGE = f"jointdistill:{__version__}"
+
+
+class PipelineOutputs(NamedTuple):
+    prepared: dsl.Dataset
+    teacher_seg: dsl.Model
+    teacher_depth: dsl.Model
 
 
 def pipeline_params(params: Params) -> dict:
@@ -30,17 +38,24 @@ def pipeline_params(params: Params) -> dict:
 def build(params: Params, image: str = DEFAULT_IMAGE):
     """Return the @dsl.pipeline function, with ``params`` as the default of its ``params`` input."""
     prepare_op = prepare_component.component(image)
+    teacher_op = teacher_component.component(image)
     defaults = pipeline_params(params)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="JointDistill: prepare → teachers → distill → evaluate → export",
     )
-    def jointdistill(params: dict = defaults) -> dsl.Dataset:
+    def jointdistill(params: dict = defaults) -> PipelineOutputs:
         prepare = prepare_op(params=params).set_display_name("prepare")
         # Deterministic for a given params value: safe to reuse a cached result.
         prepare.set_caching_options(enable_caching=True)
-        return prepare.outputs["prepared"]
+        teachers = {}
+        for task in ("seg", "depth"):  # independent: they run in parallel
+            t = teacher_op(params=params, task=task, prepared=prepare.outputs["prepared"])
+            t.set_display_name(f"train-teacher-{task}").set_caching_options(enable_caching=True)
+            teachers[task] = t
+        return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
+                               teachers["depth"].outputs["teacher"])
 
     return jointdistill
 
@@ -64,7 +79,7 @@ def run_local(params: Params, root: str | Path, enable_caching: bool = False) ->
     )
     pipeline = build(params)
     task = pipeline(params=pipeline_params(params))
-    return {"prepared": task.output.path}
+    return {name: artifact.path for name, artifact in task.outputs.items()}
 
 
 __all__ = ["build", "compile_pipeline", "run_local", "pipeline_params", "DEFAULT_IMAGE", "PIPELINE_NAME"]

@@ -19,3 +19,6 @@ def test_bench_quick_writes_results(tmp_path):
     assert data["machine"]["logical_cpus"] >= 1
     table = (tmp_path / "data.md").read_text()
     assert "| benchmark | median |" in table and "frames/s" in table
+    teachers = json.loads((tmp_path / "teachers.json").read_text())["results"]
+    assert any(r["name"].startswith("seg teacher test miou") and "target" in r for r in teachers)
+    assert any(r["name"].startswith("depth teacher test abs_err") for r in teachers)

@@ -25,11 +25,18 @@ def run(cmd, cwd):
     return r.stdout + r.stderr
 
 
-def set_params(project, **prepare):
+def set_params(project, section="prepare", **values):
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params["prepare"].update(prepare)
+    node = params
+    for part in section.split("."):
+        node = node[part]
+    node.update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def ran(out):
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +49,7 @@ def project(tmp_path_factory):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)
     set_params(dst, num_samples=30, height=40, width=80, gallery_images=2)
+    set_params(dst, "teacher", epochs=1, batch_size=4)
     run(["git", "init", "-q"], dst)
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "project copy"], dst)
@@ -50,7 +58,11 @@ def project(tmp_path_factory):
 
 def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     out = run(["dvc", "repro"], project)
-    assert "Running stage 'prepare'" in out
+    assert ran(out) == {"prepare", "train-teacher@seg", "train-teacher@depth"}
+    for task in ("seg", "depth"):
+        assert (project / "data" / "teachers" / task / "model.pt").exists()
+    shown = run(["dvc", "metrics", "show", "--json"], project)
+    assert "data/teachers/seg/metrics.json" in shown and "miou" in shown
     meta = verify_prepared(project / "data" / "prepared", check_digests=True)
     assert meta["resolution"] == [40, 80] and sum(meta["counts"].values()) == 30
     lock = yaml.safe_load((project / "dvc.lock").read_text())
@@ -60,27 +72,51 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
 
     stamp = (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns
     out = run(["dvc", "repro"], project)
-    assert "didn't change, skipping" in out and "Running stage" not in out
+    assert "didn't change, skipping" in out and not ran(out)
     assert (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns == stamp
     assert "up to date" in run(["dvc", "status"], project)
 
+    set_params(project, "teacher.seg", lr=0.01)
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg"}
+
+    set_params(project, "teacher", weight_decay=0.001)
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth"}
+
     set_params(project, height=32)
     out = run(["dvc", "repro"], project)
-    assert "Running stage 'prepare'" in out
+    assert ran(out) == {"prepare", "train-teacher@seg", "train-teacher@depth"}
     assert verify_prepared(project / "data" / "prepared")["resolution"] == [32, 80]
 
 
 def test_code_change_reruns(project):
     run(["dvc", "repro"], project)
-    with open(project / "src" / "jointdistill" / "stages" / "prepare.py", "a") as fh:
-        fh.write("\n# a change to the stage's code\n")
-    assert "Running stage 'prepare'" in run(["dvc", "repro"], project)
+    with open(project / "src" / "jointdistill" / "engine.py", "a") as fh:
+        fh.write("\n# a change to the training engine\n")
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth"}
 
 
 def test_every_stage_declares_deps_params_outs():
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, stage in spec["stages"].items():
+        items = stage.get("foreach", [None])
+        stage = stage.get("do", stage)
         assert stage.get("deps") and stage.get("outs"), name
         assert stage.get("params"), name
-        for dep in stage["deps"]:
-            assert (REPO / dep).exists(), f"{name}: dep {dep} does not exist"
+        for item in items:
+            for dep in stage["deps"]:
+                dep = dep.replace("${item}", str(item))
+                assert (REPO / dep).exists() or dep.startswith("data/"), f"{name}: dep {dep} does not exist"
+            for key in stage["params"]:
+                node = params
+                for part in key.replace("${item}", str(item)).split("."):
+                    assert part in node, f"{name}: param {key} is not in params.yaml"
+                    node = node[part]
+
+
+def test_teacher_stages_track_every_teacher_param():
+    from jointdistill.config import TrainParams
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train-teacher"]["do"]
+    tracked = {p.split(".", 1)[1] for p in spec["params"] if p.startswith("teacher.")}
+    assert tracked == set(TrainParams.model_fields) | {"${item}"}

@@ -21,13 +21,20 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     assert "params" in loaded.component_spec.inputs
     ir = yaml.safe_load(compiled.read_text())
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare"}
-    assert tasks["prepare"]["cachingOptions"] == {"enableCache": True}
+    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2"}
+    for t in tasks.values():
+        assert t["cachingOptions"] == {"enableCache": True}
+    teacher_tasks = {t["inputs"]["parameters"]["task"]["runtimeValue"]["constant"]: t
+                     for n, t in tasks.items() if n.startswith("train-teacher")}
+    assert set(teacher_tasks) == {"seg", "depth"}
+    for t in teacher_tasks.values():
+        assert t["dependentTasks"] == ["prepare"]  # both teachers wait for prepare only: they run in parallel
+        assert t["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"]["producerTask"] == "prepare"
     default = ir["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
     assert default["prepare"]["num_samples"] == tiny_params.prepare.num_samples
-    executor = ir["deploymentSpec"]["executors"]["exec-prepare"]["container"]
-    assert executor["image"] == "registry.example/jointdistill:test"
-    assert "pip install" not in " ".join(executor["command"])
+    for executor in ir["deploymentSpec"]["executors"].values():
+        assert executor["container"]["image"] == "registry.example/jointdistill:test"
+        assert "pip install" not in " ".join(executor["container"]["command"])
     outputs = ir["components"]["comp-prepare"]["outputDefinitions"]["artifacts"]
     assert outputs["prepared"]["artifactType"]["schemaTitle"] == "system.Dataset"
 
@@ -45,8 +52,17 @@ def test_cli_compile(tmp_path):
 
 
 @pytest.mark.slow
-def test_kfp_local_run_satisfies_the_data_contract(tiny_params, tmp_path):
-    outputs = kfp_pipeline.run_local(tiny_params, tmp_path / "root")
+def test_kfp_local_run(tmp_path):
+    from jointdistill.config import load_params
+    from jointdistill.models import load_model
+
+    from .conftest import REPO, TINY
+
+    p = load_params(REPO / "params.yaml", [*TINY, "teacher.epochs=1", "teacher.batch_size=4"])
+    outputs = kfp_pipeline.run_local(p, tmp_path / "root")
     meta = verify_prepared(outputs["prepared"], check_digests=True)
     assert meta["resolution"] == [48, 96] and sum(meta["counts"].values()) == 40
-    assert meta["params_digest"] == tiny_params.digest()
+    assert meta["params_digest"] == p.digest()
+    for task in ("seg", "depth"):
+        _, record = load_model(f"{outputs[f'teacher_{task}']}/model.pt")
+        assert record["task"] == task

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -110,6 +111,48 @@ def prepare(
     )
 
 
+class TeacherTask(StrEnum):
+    seg = "seg"
+    depth = "depth"
+
+
+@app.command("train-teacher", epilog=_params_epilog("teacher"))
+@_friendly
+def train_teacher(
+    task: Annotated[TeacherTask, typer.Option("--task", "-t", help="which teacher: seg or depth")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
+        "data/prepared"
+    ),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder [default: data/teachers/TASK]")] = None,
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train one single-task teacher; keep the best epoch on val; report val and test metrics.
+
+    Writes OUT/model.pt (weights + model config), OUT/metrics.json (val, test, trivial baselines) and
+    OUT/dvclive/. Under torchrun (--nproc_per_node N) it trains with DDP (gloo on CPU, nccl on GPU).
+    Params read: seed, augment.*, teacher.* (teacher.seg.* / teacher.depth.* override for one task).
+    """
+    from .config import load_params
+    from .stages import teacher as stage
+
+    cfg = load_params(params, set_)
+    out = out or Path("data/teachers") / task.value
+    report = stage.run(cfg, task.value, data, out, checkpoints, resume)
+    key = report["monitor"]
+    typer.echo(
+        f"teacher {task.value} → {out}  (val {key} {report['val'][key]:.4f}, test {key} {report['test'][key]:.4f}; "
+        f"baseline {report['baseline']['test'][key]:.4f})"
+    )
+
+
 @app.command("params")
 @_friendly
 def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
@@ -137,6 +180,19 @@ def summary(
                f"train {c['train']}, val {c['val']}, test {c['test']})")
     if (prepared / "gallery.png").exists():
         typer.echo(f"gallery       : {(prepared / 'gallery.png').resolve()}")
+    for task in ("seg", "depth"):
+        folder = data / "teachers" / task
+        if not (folder / "metrics.json").exists():
+            continue
+        m = json.loads((folder / "metrics.json").read_text())
+        test, base = m["test"], m["baseline"]["test"]
+        if task == "seg":
+            figures = (f"test mIoU {test['miou']:.3f} (baseline {base['miou']:.3f}), "
+                       f"pixAcc {test['pixacc']:.3f} (baseline {base['pixacc']:.3f})")
+        else:
+            figures = (f"test AbsErr {test['abs_err']:.2f} m (baseline {base['abs_err']:.2f}), "
+                       f"RelErr {test['rel_err']:.3f} (baseline {base['rel_err']:.3f})")
+        typer.echo(f"teacher {task:<6}: {folder.resolve()}  ({figures})")
 
 
 @pipeline_app.command("compile")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
 
@@ -72,11 +73,65 @@ class AugmentParams(_Section):
         return self
 
 
-class TeacherParams(_Section):
-    """The ``train-teacher`` stage (consumed from the teacher issue on)."""
+class ModelParams(_Section):
+    """Architecture of one network (DESIGN §6). Paper: resnet101 + aspp (teachers), resnet50 + aspp (student)."""
 
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(8, ge=1)
+    backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101"] = Field(
+        "tiny", description="encoder (output stride 8); 'tiny' is the CPU preset"
+    )
+    head: Literal["light", "aspp"] = Field("light", description="'aspp' = torchvision's DeepLabV3 head")
+    head_channels: int = Field(64, ge=8, description="hidden channels of the light head")
+    pretrained_backbone: str | None = Field(
+        None, description="local torchvision-format state dict for the encoder (never downloaded)"
+    )
+
+
+class TrainParams(ModelParams):
+    """One training run: optimisation, precision, checkpoints."""
+
+    epochs: int = Field(8, ge=1, description="passes over train; val is evaluated after each")
+    batch_size: int = Field(8, ge=1, description="images per step (per process under torchrun)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd (momentum, nesterov)")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="per-step decay to 0")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
+    amp: Literal["auto", "off", "fp16", "bf16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (also at each epoch end)")
+    num_workers: int = Field(0, ge=0, description="data loader worker processes")
+    depth_loss: Literal["l1", "silog"] = Field("l1", description="depth: L1 on valid pixels or scale-invariant log")
+
+
+def _optional_copy(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """The same fields, all optional (None = inherit), with the same constraints."""
+    fields = {
+        n: (f.annotation | None, FieldInfo.merge_field_infos(f, default=None)) for n, f in model.model_fields.items()
+    }
+    return create_model(name, __base__=_Section, **fields)
+
+
+TrainOverrides = _optional_copy(TrainParams, "TrainOverrides")
+
+
+class TeacherParams(TrainParams):
+    """The ``train-teacher`` stage. Keys here apply to both teachers; ``seg`` / ``depth`` override them for one
+    teacher, so that changing one teacher's setting re-runs only that teacher under ``dvc repro``."""
+
+    seg: TrainOverrides = Field(default_factory=TrainOverrides, description="overrides for the seg teacher")
+    depth: TrainOverrides = Field(default_factory=TrainOverrides, description="overrides for the depth teacher")
+
+    def for_task(self, task: str) -> TrainParams:
+        base = {k: v for k, v in self.model_dump().items() if k not in ("seg", "depth")}
+        over = getattr(self, task).model_dump(exclude_none=True)
+        return TrainParams.model_validate({**base, **over})
+
+
+class StudentParams(ModelParams):
+    """The student's architecture (shared encoder + seg head + depth head)."""
 
 
 class DistillParams(_Section):
@@ -100,6 +155,7 @@ class Params(_Section):
     prepare: PrepareParams = PrepareParams()
     augment: AugmentParams = AugmentParams()
     teacher: TeacherParams = TeacherParams()
+    student: StudentParams = StudentParams()
     distill: DistillParams = DistillParams()
     export: ExportParams = ExportParams()
 

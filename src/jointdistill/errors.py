@@ -13,5 +13,9 @@ class DataError(JointDistillError):
     """An input sample or source is unusable (missing, corrupt, inconsistent)."""
 
 
+class ModelError(JointDistillError):
+    """A model, checkpoint or weights file is unusable or does not fit the configured architecture."""
+
+
 class OutputError(JointDistillError):
     """An output location cannot be written."""

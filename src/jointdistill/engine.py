@@ -1,0 +1,437 @@
+"""The training and evaluation loop shared by the teachers and (later) the student.
+
+Read top to bottom: `train_one_epoch`, `evaluate`, `fit`. A *task* object supplies what differs between
+models (its loss, its metrics and the number that selects the best epoch); everything else is here:
+optimiser and schedule, AMP, channels_last, gradient clipping, determinism, progress, dvclive logging,
+checkpoints and resume, and DDP under ``torchrun``.
+
+Reproducibility contract: for a given seed, the data order of epoch e is a permutation drawn from
+(seed, e), item i's augmentation is drawn from (seed, e, i) (see PreparedDataset), and the global RNG
+(dropout) is saved in every checkpoint. A run resumed from any checkpoint therefore reaches exactly the
+weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .config import TrainParams
+from .errors import ModelError
+from .io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "jointdistill.checkpoint/1"
+
+
+# ----------------------------------------------------------------------------- tasks
+class Task(Protocol):
+    monitor: str  # metric that selects the best epoch
+    higher_is_better: bool
+
+    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def new_meters(self) -> Any: ...
+
+    def update(self, meters: Any, outputs: dict, batch: dict) -> None: ...
+
+    def compute(self, meters: Any) -> dict: ...
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {spec!r} requested but CUDA is not available")
+    return device
+
+
+# ----------------------------------------------------------------------------- data order
+class EpochSampler(Sampler[int]):
+    """A permutation fixed by (seed, epoch), sharded across ranks, optionally skipping batches already done.
+
+    Training drops the last incomplete global batch so every rank runs the same number of steps.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,
+                 drop_last: bool = True):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:
+            per_step = self.batch_size * self.world
+            order = order[: len(order) // per_step * per_step]
+        return order[self.rank :: self.world]
+
+    def batches_per_epoch(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip_batches * self.batch_size :])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.skip_batches * self.batch_size)
+
+
+def make_loader(ds: Dataset, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device,
+                drop_last: bool) -> DataLoader:
+    """A loader for one pass (made anew each epoch, so nothing in it depends on earlier epochs)."""
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        # The loader draws its workers' base seed from this generator, not from the global RNG, so the
+        # global RNG stream (dropout) is the same whether a run started fresh or resumed mid-epoch.
+        generator=torch.Generator().manual_seed(sampler.seed * 100_003 + sampler.epoch),
+    )
+
+
+# ----------------------------------------------------------------------------- RNG and checkpoints
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All global RNG states, as tensors and plain values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint with ``weights_only=True``; a corrupt or foreign file is a `ModelError`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"checkpoint {path}: file not found") from None
+    except Exception as exc:
+        raise ModelError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"checkpoint {path}: not a jointdistill training checkpoint")
+    return state
+
+
+# ----------------------------------------------------------------------------- optimisation
+def build_optimizer(model: nn.Module, spec: TrainParams) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=spec.lr)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, spec: TrainParams, total_steps: int):
+    warm = spec.warmup_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if spec.schedule == "poly":
+            return (1 - progress) ** 0.9
+        if spec.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def amp_dtype(spec: TrainParams, device: torch.device) -> torch.dtype | None:
+    if spec.amp == "off" or (spec.amp == "auto" and device.type != "cuda"):
+        return None
+    if spec.amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- loops
+def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint restores besides the model and optimiser."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    step_in_epoch: int = 0  # batches of `epoch` already done
+    global_step: int = 0
+    best_value: float | None = None
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state: RunState, amp, channels_last,
+                    on_step: Callable[[], None], show: bool, total_batches: int) -> dict:
+    model.train()
+    sums, n_seen, t0 = {}, 0, time.perf_counter()
+    bar = tqdm(total=total_batches, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{spec.epochs}",
+               unit="batch", disable=None if show else True, leave=False)
+    for batch in loader:
+        batch = _to(batch, device, channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            outputs = model(batch["image"])
+            loss, parts = task.loss(outputs, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at epoch {state.epoch + 1}, step {state.global_step}: {parts}")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if spec.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        state.step_in_epoch += 1
+        state.global_step += 1
+        bs = batch["image"].shape[0]
+        n_seen += bs
+        for k, v in {"loss": loss.item(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v * bs
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
+        on_step()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    out = {f"train/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+    out["train/images_per_second"] = n_seen / seconds if seconds > 0 else 0.0
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task, loader, device: torch.device, amp=None, channels_last=False) -> dict:
+    """Exact metrics over the whole split (all ranks' shards reduced)."""
+    was_training = model.training
+    model.eval()
+    meters = task.new_meters()
+    for batch in loader:
+        batch = _to(batch, device, channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            outputs = model(batch["image"])
+        task.update(meters, {k: v.float() for k, v in outputs.items()}, batch)
+    for m in meters.values() if isinstance(meters, dict) else [meters]:
+        m.reduce()
+    model.train(was_training)
+    return task.compute(meters)
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    best_metrics: dict
+    best_epoch: int
+    history: list
+    seconds: float
+    resumed_from: int | None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def fit(
+    model: nn.Module,
+    task,
+    train_ds,
+    val_ds,
+    spec: TrainParams,
+    seed: int,
+    run_dir: Path,
+    digest: str,
+    resume: bool = False,
+    log_name: str = "train",
+) -> FitResult:
+    """Train with per-epoch validation; keep the best epoch by ``task.monitor``.
+
+    ``run_dir`` holds ``last.pt`` (the resumable checkpoint) and ``dvclive/``; it outlives failed runs.
+    ``digest`` identifies everything that determines the result: a checkpoint with another digest is
+    never resumed from.
+    """
+    device = resolve_device(spec.device)
+    ddp = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    channels_last = spec.channels_last == "on" or (spec.channels_last == "auto" and device.type == "cuda")
+    amp = amp_dtype(spec, device)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    train_sampler = EpochSampler(len(train_ds), spec.batch_size, seed, True, ddp.rank, ddp.world)
+    val_sampler = EpochSampler(len(val_ds), spec.batch_size, seed, False, ddp.rank, ddp.world, drop_last=False)
+    steps_per_epoch = train_sampler.batches_per_epoch()
+    if steps_per_epoch == 0:
+        raise ModelError(
+            f"train has {len(train_ds)} samples: fewer than one batch of {spec.batch_size} × {ddp.world} processes"
+        )
+
+    opt = build_optimizer(model, spec)
+    sched = build_scheduler(opt, spec, spec.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    state = RunState()
+    best_state = copy.deepcopy(_unwrap(model).state_dict())
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "last.pt"
+    resumed_from = None
+
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("digest") != digest:
+            log.warning("%s: checkpoint %s was made with other params or data; starting afresh", log_name, ckpt_path)
+        else:
+            _unwrap(model).load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            state = RunState(**ckpt["run"])
+            best_state = ckpt["best_model"]
+            set_rng_state(ckpt["rng"])
+            resumed_from = state.global_step
+            log.info("%s: resumed from %s at epoch %d, step %d", log_name, ckpt_path, state.epoch + 1,
+                     state.global_step)
+    elif not resume and run_dir.exists() and ddp.main:
+        shutil.rmtree(run_dir)  # a fresh run must not inherit old logs
+    if ddp.world > 1:
+        dist.barrier()  # nobody starts while rank 0 may still be clearing run_dir
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    live = None
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from dvclive import Live
+
+        live = Live(dir=str(run_dir / "dvclive"), resume=resumed_from is not None, dvcyaml=None,
+                    save_dvc_exp=False, report=None)
+
+    def checkpoint() -> None:
+        if not ddp.main:
+            return
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "digest": digest, "model": _unwrap(model).state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "run": state.__dict__, "best_model": best_state, "rng": rng_state(),
+        })
+
+    def on_step() -> None:
+        if state.global_step % spec.checkpoint_every == 0:
+            checkpoint()
+
+    show = ddp.main and os.environ.get("JOINTDISTILL_PROGRESS", "auto") != "off"
+    t0 = time.perf_counter()
+    while state.epoch < spec.epochs:
+        train_sampler.set_epoch(state.epoch, skip_batches=state.step_in_epoch)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(state.epoch)
+        train_loader = make_loader(train_ds, train_sampler, spec.batch_size, spec.num_workers, device, True)
+        train_logs = train_one_epoch(model, task, train_loader, opt, sched, scaler, spec, device, state, amp,
+                                     channels_last, on_step, show, steps_per_epoch)
+        # Evaluate the bare module: DDP's forward is a collective, and ranks' val shards may differ by a batch.
+        val_loader = make_loader(val_ds, val_sampler, spec.batch_size, spec.num_workers, device, False)
+        val = evaluate(_unwrap(model), task, val_loader, device, amp, channels_last)
+        value = val[task.monitor]
+        better = state.best_value is None or (value > state.best_value if task.higher_is_better
+                                              else value < state.best_value)
+        if better:
+            state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, val
+            best_state = copy.deepcopy(_unwrap(model).state_dict())
+        scalars = {k: v for k, v in val.items() if isinstance(v, (int, float))}
+        state.history.append({"epoch": state.epoch + 1, **train_logs, **{f"val/{k}": v for k, v in scalars.items()},
+                              "lr": sched.get_last_lr()[0]})
+        if live is not None:
+            for k, v in state.history[-1].items():
+                if k != "epoch":
+                    live.log_metric(k, v)
+            live.next_step()
+        log.info("%s: epoch %d/%d  loss %.4f  val %s=%.4f%s", log_name, state.epoch + 1, spec.epochs,
+                 train_logs.get("train/loss", float("nan")), task.monitor, value, "  (best)" if better else "")
+        state.epoch += 1
+        state.step_in_epoch = 0
+        checkpoint()
+    if live is not None:
+        live.end()
+    return FitResult(best_state, state.best_metrics, state.best_epoch + 1, state.history,
+                     time.perf_counter() - t0, resumed_from)

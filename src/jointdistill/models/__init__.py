@@ -1,0 +1,45 @@
+"""Model registry: teachers and the student, built from params, never downloaded.
+
+See `nets.DenseNet` for the output interface shared by every model.
+"""
+
+from __future__ import annotations
+
+from .nets import TASKS, DenseNet, ModelConfig
+
+__all__ = ["TASKS", "DenseNet", "ModelConfig", "build_teacher", "build_student", "PRESETS"]
+
+# Named presets: the paper's configuration (GPU) and the CPU default.
+PRESETS = {
+    "paper": {"teacher": {"backbone": "resnet101", "head": "aspp"},
+              "student": {"backbone": "resnet50", "head": "aspp"}},
+    "cpu": {"teacher": {"backbone": "tiny", "head": "light"}, "student": {"backbone": "tiny", "head": "light"}},
+}
+
+
+def build_teacher(task: str, backbone: str, head: str, num_classes: int, pretrained_backbone: str | None = None,
+                  **kw) -> DenseNet:
+    """A single-task teacher: DeepLabV3-style encoder + one head (``backbone='resnet101', head='aspp'`` is
+    torchvision's DeepLabV3-ResNet-101; for depth the head has one positive output channel)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
+    return DenseNet(ModelConfig(backbone=backbone, head=head, tasks=(task,), num_classes=num_classes, **kw),
+                    pretrained_backbone)
+
+
+def build_student(backbone: str, head: str, num_classes: int, pretrained_backbone: str | None = None,
+                  **kw) -> DenseNet:
+    """The multi-task student: one shared encoder with a segmentation head and a depth head."""
+    return DenseNet(ModelConfig(backbone=backbone, head=head, tasks=TASKS, num_classes=num_classes, **kw),
+                    pretrained_backbone)
+
+
+def build_from_config(config: ModelConfig | dict) -> DenseNet:
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    return DenseNet(config)
+
+
+from .store import load_model, save_model  # noqa: E402
+
+__all__ += ["load_model", "save_model", "build_from_config"]

@@ -1,0 +1,76 @@
+"""One network class for teachers and the student: a shared encoder and one head per task.
+
+Interface (all models): ``model(images) -> dict`` with
+- ``"features"``: the encoder output at stride 8, (N, C_f, H/8, W/8): the map the connector fuses and the
+  knowledge trajectory reads (DESIGN §6). ``model.feature_channels`` gives C_f, ``model.feature_stride`` 8.
+- ``"seg"``: class logits (N, num_classes, H, W), for models with the seg task;
+- ``"depth"``: metres, strictly positive, (N, 1, H, W), for models with the depth task.
+Outputs are upsampled bilinearly to the input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import build_backbone
+from .heads import build_head, init_depth_bias
+
+TASKS = ("seg", "depth")
+_LOG_DEPTH_RANGE = (-5.0, 6.5)  # 7 mm .. 665 m: keeps exp() finite early in training
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in every model.pt next to its weights."""
+
+    backbone: str = "tiny"
+    head: str = "light"
+    tasks: tuple[str, ...] = ("seg",)
+    num_classes: int = 7
+    head_channels: int = 64
+    tiny_widths: tuple[int, int, int, int] = (24, 48, 96, 128)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tasks"], d["tiny_widths"] = list(self.tasks), list(self.tiny_widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        d["tasks"], d["tiny_widths"] = tuple(d["tasks"]), tuple(d["tiny_widths"])
+        return cls(**d)
+
+
+class DenseNet(nn.Module):
+    feature_stride = 8
+
+    def __init__(self, config: ModelConfig, pretrained_backbone: str | None = None):
+        super().__init__()
+        unknown = set(config.tasks) - set(TASKS)
+        if unknown or not config.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {config.tasks}")
+        self.config = config
+        self.backbone, self.feature_channels = build_backbone(config.backbone, pretrained_backbone, config.tiny_widths)
+        self.heads = nn.ModuleDict()
+        for task in config.tasks:
+            out = config.num_classes if task == "seg" else 1
+            self.heads[task] = build_head(config.head, self.feature_channels, out, config.head_channels)
+        if "depth" in self.heads:
+            init_depth_bias(self.heads["depth"])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        feats = self.backbone(x)["out"]
+        out = {"features": feats}
+        for task, head in self.heads.items():
+            y = F.interpolate(head(feats), size=size, mode="bilinear", align_corners=False)
+            if task == "depth":
+                y = torch.exp(y.clamp(*_LOG_DEPTH_RANGE))
+            out[task] = y
+        return out

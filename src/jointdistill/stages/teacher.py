@@ -1,0 +1,133 @@
+"""The `train-teacher` stage: one single-task teacher (seg or depth) on the prepared data.
+
+Trains on train, keeps the best epoch on val, reports val and test metrics next to trivial baselines
+(majority class, mean training depth), and writes ``model.pt``, ``metrics.json`` and ``dvclive/``.
+Checkpoints live in a separate folder that survives failed runs; ``resume=True`` continues from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import __version__
+from ..config import Params
+from ..data.contract import open_split, verify_prepared
+from ..data.prepared import PreparedDataset
+from ..data.transforms import JointTransform
+from ..engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
+from ..io import atomic_dir, write_json
+from ..metrics import ConfusionMatrix, DepthMeter
+from ..models import build_teacher, save_model
+from ..tasks import make_task
+
+log = logging.getLogger(__name__)
+TASKS = ("seg", "depth")
+
+
+def code_digest() -> str:
+    """A hash of the package's source, so that a checkpoint made by other code is never resumed."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def trivial_baseline(data_dir: Path, task: str, meta: dict, split: str = "test") -> dict:
+    """What a model that ignores the image scores: the majority training class, or the mean training depth."""
+    arrays = open_split(data_dir, split, meta)
+    if task == "seg":
+        majority = int(np.argmax(meta["class_pixels"]["train"]))
+        cm = ConfusionMatrix(len(meta["classes"]), meta["ignore_index"])
+        for i in range(0, len(arrays["labels"]), 64):
+            labels = torch.from_numpy(np.array(arrays["labels"][i : i + 64]))
+            cm.update(torch.full_like(labels, majority), labels)
+        return {"predict": f"class {meta['classes'][majority]}", **cm.compute()}
+    train = open_split(data_dir, "train", meta)["depth"]
+    total, count = 0.0, 0
+    for i in range(0, len(train), 64):
+        d = np.asarray(train[i : i + 64], dtype=np.float64)
+        total, count = total + d[d > 0].sum(), count + int((d > 0).sum())
+    mean = total / max(count, 1)
+    dm = DepthMeter()
+    for i in range(0, len(arrays["depth"]), 64):
+        d = torch.from_numpy(np.array(arrays["depth"][i : i + 64]))
+        dm.update(torch.full_like(d, mean), d)
+    return {"predict": f"{mean:.3f} m everywhere", **dm.compute()}
+
+
+def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoints: str | Path | None = None,
+        resume: bool = False) -> dict:
+    """Train the ``task`` teacher on ``data`` into ``out``. Returns metrics.json's content (rank 0)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    data, out = Path(data), Path(out)
+    spec = params.teacher.for_task(task)
+    meta = verify_prepared(data)
+    h, w = meta["resolution"]
+    checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
+    digest = hashlib.sha256(json.dumps({
+        "task": task, "spec": spec.model_dump(mode="json"), "augment": params.augment.model_dump(mode="json"),
+        "seed": params.seed, "data": meta.get("source_checksum"), "code": code_digest(),
+    }, sort_keys=True).encode()).hexdigest()[:16]
+
+    seed_everything(params.seed)
+    model = build_teacher(task, spec.backbone, spec.head, len(meta["classes"]), spec.pretrained_backbone,
+                          head_channels=spec.head_channels)
+    transform = JointTransform.from_params(params.augment, h, w)
+    train_ds = PreparedDataset(data, "train", transform, seed=params.seed)
+    val_ds = PreparedDataset(data, "val")
+    test_ds = PreparedDataset(data, "test")
+    job = make_task(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
+    t0 = time.perf_counter()
+    result = fit(model, job, train_ds, val_ds, spec, params.seed, checkpoints, digest, resume=resume,
+                 log_name=f"teacher-{task}")
+
+    # Test metrics of the best epoch, evaluated on every rank's shard and reduced.
+    model.load_state_dict(result.best_state)
+    device = resolve_device(spec.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sampler = EpochSampler(len(test_ds), spec.batch_size, params.seed, False, rank, world, drop_last=False)
+    test = evaluate(model.to(device), job, make_loader(test_ds, sampler, spec.batch_size, 0, device, False), device)
+    report = {
+        "task": task,
+        "monitor": job.monitor,
+        "val": result.best_metrics,
+        "test": test,
+        "baseline": {"test": trivial_baseline(data, task, meta)},
+        "best_epoch": result.best_epoch,
+        "epochs": spec.epochs,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "train_images_per_second": round(float(np.mean([e["train/images_per_second"] for e in result.history])), 2)
+        if result.history else None,
+        "resumed_from_step": result.resumed_from,
+        "world_size": world,
+        "model": {"backbone": spec.backbone, "head": spec.head,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "params_digest": params.digest(),
+    }
+    if rank == 0:
+        with atomic_dir(out) as tmp:
+            save_model(tmp / "model.pt", model, result.best_state, task=task, classes=meta["classes"],
+                       palette=meta["palette"], normalization=meta["normalization"], resolution=meta["resolution"],
+                       ignore_index=meta["ignore_index"], data_checksum=meta.get("source_checksum"),
+                       params_digest=params.digest(), best_epoch=result.best_epoch, val=result.best_metrics)
+            write_json(tmp / "metrics.json", report)
+            if (checkpoints / "dvclive").is_dir():
+                shutil.copytree(checkpoints / "dvclive", tmp / "dvclive")
+        log.info("teacher-%s: best epoch %d, val %s=%.4f, test %s=%.4f → %s", task, result.best_epoch, job.monitor,
+                 result.best_metrics[job.monitor], job.monitor, test[job.monitor], out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return report

@@ -1,0 +1,153 @@
+"""The train-teacher stage and the engine under it: outputs, quality vs trivial baselines, resume after
+SIGKILL, DDP with two gloo processes, and bad checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from jointdistill.config import load_params
+from jointdistill.errors import DataError, ModelError
+from jointdistill.models import load_model
+from jointdistill.stages import teacher
+
+from .conftest import REPO, TINY
+
+FAST = [*TINY, "teacher.batch_size=4", "teacher.epochs=3", "teacher.checkpoint_every=3"]
+ENV = {**os.environ, "JOINTDISTILL_PROGRESS": "off", "OMP_NUM_THREADS": "1"}
+
+
+def params(*extra):
+    return load_params(REPO / "params.yaml", [*FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    reports = {t: teacher.run(params(), t, prepared, root / t) for t in ("seg", "depth")}
+    return root, reports
+
+
+def test_outputs(trained):
+    root, reports = trained
+    for task, key in (("seg", "miou"), ("depth", "abs_err")):
+        out = root / task
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics == json.loads(json.dumps(reports[task]))
+        assert metrics["monitor"] == key and 1 <= metrics["best_epoch"] <= 3
+        assert {"val", "test", "baseline"} <= set(metrics)
+        model, record = load_model(out / "model.pt")
+        assert record["task"] == task and record["classes"][0] == "flat"
+        assert set(model(torch.zeros(1, 3, 48, 96))) == {"features", task}
+        assert (out / "dvclive" / "plots" / "metrics" / "val" / f"{key}.tsv").exists()
+    assert {"miou", "pixacc", "per_class_iou"} <= set(reports["seg"]["test"])
+    assert {"abs_err", "rel_err", "delta1"} <= set(reports["depth"]["test"])
+
+
+def test_teachers_beat_trivial_baselines(trained):
+    _, reports = trained
+    seg, depth = reports["seg"], reports["depth"]
+    assert seg["test"]["miou"] > seg["baseline"]["test"]["miou"] + 0.05
+    assert depth["test"]["abs_err"] < depth["baseline"]["test"]["abs_err"]
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "jointdistill", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def sets(*extra):
+    return [a for s in [*FAST, "teacher.epochs=4", "teacher.batch_size=2", "teacher.checkpoint_every=2", *extra]
+            for a in ("--set", s)]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reaches_the_same_weights(prepared, tmp_path):
+    common = ["train-teacher", "--task", "seg", "--data", str(prepared), *sets()]
+    ref = cli(*common, "--out", str(tmp_path / "ref"), "--checkpoints", str(tmp_path / "ref-ckpt"))
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+
+    run = cli(*common, "--out", str(tmp_path / "run"), "--checkpoints", str(tmp_path / "ckpt"))
+    deadline = time.time() + 300
+    while not (tmp_path / "ckpt" / "last.pt").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.01)
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "run").exists()
+
+    resumed = cli(*common, "--out", str(tmp_path / "run"), "--checkpoints", str(tmp_path / "ckpt"), "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["resumed_from_step"] is not None and report["resumed_from_step"] > 0
+
+    final_ref = torch.load(tmp_path / "ref-ckpt" / "last.pt", weights_only=True)["model"]
+    final_run = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
+    for k in final_ref:
+        assert torch.equal(final_ref[k], final_run[k]), k
+    best_ref = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["state_dict"]
+    best_run = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(best_ref[k], best_run[k]) for k in best_ref)
+    assert report["val"] == json.loads((tmp_path / "ref" / "metrics.json").read_text())["val"]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(prepared, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jointdistill",
+         "train-teacher", "--task", "depth", "--data", str(prepared), "--out", str(out), *sets("teacher.epochs=2")],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["world_size"] == 2
+    assert report["test"]["abs_err"] < report["baseline"]["test"]["abs_err"] * 1.5
+    load_model(out / "model.pt")
+
+
+def test_checkpoint_of_other_params_is_not_resumed(prepared, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    teacher.run(params("teacher.epochs=1"), "seg", prepared, tmp_path / "a", ckpt)
+    report = teacher.run(params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "b", ckpt,
+                         resume=True)
+    assert report["resumed_from_step"] is None
+    assert "made with other params or data; starting afresh" in caplog.text
+    again = teacher.run(params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "c", ckpt,
+                        resume=True)
+    assert again["resumed_from_step"] is not None  # same params: the finished run is picked up, not redone
+
+
+def test_corrupt_checkpoint_is_a_clear_error(prepared, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "last.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match=r"checkpoint .*last.pt: unreadable"):
+        teacher.run(params("teacher.epochs=1"), "seg", prepared, tmp_path / "out", ckpt, resume=True)
+    torch.save({"format": "other"}, ckpt / "last.pt")
+    with pytest.raises(ModelError, match="not a jointdistill training checkpoint"):
+        teacher.run(params("teacher.epochs=1"), "seg", prepared, tmp_path / "out", ckpt, resume=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="meta.json: missing"):
+        teacher.run(params(), "seg", tmp_path / "nothing", tmp_path / "out")
+
+
+def test_cli_bad_params_and_help():
+    r = subprocess.run([sys.executable, "-m", "jointdistill", "train-teacher", "--task", "seg", "--set",
+                        "teacher.seg.lr=-1"], env=ENV, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "teacher.seg.lr: Input should be greater than 0" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jointdistill", "train-teacher", "--task", "seg", "--set",
+                        "teacher.backbone=vgg"], env=ENV, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "teacher.backbone: Input should be 'tiny'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jointdistill", "train-teacher", "--help"], env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0
+    for word in ("--task", "--data", "--out", "--checkpoints", "--resume", "teacher.epochs", "torchrun"):
+        assert word in r.stdout, word
