@@ -40,7 +40,9 @@ def summary(values: list[float]) -> dict:
 
 def run_json(code: str, env: dict | None = None, one_core: bool = True, timeout: int = 1800) -> dict:
     """Run ``code`` in a fresh interpreter (optionally pinned to one CPU); it prints one JSON object."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, **(env or {})}
+    if one_core:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     prefix = ""
     if one_core and hasattr(os, "sched_getaffinity"):
         cpu = sorted(os.sched_getaffinity(0))[-1]

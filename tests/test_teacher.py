@@ -129,7 +129,7 @@ def test_corrupt_checkpoint_is_a_clear_error(prepared, tmp_path):
     with pytest.raises(ModelError, match=r"checkpoint .*last.pt: unreadable"):
         teacher.run(params("teacher.epochs=1"), "seg", prepared, tmp_path / "out", ckpt, resume=True)
     torch.save({"format": "other"}, ckpt / "last.pt")
-    with pytest.raises(ModelError, match="not a jointdistill training checkpoint"):
+    with pytest.raises(ModelError, match="not a jointdistill checkpoint file"):
         teacher.run(params("teacher.epochs=1"), "seg", prepared, tmp_path / "out", ckpt, resume=True)
     assert not (tmp_path / "out").exists()
 
@@ -151,3 +151,13 @@ def test_cli_bad_params_and_help():
     assert r.returncode == 0
     for word in ("--task", "--data", "--out", "--checkpoints", "--resume", "teacher.epochs", "torchrun"):
         assert word in r.stdout, word
+
+
+def test_fresh_run_removes_only_its_own_files(prepared, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "notes.txt").write_text("keep me")
+    torch.save({"format": "old"}, ckpt / "last.pt")
+    teacher.run(params("teacher.epochs=1"), "depth", prepared, tmp_path / "out", ckpt)
+    assert (ckpt / "notes.txt").read_text() == "keep me"
+    assert torch.load(ckpt / "last.pt", weights_only=True)["format"].startswith("jointdistill.checkpoint")

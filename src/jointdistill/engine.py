@@ -14,7 +14,6 @@ weights of an uninterrupted run.
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from .config import TrainParams
 from .errors import ModelError
-from .io import atomic_write_bytes
+from .serialization import load_safe, save_atomic
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "jointdistill.checkpoint/1"
@@ -168,23 +167,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint with ``weights_only=True``; a corrupt or foreign file is a `ModelError`."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"checkpoint {path}: file not found") from None
-    except Exception as exc:
-        raise ModelError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"checkpoint {path}: not a jointdistill training checkpoint")
-    return state
+    """Read a training checkpoint (weights_only); a corrupt or foreign file is a `ModelError`."""
+    return load_safe(path, "checkpoint", CHECKPOINT_FORMAT)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -373,8 +358,11 @@ def fit(
             resumed_from = state.global_step
             log.info("%s: resumed from %s at epoch %d, step %d", log_name, ckpt_path, state.epoch + 1,
                      state.global_step)
-    elif not resume and run_dir.exists() and ddp.main:
-        shutil.rmtree(run_dir)  # a fresh run must not inherit old logs
+    elif not resume and ddp.main:
+        # A fresh run must not inherit an old checkpoint or logs. Only our own files are removed: the
+        # folder itself may be one the user chose.
+        ckpt_path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "dvclive", ignore_errors=True)
     if ddp.world > 1:
         dist.barrier()  # nobody starts while rank 0 may still be clearing run_dir
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -390,7 +378,7 @@ def fit(
     def checkpoint() -> None:
         if not ddp.main:
             return
-        save_checkpoint(ckpt_path, {
+        save_atomic(ckpt_path, {
             "format": CHECKPOINT_FORMAT, "digest": digest, "model": _unwrap(model).state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
             "run": state.__dict__, "best_model": best_state, "rng": rng_state(),

@@ -20,6 +20,7 @@ from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
 
 from ..errors import ModelError
+from ..serialization import check_fit, load_safe
 
 RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50,
            "resnet101": resnet.resnet101}
@@ -80,31 +81,15 @@ def _dilate_basic_resnet(net: resnet.ResNet) -> None:
 
 def load_backbone_weights(net: nn.Module, path: str | Path) -> None:
     """Load a local torchvision-format state dict; a wrong or partial one is an error listing the keys."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"pretrained backbone {path}: file not found") from None
-    except Exception as exc:  # a corrupt file raises from pickle, zipfile or torch
-        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-        raise ModelError(f"pretrained backbone {path}: not a readable torch file ({reason})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    state = load_safe(path, "pretrained backbone")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"pretrained backbone {path}: expected a state dict of tensors")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # The classifier (fc) is not part of the encoder: it may be present or not.
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
-                parts.append(f"{what}: {shown}")
-        raise ModelError(f"pretrained backbone {path} does not fit {type(net).__name__}: " + "; ".join(parts))
+    check_fit(own, state, f"pretrained backbone {path} does not fit {type(net).__name__}")
     net.load_state_dict(state, strict=False)  # every non-fc key was checked above
 
 
