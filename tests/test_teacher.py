@@ -116,7 +116,7 @@ def test_checkpoint_of_other_params_is_not_resumed(prepared, tmp_path, caplog):
     report = teacher.run(params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "b", ckpt,
                          resume=True)
     assert report["resumed_from_step"] is None
-    assert "made with other params or data; starting afresh" in caplog.text
+    assert "made with other params, data or code; starting afresh" in caplog.text
     again = teacher.run(params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "c", ckpt,
                         resume=True)
     assert again["resumed_from_step"] is not None  # same params: the finished run is picked up, not redone

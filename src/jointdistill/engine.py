@@ -346,7 +346,8 @@ def fit(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("digest") != digest:
-            log.warning("%s: checkpoint %s was made with other params or data; starting afresh", log_name, ckpt_path)
+            log.warning("%s: checkpoint %s was made with other params, data or code; starting afresh",
+                        log_name, ckpt_path)
         else:
             _unwrap(model).load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])

@@ -101,6 +101,3 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())

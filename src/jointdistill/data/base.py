@@ -7,7 +7,7 @@ so memory stays bounded by one sample whatever the dataset's size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -78,7 +78,3 @@ def make_source(params: PrepareParams, seed: int) -> Source:
         )
     return factory(params, seed)
 
-
-def iter_loaded(source: Source, refs: list[SampleRef]) -> Iterator[tuple[SampleRef, Sample]]:
-    for ref in refs:
-        yield ref, source.load(ref)

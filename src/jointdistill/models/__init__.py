@@ -1,21 +1,15 @@
 """Model registry: teachers and the student, built from params, never downloaded.
 
-See `nets.DenseNet` for the output interface shared by every model.
+See `nets.DenseNet` for the output interface shared by every model. Presets: the CPU default is
+``backbone: tiny, head: light``; the paper's configuration is ``resnet101 + aspp`` for the teachers
+(torchvision's DeepLabV3-ResNet-101) and ``resnet50 + aspp`` for the student.
 """
 
 from __future__ import annotations
 
 from .nets import TASKS, DenseNet, ModelConfig
 
-__all__ = ["TASKS", "DenseNet", "ModelConfig", "build_teacher", "build_student", "PRESETS"]
-
-# Named presets: the paper's configuration (GPU) and the CPU default.
-PRESETS = {
-    "paper": {"teacher": {"backbone": "resnet101", "head": "aspp"},
-              "student": {"backbone": "resnet50", "head": "aspp"}},
-    "cpu": {"teacher": {"backbone": "tiny", "head": "light"}, "student": {"backbone": "tiny", "head": "light"}},
-}
-
+__all__ = ["TASKS", "DenseNet", "ModelConfig", "build_teacher", "build_student"]
 
 def build_teacher(task: str, backbone: str, head: str, num_classes: int, pretrained_backbone: str | None = None,
                   **kw) -> DenseNet:
