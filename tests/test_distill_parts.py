@@ -1,0 +1,163 @@
+"""The pure parts of JointDistill: adaptive weights, knowledge trajectory, connector (DESIGN §6)."""
+
+import math
+
+import pytest
+import torch
+
+from jointdistill.distill.connector import Connector
+from jointdistill.distill.trajectory import (
+    TrajectoryBuffer,
+    attention_map,
+    resize_attention,
+    rows,
+    top_k_points,
+    trajectory_loss,
+)
+from jointdistill.distill.weights import TeacherWeights, feedback, task_score, update
+from jointdistill.models import build_teacher
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_scores_and_feedback():
+    assert task_score("seg", {"miou": 0.6}) == 0.6
+    assert task_score("depth", {"abs_err": 4.0}) == 0.25
+    a = feedback({"seg": 0.3, "depth": 1 / 8}, {"seg": 0.6, "depth": 1 / 4})
+    assert a == pytest.approx({"seg": 0.5, "depth": 0.5})
+
+
+def test_equal_feedback_keeps_equal_weights():
+    w = {"seg": 1.0, "depth": 1.0}
+    for a in (0.2, 1.0, 3.0):
+        assert update(w, {"seg": a, "depth": a}, alpha=1.5, beta=0.5) == pytest.approx(w)
+
+
+def test_one_step_by_hand_alpha_1_5():
+    # mean ω = 1, ā = 0.75, ā^0.5 = 0.8660254; targets 0.4330127 / 0.8660254
+    # ω_seg = 1 − 0.5·(1 − 0.4330127) = 0.7165064, ω_depth = 1 − 0.5·(1 − 0.8660254) = 0.9330127
+    # renormalised to sum 2: × 2 / 1.6495191
+    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}, alpha=1.5, beta=0.5)
+    assert out["seg"] == pytest.approx(0.7165064 * 2 / 1.6495191, abs=1e-6)
+    assert out["depth"] == pytest.approx(0.9330127 * 2 / 1.6495191, abs=1e-6)
+    assert out["seg"] < 1 < out["depth"]  # the task further behind its teacher gets the smaller target
+    assert sum(out.values()) == pytest.approx(2.0)
+
+
+def test_alpha_1_vs_2_by_hand():
+    w, a = {"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}
+    # α = 1: targets 0.5 / 1.0 → 0.75 / 1.0 → × 2 / 1.75
+    assert update(w, a, alpha=1.0, beta=0.5) == pytest.approx({"seg": 1.5 / 1.75, "depth": 2 / 1.75})
+    # α = 2: targets 0.375 / 0.75 → 0.6875 / 0.875 → × 2 / 1.5625
+    assert update(w, a, alpha=2.0, beta=0.5) == pytest.approx({"seg": 0.88, "depth": 1.12})
+
+
+def test_clipping_then_renormalising():
+    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.0, "depth": 2.0}, alpha=1.0, beta=0.5, w_min=0.5, w_max=1.2)
+    # before clipping: 0.5 and 1.5; clipped to 0.5 and 1.2; rescaled to sum 2
+    assert out == pytest.approx({"seg": 0.5 * 2 / 1.7, "depth": 1.2 * 2 / 1.7})
+
+
+def test_zero_scores_give_no_nan():
+    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.0, "depth": 0.0}, alpha=0.5, beta=0.5)
+    assert all(math.isfinite(v) for v in out.values()) and out == pytest.approx({"seg": 1.0, "depth": 1.0})
+    a = feedback({"seg": 0.0, "depth": task_score("depth", {"abs_err": 0.0})}, {"seg": 0.0, "depth": 1.0})
+    assert all(math.isfinite(v) for v in a.values())
+    assert all(math.isfinite(v) for v in update({"seg": 1.0, "depth": 1.0}, a, 1.5, 0.5).values())
+
+
+def test_teacher_weights_history_and_static_mode():
+    tw = TeacherWeights(("seg", "depth"), {"seg": 0.6, "depth": 0.25}, alpha=1.5, beta=0.5)
+    w1 = tw.step(1, 100, {"seg": 0.3, "depth": 0.25})
+    assert w1["seg"] < w1["depth"]
+    assert [h["task"] for h in tw.history] == ["seg", "depth"]
+    assert tw.history[0] == pytest.approx({"timeframe": 1, "step": 100, "task": "seg", "feedback": 0.5,
+                                           "weight": w1["seg"]})
+    static = TeacherWeights(("seg", "depth"), {"seg": 0.6, "depth": 0.25}, 1.5, 0.5, adaptive=False)
+    assert static.step(1, 10, {"seg": 0.1, "depth": 0.9}) == {"seg": 1.0, "depth": 1.0}
+    again = TeacherWeights(("seg", "depth"), {"seg": 0.6, "depth": 0.25}, 1.5, 0.5)
+    again.load_state_dict(tw.state_dict())
+    assert again.weights == tw.weights and again.history == tw.history
+
+
+# ----------------------------------------------------------------------------- trajectory
+
+
+def test_attention_map_by_hand():
+    f = torch.zeros(1, 2, 1, 2)
+    f[0, :, 0, 0] = torch.tensor([1.0, 3.0])  # mean of squares 5
+    f[0, :, 0, 1] = torch.tensor([0.0, 0.0])
+    a = attention_map(f)
+    assert a.shape == (1, 1, 2)
+    assert a[0, 0].tolist() == pytest.approx([1.0, 0.0])
+    b = attention_map(torch.ones(2, 3, 2, 2))
+    assert b[0].flatten().tolist() == pytest.approx([0.5] * 4)  # L2-normalised over space
+
+
+def test_top_k_known_maps_ties_and_borders():
+    a = torch.tensor([[[9.0, 1.0, 7.0], [2.0, 7.0, 3.0], [7.0, 0.0, 8.0]]])
+    pts = top_k_points(a, 4, timeframe=2, step=50)
+    # 9 at (0,0) corner, 8 at (2,2) corner, then the tie of 7s in row-major order: (0,2), (1,1)
+    assert list(zip(pts.ys[0].tolist(), pts.xs[0].tolist())) == [(0, 0), (2, 2), (0, 2), (1, 1)]
+    assert pts.values[0].tolist() == [9.0, 8.0, 7.0, 7.0]
+    assert (pts.timeframe, pts.step) == (2, 50)
+    with pytest.raises(ValueError):
+        top_k_points(a, 10)
+
+
+def test_buffer_keeps_the_last_L_timeframes():
+    buf = TrajectoryBuffer(3)
+    for t in range(5):
+        buf.append(top_k_points(torch.rand(2, 4, 4), 2, timeframe=t))
+    assert len(buf) == 3 and [p.timeframe for p in buf.frames] == [2, 3, 4]
+    other = TrajectoryBuffer(1)
+    other.load_state_dict(buf.state_dict())
+    assert [p.timeframe for p in other.frames] == [2, 3, 4] and other.frames.maxlen == 3
+
+
+def test_loss_is_zero_on_the_recorded_values_and_grad_reaches_the_student_only():
+    connector_feats = torch.rand(2, 8, 4, 6, requires_grad=True)
+    buf = TrajectoryBuffer(2)
+    recorded = attention_map(connector_feats)
+    buf.append(top_k_points(recorded, 5))
+    # A student whose attention equals the recorded one has zero loss.
+    assert trajectory_loss(recorded.detach().clone(), buf).item() == pytest.approx(0.0, abs=1e-7)
+    student_feats = torch.rand(2, 16, 8, 12, requires_grad=True)
+    loss = trajectory_loss(resize_attention(attention_map(student_feats), (4, 6)), buf)
+    assert loss.item() > 0
+    loss.backward()
+    assert student_feats.grad is not None and student_feats.grad.abs().sum() > 0
+    assert connector_feats.grad is None  # recorded values are constants
+
+
+def test_loss_by_hand_and_empty_buffer():
+    buf = TrajectoryBuffer(2)
+    a = torch.tensor([[[0.0, 1.0], [0.5, 0.2]]])
+    buf.append(top_k_points(a, 2))  # points (0,1)=1.0 and (1,0)=0.5
+    s = torch.tensor([[[0.0, 0.8], [0.9, 0.0]]], requires_grad=True)
+    assert trajectory_loss(s, buf).item() == pytest.approx((0.2 + 0.4) / 2)
+    assert trajectory_loss(s, TrajectoryBuffer(1)).item() == 0.0
+
+
+def test_rows_for_parquet():
+    pts = top_k_points(torch.rand(3, 4, 4), 2, timeframe=1, step=7)
+    r = rows(pts, "connector")
+    assert len(r) == 3 * 2
+    assert set(r[0]) == {"timeframe", "step", "image", "rank", "y", "x", "value", "source"}
+    assert r[0]["source"] == "connector" and r[-1]["image"] == 2 and r[-1]["rank"] == 1
+
+
+# ----------------------------------------------------------------------------- connector
+
+
+def test_connector_fits_any_teacher_pair():
+    seg_t = build_teacher("seg", "tiny", "light", 7)
+    depth_t = build_teacher("depth", "resnet18", "light", 7)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        fs, fd = seg_t(x)["features"], depth_t(x)["features"]
+    con = Connector([seg_t.feature_channels, depth_t.feature_channels], num_classes=7, hidden=32)
+    out = con([fs, torch.nn.functional.avg_pool2d(fd, 2)], image_size=(64, 96))  # a coarser second grid
+    assert out["features"].shape == (2, 32, 8, 12)
+    assert out["seg"].shape == (2, 7, 64, 96) and out["depth"].shape == (2, 1, 64, 96)
+    assert (out["depth"] > 0).all()
