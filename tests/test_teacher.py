@@ -93,6 +93,12 @@ def test_resume_after_sigkill_reaches_the_same_weights(prepared, tmp_path):
     best_run = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(best_ref[k], best_run[k]) for k in best_ref)
     assert report["val"] == json.loads((tmp_path / "ref" / "metrics.json").read_text())["val"]
+    # The per-epoch history (train loss means, val metrics) matches too; only throughput may differ.
+    hist_ref = torch.load(tmp_path / "ref-ckpt" / "last.pt", weights_only=True)["run"]["history"]
+    hist_run = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["run"]["history"]
+    for a, b in zip(hist_ref, hist_run, strict=True):
+        assert {k: v for k, v in a.items() if "per_second" not in k} == \
+            pytest.approx({k: v for k, v in b.items() if "per_second" not in k})
 
 
 @pytest.mark.slow

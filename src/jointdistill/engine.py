@@ -228,12 +228,15 @@ class RunState:
     best_epoch: int = -1
     best_metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    # Loss sums of the epoch in progress, so its mean is the same whether or not the run was resumed.
+    epoch_sums: dict = field(default_factory=dict)
+    epoch_seen: int = 0
 
 
 def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state: RunState, amp, channels_last,
                     on_step: Callable[[], None], show: bool, total_batches: int) -> dict:
     model.train()
-    sums, n_seen, t0 = {}, 0, time.perf_counter()
+    n_seen, t0 = 0, time.perf_counter()
     bar = tqdm(total=total_batches, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{spec.epochs}",
                unit="batch", disable=None if show else True, leave=False)
     for batch in loader:
@@ -255,14 +258,15 @@ def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state
         state.global_step += 1
         bs = batch["image"].shape[0]
         n_seen += bs
+        state.epoch_seen += bs
         for k, v in {"loss": loss.item(), **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v * bs
+            state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v * bs
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
         on_step()
     bar.close()
     seconds = time.perf_counter() - t0
-    out = {f"train/{k}": v / max(n_seen, 1) for k, v in sums.items()}
+    out = {f"train/{k}": v / max(state.epoch_seen, 1) for k, v in state.epoch_sums.items()}
     out["train/images_per_second"] = n_seen / seconds if seconds > 0 else 0.0
     return out
 
@@ -418,7 +422,7 @@ def fit(
         log.info("%s: epoch %d/%d  loss %.4f  val %s=%.4f%s", log_name, state.epoch + 1, spec.epochs,
                  train_logs.get("train/loss", float("nan")), task.monitor, value, "  (best)" if better else "")
         state.epoch += 1
-        state.step_in_epoch = 0
+        state.step_in_epoch, state.epoch_sums, state.epoch_seen = 0, {}, 0
         checkpoint()
     if live is not None:
         live.end()
