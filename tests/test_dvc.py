@@ -65,6 +65,8 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     assert "data/teachers/seg/metrics.json" in shown and "miou" in shown
     plots = run(["dvc", "plots", "show", "--json"], project)
     assert "data/teachers/seg/dvclive/plots/metrics/val/miou.tsv" in plots and "abs_err" in plots
+    exp = run(["dvc", "exp", "show", "--json"], project)
+    assert "miou" in exp and "abs_err" in exp and "\"lr\": 0.002" in exp
     meta = verify_prepared(project / "data" / "prepared", check_digests=True)
     assert meta["resolution"] == [40, 80] and sum(meta["counts"].values()) == 30
     lock = yaml.safe_load((project / "dvc.lock").read_text())
