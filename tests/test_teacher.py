@@ -167,3 +167,53 @@ def test_fresh_run_removes_only_its_own_files(prepared, tmp_path):
     teacher.run(params("teacher.epochs=1"), "depth", prepared, tmp_path / "out", ckpt)
     assert (ckpt / "notes.txt").read_text() == "keep me"
     assert torch.load(ckpt / "last.pt", weights_only=True)["format"].startswith("jointdistill.checkpoint")
+
+
+class CountingTask:
+    """A seg task with the optional timeframe hook and state, as the student's task will have."""
+
+    def __init__(self):
+        from jointdistill.tasks import SegTask
+
+        self.inner = SegTask(7)
+        self.monitor, self.higher_is_better = "miou", True
+        self.calls = []
+
+    def loss(self, outputs, batch):
+        return self.inner.loss(outputs, batch)
+
+    def new_meters(self):
+        return self.inner.new_meters()
+
+    def update(self, meters, outputs, batch):
+        self.inner.update(meters, outputs, batch)
+
+    def compute(self, meters):
+        return self.inner.compute(meters)
+
+    def end_timeframe(self, timeframe, step, val, model):
+        self.calls.append((timeframe, step, round(val["miou"], 6)))
+        return {"hook/calls": float(len(self.calls))}
+
+    def state_dict(self):
+        return {"calls": list(self.calls)}
+
+    def load_state_dict(self, state):
+        self.calls = [tuple(c) for c in state["calls"]]
+
+
+def test_engine_task_hooks_run_each_timeframe_and_resume_with_their_state(prepared, tmp_path):
+    from jointdistill.data.prepared import PreparedDataset
+    from jointdistill.engine import fit
+    from jointdistill.models import build_teacher
+
+    spec = params("teacher.epochs=2").teacher.for_task("seg")
+    train, val = PreparedDataset(prepared, "train"), PreparedDataset(prepared, "val")
+    task = CountingTask()
+    result = fit(build_teacher("seg", "tiny", "light", 7), task, train, val, spec, 0, tmp_path / "run", "d1")
+    assert [c[0] for c in task.calls] == [1, 2] and task.calls[1][1] == 2 * (len(train) // 4)
+    assert [h["hook/calls"] for h in result.history] == [1.0, 2.0]
+    assert task.calls[-1][2] == round(result.history[-1]["val/miou"], 6)
+    resumed = CountingTask()
+    fit(build_teacher("seg", "tiny", "light", 7), resumed, train, val, spec, 0, tmp_path / "run", "d1", resume=True)
+    assert resumed.calls == task.calls  # restored from the checkpoint; the finished run adds no timeframe

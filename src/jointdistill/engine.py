@@ -42,6 +42,15 @@ CHECKPOINT_FORMAT = "jointdistill.checkpoint/1"
 
 # ----------------------------------------------------------------------------- tasks
 class Task(Protocol):
+    """What `fit` needs from a task. Optional extras, used when present:
+
+    - ``end_timeframe(timeframe, global_step, val_metrics, model) -> dict`` runs after each validation
+      (DESIGN §6's timeframe: the student's weight update and trajectory recording hook in here); the
+      scalars it returns are logged with the epoch;
+    - ``state_dict()`` / ``load_state_dict(state)``: the task's own state, saved in every checkpoint and
+      restored on resume.
+    """
+
     monitor: str  # metric that selects the best epoch
     higher_is_better: bool
 
@@ -359,6 +368,8 @@ def fit(
             scaler.load_state_dict(ckpt["scaler"])
             state = RunState(**ckpt["run"])
             best_state = ckpt["best_model"]
+            if hasattr(task, "load_state_dict") and "task" in ckpt:
+                task.load_state_dict(ckpt["task"])
             set_rng_state(ckpt["rng"])
             resumed_from = state.global_step
             log.info("%s: resumed from %s at epoch %d, step %d", log_name, ckpt_path, state.epoch + 1,
@@ -387,6 +398,7 @@ def fit(
             "format": CHECKPOINT_FORMAT, "digest": digest, "model": _unwrap(model).state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
             "run": state.__dict__, "best_model": best_state, "rng": rng_state(),
+            **({"task": task.state_dict()} if hasattr(task, "state_dict") else {}),
         })
 
     def on_step() -> None:
@@ -412,8 +424,11 @@ def fit(
             state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, val
             best_state = copy.deepcopy(_unwrap(model).state_dict())
         scalars = {k: v for k, v in val.items() if isinstance(v, (int, float))}
+        extra = {}
+        if hasattr(task, "end_timeframe"):
+            extra = task.end_timeframe(state.epoch + 1, state.global_step, val, _unwrap(model)) or {}
         state.history.append({"epoch": state.epoch + 1, **train_logs, **{f"val/{k}": v for k, v in scalars.items()},
-                              "lr": sched.get_last_lr()[0]})
+                              "lr": sched.get_last_lr()[0], **extra})
         if live is not None:
             for k, v in state.history[-1].items():
                 if k != "epoch":
