@@ -129,6 +129,12 @@ def tune_allocator() -> bool:
     return _ALLOCATOR_TUNED
 
 
+def _uniform_pool(rng: np.random.Generator, block: int = 2048):
+    """An endless stream of U[0, 1) draws, taken from ``rng`` a block at a time."""
+    while True:
+        yield from rng.random(block).tolist()
+
+
 def _value_noise(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """A tileable multi-octave noise texture in [0, 1] (used for asphalt, foliage, clouds...)."""
     out = np.zeros((size, size), np.float32)
@@ -181,9 +187,9 @@ class SyntheticScenes:
 
     # ------------------------------------------------------------------ scene sampling
     def _sample_scene(self, rng: np.random.Generator):
-        # Uniform draws come from one pre-drawn block: a numpy call per draw would cost more than the
-        # rest of scene sampling together.
-        pool = iter(rng.random(2048).tolist())
+        # Uniform draws come from pre-drawn blocks: a numpy call per draw would cost more than the rest of
+        # scene sampling together. A scene uses under ~900 draws; a further block is drawn if ever needed.
+        pool = _uniform_pool(rng)
 
         def u(lo, hi):
             return lo + (hi - lo) * next(pool)
