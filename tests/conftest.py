@@ -27,3 +27,18 @@ def prepared(tiny_params, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare.run(tiny_params, out)
     return out
+
+
+TEACHERS = ["teacher.batch_size=4", "teacher.epochs=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(prepared, tmp_path_factory):
+    """Both tiny teachers (2 epochs), trained once per session by the real stage: (seg dir, depth dir)."""
+    from jointdistill.stages import teacher
+
+    root = tmp_path_factory.mktemp("tiny-teachers")
+    p = load_params(REPO / "params.yaml", [*TINY, *TEACHERS])
+    for task in ("seg", "depth"):
+        teacher.run(p, task, prepared, root / task)
+    return root / "seg", root / "depth"

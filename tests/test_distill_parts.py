@@ -72,7 +72,7 @@ def test_teacher_weights_history_and_static_mode():
     assert w1["seg"] < w1["depth"]
     assert [h["task"] for h in tw.history] == ["seg", "depth"]
     assert tw.history[0] == pytest.approx({"timeframe": 1, "step": 100, "task": "seg", "feedback": 0.5,
-                                           "weight": w1["seg"]})
+                                           "omega": w1["seg"]})
     static = TeacherWeights(("seg", "depth"), {"seg": 0.6, "depth": 0.25}, 1.5, 0.5, adaptive=False)
     assert static.step(1, 10, {"seg": 0.1, "depth": 0.9}) == {"seg": 1.0, "depth": 1.0}
     again = TeacherWeights(("seg", "depth"), {"seg": 0.6, "depth": 0.25}, 1.5, 0.5)
@@ -161,3 +161,84 @@ def test_connector_fits_any_teacher_pair():
     assert out["features"].shape == (2, 32, 8, 12)
     assert out["seg"].shape == (2, 7, 64, 96) and out["depth"].shape == (2, 1, 64, 96)
     assert (out["depth"] > 0).all()
+
+
+# ----------------------------------------------------------------------------- losses and the trained model
+def test_kd_seg_by_hand_temperature_and_ignore():
+    from jointdistill.distill.losses import kd_seg
+
+    z = torch.randn(2, 3, 4, 5)
+    assert kd_seg(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    p = torch.randn(2, 3, 4, 5)
+    by_hand = (p.softmax(1) * (p.log_softmax(1) - z.log_softmax(1))).sum(1).mean()
+    assert kd_seg(z, p).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    t = 2.0
+    by_hand_t = (p.div(t).softmax(1) * (p.div(t).log_softmax(1) - z.div(t).log_softmax(1))).sum(1).mean() * t * t
+    assert kd_seg(z, p, temperature=t).item() == pytest.approx(by_hand_t.item(), rel=1e-5)
+    label = torch.full((2, 4, 5), 255)
+    label[0, 0, 0] = 1
+    one = (p.softmax(1) * (p.log_softmax(1) - z.log_softmax(1))).sum(1)[0, 0, 0]
+    assert kd_seg(z, p, label).item() == pytest.approx(one.item(), rel=1e-5)
+    assert kd_seg(z, p, torch.full((2, 4, 5), 255)).item() == 0.0
+    zs = z.clone().requires_grad_()
+    pt = p.clone().requires_grad_()
+    kd_seg(zs, pt).backward()
+    assert zs.grad.abs().sum() > 0 and pt.grad is None  # soft targets are constants
+
+
+def test_kd_depth_on_valid_pixels():
+    from jointdistill.distill.losses import kd_depth
+
+    s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    c = torch.tensor([[[[1.5, 2.0], [1.0, 9.0]]]])
+    gt = torch.tensor([[[[5.0, 0.0], [2.0, 0.0]]]])
+    assert kd_depth(s, c).item() == pytest.approx((0.5 + 0 + 2 + 5) / 4)
+    assert kd_depth(s, c, gt).item() == pytest.approx((0.5 + 2) / 2)
+    assert kd_depth(s, c, torch.zeros_like(gt)).item() == 0.0
+
+
+def test_distill_model_hides_teachers_and_cycles_probes():
+    from jointdistill.distill.model import DistillModel
+    from jointdistill.models import build_student
+
+    teachers = [build_teacher("seg", "tiny", "light", 7), build_teacher("depth", "tiny", "light", 7)]
+    student = build_student("tiny", "light", 7)
+    con = Connector([t.feature_channels for t in teachers], 7, hidden=16)
+    probes = torch.randn(5, 3, 32, 48)
+    m = DistillModel(student, con, teachers, probes, traj_every=2, traj_batch=2)
+    names = {n for n, _ in m.named_parameters()}
+    assert names and all(n.startswith(("student.", "connector.")) for n in names)
+    assert all(k.startswith(("student.", "connector.", "steps")) for k in m.state_dict())
+    assert all(not p.requires_grad for t in teachers for p in t.parameters())
+    m = m.to(torch.float64)
+    assert next(teachers[0].parameters()).dtype == torch.float64 and m.probes.dtype == torch.float64
+    m = m.float()
+    assert [m.probe_slice(s).tolist() for s in (0, 1, 2, 4, 6)] == [[0, 1], [0, 1], [2, 3], [4, 0], [1, 2]]
+    m.train()
+    x = torch.randn(2, 3, 32, 48)
+    out = m(x)
+    assert set(out) == {"student", "connector"} and m.teacher_images == 2 and int(m.steps) == 1
+    assert not teachers[0].training  # frozen teachers stay in eval mode when the model trains
+    m.trajectory_on = True
+    m.steps.fill_(2)
+    out = m(x)
+    assert out["probe"]["index"].tolist() == [2, 3] and out["probe"]["features"].shape[0] == 2
+    m.steps.fill_(3)
+    assert "probe" not in m(x)  # traj_every = 2
+    m.eval()
+    assert set(m(x)) == {"features", "seg", "depth"}  # eval: the student alone
+
+
+def test_probe_pass_leaves_batch_norm_statistics_alone():
+    from jointdistill.distill.model import frozen_batchnorm
+    from jointdistill.models import build_student
+
+    student = build_student("tiny", "light", 7).train()
+    bns = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [b.running_mean.clone() for b in bns]
+    with frozen_batchnorm(student):
+        student.encode(torch.randn(2, 3, 32, 48) * 5 + 3).sum().backward()
+    assert all(torch.equal(a, b.running_mean) for a, b in zip(before, bns, strict=True))
+    assert all(b.training for b in bns)
+    student.encode(torch.randn(2, 3, 32, 48) * 5 + 3)
+    assert not torch.equal(before[0], bns[0].running_mean)  # outside the block, training updates them

@@ -153,6 +153,52 @@ def train_teacher(
     )
 
 
+@app.command("distill", epilog=_params_epilog("distill"))
+@_friendly
+def distill(
+    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
+        "data/prepared"
+    ),
+    teachers: Annotated[
+        tuple[Path, Path],
+        typer.Option(help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
+                     "not read in mode mtl"),
+    ] = (Path("data/teachers/seg"), Path("data/teachers/depth")),
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path(
+        "data/student"
+    ),
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train the multi-task student from the two frozen teachers with JointDistill (distill.mode).
+
+    Modes: mtl (task losses only, no teachers), static_kd (+ distillation, ω = 1), adaptive (+ feedback-driven
+    teacher weights ω), full (+ knowledge trajectory; the default). Validates every epoch (a timeframe), where
+    ω is updated and the trajectories are recorded. Writes OUT/student.pt, OUT/metrics.json, OUT/weights.csv
+    (timeframe, step, task, feedback, omega), OUT/trajectory.parquet (timeframe, step, image, rank, y, x, value,
+    source) and OUT/dvclive/. Under torchrun (--nproc_per_node N) it trains with DDP.
+    Params read: seed, augment.*, student.*, distill.*.
+    """
+    from .config import load_params
+    from .stages import distill as stage
+
+    cfg = load_params(params, set_)
+    report = stage.run(cfg, data, None if cfg.distill.mode == "mtl" else teachers, out, checkpoints, resume)
+    test = report["test"]
+    omega = ", ".join(f"{k} {v:.3f}" for k, v in report["weights"]["final"].items())
+    typer.echo(
+        f"student ({report['mode']}) → {out}  (test mIoU {test['miou']:.4f}, pixAcc {test['pixacc']:.4f}, "
+        f"AbsErr {test['abs_err']:.3f} m, RelErr {test['rel_err']:.4f}; final ω: {omega})"
+    )
+
+
 @app.command("params")
 @_friendly
 def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:

@@ -86,8 +86,8 @@ class ModelParams(_Section):
     )
 
 
-class TrainParams(ModelParams):
-    """One training run: optimisation, precision, checkpoints."""
+class OptimParams(_Section):
+    """One training run: optimisation, precision, checkpoints (shared by the teachers and the student)."""
 
     epochs: int = Field(8, ge=1, description="passes over train; val is evaluated after each")
     batch_size: int = Field(8, ge=1, description="images per step (per process under torchrun)")
@@ -104,6 +104,10 @@ class TrainParams(ModelParams):
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (also at each epoch end)")
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
     depth_loss: Literal["l1", "silog"] = Field("l1", description="depth: L1 on valid pixels or scale-invariant log")
+
+
+class TrainParams(ModelParams, OptimParams):
+    """A teacher's training run: its architecture and its optimisation."""
 
 
 def _optional_copy(model: type[BaseModel], name: str) -> type[BaseModel]:
@@ -134,16 +138,35 @@ class StudentParams(ModelParams):
     """The student's architecture (shared encoder + seg head + depth head)."""
 
 
-class DistillParams(_Section):
-    """The ``distill`` stage (DESIGN §6)."""
+class DistillParams(OptimParams):
+    """The ``distill`` stage (DESIGN §6): the method's knobs, then the student's optimisation (as for a teacher)."""
 
-    mode: Literal["mtl", "static_kd", "adaptive", "full"] = "full"
-    epochs: int = Field(20, ge=1)
-    alpha: float = Field(1.5, gt=0.0)
-    beta: float = Field(0.5, gt=0.0)
-    top_k: int = Field(10, ge=1)
-    trajectory_length: int = Field(5, ge=1)
-    probe_images: int = Field(16, ge=1)
+    mode: Literal["mtl", "static_kd", "adaptive", "full"] = Field(
+        "full", description="mtl: task losses only; static_kd: + KD with ω = 1; adaptive: + feedback ω; "
+        "full: + knowledge trajectory (JointDistill)")
+    alpha: float = Field(1.5, gt=0.0, description="α of the weight update (paper: best between 1 and 2)")
+    beta: float = Field(0.5, gt=0.0, description="β, step size of the weight update")
+    weight_min: float = Field(0.1, gt=0.0, description="lower clip of ω (then rescaled so Σω = N)")
+    weight_max: float = Field(10.0, gt=0.0, description="upper clip of ω")
+    temperature: float = Field(1.0, gt=0.0, description="τ of the segmentation KL distillation")
+    lambda_seg: float = Field(1.0, ge=0.0, description="λ of the student's segmentation loss on labels")
+    lambda_depth: float = Field(1.0, ge=0.0, description="λ of the student's depth loss on ground truth")
+    lambda_kd: float = Field(1.0, ge=0.0, description="λ_KD of the distillation loss Σ ω_i D_i")
+    lambda_traj: float = Field(1.0, ge=0.0, description="λ_traj of the knowledge-trajectory loss (full mode)")
+    top_k: int = Field(10, ge=1, description="essential points per probe image and timeframe")
+    trajectory_length: int = Field(5, ge=1, description="L: timeframes kept in the trajectory buffer")
+    probe_images: int = Field(16, ge=1, description="val images the trajectory is read on (chosen by the seed)")
+    traj_every: int = Field(1, ge=1, description="steps between trajectory-loss evaluations (full mode)")
+    traj_batch: int = Field(4, ge=1, description="probe images per trajectory-loss step, cycling through the set")
+    connector_channels: int = Field(128, ge=8, description="width of the connector's fused map g^F")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> DistillParams:
+        if self.weight_min > self.weight_max:
+            raise ValueError("weight_min must not exceed weight_max")
+        if not self.weight_min <= 1.0 <= self.weight_max:
+            raise ValueError("weight_min ≤ 1 ≤ weight_max must hold (ω starts at 1)")
+        return self
 
 
 class ExportParams(_Section):

@@ -48,7 +48,8 @@ class Task(Protocol):
       (DESIGN §6's timeframe: the student's weight update and trajectory recording hook in here); the
       scalars it returns are logged with the epoch;
     - ``state_dict()`` / ``load_state_dict(state)``: the task's own state, saved in every checkpoint and
-      restored on resume.
+      restored on resume;
+    - ``progress(parts) -> dict[str, str]``: extra fields for the progress bar, from the last step's loss parts.
     """
 
     monitor: str  # metric that selects the best epoch
@@ -271,7 +272,9 @@ def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state
         for k, v in {"loss": loss.item(), **parts}.items():
             state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v * bs
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
+        if show:
+            extra = task.progress(parts) if hasattr(task, "progress") else {}
+            bar.set_postfix(loss=f"{loss.item():.4f}", **extra, img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
         on_step()
     bar.close()
     seconds = time.perf_counter() - t0

@@ -33,11 +33,15 @@ class Connector(nn.Module):
             nn.init.constant_(self.heads["depth"].bias, math.log(10.0))
         self.out_channels = hidden
 
-    def forward(self, teacher_features: list[torch.Tensor], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def fused(self, teacher_features: list[torch.Tensor]) -> torch.Tensor:
+        """g^F alone (what the knowledge trajectory reads)."""
         grid = teacher_features[0].shape[-2:]
         feats = [f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
                  for f in teacher_features]
-        fused = self.fuse(torch.cat(feats, 1))
+        return self.fuse(torch.cat(feats, 1))
+
+    def forward(self, teacher_features: list[torch.Tensor], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        fused = self.fused(teacher_features)
         out = {"features": fused}
         for task, head in self.heads.items():
             y = F.interpolate(head(fused), size=image_size, mode="bilinear", align_corners=False)

@@ -66,10 +66,12 @@ class TrajectoryBuffer:
         self.frames = deque((Points(**p) for p in state["frames"]), maxlen=state["length"])
 
 
-def trajectory_loss(student_attention: torch.Tensor, buffer: TrajectoryBuffer) -> torch.Tensor:
+def trajectory_loss(student_attention: torch.Tensor, buffer: TrajectoryBuffer,
+                    images: torch.Tensor | None = None) -> torch.Tensor:
     """mean over timeframes τ in the buffer, probe images and points j of |A_S(x_τj) − v_τj|.
 
     ``student_attention``: (P, h, w) on the connector's grid (see `resize_attention`), with gradients.
+    ``images``: which of the buffer's probe images the P maps are (indices into the probe set; default all).
     Returns 0 (still attached to the graph) when the buffer is empty.
     """
     if not len(buffer):
@@ -78,10 +80,14 @@ def trajectory_loss(student_attention: torch.Tensor, buffer: TrajectoryBuffer) -
     flat = student_attention.flatten(1)
     losses = []
     for pts in buffer.frames:
-        if pts.ys.shape[0] != p:
-            raise ValueError(f"buffer holds {pts.ys.shape[0]} probe images, the student batch {p}")
-        idx = (pts.ys * w + pts.xs).to(flat.device)
-        losses.append((flat.gather(1, idx) - pts.values.to(flat.device)).abs().mean())
+        ys, xs, values = pts.ys, pts.xs, pts.values
+        if images is not None:
+            sel = images.to(ys.device)
+            ys, xs, values = ys[sel], xs[sel], values[sel]
+        if ys.shape[0] != p:
+            raise ValueError(f"buffer holds {ys.shape[0]} probe images, the student batch {p}")
+        idx = (ys * w + xs).to(flat.device)
+        losses.append((flat.gather(1, idx) - values.to(flat.device, flat.dtype)).abs().mean())
     return torch.stack(losses).mean()
 
 
@@ -90,13 +96,27 @@ def trajectory_distance(a: Points, b: Points) -> float:
     return float((a.values - b.values).abs().mean())
 
 
-def rows(points: Points, source: str, rank_offset: int = 0) -> list[dict]:
-    """Rows for trajectory.parquet: timeframe, step, image, rank, y, x, value, source."""
+def point_overlap(a: Points, b: Points) -> float:
+    """Share of a's essential points that are also among b's (same image), in [0, 1]."""
+    shared = 0
+    for i in range(a.ys.shape[0]):
+        sa = set(zip(a.ys[i].tolist(), a.xs[i].tolist(), strict=True))
+        sb = set(zip(b.ys[i].tolist(), b.xs[i].tolist(), strict=True))
+        shared += len(sa & sb)
+    return shared / max(a.ys.numel(), 1)
+
+
+def rows(points: Points, source: str, image_ids: list[int] | None = None) -> list[dict]:
+    """Rows for trajectory.parquet: timeframe, step, image, rank, y, x, value, source.
+
+    ``image_ids`` names the probe images (e.g. their index in ``val``); default 0..P−1.
+    """
     out = []
     p, k = points.ys.shape
+    ids = image_ids if image_ids is not None else list(range(p))
     for i in range(p):
         for r in range(k):
-            out.append({"timeframe": points.timeframe, "step": points.step, "image": i + rank_offset, "rank": r,
+            out.append({"timeframe": points.timeframe, "step": points.step, "image": int(ids[i]), "rank": r,
                         "y": int(points.ys[i, r]), "x": int(points.xs[i, r]), "value": float(points.values[i, r]),
                         "source": source})
     return out

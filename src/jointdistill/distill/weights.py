@@ -72,7 +72,7 @@ class TeacherWeights:
             self.weights = update(self.weights, a, self.alpha, self.beta, self.w_min, self.w_max)
         for task in self.weights:
             self.history.append({"timeframe": timeframe, "step": step, "task": task, "feedback": a[task],
-                                 "weight": self.weights[task]})
+                                 "omega": self.weights[task]})
         return dict(self.weights)
 
     def state_dict(self) -> dict:

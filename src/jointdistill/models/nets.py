@@ -64,9 +64,13 @@ class DenseNet(nn.Module):
         if "depth" in self.heads:
             init_depth_bias(self.heads["depth"])
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-8 feature map alone (what the knowledge trajectory reads), without the heads."""
+        return self.backbone(x)["out"]
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
-        feats = self.backbone(x)["out"]
+        feats = self.encode(x)
         out = {"features": feats}
         for task, head in self.heads.items():
             y = F.interpolate(head(feats), size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,112 @@
+"""What the engine trains in the `distill` stage: the student and (in the KD modes) the connector, with the
+frozen teachers alongside.
+
+The teachers are held outside the module tree, so they are in neither ``parameters()`` (the optimiser and
+DDP never see them) nor ``state_dict()`` (checkpoints hold only what is trained), yet ``.to()`` moves them.
+In eval mode the model is just the student, so the engine's validation measures the student alone.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models import DenseNet
+from .connector import Connector
+
+_PROBE_CHUNK = 16
+
+
+@contextmanager
+def frozen_batchnorm(module: nn.Module):
+    """Batch norm uses its running statistics inside the block: probe images (from val) must not leak into
+    them, and a few probe images are too small a batch for batch statistics."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in bns:
+        m.train(False)
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.train(True)
+
+
+class DistillModel(nn.Module):
+    def __init__(self, student: DenseNet, connector: Connector | None = None, teachers: list[DenseNet] | None = None,
+                 probes: torch.Tensor | None = None, traj_every: int = 1, traj_batch: int = 4):
+        super().__init__()
+        if (connector is None) != (not teachers):
+            raise ValueError("the connector and the teachers come together (KD modes) or not at all (mtl)")
+        self.student = student
+        self.connector = connector
+        self._teachers = tuple(teachers or ())
+        for t in self._teachers:
+            t.eval().requires_grad_(False)
+        self._probes = probes
+        self.traj_every, self.traj_batch = traj_every, traj_batch
+        # Set by the student task once the trajectory buffer holds a timeframe (full mode only).
+        self.trajectory_on = False
+        # Training forwards so far: picks each step's probe slice, so a resumed run uses the same slices.
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.teacher_images = 0  # images the teachers have seen in this process (mtl: stays 0)
+
+    @property
+    def teachers(self) -> tuple[DenseNet, ...]:
+        return self._teachers
+
+    @property
+    def probes(self) -> torch.Tensor | None:
+        return self._probes
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for t in self._teachers:
+            t._apply(fn, *args, **kwargs)
+        if self._probes is not None:
+            self._probes = fn(self._probes)
+        return self
+
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            feats = [t.encode(x) for t in self._teachers]
+        self.teacher_images += x.shape[0]
+        return feats
+
+    def probe_slice(self, step: int) -> torch.Tensor:
+        """The probe images used at ``step``: ``traj_batch`` of them, cycling through the probe set."""
+        p = self._probes.shape[0]
+        start = (step // self.traj_every) * self.traj_batch
+        return torch.arange(start, start + min(self.traj_batch, p)) % p
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if not self.training:
+            return self.student(x)
+        out = {"student": self.student(x)}
+        if self.connector is not None:
+            out["connector"] = self.connector(self.teacher_features(x), x.shape[-2:])
+        step = int(self.steps)
+        if self.trajectory_on and step % self.traj_every == 0:
+            idx = self.probe_slice(step)
+            # Inside the (DDP) forward, so its gradient is reduced with the rest of the step's.
+            with frozen_batchnorm(self.student):
+                feats = self.student.encode(self._probes[idx.to(self._probes.device)])
+            out["probe"] = {"features": feats, "index": idx}
+        self.steps += 1
+        return out
+
+    @torch.no_grad()
+    def probe_features(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(g^F of the connector or None, f^S of the student) on the whole probe set, in eval mode."""
+        was = self.training
+        self.eval()
+        fused, student = [], []
+        try:
+            for chunk in self._probes.split(_PROBE_CHUNK):
+                if self.connector is not None:
+                    fused.append(self.connector.fused(self.teacher_features(chunk)).float())
+                student.append(self.student.encode(chunk).float())
+        finally:
+            self.train(was)
+        return (torch.cat(fused) if fused else None), torch.cat(student)

@@ -1,0 +1,268 @@
+"""The `distill` stage: the multi-task student, trained from the two frozen teachers with JointDistill.
+
+Modes (``distill.mode``, DESIGN §6): ``mtl`` (task losses only; the teachers are never loaded), ``static_kd``
+(+ distillation from the connector with ω = 1), ``adaptive`` (+ feedback-driven ω), ``full`` (+ the knowledge
+trajectory loss: JointDistill). Before training: the teachers are checked against the data (task, classes,
+normalisation) and their own val scores r^T are measured. Then the engine trains (checkpoints, exact
+resume, AMP, DDP) with validation every timeframe (epoch), where ω is updated and both trajectories are
+recorded. Outputs: ``student.pt``, ``metrics.json``, ``weights.csv``, ``trajectory.parquet``, ``dvclive/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import DistillParams, Params
+from ..data.contract import verify_prepared
+from ..data.prepared import PreparedDataset
+from ..data.transforms import JointTransform
+from ..distill.connector import Connector
+from ..distill.model import DistillModel
+from ..distill.task import TASKS, StudentTask
+from ..distill.weights import task_score
+from ..engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
+from ..errors import ConfigError, DataError, ModelError
+from ..io import atomic_dir, write_json
+from ..models import DenseNet, build_student, load_model, save_model
+from ..tasks import make_task
+from .teacher import code_digest
+
+log = logging.getLogger(__name__)
+MODES = ("mtl", "static_kd", "adaptive", "full")
+TRAJECTORY_COLUMNS = ("timeframe", "step", "image", "rank", "y", "x", "value", "source")
+WEIGHTS_COLUMNS = ("timeframe", "step", "task", "feedback", "omega")
+
+
+# ----------------------------------------------------------------------------- inputs
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[DenseNet, dict]:
+    """A teacher folder (or its model.pt), checked against its task and the prepared data."""
+    path = Path(path)
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.exists():
+        raise ModelError(f"{task} teacher: {file}: missing (train it with `jointdistill train-teacher --task {task}`)")
+    model, record = load_model(file)
+    tasks = tuple(model.config.tasks)
+    if tasks != (task,):
+        what = "a multi-task model" if len(tasks) > 1 else f"the {tasks[0]} teacher"
+        raise ModelError(f"{task} teacher {file}: this is {what}, not the {task} teacher "
+                         "(--teachers takes the seg teacher first, then the depth teacher)")
+    if task == "seg" and list(record.get("classes") or []) != list(meta["classes"]):
+        raise DataError(f"seg teacher {file} predicts classes {record.get('classes')}, the prepared data has "
+                        f"{meta['classes']}: distill on data with the teacher's classes, or retrain the teacher")
+    norm = record.get("normalization")
+    if norm is not None and norm != meta["normalization"]:
+        raise DataError(f"{task} teacher {file} was trained on images normalised with {norm}, the prepared data "
+                        f"uses {meta['normalization']}")
+    if record.get("data_checksum") and record["data_checksum"] != meta.get("source_checksum"):
+        log.warning("%s teacher %s was trained on other prepared data (checksum %s, this data %s)", task, file,
+                    record["data_checksum"], meta.get("source_checksum"))
+    return model, {"path": str(path), "file_digest": _file_digest(file), "backbone": model.config.backbone,
+                   "head": model.config.head, "feature_channels": model.feature_channels}
+
+
+def probe_indices(n_val: int, count: int, seed: int) -> list[int]:
+    """The fixed probe set: ``count`` val images chosen by the seed, in index order."""
+    if count > n_val:
+        raise ConfigError(f"distill.probe_images={count} exceeds the {n_val} val images; lower it")
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    return sorted(torch.randperm(n_val, generator=g)[:count].tolist())
+
+
+def _check_top_k(student: DenseNet, cfg: DistillParams, h: int, w: int) -> None:
+    with torch.no_grad():
+        gh, gw = student.encode(torch.zeros(1, 3, h, w)).shape[-2:]
+    if cfg.top_k > gh * gw:
+        raise ConfigError(f"distill.top_k={cfg.top_k} exceeds the {gh}×{gw} feature grid of {h}×{w} images")
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_weights_csv(path: Path, task: StudentTask) -> int:
+    rows = []
+    if task.weights is not None:
+        rows = [{"timeframe": 0, "step": 0, "task": t, "feedback": "", "omega": 1.0} for t in TASKS]
+        rows += task.weights.history
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=WEIGHTS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def write_trajectory(path: Path, task: StudentTask) -> int:
+    """trajectory.parquet: one row per essential point (DESIGN §6 columns); ``image`` is the val index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list] = {c: [] for c in TRAJECTORY_COLUMNS}
+    ids = np.asarray(task.probe_ids, dtype=np.int32)
+    for source, pts in task.trajectories:
+        p, k = pts.ys.shape
+        cols["timeframe"].append(np.full(p * k, pts.timeframe, np.int32))
+        cols["step"].append(np.full(p * k, pts.step, np.int64))
+        cols["image"].append(np.repeat(ids, k))
+        cols["rank"].append(np.tile(np.arange(k, dtype=np.int16), p))
+        cols["y"].append(pts.ys.reshape(-1).numpy().astype(np.int16))
+        cols["x"].append(pts.xs.reshape(-1).numpy().astype(np.int16))
+        cols["value"].append(pts.values.reshape(-1).numpy().astype(np.float32))
+        cols["source"].append(np.full(p * k, source, dtype=object))
+    empty = {"timeframe": np.int32, "step": np.int64, "image": np.int32, "rank": np.int16, "y": np.int16,
+             "x": np.int16, "value": np.float32, "source": object}
+    arrays = {c: (np.concatenate(v) if v else np.zeros(0, empty[c])) for c, v in cols.items()}
+    arrays["source"] = pa.array(arrays["source"].tolist(), type=pa.dictionary(pa.int8(), pa.string()))
+    pq.write_table(pa.table(arrays), path, compression="zstd")
+    return len(arrays["timeframe"])
+
+
+# ----------------------------------------------------------------------------- the stage
+def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path] | None, out: str | Path,
+        checkpoints: str | Path | None = None, resume: bool = False) -> dict:
+    """Distil the student on ``data`` from ``teachers`` = (seg folder, depth folder) into ``out``.
+
+    Returns metrics.json's content. Every input is checked before any training starts.
+    """
+    cfg = params.distill
+    data, out = Path(data), Path(out)
+    meta = verify_prepared(data)
+    h, w = meta["resolution"]
+    num_classes, ignore = len(meta["classes"]), meta["ignore_index"]
+    kd = cfg.mode != "mtl"
+    if kd and not teachers:
+        raise ConfigError(f"distill.mode={cfg.mode} needs the two teachers (--teachers SEG_DIR DEPTH_DIR); "
+                          "only mode mtl trains without them")
+    if teachers is not None and len(teachers) != 2:
+        raise ConfigError(f"--teachers takes two folders (seg, then depth), got {len(teachers)}")
+    checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
+    device = resolve_device(cfg.device)
+
+    seed_everything(params.seed)
+    student = build_student(params.student.backbone, params.student.head, num_classes,
+                            params.student.pretrained_backbone, head_channels=params.student.head_channels)
+    _check_top_k(student, cfg, h, w)
+    val_ds = PreparedDataset(data, "val")
+    probe_ids = probe_indices(len(val_ds), cfg.probe_images, params.seed)
+
+    teacher_models, teacher_info, teacher_scores = [], None, None
+    if kd:  # mtl never loads, let alone runs, the teachers
+        teacher_info = {}
+        for task, path in zip(TASKS, teachers, strict=True):
+            model, info = load_teacher(path, task, meta)
+            teacher_models.append(model)
+            teacher_info[task] = info
+        teacher_scores = {}
+        for task, model in zip(TASKS, teacher_models, strict=True):
+            job = make_task(task, num_classes, ignore)
+            loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.batch_size, params.seed, False, drop_last=False),
+                                 cfg.batch_size, 0, device, False)
+            val = evaluate(model.to(device), job, loader, device)
+            model.cpu()
+            teacher_info[task]["val"] = val
+            teacher_scores[task] = task_score(task, val)
+            log.info("distill: %s teacher val %s", task, {k: round(v, 4) for k, v in val.items() if k in
+                                                        ("miou", "pixacc", "abs_err", "rel_err")})
+
+    connector = None
+    if kd:
+        connector = Connector([t.feature_channels for t in teacher_models], num_classes, cfg.connector_channels)
+    probes = torch.stack([val_ds[i]["image"] for i in probe_ids])
+    model = DistillModel(student, connector, teacher_models, probes, cfg.traj_every, cfg.traj_batch)
+    job = StudentTask(model, cfg, num_classes, ignore, teacher_scores, probe_ids)
+
+    digest = hashlib.sha256(json.dumps({
+        "distill": cfg.model_dump(mode="json"), "student": params.student.model_dump(mode="json"),
+        "augment": params.augment.model_dump(mode="json"), "seed": params.seed,
+        "data": meta.get("source_checksum"), "code": code_digest(),
+        "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed)
+    t0 = time.perf_counter()
+    result = fit(model, job, train_ds, val_ds, cfg, params.seed, checkpoints, digest, resume=resume,
+                 log_name=f"distill-{cfg.mode}")
+    train_seconds = time.perf_counter() - t0
+
+    best = {k.removeprefix("student."): v for k, v in result.best_state.items() if k.startswith("student.")}
+    student.load_state_dict(best)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    test_ds = PreparedDataset(data, "test")
+    sampler = EpochSampler(len(test_ds), cfg.batch_size, params.seed, False, rank, world, drop_last=False)
+    test = evaluate(student.to(device), job, make_loader(test_ds, sampler, cfg.batch_size, 0, device, False), device)
+    ips = float(np.mean([e["train/images_per_second"] for e in result.history])) if result.history else None
+    report = {
+        "mode": cfg.mode,
+        "monitor": job.monitor,
+        "val": result.best_metrics,
+        "test": test,
+        "teachers": teacher_info,
+        "weights": {"final": job.omega(), "history": list(job.weights.history) if job.weights else []},
+        "trajectory": {},
+        "best_epoch": result.best_epoch,
+        "epochs": cfg.epochs,
+        "train_seconds": round(train_seconds, 2),
+        # Training loop only (data, forward, backward, step), per process; validation excluded.
+        "seconds_per_step": round(cfg.batch_size / ips, 5) if ips else None,
+        "train_images_per_second": round(ips, 2) if ips else None,
+        "teacher_forward_images": model.teacher_images,
+        "resumed_from_step": result.resumed_from,
+        "world_size": world,
+        "model": {"backbone": params.student.backbone, "head": params.student.head,
+                  "parameters": sum(p.numel() for p in student.parameters())},
+        "params_digest": params.digest(),
+    }
+    if rank == 0:
+        with atomic_dir(out) as tmp:
+            save_model(tmp / "student.pt", student, best, task="multi", mode=cfg.mode, classes=meta["classes"],
+                       palette=meta["palette"], normalization=meta["normalization"], resolution=meta["resolution"],
+                       ignore_index=ignore, data_checksum=meta.get("source_checksum"), params_digest=params.digest(),
+                       best_epoch=result.best_epoch, val=result.best_metrics,
+                       teachers={t: i["file_digest"] for t, i in (teacher_info or {}).items()})
+            write_weights_csv(tmp / "weights.csv", job)
+            n_rows = write_trajectory(tmp / "trajectory.parquet", job)
+            report["trajectory"] = _trajectory_report(job, model, tmp / "trajectory.parquet", n_rows, train_seconds)
+            write_json(tmp / "metrics.json", report)
+            if (checkpoints / "dvclive").is_dir():
+                shutil.copytree(checkpoints / "dvclive", tmp / "dvclive")
+        log.info("distill-%s: best epoch %d, val mIoU %.4f AbsErr %.3f, test mIoU %.4f AbsErr %.3f → %s", cfg.mode,
+                 result.best_epoch, result.best_metrics["miou"], result.best_metrics["abs_err"], test["miou"],
+                 test["abs_err"], out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return report
+
+
+def _trajectory_report(job: StudentTask, model: DistillModel, file: Path, rows: int, train_seconds: float) -> dict:
+    """What the trajectory costs: its file against storing the fused maps of the probe set every timeframe."""
+    timeframes = len(job.timeframes)
+    channels = model.connector.out_channels if model.connector is not None else model.student.feature_channels
+    gh, gw = job.grid or (0, 0)
+    full = len(job.probe_ids) * channels * gh * gw * 4 * timeframes  # float32 maps of the probe set, every timeframe
+    size = file.stat().st_size
+    return {
+        "timeframes": timeframes,
+        "probe_images": len(job.probe_ids),
+        "top_k": job.cfg.top_k,
+        "rows": rows,
+        "bytes": size,
+        "full_maps_bytes": full,
+        "storage_ratio": size / full if full else None,
+        "logging_seconds": round(job.logging_seconds, 4),
+        "logging_share": job.logging_seconds / train_seconds if train_seconds > 0 else None,
+        "per_timeframe": job.timeframes,
+    }
