@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import data, teachers
+from . import data, distill, teachers
 from .common import machine_info, write_results
 
 SUITES = {
     "data": lambda quick, params: data.generator_rows(quick) + data.prepare_rows(quick, params),
     "teachers": teachers.rows,
+    "distill": distill.rows,
 }
 
 

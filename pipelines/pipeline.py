@@ -14,6 +14,7 @@ from typing import NamedTuple
 from kfp import compiler, dsl
 
 from .. import __version__
+from ..components import distill as distill_component
 from ..components import prepare as prepare_component
 from ..components import teacher as teacher_component
 from ..config import Params
@@ -27,6 +28,7 @@ class PipelineOutputs(NamedTuple):
     prepared: dsl.Dataset
     teacher_seg: dsl.Model
     teacher_depth: dsl.Model
+    student: dsl.Model
 
 
 def pipeline_params(params: Params) -> dict:
@@ -39,6 +41,7 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
     """Return the @dsl.pipeline function, with ``params`` as the default of its ``params`` input."""
     prepare_op = prepare_component.component(image)
     teacher_op = teacher_component.component(image)
+    distill_op = distill_component.component(image)
     defaults = pipeline_params(params)
 
     @dsl.pipeline(
@@ -54,8 +57,12 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
             t = teacher_op(params=params, task=task, prepared=prepare.outputs["prepared"])
             t.set_display_name(f"train-teacher-{task}").set_caching_options(enable_caching=True)
             teachers[task] = t
+        student = distill_op(params=params, prepared=prepare.outputs["prepared"],
+                             teacher_seg=teachers["seg"].outputs["teacher"],
+                             teacher_depth=teachers["depth"].outputs["teacher"])
+        student.set_display_name("distill").set_caching_options(enable_caching=True)
         return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
-                               teachers["depth"].outputs["teacher"])
+                               teachers["depth"].outputs["teacher"], student.outputs["student"])
 
     return jointdistill
 

@@ -1,5 +1,6 @@
 """`dvc repro` for real, in a temporary git repository holding a copy of this project."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -35,6 +36,9 @@ def set_params(project, section="prepare", **values):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+ALL = {"prepare", "train-teacher@seg", "train-teacher@depth", "distill"}
+
+
 def ran(out):
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
 
@@ -50,6 +54,7 @@ def project(tmp_path_factory):
             shutil.copy2(REPO / rel, dst / rel)
     set_params(dst, num_samples=30, height=40, width=80, gallery_images=2)
     set_params(dst, "teacher", epochs=1, batch_size=4)
+    set_params(dst, "distill", epochs=1, batch_size=4, probe_images=2, traj_batch=2)
     run(["git", "init", "-q"], dst)
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "project copy"], dst)
@@ -58,13 +63,18 @@ def project(tmp_path_factory):
 
 def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     out = run(["dvc", "repro"], project)
-    assert ran(out) == {"prepare", "train-teacher@seg", "train-teacher@depth"}
+    assert ran(out) == ALL
     for task in ("seg", "depth"):
         assert (project / "data" / "teachers" / task / "model.pt").exists()
+    assert (project / "data" / "student" / "student.pt").exists()
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert "data/teachers/seg/metrics.json" in shown and "miou" in shown
+    assert "data/student/metrics.json" in shown
     plots = run(["dvc", "plots", "show", "--json"], project)
     assert "data/teachers/seg/dvclive/plots/metrics/val/miou.tsv" in plots and "abs_err" in plots
+    values = json.loads(plots)["data"]["teacher-weights"][0]["content"]["data"]["values"]
+    assert {v["filename::field"] for v in values} == {"seg.tsv::seg", "depth.tsv::depth"}
+    assert abs(sum(float(v["dvc_inferred_y_value"]) for v in values if v["step"] == "0") - 2.0) < 1e-6
     exp = run(["dvc", "exp", "show", "--json"], project)
     assert "miou" in exp and "abs_err" in exp and "\"lr\": 0.002" in exp
     meta = verify_prepared(project / "data" / "prepared", check_digests=True)
@@ -80,15 +90,18 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     assert (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns == stamp
     assert "up to date" in run(["dvc", "status"], project)
 
+    set_params(project, "distill", alpha=1.0)
+    assert ran(run(["dvc", "repro"], project)) == {"distill"}
+
     set_params(project, "teacher.seg", lr=0.01)
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg"}
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "distill"}
 
     set_params(project, "teacher", weight_decay=0.001)
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth"}
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth", "distill"}
 
     set_params(project, height=32)
     out = run(["dvc", "repro"], project)
-    assert ran(out) == {"prepare", "train-teacher@seg", "train-teacher@depth"}
+    assert ran(out) == ALL
     assert verify_prepared(project / "data" / "prepared")["resolution"] == [32, 80]
 
 
@@ -96,7 +109,10 @@ def test_code_change_reruns(project):
     run(["dvc", "repro"], project)
     with open(project / "src" / "jointdistill" / "engine.py", "a") as fh:
         fh.write("\n# a change to the training engine\n")
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth"}
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth", "distill"}
+    with open(project / "src" / "jointdistill" / "distill" / "weights.py", "a") as fh:
+        fh.write("\n# a change to the method\n")
+    assert ran(run(["dvc", "repro"], project)) == {"distill"}
 
 
 def test_every_stage_declares_deps_params_outs():

@@ -1,5 +1,8 @@
 """The Kubeflow pipeline: compiled IR loaded back by kfp, and executed for real with kfp.local."""
 
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 from jointdistill.pipelines import pipeline as kfp_pipeline
@@ -21,7 +24,7 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     assert "params" in loaded.component_spec.inputs
     ir = yaml.safe_load(compiled.read_text())
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2"}
+    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2", "distill"}
     for t in tasks.values():
         assert t["cachingOptions"] == {"enableCache": True}
     teacher_tasks = {t["inputs"]["parameters"]["task"]["runtimeValue"]["constant"]: t
@@ -30,6 +33,18 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     for t in teacher_tasks.values():
         assert t["dependentTasks"] == ["prepare"]  # both teachers wait for prepare only: they run in parallel
         assert t["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"]["producerTask"] == "prepare"
+    # distill consumes the prepared data and both teachers' Model artifacts.
+    dist = tasks["distill"]
+    assert sorted(dist["dependentTasks"]) == ["prepare", "train-teacher", "train-teacher-2"]
+    arts = dist["inputs"]["artifacts"]
+    producers = {name: a["taskOutputArtifact"]["producerTask"] for name, a in arts.items()}
+    assert producers["prepared"] == "prepare"
+    assert {producers["teacher_seg"], producers["teacher_depth"]} == {"train-teacher", "train-teacher-2"}
+    assert tasks[producers["teacher_seg"]]["inputs"]["parameters"]["task"]["runtimeValue"]["constant"] == "seg"
+    ins = ir["components"]["comp-distill"]["inputDefinitions"]["artifacts"]
+    assert ins["teacher_seg"]["artifactType"]["schemaTitle"] == "system.Model"
+    outs = ir["components"]["comp-distill"]["outputDefinitions"]["artifacts"]
+    assert outs["student"]["artifactType"]["schemaTitle"] == "system.Model"
     default = ir["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
     assert default["prepare"]["num_samples"] == tiny_params.prepare.num_samples
     for executor in ir["deploymentSpec"]["executors"].values():
@@ -58,7 +73,8 @@ def test_kfp_local_run(tmp_path):
 
     from .conftest import REPO, TINY
 
-    p = load_params(REPO / "params.yaml", [*TINY, "teacher.epochs=1", "teacher.batch_size=4"])
+    p = load_params(REPO / "params.yaml", [*TINY, "teacher.epochs=1", "teacher.batch_size=4", "distill.epochs=2",
+                                           "distill.batch_size=4", "distill.probe_images=3", "distill.top_k=4"])
     outputs = kfp_pipeline.run_local(p, tmp_path / "root")
     meta = verify_prepared(outputs["prepared"], check_digests=True)
     assert meta["resolution"] == [48, 96] and sum(meta["counts"].values()) == 40
@@ -66,3 +82,8 @@ def test_kfp_local_run(tmp_path):
     for task in ("seg", "depth"):
         _, record = load_model(f"{outputs[f'teacher_{task}']}/model.pt")
         assert record["task"] == task
+    model, record = load_model(f"{outputs['student']}/student.pt")
+    assert record["mode"] == "full" and set(model.config.tasks) == {"seg", "depth"}
+    report = json.loads(Path(outputs["student"], "metrics.json").read_text())
+    assert report["teacher_forward_images"] > 0 and report["trajectory"]["rows"] == 2 * 3 * 4 * 2
+    assert Path(outputs["student"], "weights.csv").read_text().count("\n") == 1 + 2 * 3

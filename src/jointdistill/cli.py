@@ -239,6 +239,14 @@ def summary(
             figures = (f"test AbsErr {test['abs_err']:.2f} m (baseline {base['abs_err']:.2f}), "
                        f"RelErr {test['rel_err']:.3f} (baseline {base['rel_err']:.3f})")
         typer.echo(f"teacher {task:<6}: {folder.resolve()}  ({figures})")
+    folder = data / "student"
+    if (folder / "metrics.json").exists():
+        m = json.loads((folder / "metrics.json").read_text())
+        test = m["test"]
+        omega = "/".join(f"{v:.2f}" for v in m["weights"]["final"].values())
+        typer.echo(f"student       : {folder.resolve()}  ({m['mode']}: test mIoU {test['miou']:.3f}, "
+                   f"pixAcc {test['pixacc']:.3f}, AbsErr {test['abs_err']:.2f} m, RelErr {test['rel_err']:.3f}; "
+                   f"final ω seg/depth {omega})")
 
 
 @pipeline_app.command("compile")

@@ -219,6 +219,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "seconds_per_step": round(cfg.batch_size / ips, 5) if ips else None,
         "train_images_per_second": round(ips, 2) if ips else None,
         "teacher_forward_images": model.teacher_images,
+        "history": result.history,
         "resumed_from_step": result.resumed_from,
         "world_size": world,
         "model": {"backbone": params.student.backbone, "head": params.student.head,

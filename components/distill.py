@@ -1,0 +1,28 @@
+"""KFP component for the `distill` stage: consumes the prepared data and the two teacher Model artifacts."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def distill(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], teacher_depth: Input[Model],
+            student: Output[Model], metrics: Output[Metrics]):
+    """Train the multi-task student (distill.mode) into the output artifact's directory."""
+    from jointdistill.config import params_from_dict
+    from jointdistill.stages import distill as stage
+
+    cfg = params_from_dict(params, "pipeline parameter 'params'")
+    teachers = None if cfg.distill.mode == "mtl" else (teacher_seg.path, teacher_depth.path)
+    report = stage.run(cfg, prepared.path, teachers, student.path)
+    student.metadata.update({"mode": report["mode"], "best_epoch": report["best_epoch"],
+                             "final_weights": report["weights"]["final"], "params_digest": report["params_digest"],
+                             **{f"test_{k}": report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err")}})
+    for split in ("val", "test"):
+        for name, value in report[split].items():
+            if isinstance(value, (int, float)):
+                metrics.log_metric(f"{split}/{name}", value)
+    for task, w in report["weights"]["final"].items():
+        metrics.log_metric(f"omega/{task}", w)
+
+
+def component(image: str):
+    return dsl.component(distill, base_image=image, install_kfp_package=False)
