@@ -15,6 +15,7 @@ from kfp import compiler, dsl
 
 from .. import __version__
 from ..components import distill as distill_component
+from ..components import evaluate as evaluate_component
 from ..components import prepare as prepare_component
 from ..components import teacher as teacher_component
 from ..config import Params
@@ -29,6 +30,7 @@ class PipelineOutputs(NamedTuple):
     teacher_seg: dsl.Model
     teacher_depth: dsl.Model
     student: dsl.Model
+    evaluation: dsl.Dataset
 
 
 def pipeline_params(params: Params) -> dict:
@@ -42,6 +44,7 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
     prepare_op = prepare_component.component(image)
     teacher_op = teacher_component.component(image)
     distill_op = distill_component.component(image)
+    evaluate_op = evaluate_component.component(image)
     defaults = pipeline_params(params)
 
     @dsl.pipeline(
@@ -61,8 +64,14 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
                              teacher_seg=teachers["seg"].outputs["teacher"],
                              teacher_depth=teachers["depth"].outputs["teacher"])
         student.set_display_name("distill").set_caching_options(enable_caching=True)
+        evaluation = evaluate_op(params=params, prepared=prepare.outputs["prepared"],
+                                 teacher_seg=teachers["seg"].outputs["teacher"],
+                                 teacher_depth=teachers["depth"].outputs["teacher"],
+                                 student=student.outputs["student"])
+        evaluation.set_display_name("evaluate").set_caching_options(enable_caching=True)
         return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
-                               teachers["depth"].outputs["teacher"], student.outputs["student"])
+                               teachers["depth"].outputs["teacher"], student.outputs["student"],
+                               evaluation.outputs["evaluation"])
 
     return jointdistill
 

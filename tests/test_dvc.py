@@ -36,7 +36,7 @@ def set_params(project, section="prepare", **values):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-ALL = {"prepare", "train-teacher@seg", "train-teacher@depth", "distill"}
+ALL = {"prepare", "train-teacher@seg", "train-teacher@depth", "distill", "evaluate"}
 
 
 def ran(out):
@@ -69,9 +69,12 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     assert (project / "data" / "student" / "student.pt").exists()
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert "data/teachers/seg/metrics.json" in shown and "miou" in shown
-    assert "data/student/metrics.json" in shown
+    assert "data/student/metrics.json" in shown and "delta_m" in shown
     plots = run(["dvc", "plots", "show", "--json"], project)
     assert "data/teachers/seg/dvclive/plots/metrics/val/miou.tsv" in plots and "abs_err" in plots
+    assert {"per-class-iou", "teacher-weights-per-timeframe", "trajectory-loss", "depth-error-vs-distance"} <= set(
+        json.loads(plots)["data"])
+    assert not json.loads(plots).get("errors")
     values = json.loads(plots)["data"]["teacher-weights"][0]["content"]["data"]["values"]
     assert {v["filename::field"] for v in values} == {"seg.tsv::seg", "depth.tsv::depth"}
     assert abs(sum(float(v["dvc_inferred_y_value"]) for v in values if v["step"] == "0") - 2.0) < 1e-6
@@ -90,14 +93,17 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     assert (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns == stamp
     assert "up to date" in run(["dvc", "status"], project)
 
+    set_params(project, "evaluate", qualitative_images=2)
+    assert ran(run(["dvc", "repro"], project)) == {"evaluate"}
+
     set_params(project, "distill", alpha=1.0)
-    assert ran(run(["dvc", "repro"], project)) == {"distill"}
+    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate"}
 
     set_params(project, "teacher.seg", lr=0.01)
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "distill"}
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "distill", "evaluate"}
 
     set_params(project, "teacher", weight_decay=0.001)
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth", "distill"}
+    assert ran(run(["dvc", "repro"], project)) == ALL - {"prepare"}
 
     set_params(project, height=32)
     out = run(["dvc", "repro"], project)
@@ -109,10 +115,13 @@ def test_code_change_reruns(project):
     run(["dvc", "repro"], project)
     with open(project / "src" / "jointdistill" / "engine.py", "a") as fh:
         fh.write("\n# a change to the training engine\n")
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "train-teacher@depth", "distill"}
+    assert ran(run(["dvc", "repro"], project)) == ALL - {"prepare"}
     with open(project / "src" / "jointdistill" / "distill" / "weights.py", "a") as fh:
         fh.write("\n# a change to the method\n")
-    assert ran(run(["dvc", "repro"], project)) == {"distill"}
+    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate"}
+    with open(project / "src" / "jointdistill" / "report.py", "a") as fh:
+        fh.write("\n# a change to the report\n")
+    assert ran(run(["dvc", "repro"], project)) == {"evaluate"}
 
 
 def test_every_stage_declares_deps_params_outs():

@@ -24,7 +24,10 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     assert "params" in loaded.component_spec.inputs
     ir = yaml.safe_load(compiled.read_text())
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2", "distill"}
+    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2", "distill", "evaluate"}
+    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["distill", "prepare", "train-teacher", "train-teacher-2"]
+    assert ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
+        "schemaTitle"] == "system.HTML"
     for t in tasks.values():
         assert t["cachingOptions"] == {"enableCache": True}
     teacher_tasks = {t["inputs"]["parameters"]["task"]["runtimeValue"]["constant"]: t
@@ -87,3 +90,5 @@ def test_kfp_local_run(tmp_path):
     report = json.loads(Path(outputs["student"], "metrics.json").read_text())
     assert report["teacher_forward_images"] > 0 and report["trajectory"]["rows"] == 2 * 3 * 4 * 2
     assert Path(outputs["student"], "weights.csv").read_text().count("\n") == 1 + 2 * 3
+    evaluation = json.loads(Path(outputs["evaluation"], "metrics.json").read_text())
+    assert "delta_m" in evaluation["student"]["test"] and Path(outputs["evaluation"], "report.html").exists()

@@ -199,6 +199,76 @@ def distill(
     )
 
 
+@app.command("evaluate", epilog=_params_epilog("evaluate"))
+@_friendly
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
+        "data/prepared"
+    ),
+    teachers: Annotated[
+        tuple[Path, Path], typer.Option(help="the seg teacher's folder, then the depth teacher's")
+    ] = (Path("data/teachers/seg"), Path("data/teachers/depth")),
+    student: Annotated[Path, typer.Option(help="the student's folder (output of distill)")] = Path("data/student"),
+    mtl: Annotated[
+        Path | None, typer.Option(help="optional MTL baseline (a distill output with distill.mode=mtl)")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path("data/eval"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Compare the student with the teachers (and an MTL baseline) on test: exact metrics, Δm, pictures, report.
+
+    Writes OUT/metrics.json ({model: {split: metrics}}, Δm in the student's), OUT/report.md, OUT/report.html
+    (self-contained) and OUT/plots/ (CSV for `dvc plots show`, PNG figures). Params read: evaluate.*.
+    """
+    from .config import load_params
+    from .stages import evaluate as stage
+
+    cfg = load_params(params, set_)
+    metrics = stage.run(cfg, data, teachers, student, out, mtl)
+    m = metrics["student"][cfg.evaluate.split]
+    typer.echo(f"evaluation → {out}  (student Δm {m['delta_m']:+.2f} % vs teachers; mIoU {m['miou']:.4f}, "
+               f"AbsErr {m['abs_err']:.3f} m; report: {out / 'report.html'})")
+
+
+@app.command("ablate")
+@_friendly
+def ablate(
+    modes: Annotated[str, typer.Option(help="comma-separated: single, mtl, static_kd, adaptive, full")] = (
+        "single,mtl,static_kd,adaptive,full"
+    ),
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = "0,1,2",
+    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
+        "data/prepared"
+    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (runs/ and the table)")] = Path(
+        "data/ablation"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """The ablation study: teachers and one student per mode for every seed, evaluated on test.
+
+    Runs in-process, one run after another, on the same prepared data (the seed never changes the data).
+    Writes OUT/ablation.md, OUT/ablation.csv (mean and std over seeds per mode), OUT/ablation.png,
+    OUT/runs.csv (every seed) and OUT/runs/seed-S/ (each run's normal stage outputs). Finished runs with the
+    same params are reused and interrupted ones resume, so re-running a killed ablation continues it.
+    """
+    from .config import load_params
+    from .errors import ConfigError
+    from .stages import ablate as stage
+
+    cfg = load_params(params, set_)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    stage.run(cfg, data, out, mode_list, seed_list)
+    typer.echo((out / "ablation.md").read_text())
+    typer.echo(f"→ {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}")
+
+
 @app.command("params")
 @_friendly
 def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:

@@ -169,6 +169,16 @@ class DistillParams(OptimParams):
         return self
 
 
+class EvaluateParams(_Section):
+    """The ``evaluate`` stage: which split, and what goes into the report."""
+
+    split: Literal["test", "val"] = Field("test", description="split the models are compared on")
+    batch_size: int = Field(16, ge=1, description="images per forward pass")
+    qualitative_images: int = Field(4, ge=0, le=32, description="rows of the qualitative grid")
+    depth_bins: int = Field(8, ge=1, le=64, description="log-spaced distance bins of the depth-error curve")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
 class ExportParams(_Section):
     opset: int = Field(18, ge=18)
 
@@ -180,6 +190,7 @@ class Params(_Section):
     teacher: TeacherParams = TeacherParams()
     student: StudentParams = StudentParams()
     distill: DistillParams = DistillParams()
+    evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 
     def digest(self) -> str:

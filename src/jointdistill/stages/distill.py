@@ -259,6 +259,7 @@ def _trajectory_report(job: StudentTask, model: DistillModel, file: Path, rows: 
         "timeframes": timeframes,
         "probe_images": len(job.probe_ids),
         "top_k": job.cfg.top_k,
+        "grid": list(job.grid) if job.grid else None,
         "rows": rows,
         "bytes": size,
         "full_maps_bytes": full,

@@ -1,0 +1,28 @@
+"""KFP component for the `evaluate` stage: the student against both teachers; the report is an HTML artifact."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+
+def evaluate(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], teacher_depth: Input[Model],
+             student: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
+    """Evaluate on test into the ``evaluation`` folder; expose Δm and the metrics, and the report as HTML."""
+    import shutil
+
+    from jointdistill.config import params_from_dict
+    from jointdistill.stages import evaluate as stage
+
+    cfg = params_from_dict(params, "pipeline parameter 'params'")
+    result = stage.run(cfg, prepared.path, (teacher_seg.path, teacher_depth.path), student.path, evaluation.path)
+    split = cfg.evaluate.split
+    for model, by_split in result.items():
+        if isinstance(by_split, dict) and split in by_split:
+            for name, value in by_split[split].items():
+                if isinstance(value, (int, float)):
+                    metrics.log_metric(f"{model}/{name}", value)
+    evaluation.metadata.update({"split": split, "delta_m": result["student"][split]["delta_m"]})
+    shutil.copyfile(f"{evaluation.path}/report.html", report.path)
+
+
+def component(image: str):
+    return dsl.component(evaluate, base_image=image, install_kfp_package=False)

@@ -1,0 +1,190 @@
+"""The evaluate stage (metrics, Δm, plots, report) and the ablation, on tiny runs."""
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jointdistill.config import load_params
+from jointdistill.errors import ModelError
+from jointdistill.evaluation import DepthBins, delta_m, depth_edges
+from jointdistill.stages import ablate, distill, evaluate
+
+from .conftest import REPO, TINY
+
+FAST = [*TINY, "distill.batch_size=4", "distill.epochs=2", "distill.probe_images=4", "distill.top_k=5",
+        "teacher.batch_size=4", "teacher.epochs=1", "evaluate.qualitative_images=3", "evaluate.depth_bins=4"]
+
+
+def params(*extra):
+    return load_params(REPO / "params.yaml", [*FAST, *extra])
+
+
+# ----------------------------------------------------------------------------- Δm and depth bins by hand
+def test_delta_m_by_hand_signs_per_metric():
+    ref = {"miou": 0.5, "pixacc": 0.8, "abs_err": 2.0, "rel_err": 0.2}
+    assert delta_m(ref, ref) == 0.0
+    # +10 % mIoU (better), −10 % pixAcc (worse), AbsErr 1.8 = 10 % lower (better), RelErr 0.25 = 25 % higher (worse)
+    m = {"miou": 0.55, "pixacc": 0.72, "abs_err": 1.8, "rel_err": 0.25}
+    assert delta_m(m, ref) == pytest.approx((10 - 10 + 10 - 25) / 4)
+    assert delta_m({**ref, "abs_err": 1.0}, ref) == pytest.approx(50 / 4)  # halving the error is +50 % on it
+    assert delta_m({**ref, "miou": 1.0}, ref) == pytest.approx(100 / 4)
+    with pytest.raises(KeyError, match="missing"):
+        delta_m({"miou": 1}, ref)
+    with pytest.raises(ValueError, match="reference's miou is 0"):
+        delta_m(m, {**ref, "miou": 0.0})
+
+
+def test_depth_bins_by_hand():
+    import torch
+
+    bins = DepthBins(np.array([1.0, 10.0, 100.0]))
+    gt = torch.tensor([2.0, 5.0, 20.0, 0.0])
+    pred = torch.tensor([3.0, 5.0, 10.0, 7.0])
+    bins.update(pred, gt)
+    rows = bins.rows()
+    assert [r["pixels"] for r in rows] == [2, 1]
+    assert rows[0]["abs_err"] == pytest.approx(0.5) and rows[0]["rel_err"] == pytest.approx(0.25)
+    assert rows[1]["abs_err"] == pytest.approx(10.0) and rows[1]["rel_err"] == pytest.approx(0.5)
+    edges = depth_edges(2.0, 100.0, 4)
+    assert len(edges) == 5 and edges[0] == pytest.approx(2.0) and edges[-1] == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------- the stage
+@pytest.fixture(scope="module")
+def evaluated(prepared, tiny_teachers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    distill.run(params(), prepared, tiny_teachers, root / "student")
+    distill.run(params("distill.mode=mtl"), prepared, None, root / "mtl")
+    metrics = evaluate.run(params(), prepared, tiny_teachers, root / "student", root / "eval", mtl=root / "mtl")
+    return root, metrics
+
+
+def test_metrics_file_and_delta_m(evaluated):
+    root, metrics = evaluated
+    on_disk = json.loads((root / "eval" / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    s, seg, dep = metrics["student"]["test"], metrics["teacher_seg"]["test"], metrics["teacher_depth"]["test"]
+    for key in ("miou", "pixacc", "abs_err", "rel_err", "delta1", "delta_m", "delta_m_vs_mtl"):
+        assert key in s, key
+    assert set(s["per_class_iou"]) == {"flat", "construction", "object", "nature", "sky", "human", "vehicle"}
+    ref = {"miou": seg["miou"], "pixacc": seg["pixacc"], "abs_err": dep["abs_err"], "rel_err": dep["rel_err"]}
+    rel = {k: (s[k] - ref[k]) / ref[k] for k in ref}
+    by_hand = 25 * (rel["miou"] + rel["pixacc"] - rel["abs_err"] - rel["rel_err"])
+    assert s["delta_m"] == pytest.approx(by_hand)
+    m = metrics["mtl"]["test"]
+    assert s["delta_m_vs_mtl"] == pytest.approx(delta_m(s, m))
+    # The student's test metrics equal those the distill stage measured on the same split.
+    d = json.loads((root / "student" / "metrics.json").read_text())["test"]
+    assert s["miou"] == pytest.approx(d["miou"]) and s["abs_err"] == pytest.approx(d["abs_err"])
+
+
+def _png_ok(path, min_size=(100, 60)):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("L"), dtype=np.float32)
+        assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], (path, im.size)
+    assert a.std() > 5, f"{path} is (nearly) blank"
+
+
+def test_pictures_are_real_pngs(evaluated):
+    root, _ = evaluated
+    plots = root / "eval" / "plots"
+    for name in ("qualitative", "confusion", "weights", "trajectory", "per_class_iou", "depth_error"):
+        _png_ok(plots / f"{name}.png")
+    with Image.open(plots / "qualitative.png") as im:
+        assert im.size[0] > 3 * im.size[1] / 3  # six panels side by side, three rows
+
+
+def test_plot_data_files(evaluated):
+    root, metrics = evaluated
+    plots = root / "eval" / "plots"
+    with open(plots / "per_class_iou.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"student", "teacher_seg", "mtl"} and len(rows) == 3 * 7
+    flat = next(r for r in rows if r["model"] == "student" and r["class"] == "flat")
+    assert float(flat["iou"]) == pytest.approx(metrics["student"]["test"]["per_class_iou"]["flat"])
+    with open(plots / "weights.csv") as f:
+        w = list(csv.DictReader(f))
+    assert [int(r["timeframe"]) for r in w] == [0, 1, 2]
+    assert all(float(r["omega_seg"]) + float(r["omega_depth"]) == pytest.approx(2.0) for r in w)
+    with open(plots / "trajectory_loss.csv") as f:
+        t = list(csv.DictReader(f))
+    assert [r["timeframe"] for r in t] == ["1", "2"] and float(t[1]["train_traj_loss"]) > 0
+    with open(plots / "depth_error.csv") as f:
+        d = list(csv.DictReader(f))
+    assert {r["model"] for r in d} == {"student", "teacher_depth", "mtl"}
+    assert all(float(r["abs_err"]) >= 0 and int(r["pixels"]) > 0 for r in d)
+
+
+def test_report_renders(evaluated):
+    root, metrics = evaluated
+    md = (root / "eval" / "report.md").read_text()
+    s = metrics["student"]["test"]
+    assert f"{s['delta_m']:+.2f} %" in md and "| student (full) |" in md and "MTL baseline" in md
+    for name in ("qualitative", "confusion", "weights", "trajectory"):
+        assert f"(plots/{name}.png)" in md and (root / "eval" / "plots" / f"{name}.png").exists()
+    assert "```yaml" in md and "mode: full" in md  # the exact params
+    html = (root / "eval" / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and html.count("data:image/png;base64,") >= 6
+    assert "src=\"plots/" not in html and f"{s['delta_m']:+.2f} %" in html  # self-contained
+
+
+def test_single_task_model_as_student_is_refused(prepared, tiny_teachers, tmp_path):
+    with pytest.raises(ModelError, match="not a multi-task student"):
+        evaluate.run(params(), prepared, tiny_teachers, tiny_teachers[0] / "model.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_dvc_metrics_show_reads_it(evaluated, tmp_path):
+    root, metrics = evaluated
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text((root / "eval" / "metrics.json").read_text())
+    (tmp_path / "dvc.yaml").write_text("metrics:\n  - eval/metrics.json\n")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=tmp_path, capture_output=True,
+                       text=True, check=True)
+    (workspace,) = json.loads(r.stdout).values()  # one revision: the workspace (no commit yet)
+    shown = workspace["data"]["eval/metrics.json"]["data"]
+    assert shown["student"]["test"]["delta_m"] == pytest.approx(metrics["student"]["test"]["delta_m"])
+
+
+# ----------------------------------------------------------------------------- ablation
+def test_ablation_table_is_mean_and_std_of_the_runs(prepared, tmp_path):
+    p = params("distill.epochs=1")
+    table = ablate.run(p, prepared, tmp_path / "abl", modes=["single", "mtl", "full"], seeds=[0, 1])
+    assert [r["mode"] for r in table] == ["single", "mtl", "full"] and all(r["seeds"] == 2 for r in table)
+    with open(tmp_path / "abl" / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 6
+    for row in table:
+        for key in ("miou", "abs_err", "delta_m"):
+            vals = [float(r[key]) for r in runs if r["mode"] == row["mode"]]
+            assert row[f"{key}_mean"] == pytest.approx(statistics.fmean(vals))
+            assert row[f"{key}_std"] == pytest.approx(statistics.stdev(vals))
+    single = table[0]
+    assert single["delta_m_mean"] == 0.0 and single["delta_m_std"] == 0.0
+    # The two seeds really differ (initialisation and order), so std > 0 for trained rows.
+    assert table[1]["miou_std"] > 0
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| mode | mIoU ↑ | pixAcc ↑ | AbsErr (m) ↓ | RelErr ↓ | Δm % ↑ |" in md and "| full |" in md
+    _png_ok(tmp_path / "abl" / "ablation.png")
+    # Re-running reuses every finished run (same params) instead of training again.
+    stamp = (tmp_path / "abl" / "runs" / "seed-1" / "full" / "student.pt").stat().st_mtime_ns
+    again = ablate.run(p, prepared, tmp_path / "abl", modes=["single", "mtl", "full"], seeds=[0, 1])
+    assert again == table
+    assert (tmp_path / "abl" / "runs" / "seed-1" / "full" / "student.pt").stat().st_mtime_ns == stamp
+
+
+def test_ablate_cli_rejects_unknown_mode(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jointdistill", "ablate", "--modes", "mtl,eata", "--out",
+                        str(tmp_path / "a")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "unknown ['eata']" in r.stderr
