@@ -86,6 +86,25 @@ def probe_indices(n_val: int, count: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n_val, generator=g)[:count].tolist())
 
 
+def _load_teachers(folders, meta: dict, val_ds, cfg: DistillParams, seed: int, device):
+    """Both teachers, checked against the data, with their own val scores r^T measured once (DESIGN §6)."""
+    models, info, scores = [], {}, {}
+    for task, path in zip(TASKS, folders, strict=True):
+        model, info[task] = load_teacher(path, task, meta)
+        models.append(model)
+    n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
+    for task, model in zip(TASKS, models, strict=True):
+        sampler = EpochSampler(len(val_ds), cfg.batch_size, seed, False, drop_last=False)
+        val = evaluate(model.to(device), make_task(task, n_cls, ignore),
+                       make_loader(val_ds, sampler, cfg.batch_size, 0, device, False), device)
+        model.cpu()
+        info[task]["val"] = val
+        scores[task] = task_score(task, val)
+        log.info("distill: %s teacher val %s", task,
+                 {k: round(v, 4) for k, v in val.items() if k in ("miou", "pixacc", "abs_err", "rel_err")})
+    return models, info, scores
+
+
 def _check_top_k(student: DenseNet, cfg: DistillParams, h: int, w: int) -> None:
     with torch.no_grad():
         gh, gw = student.encode(torch.zeros(1, 3, h, w)).shape[-2:]
@@ -161,22 +180,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
 
     teacher_models, teacher_info, teacher_scores = [], None, None
     if kd:  # mtl never loads, let alone runs, the teachers
-        teacher_info = {}
-        for task, path in zip(TASKS, teachers, strict=True):
-            model, info = load_teacher(path, task, meta)
-            teacher_models.append(model)
-            teacher_info[task] = info
-        teacher_scores = {}
-        for task, model in zip(TASKS, teacher_models, strict=True):
-            job = make_task(task, num_classes, ignore)
-            loader = make_loader(val_ds, EpochSampler(len(val_ds), cfg.batch_size, params.seed, False, drop_last=False),
-                                 cfg.batch_size, 0, device, False)
-            val = evaluate(model.to(device), job, loader, device)
-            model.cpu()
-            teacher_info[task]["val"] = val
-            teacher_scores[task] = task_score(task, val)
-            log.info("distill: %s teacher val %s", task, {k: round(v, 4) for k, v in val.items() if k in
-                                                        ("miou", "pixacc", "abs_err", "rel_err")})
+        teacher_models, teacher_info, teacher_scores = _load_teachers(teachers, meta, val_ds, cfg, params.seed, device)
 
     connector = None
     if kd:
