@@ -5,20 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import data, distill, teachers
+from . import ablation, data, distill, teachers
 from .common import machine_info, write_results
 
 SUITES = {
     "data": lambda quick, params: data.generator_rows(quick) + data.prepare_rows(quick, params),
     "teachers": teachers.rows,
     "distill": distill.rows,
+    "ablation": ablation.rows,
 }
+
+DEFAULT = [name for name in SUITES if name != "ablation"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
-    ap.add_argument("--only", default=",".join(SUITES), help=f"comma-separated suites ({', '.join(SUITES)})")
+    ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated suites ({', '.join(SUITES)}; "
+                    "default: all but ablation, which trains 15 models and takes about an hour on 2 cores)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     args = ap.parse_args(argv)

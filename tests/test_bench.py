@@ -8,7 +8,8 @@ from .conftest import REPO
 
 
 def test_bench_quick_writes_results(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--only",
+                        "data,teachers,distill,ablation"], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "data.json").read_text())
@@ -28,3 +29,6 @@ def test_bench_quick_writes_results(tmp_path):
     assert all(r["ratio_vs_mtl"] > 0 for r in modes.values())
     storage = next(r for r in distilled if r["name"].startswith("trajectory storage"))
     assert 0 < storage["median"] < 100
+    ablation = json.loads((tmp_path / "ablation.json").read_text())["results"]
+    assert [r["name"].split(":")[1].split("(")[0].strip() for r in ablation] == ["single", "mtl", "full"]
+    assert ablation[0]["median"] == 0.0  # the teachers are the reference
