@@ -242,3 +242,34 @@ def test_probe_pass_leaves_batch_norm_statistics_alone():
     assert all(b.training for b in bns)
     student.encode(torch.randn(2, 3, 32, 48) * 5 + 3)
     assert not torch.equal(before[0], bns[0].running_mean)  # outside the block, training updates them
+
+
+def test_student_and_connector_gradients_are_clipped_separately():
+    from jointdistill.distill.model import DistillModel
+    from jointdistill.engine import clip_gradients
+    from jointdistill.models import build_student
+
+    teachers = [build_teacher("seg", "tiny", "light", 7), build_teacher("depth", "tiny", "light", 7)]
+    student = build_student("tiny", "light", 7)
+    con = Connector([t.feature_channels for t in teachers], 7, hidden=16)
+    m = DistillModel(student, con, teachers, torch.randn(2, 3, 32, 48))
+    groups = m.clip_groups()
+    assert {id(p) for g in groups for p in g} == {id(p) for p in m.parameters()}
+    for p in student.parameters():
+        p.grad = torch.full_like(p, 1e-4)
+    for p in con.parameters():
+        p.grad = torch.full_like(p, 10.0)  # a connector with huge gradients
+    n_student = torch.sqrt(sum((p.grad**2).sum() for p in student.parameters())).item()
+    norms = clip_gradients(m, 1.0)
+    assert norms[0] == pytest.approx(n_student, rel=1e-3) and norms[1] > 1.0
+    # The student's small gradient is untouched; the connector's is clipped to norm 1.
+    assert all(torch.allclose(p.grad, torch.full_like(p, 1e-4)) for p in student.parameters())
+    after = torch.sqrt(sum((p.grad**2).sum() for p in con.parameters())).item()
+    assert after == pytest.approx(1.0, rel=1e-4)
+    # A plain model (no clip_groups) is clipped as a whole.
+    plain = build_student("tiny", "light", 7)
+    for p in plain.parameters():
+        p.grad = torch.ones_like(p)
+    (total,) = clip_gradients(plain, 1.0)
+    after = torch.sqrt(sum((p.grad**2).sum() for p in plain.parameters())).item()
+    assert total > 1 and after == pytest.approx(1.0, rel=1e-4)

@@ -219,6 +219,15 @@ def amp_dtype(spec: TrainParams, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def clip_gradients(model: nn.Module, max_norm: float) -> list[float]:
+    """Clip the gradient norm to ``max_norm``, separately per group when the model defines
+    ``clip_groups()`` (networks trained side by side with their own objectives, e.g. the student and the
+    connector: one's large gradients must not shrink the other's step). Returns the norms before clipping."""
+    inner = _unwrap(model)
+    groups = inner.clip_groups() if hasattr(inner, "clip_groups") else [list(model.parameters())]
+    return [float(torch.nn.utils.clip_grad_norm_(g, max_norm)) for g in groups if g]
+
+
 # ----------------------------------------------------------------------------- loops
 def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -260,7 +269,7 @@ def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state
         scaler.scale(loss).backward()
         if spec.grad_clip:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            clip_gradients(model, spec.grad_clip)
         scaler.step(opt)
         scaler.update()
         sched.step()

@@ -68,6 +68,13 @@ class DistillModel(nn.Module):
             self._probes = fn(self._probes)
         return self
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The student and the connector have their gradients clipped separately (see engine.clip_gradients)."""
+        groups = [list(self.student.parameters())]
+        if self.connector is not None:
+            groups.append(list(self.connector.parameters()))
+        return groups
+
     def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
             feats = [t.encode(x) for t in self._teachers]
