@@ -10,8 +10,8 @@ Loss of one step, with ω the current teacher weights:
 
 The engine minimises L + L_C in one backward: the two touch disjoint parameters (the connector's outputs are
 detached where the student uses them) and their gradients are clipped separately (`DistillModel.clip_groups`),
-so this is the same as training them side by side. (Clipped jointly, the connector's larger gradients shrank the
-student's step at every step and the KD modes fell behind plain MTL.)
+so this is the same as training them side by side. (Clipped jointly, the connector's larger gradients would shrink
+the student's step: on the default run the connector held 40–65 % of the joint norm at every step.)
 """
 
 from __future__ import annotations
