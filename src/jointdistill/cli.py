@@ -317,6 +317,12 @@ def summary(
         typer.echo(f"student       : {folder.resolve()}  ({m['mode']}: test mIoU {test['miou']:.3f}, "
                    f"pixAcc {test['pixacc']:.3f}, AbsErr {test['abs_err']:.2f} m, RelErr {test['rel_err']:.3f}; "
                    f"final ω seg/depth {omega})")
+    folder = data / "eval"
+    if (folder / "metrics.json").exists():
+        m = json.loads((folder / "metrics.json").read_text())
+        split = next(iter(m["student"]))
+        typer.echo(f"evaluation    : {(folder / 'report.html').resolve()}  (student Δm "
+                   f"{m['student'][split]['delta_m']:+.2f} % vs the teachers on {split})")
 
 
 @pipeline_app.command("compile")
