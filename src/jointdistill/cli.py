@@ -33,6 +33,21 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="override one params key, e.g. --set prepare.height=96 (repeatable)"),
 ]
 
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")]
+TeachersOpt = Annotated[
+    tuple[Path, Path],
+    typer.Option(help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
+                 "distill in mode mtl does not read them"),
+]
+TEACHERS = (Path("data/teachers/seg"), Path("data/teachers/depth"))
+CheckpointsOpt = Annotated[
+    Path | None,
+    typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
+]
+
 
 def _friendly(fn):
     """Errors a user can cause become one line on stderr and exit status 2, not a traceback."""
@@ -120,17 +135,10 @@ class TeacherTask(StrEnum):
 @_friendly
 def train_teacher(
     task: Annotated[TeacherTask, typer.Option("--task", "-t", help="which teacher: seg or depth")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
-        "data/prepared"
-    ),
+    data: DataOpt = Path("data/prepared"),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder [default: data/teachers/TASK]")] = None,
-    checkpoints: Annotated[
-        Path | None,
-        typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
-    ] = False,
+    checkpoints: CheckpointsOpt = None,
+    resume: ResumeOpt = False,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -156,24 +164,13 @@ def train_teacher(
 @app.command("distill", epilog=_params_epilog("distill"))
 @_friendly
 def distill(
-    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
-        "data/prepared"
-    ),
-    teachers: Annotated[
-        tuple[Path, Path],
-        typer.Option(help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
-                     "not read in mode mtl"),
-    ] = (Path("data/teachers/seg"), Path("data/teachers/depth")),
+    data: DataOpt = Path("data/prepared"),
+    teachers: TeachersOpt = TEACHERS,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path(
         "data/student"
     ),
-    checkpoints: Annotated[
-        Path | None,
-        typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
-    ] = False,
+    checkpoints: CheckpointsOpt = None,
+    resume: ResumeOpt = False,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -202,12 +199,8 @@ def distill(
 @app.command("evaluate", epilog=_params_epilog("evaluate"))
 @_friendly
 def evaluate(
-    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
-        "data/prepared"
-    ),
-    teachers: Annotated[
-        tuple[Path, Path], typer.Option(help="the seg teacher's folder, then the depth teacher's")
-    ] = (Path("data/teachers/seg"), Path("data/teachers/depth")),
+    data: DataOpt = Path("data/prepared"),
+    teachers: TeachersOpt = TEACHERS,
     student: Annotated[Path, typer.Option(help="the student's folder (output of distill)")] = Path("data/student"),
     mtl: Annotated[
         Path | None, typer.Option(help="optional MTL baseline (a distill output with distill.mode=mtl)")
@@ -238,9 +231,7 @@ def ablate(
         "single,mtl,static_kd,adaptive,full"
     ),
     seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = "0,1,2",
-    data: Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")] = Path(
-        "data/prepared"
-    ),
+    data: DataOpt = Path("data/prepared"),
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (runs/ and the table)")] = Path(
         "data/ablation"
     ),
