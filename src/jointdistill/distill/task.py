@@ -137,7 +137,8 @@ class StudentTask:
         fused, student = model.probe_features()
         ref = fused if fused is not None else student
         self.grid = tuple(ref.shape[-2:])
-        stu = top_k_points(resize_attention(attention_map(student), self.grid), k, timeframe, step)
+        student_att = resize_attention(attention_map(student), self.grid)
+        stu = top_k_points(student_att, k, timeframe, step)
         self.trajectories.append(("student", _cpu(stu)))
         stats = {"timeframe": timeframe, "step": step}
         if fused is not None:
@@ -146,8 +147,7 @@ class StudentTask:
             self.buffer.append(_cpu(con))
             # How far the student's trajectory is from the connector's: rank-wise L1 of the values, L1 of the
             # student's attention at the connector's points (L_traj on this timeframe alone), shared points.
-            student_att = resize_attention(attention_map(student), self.grid).flatten(1).cpu()
-            at_points = student_att.gather(1, (con.ys * self.grid[1] + con.xs).cpu())
+            at_points = student_att.flatten(1).cpu().gather(1, (con.ys * self.grid[1] + con.xs).cpu())
             stats.update(l1_values=trajectory_distance(con, stu),
                          l1_at_points=float((at_points - con.values.cpu()).abs().mean()),
                          overlap=point_overlap(con, stu))
