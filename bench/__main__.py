@@ -5,24 +5,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import ablation, data, distill, teachers
+from . import ablation, data, distill, export, teachers
 from .common import machine_info, write_results
 
 SUITES = {
     "data": lambda quick, params: data.generator_rows(quick) + data.prepare_rows(quick, params),
     "teachers": teachers.rows,
     "distill": distill.rows,
+    "export": export.rows,
     "ablation": ablation.rows,
+    "export-paper": lambda quick, params: export.rows(quick, params, ("paper",)),
 }
-
-DEFAULT = [name for name in SUITES if name != "ablation"]
+SLOW = ("ablation", "export-paper")
+DEFAULT = [name for name in SUITES if name not in SLOW]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
     ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated suites ({', '.join(SUITES)}; "
-                    "default: all but ablation, which trains 15 models and takes about an hour on 2 cores)")
+                    "default: all but ablation, which trains 15 models and takes about an hour on 2 cores, and export-paper, "
+                    "the latency of the paper's ResNet-101/ResNet-50 models)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     args = ap.parse_args(argv)

@@ -16,6 +16,7 @@ from kfp import compiler, dsl
 from .. import __version__
 from ..components import distill as distill_component
 from ..components import evaluate as evaluate_component
+from ..components import export as export_component
 from ..components import prepare as prepare_component
 from ..components import teacher as teacher_component
 from ..config import Params
@@ -31,6 +32,7 @@ class PipelineOutputs(NamedTuple):
     teacher_depth: dsl.Model
     student: dsl.Model
     evaluation: dsl.Dataset
+    onnx_model: dsl.Model
 
 
 def pipeline_params(params: Params) -> dict:
@@ -45,6 +47,7 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
     teacher_op = teacher_component.component(image)
     distill_op = distill_component.component(image)
     evaluate_op = evaluate_component.component(image)
+    export_op = export_component.component(image)
     defaults = pipeline_params(params)
 
     @dsl.pipeline(
@@ -69,9 +72,13 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
                                  teacher_depth=teachers["depth"].outputs["teacher"],
                                  student=student.outputs["student"])
         evaluation.set_display_name("evaluate").set_caching_options(enable_caching=True)
+        # After evaluate, so a model is only exported once its evaluation has run.
+        exported = export_op(params=params, prepared=prepare.outputs["prepared"],
+                             student=student.outputs["student"]).after(evaluation)
+        exported.set_display_name("export").set_caching_options(enable_caching=True)
         return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
                                teachers["depth"].outputs["teacher"], student.outputs["student"],
-                               evaluation.outputs["evaluation"])
+                               evaluation.outputs["evaluation"], exported.outputs["onnx_model"])
 
     return jointdistill
 

@@ -9,7 +9,7 @@ from .conftest import REPO
 
 def test_bench_quick_writes_results(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--only",
-                        "data,teachers,distill,ablation"], cwd=REPO,
+                        "data,teachers,distill,export,ablation"], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "data.json").read_text())
@@ -32,3 +32,7 @@ def test_bench_quick_writes_results(tmp_path):
     ablation = json.loads((tmp_path / "ablation.json").read_text())["results"]
     assert [r["name"].split(":")[1].split("(")[0].strip() for r in ablation] == ["single", "mtl", "full"]
     assert ablation[0]["median"] == 0.0  # the teachers are the reference
+    latency = json.loads((tmp_path / "export.json").read_text())["results"]
+    assert len(latency) == 8 and all(0 < r["min"] <= r["median"] <= r["max"] for r in latency)
+    assert {r["target"] for r in latency if "target" in r} == {"≤ 0.8× student eager", "≤ 0.5× both teachers eager",
+                                                                   "student onnx ≤ 0.5× this"}

@@ -36,7 +36,7 @@ def set_params(project, section="prepare", **values):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-ALL = {"prepare", "train-teacher@seg", "train-teacher@depth", "distill", "evaluate"}
+ALL = {"prepare", "train-teacher@seg", "train-teacher@depth", "distill", "evaluate", "export"}
 
 
 def ran(out):
@@ -67,9 +67,11 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     for task in ("seg", "depth"):
         assert (project / "data" / "teachers" / task / "model.pt").exists()
     assert (project / "data" / "student" / "student.pt").exists()
+    assert {p.name for p in (project / "data" / "export").iterdir()} >= {"student.onnx", "parity.json", "MODEL_CARD.md"}
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert "data/teachers/seg/metrics.json" in shown and "miou" in shown
     assert "data/student/metrics.json" in shown and "delta_m" in shown
+    assert "data/export/metrics.json" in shown and "latency_ms" in shown
     plots = run(["dvc", "plots", "show", "--json"], project)
     assert "data/teachers/seg/dvclive/plots/metrics/val/miou.tsv" in plots and "abs_err" in plots
     assert {"per-class-iou", "teacher-weights-per-timeframe", "trajectory-loss", "depth-error-vs-distance"} <= set(
@@ -96,11 +98,14 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     set_params(project, "evaluate", qualitative_images=2)
     assert ran(run(["dvc", "repro"], project)) == {"evaluate"}
 
+    set_params(project, "export", latency_runs=2)
+    assert ran(run(["dvc", "repro"], project)) == {"export"}
+
     set_params(project, "distill", alpha=1.0)
-    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate"}
+    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate", "export"}
 
     set_params(project, "teacher.seg", lr=0.01)
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "distill", "evaluate"}
+    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "distill", "evaluate", "export"}
 
     set_params(project, "teacher", weight_decay=0.001)
     assert ran(run(["dvc", "repro"], project)) == ALL - {"prepare"}
@@ -118,10 +123,13 @@ def test_code_change_reruns(project):
     assert ran(run(["dvc", "repro"], project)) == ALL - {"prepare"}
     with open(project / "src" / "jointdistill" / "distill" / "weights.py", "a") as fh:
         fh.write("\n# a change to the method\n")
-    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate"}
+    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate", "export"}
     with open(project / "src" / "jointdistill" / "report.py", "a") as fh:
         fh.write("\n# a change to the report\n")
     assert ran(run(["dvc", "repro"], project)) == {"evaluate"}
+    with open(project / "src" / "jointdistill" / "infer.py", "a") as fh:
+        fh.write("\n# a change to inference\n")
+    assert ran(run(["dvc", "repro"], project)) == {"export"}
 
 
 def test_every_stage_declares_deps_params_outs():

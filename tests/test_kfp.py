@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from jointdistill.pipelines import pipeline as kfp_pipeline
@@ -24,10 +25,16 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     assert "params" in loaded.component_spec.inputs
     ir = yaml.safe_load(compiled.read_text())
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2", "distill", "evaluate"}
+    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2", "distill", "evaluate", "export"}
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["distill", "prepare", "train-teacher", "train-teacher-2"]
     assert ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
         "schemaTitle"] == "system.HTML"
+    # export is the last step: it takes the student and runs once the evaluation has.
+    assert sorted(tasks["export"]["dependentTasks"]) == ["distill", "evaluate", "prepare"]
+    assert tasks["export"]["inputs"]["artifacts"]["student"]["taskOutputArtifact"]["producerTask"] == "distill"
+    export_outs = ir["components"]["comp-export"]["outputDefinitions"]["artifacts"]
+    assert export_outs["onnx_model"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert export_outs["model_card"]["artifactType"]["schemaTitle"] == "system.Markdown"
     for t in tasks.values():
         assert t["cachingOptions"] == {"enableCache": True}
     teacher_tasks = {t["inputs"]["parameters"]["task"]["runtimeValue"]["constant"]: t
@@ -92,3 +99,10 @@ def test_kfp_local_run(tmp_path):
     assert Path(outputs["student"], "weights.csv").read_text().count("\n") == 1 + 2 * 3
     evaluation = json.loads(Path(outputs["evaluation"], "metrics.json").read_text())
     assert "delta_m" in evaluation["student"]["test"] and Path(outputs["evaluation"], "report.html").exists()
+    parity = json.loads(Path(outputs["onnx_model"], "parity.json").read_text())
+    assert parity["passed"] and Path(outputs["onnx_model"], "MODEL_CARD.md").exists()
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(f"{outputs['onnx_model']}/student.onnx", providers=["CPUExecutionProvider"])
+    seg, depth = s.run(None, {"image": np.zeros((2, 3, 48, 96), np.float32)})
+    assert seg.shape == (2, len(meta["classes"]), 48, 96) and depth.shape == (2, 1, 48, 96) and (depth > 0).all()

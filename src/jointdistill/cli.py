@@ -224,6 +224,81 @@ def evaluate(
                f"AbsErr {m['abs_err']:.3f} m; report: {out / 'report.html'})")
 
 
+@app.command("export", epilog=_params_epilog("export"))
+@_friendly
+def export(
+    data: DataOpt = Path("data/prepared"),
+    student: Annotated[Path, typer.Option(help="the student's folder (output of distill)")] = Path("data/student"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path(
+        "data/export"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Export the student to ONNX and prove onnxruntime computes what PyTorch does.
+
+    Writes OUT/student.onnx (input `image` N×3×H×W normalised, outputs `segmentation_logits` and `depth` in
+    metres; batch, height and width dynamic; metadata_props as JSON), OUT/parity.json, OUT/metrics.json
+    (test metrics and latency per file) and OUT/MODEL_CARD.md; with export.fp16 / export.int8 also
+    student.fp16.onnx / student.int8.onnx. If onnxruntime's outputs break the tolerance the stage fails and
+    leaves OUT as it was. Params read: seed, export.*.
+    """
+    from .config import load_params
+    from .stages import export as stage
+
+    cfg = load_params(params, set_)
+    report = stage.run(cfg, data, student, out)
+    val = report["parity"]["fp32"]["val"]
+    extra = "".join(f", {name} mIoU {t['miou']:.4f}" for name, t in report["test_by_model"].items()
+                    if name not in ("pytorch", "onnx"))
+    typer.echo(f"exported → {out / 'student.onnx'}  (parity on {val['images']} val images: seg argmax agreement "
+               f"{100 * val['segmentation_logits']['argmax_agreement']:.3f} %, depth max rel err "
+               f"{val['depth']['max_rel_err']:.1e}; test mIoU {report['test']['miou']:.4f}, AbsErr "
+               f"{report['test']['abs_err']:.3f} m{extra}; card: {out / 'MODEL_CARD.md'})")
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command("predict")
+@_friendly
+def predict(
+    model: Annotated[Path, typer.Argument(help="an exported student (.onnx, from `jointdistill export`)")],
+    images: Annotated[list[Path], typer.Argument(help="image files and/or folders of images")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the predictions")] = Path("predictions"),
+    batch_size: Annotated[int, typer.Option(min=1, help="images per onnxruntime call")] = 8,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")] = (
+        Device.auto
+    ),
+) -> None:
+    """Segment and estimate depth for image files with the ONNX student (onnxruntime; no PyTorch needed).
+
+    Writes per image OUT/NAME.labels.png (palette PNG of class ids), OUT/NAME.depth.png (16-bit, millimetres;
+    0 = no depth) and OUT/NAME.depth_color.png. Images are resized to the model's input size and the
+    predictions back to the image's size. An unreadable image is reported and the others are still
+    written; the exit status is then 1.
+    """
+    from .infer import StudentSession, collect_images
+    from .infer import predict as run_predict
+
+    files = collect_images(images)
+    if not files:
+        raise typer.BadParameter("no image files found", param_hint="IMAGES")
+    session = StudentSession(model, device.value)
+    if session.fallback_reason:
+        typer.echo(f"predict: running on the CPU ({session.fallback_reason})", err=True)
+    with typer.progressbar(length=len(files), label="predict", file=sys.stderr) as bar:
+        report = run_predict(session, files, out, batch_size, progress=bar.update)
+    for _path, reason in report.failed:
+        typer.echo(f"error: {reason}", err=True)
+    typer.echo(f"predicted {len(report.written)} of {len(files)} images on {session.device_note} → {out}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
 @app.command("ablate")
 @_friendly
 def ablate(
@@ -314,6 +389,14 @@ def summary(
         split = next(iter(m["student"]))
         typer.echo(f"evaluation    : {(folder / 'report.html').resolve()}  (student Δm "
                    f"{m['student'][split]['delta_m']:+.2f} % vs the teachers on {split})")
+    folder = data / "export"
+    if (folder / "metrics.json").exists():
+        m = json.loads((folder / "metrics.json").read_text())
+        lat = m["latency_ms"]["onnx"]
+        typer.echo(f"ONNX student  : {(folder / 'student.onnx').resolve()}  (test mIoU {m['test']['miou']:.3f} in "
+                   f"onnxruntime, {lat['batch1_ms']:.1f} ms/image at batch 1 on this CPU; "
+                   f"variants: {', '.join(sorted(set(m['file_bytes']) - {'fp32'})) or 'none'}; "
+                   f"card: {folder / 'MODEL_CARD.md'})")
 
 
 @pipeline_app.command("compile")

@@ -180,7 +180,21 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    opset: int = Field(18, ge=18)
+    """The ``export`` stage: ONNX graph, parity gate against PyTorch, optional optimised variants."""
+
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset of the exported graph")
+    dynamic_size: bool = Field(True, description="height and width dynamic (multiples of 8), not fixed to the "
+                                                 "training size")
+    batch_size: int = Field(8, ge=1, description="images per onnxruntime call in parity checks and test metrics")
+    parity_images: int = Field(32, ge=0, description="val images compared with PyTorch (0: all of val)")
+    depth_rel_tol: float = Field(1e-3, gt=0, description="gate: largest allowed depth |onnx - eager| / eager")
+    seg_agreement_min: float = Field(0.999, ge=0, le=1, description="gate: least share of pixels whose argmax "
+                                                                      "class matches PyTorch's")
+    fp16: bool = Field(False, description="also write student.fp16.onnx (float16 weights, float32 I/O; for GPUs)")
+    int8: Literal["none", "dynamic", "static"] = Field(
+        "none", description="also write student.int8.onnx: dynamic, or static calibrated on val")
+    calibration_images: int = Field(32, ge=1, description="val images that calibrate static int8")
+    latency_runs: int = Field(10, ge=1, description="timed runs per latency figure in the model card")
 
 
 class Params(_Section):
