@@ -15,8 +15,10 @@ SUITES = {
     "export": export.rows,
     "ablation": ablation.rows,
     "export-paper": lambda quick, params: export.rows(quick, params, ("paper",)),
+    # On a GPU machine with onnxruntime-gpu: CUDA execution provider vs PyTorch eager on CUDA.
+    "export-gpu": lambda quick, params: export.rows(quick, params, ("default", "paper"), device="cuda"),
 }
-SLOW = ("ablation", "export-paper")
+SLOW = ("ablation", "export-paper", "export-gpu")
 DEFAULT = [name for name in SUITES if name not in SLOW]
 
 
@@ -24,8 +26,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
     ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated suites ({', '.join(SUITES)}; "
-                    "default: all but ablation, which trains 15 models and takes about an hour on 2 cores, and export-paper, "
-                    "the latency of the paper's ResNet-101/ResNet-50 models)")
+                    "default: all but ablation, which trains 15 models and takes about an hour on 2 cores; "
+                    "export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and export-gpu)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     args = ap.parse_args(argv)

@@ -46,7 +46,12 @@ for name, m in models.items():
                           dynamic_shapes={{"image": {{0: torch.export.Dim("batch", min=1),
                                                       2: 8 * torch.export.Dim("h", min=1),
                                                       3: 8 * torch.export.Dim("w", min=1)}}}})
-    sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if {device!r} == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    sessions[name] = ort.InferenceSession(path, providers=providers)
+    assert sessions[name].get_providers()[0] == providers[0], sessions[name].get_providers()
+    m.to({device!r})
 
 def median_ms(fn, runs):
     for _ in range(2):
@@ -59,11 +64,12 @@ def median_ms(fn, runs):
 out = {{"params": params_count, "size": [h, w], "threads": torch.get_num_threads()}}
 for batch in (1, 8):
     x = np.random.default_rng(batch).standard_normal((batch, 3, h, w), dtype=np.float32)
-    xt = torch.from_numpy(x)
     def eager(names):
-        def f():
+        def f():  # host array in, host arrays out, as onnxruntime's run() does
             with torch.no_grad():
-                for n in names: models[n](xt)
+                xt = torch.from_numpy(x).to({device!r})
+                for n in names:
+                    [v.cpu() for k, v in models[n](xt).items() if k != "features"]
         return f
     def onnx(names):
         def f():
@@ -80,25 +86,27 @@ PAPER = ["teacher.backbone=resnet101", "teacher.head=aspp", "teacher.head_channe
          "student.backbone=resnet50", "student.head=aspp", "student.head_channels=256"]
 
 
-def preset_rows(preset: str, sets: list[str], params: str, runs: int) -> list[dict]:
+def preset_rows(preset: str, sets: list[str], params: str, runs: int, device: str = "cpu") -> list[dict]:
     # One process per runtime: PyTorch's and onnxruntime's thread pools spin after work, so timing one right
     # after the other in a process makes the second look slow (seen: teachers in onnxruntime 2× slower).
     res = {}
     for runtime in ("onnx", "eager"):
         with tempfile.TemporaryDirectory() as tmp:
-            got = run_json(LATENCY.format(params=params, sets=sets, tmp=tmp, runs=runs, runtime=runtime),
+            got = run_json(LATENCY.format(params=params, sets=sets, tmp=tmp, runs=runs, runtime=runtime,
+                                          device=device),
                            one_core=False, timeout=3600)
         res.update({k: v for k, v in got.items() if k in ("params", "size")})
         for batch in ("1", "8"):
             res.setdefault(batch, {}).update({f"{name}_{runtime}": v for name, v in got[batch].items()})
     h, w = res["size"]
+    ep = "CUDA" if device == "cuda" else "CPU"
     size = (f"{h}×{w}, student {res['params']['student'] / 1e6:.2f} M params, teachers "
             f"{(res['params']['teacher_seg'] + res['params']['teacher_depth']) / 1e6:.2f} M")
     rows = []
     for batch in ("1", "8"):
         r = res[batch]
 
-        def row(name, key, **extra):
+        def row(name, key, r=r, batch=batch, **extra):
             med, lo, hi = r[key]
             return {"name": f"[{preset}] batch {batch}: {name}", "unit": "ms", "median": med, "min": lo, "max": hi,
                     **extra}
@@ -106,21 +114,23 @@ def preset_rows(preset: str, sets: list[str], params: str, runs: int) -> list[di
         s_onnx, s_eager = r["student_onnx"][0], r["student_eager"][0]
         t_onnx, t_eager = r["teachers_onnx"][0], r["teachers_eager"][0]
         rows += [
-            row("student, onnxruntime CPU", "student_onnx", target="≤ 0.8× student eager",
+            row(f"student, onnxruntime {ep}", "student_onnx", target="≤ 0.8× student eager",
                 ok=s_onnx <= 0.8 * s_eager, note=f"{s_onnx / s_eager:.2f}× eager; {size}"),
             row("student, PyTorch eager", "student_eager", target="≤ 0.5× both teachers eager",
                 ok=s_eager <= 0.5 * t_eager, note=f"{s_eager / t_eager:.2f}× the teachers (eager)"),
-            row("both teachers, onnxruntime CPU", "teachers_onnx", target="student onnx ≤ 0.5× this",
+            row(f"both teachers, onnxruntime {ep}", "teachers_onnx", target="student onnx ≤ 0.5× this",
                 ok=s_onnx <= 0.5 * t_onnx, note=f"student onnx / teachers onnx = {s_onnx / t_onnx:.2f}×"),
             row("both teachers, PyTorch eager", "teachers_eager"),
         ]
     return rows
 
 
-def rows(quick: bool, params: str, presets: tuple[str, ...] = ("default",)) -> list[dict]:
+def rows(quick: bool, params: str, presets: tuple[str, ...] = ("default",), device: str = "cpu") -> list[dict]:
     if quick:
         return preset_rows("quick", ["prepare.height=48", "prepare.width=96"], params, runs=2)
     out = []
     for preset in presets:
-        out += preset_rows(preset, PAPER if preset == "paper" else [], params, runs=5 if preset == "paper" else 30)
+        runs = 5 if preset == "paper" and device == "cpu" else 30
+        out += preset_rows(preset if device == "cpu" else f"{preset}, {device}", PAPER if preset == "paper" else [],
+                           params, runs, device)
     return out
