@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc.yaml's stage commands call `jointdistill` from the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast lint lock bench pipeline clean
+.PHONY: setup run test test-fast lint lock bench pipeline image clean
 
 ## setup: create $(VENV) from requirements.lock (no-op when it is already up to date)
 setup:
@@ -41,6 +41,12 @@ bench: setup
 ## pipeline: compile the Kubeflow pipeline to jointdistill.yaml
 pipeline: setup
 	$(BIN)/jointdistill pipeline compile -o jointdistill.yaml
+
+## image: build the container image where a Docker engine exists: make image [VARIANT=cuda] [IMAGE=name:tag]
+VARIANT ?= cpu
+IMAGE ?= jointdistill:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)$(if $(filter cuda,$(VARIANT)),-cuda,)
+image:
+	docker build --build-arg VARIANT=$(VARIANT) --build-arg SOURCE_COMMIT=$$(git rev-parse HEAD) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
