@@ -19,7 +19,7 @@ from ..components import evaluate as evaluate_component
 from ..components import export as export_component
 from ..components import prepare as prepare_component
 from ..components import teacher as teacher_component
-from ..config import Params
+from ..config import Params, StepResources
 
 PIPELINE_NAME = "jointdistill"
 # The project image (one for every step; see the Dockerfile). Its kfp is the version pinned in pyproject.
@@ -41,6 +41,28 @@ def pipeline_params(params: Params) -> dict:
     return params.model_dump(mode="json", exclude_none=True)
 
 
+def configure(task, step: StepResources, params: Params, display_name: str, training: bool = False):
+    """Resources, caching, retries and (for training steps) placement of one task, from ``params.pipeline``."""
+    task.set_display_name(display_name).set_caching_options(enable_caching=step.cache)
+    if step.cpu:
+        task.set_cpu_request(step.cpu).set_cpu_limit(step.cpu)
+    if step.memory:
+        task.set_memory_request(step.memory).set_memory_limit(step.memory)
+    if step.accelerator_limit:
+        task.set_accelerator_type(step.accelerator_type).set_accelerator_limit(step.accelerator_limit)
+    cfg = params.pipeline
+    if cfg.retries:
+        task.set_retry(cfg.retries, backoff_duration=cfg.retry_backoff, backoff_factor=2.0)
+    if training and (cfg.node_selector or cfg.tolerations):
+        from kfp import kubernetes
+
+        for key, value in cfg.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for t in cfg.tolerations:
+            kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+    return task
+
+
 def build(params: Params, image: str = DEFAULT_IMAGE):
     """Return the @dsl.pipeline function, with ``params`` as the default of its ``params`` input."""
     prepare_op = prepare_component.component(image)
@@ -49,33 +71,32 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
     evaluate_op = evaluate_component.component(image)
     export_op = export_component.component(image)
     defaults = pipeline_params(params)
+    res, cfg = params.pipeline, params
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="JointDistill: prepare → teachers → distill → evaluate → export",
     )
     def jointdistill(params: dict = defaults) -> PipelineOutputs:
-        prepare = prepare_op(params=params).set_display_name("prepare")
-        # Deterministic for a given params value: safe to reuse a cached result.
-        prepare.set_caching_options(enable_caching=True)
+        # Deterministic for a given params value: prepare and the teachers reuse cached results by default.
+        prepare = configure(prepare_op(params=params), res.prepare, cfg, "prepare")
         teachers = {}
         for task in ("seg", "depth"):  # independent: they run in parallel
             t = teacher_op(params=params, task=task, prepared=prepare.outputs["prepared"])
-            t.set_display_name(f"train-teacher-{task}").set_caching_options(enable_caching=True)
-            teachers[task] = t
+            teachers[task] = configure(t, res.teacher, cfg, f"train-teacher-{task}", training=True)
         student = distill_op(params=params, prepared=prepare.outputs["prepared"],
                              teacher_seg=teachers["seg"].outputs["teacher"],
                              teacher_depth=teachers["depth"].outputs["teacher"])
-        student.set_display_name("distill").set_caching_options(enable_caching=True)
+        configure(student, res.distill, cfg, "distill", training=True)
         evaluation = evaluate_op(params=params, prepared=prepare.outputs["prepared"],
                                  teacher_seg=teachers["seg"].outputs["teacher"],
                                  teacher_depth=teachers["depth"].outputs["teacher"],
                                  student=student.outputs["student"])
-        evaluation.set_display_name("evaluate").set_caching_options(enable_caching=True)
+        configure(evaluation, res.evaluate, cfg, "evaluate")
         # After evaluate, so a model is only exported once its evaluation has run.
         exported = export_op(params=params, prepared=prepare.outputs["prepared"],
                              student=student.outputs["student"]).after(evaluation)
-        exported.set_display_name("export").set_caching_options(enable_caching=True)
+        configure(exported, res.export, cfg, "export")
         return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
                                teachers["depth"].outputs["teacher"], student.outputs["student"],
                                evaluation.outputs["evaluation"], exported.outputs["onnx_model"])
@@ -88,6 +109,28 @@ def compile_pipeline(output: str | Path, params: Params, image: str | None = Non
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build(params, image or DEFAULT_IMAGE), package_path=str(output))
     return output
+
+
+def submit(params: Params, host: str | None, experiment: str = "jointdistill", run_name: str | None = None,
+           image: str | None = None, enable_caching: bool | None = None, token: str | None = None) -> dict:
+    """Compile and start a run on a Kubeflow Pipelines API server (kfp.Client); return its id and URL.
+
+    ``enable_caching`` None keeps each step's own setting (``pipeline.<step>.cache``); True/False overrides all
+    steps for this run. The bearer token, if any, comes from ``token`` (the CLI reads $KFP_TOKEN)."""
+    import tempfile
+
+    import kfp
+
+    run_name = run_name or f"{PIPELINE_NAME}-{params.digest()[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "jointdistill.yaml", params, image)
+        client = kfp.Client(host=host, existing_token=token)
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments={"params": pipeline_params(params)}, run_name=run_name,
+            experiment_name=experiment, enable_caching=enable_caching)
+    base = (host or "").rstrip("/")
+    return {"run_id": run.run_id, "run_name": run_name, "experiment": experiment,
+            "url": f"{base}/#/runs/details/{run.run_id}"}
 
 
 def run_local(params: Params, root: str | Path, enable_caching: bool = False) -> dict[str, str]:
@@ -105,4 +148,4 @@ def run_local(params: Params, root: str | Path, enable_caching: bool = False) ->
     return {name: artifact.path for name, artifact in task.outputs.items()}
 
 
-__all__ = ["build", "compile_pipeline", "run_local", "pipeline_params", "DEFAULT_IMAGE", "PIPELINE_NAME"]
+__all__ = ["build", "compile_pipeline", "submit", "run_local", "pipeline_params", "DEFAULT_IMAGE", "PIPELINE_NAME"]

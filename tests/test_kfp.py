@@ -35,8 +35,14 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     export_outs = ir["components"]["comp-export"]["outputDefinitions"]["artifacts"]
     assert export_outs["onnx_model"]["artifactType"]["schemaTitle"] == "system.Model"
     assert export_outs["model_card"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    # Caching set explicitly per task: on for data prep and the teachers, off for the rest (params.pipeline).
+    cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"prepare", "train-teacher", "train-teacher-2"}
     for t in tasks.values():
-        assert t["cachingOptions"] == {"enableCache": True}
+        assert t["retryPolicy"]["maxRetryCount"] == 2 and t["retryPolicy"]["backoffDuration"] == "60s"
+    resources = ir["deploymentSpec"]["executors"]["exec-train-teacher"]["container"]["resources"]
+    assert resources["resourceCpuLimit"] == "4" and resources["resourceMemoryLimit"] == "16G"
+    assert "accelerator" not in resources  # CPU by default
     teacher_tasks = {t["inputs"]["parameters"]["task"]["runtimeValue"]["constant"]: t
                      for n, t in tasks.items() if n.startswith("train-teacher")}
     assert set(teacher_tasks) == {"seg", "depth"}
@@ -106,3 +112,85 @@ def test_kfp_local_run(tmp_path):
     s = ort.InferenceSession(f"{outputs['onnx_model']}/student.onnx", providers=["CPUExecutionProvider"])
     seg, depth = s.run(None, {"image": np.zeros((2, 3, 48, 96), np.float32)})
     assert seg.shape == (2, len(meta["classes"]), 48, 96) and depth.shape == (2, 1, 48, 96) and (depth > 0).all()
+
+
+GPU = ["pipeline.teacher.accelerator_type=nvidia.com/gpu", "pipeline.teacher.accelerator_limit=1",
+       "pipeline.distill.accelerator_type=nvidia.com/gpu", "pipeline.distill.accelerator_limit=2",
+       "pipeline.node_selector={cloud.google.com/gke-accelerator: nvidia-l4}",
+       "pipeline.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]"]
+
+
+def test_gpu_requests_and_placement_for_training_steps(tmp_path):
+    from jointdistill.config import load_params
+
+    from .conftest import REPO
+
+    path = kfp_pipeline.compile_pipeline(tmp_path / "p.yaml", load_params(REPO / "params.yaml", GPU))
+    ir, platform = yaml.safe_load_all(path.read_text())
+    executors = ir["deploymentSpec"]["executors"]
+    for name, count in (("exec-train-teacher", "1"), ("exec-train-teacher-2", "1"), ("exec-distill", "2")):
+        acc = executors[name]["container"]["resources"]["accelerator"]
+        assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == count
+    assert "accelerator" not in executors["exec-evaluate"]["container"]["resources"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == {"exec-train-teacher", "exec-train-teacher-2", "exec-distill"}  # training steps only
+    for spec in k8s.values():
+        assert spec["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+        assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert components.load_component_from_file(str(path)).name == "jointdistill"
+
+
+def test_compile_refuses_an_accelerator_limit_kfp_rejects(tmp_path):
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    r = CliRunner().invoke(app, ["pipeline", "compile", "-o", str(tmp_path / "p.yaml"), "--set",
+                                 "pipeline.teacher.accelerator_limit=3", "--set",
+                                 "pipeline.teacher.accelerator_type=nvidia.com/gpu"])
+    assert r.exit_code == 2 and "3 is not an accelerator limit KFP accepts (0, 1, 2, 4, 8, 16)" in r.output
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_submit_speaks_the_kfp_api(monkeypatch):
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+    from jointdistill.config import load_params
+
+    from .conftest import REPO
+    from .kfp_api import FakeKfpApi
+
+    monkeypatch.setenv("KFP_TOKEN", "secret-token")
+    with FakeKfpApi() as api:
+        args = ["pipeline", "submit", "--host", api.url, "--experiment", "nightly", "--run-name", "r1",
+                "--image", "registry.example/jointdistill:7", "--set", "distill.epochs=3"]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert [(q["method"], q["path"]) for q in api.requests] == [
+            ("GET", "/apis/v2beta1/healthz"), ("GET", "/apis/v2beta1/experiments"),
+            ("POST", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/runs")]
+        assert all(q["authorization"] == "Bearer secret-token" for q in api.requests)
+        assert api.requests[2]["body"]["display_name"] == "nightly"
+        run = api.requests[3]["body"]
+        assert run["display_name"] == "r1" and run["experiment_id"] == next(iter(api.experiments))
+        expected = kfp_pipeline.pipeline_params(load_params(REPO / "params.yaml", ["distill.epochs=3"]))
+        assert run["runtime_config"]["parameters"]["params"] == expected
+        spec = run["pipeline_spec"]
+        assert spec["pipelineInfo"]["name"] == "jointdistill"
+        assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+            "registry.example/jointdistill:7"}
+        run_id = next(iter(api.runs))
+        assert f"submitted run {run_id} (r1) in experiment nightly: {api.url}/#/runs/details/{run_id}" in r.output
+
+        # A second run reuses the experiment; --no-cache turns caching off for every step of this run only.
+        r = CliRunner().invoke(app, [*args[:-2], "--no-cache"])
+        assert r.exit_code == 0, r.output
+        assert [(q["method"], q["path"]) for q in api.requests[4:]] == [
+            ("GET", "/apis/v2beta1/healthz"), ("GET", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/runs")]
+        tasks = api.requests[-1]["body"]["pipeline_spec"]["root"]["dag"]["tasks"]
+        assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+
+        api.fail_runs_with = 403
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and f"error: submit to {api.url}: HTTP 403" in r.output

@@ -416,6 +416,42 @@ def pipeline_compile(
     typer.echo(f"compiled → {output}")
 
 
+@pipeline_app.command("submit")
+@_friendly
+def pipeline_submit(
+    host: Annotated[str, typer.Option(envvar="KF_PIPELINES_ENDPOINT",
+                                      help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline")],
+    experiment: Annotated[str, typer.Option(help="experiment to file the run under (created if missing)")] = (
+        "jointdistill"),
+    run_name: Annotated[str | None, typer.Option(help="[default: jointdistill-<params digest>]")] = None,
+    image: Annotated[str | None, typer.Option(help="container image for every step")] = None,
+    cache: Annotated[bool | None, typer.Option("--cache/--no-cache",
+                                               help="override every step's caching for this run")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Compile the pipeline and start a run on a Kubeflow Pipelines server (kfp.Client).
+
+    The run's `params` input is params.yaml (with any --set). A bearer token for the API is read from
+    $KFP_TOKEN when set (e.g. KFP_TOKEN=$(gcloud auth print-access-token) or a service-account token)."""
+    import os
+
+    from .config import load_params
+    from .errors import OutputError
+    from .pipelines import pipeline as kfp_pipeline
+
+    cfg = load_params(params, set_)
+    try:
+        run = kfp_pipeline.submit(cfg, host, experiment, run_name, image, cache, os.environ.get("KFP_TOKEN"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"submit to {host}: {exc}") from None
+    except Exception as exc:  # kfp_server_api.ApiException and urllib3 errors: the server said no
+        status = getattr(exc, "status", None)
+        raise OutputError(f"submit to {host}: {'HTTP ' + str(status) + ': ' if status else ''}"
+                          f"{getattr(exc, 'reason', None) or str(exc).splitlines()[0][:300]}") from None
+    typer.echo(f"submitted run {run['run_id']} ({run['run_name']}) in experiment {run['experiment']}: {run['url']}")
+
+
 @pipeline_app.command("run-local")
 @_friendly
 def pipeline_run_local(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
@@ -197,6 +197,54 @@ class ExportParams(_Section):
     latency_runs: int = Field(10, ge=1, description="timed runs per latency figure in the model card")
 
 
+ACCELERATOR_LIMITS = (0, 1, 2, 4, 8, 16)  # what the KFP backend accepts for a task's accelerator limit
+
+
+class StepResources(_Section):
+    """What one Kubeflow step asks the cluster for (kfp.local ignores all of it)."""
+
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '4' or '500m'")
+    memory: str | None = Field(None, description="memory request and limit, e.g. '16G'")
+    accelerator_type: str | None = Field(None, description="e.g. 'nvidia.com/gpu' (Kubeflow) or 'NVIDIA_L4' (Vertex)")
+    accelerator_limit: int = Field(0, description=f"GPUs per task, one of {ACCELERATOR_LIMITS}")
+    cache: bool = Field(True, description="let the backend reuse this step's result for identical inputs")
+
+    @field_validator("accelerator_limit")
+    @classmethod
+    def _limit(cls, v: int) -> int:
+        if v not in ACCELERATOR_LIMITS:
+            raise ValueError(f"{v} is not an accelerator limit KFP accepts ({', '.join(map(str, ACCELERATOR_LIMITS))})")
+        return v
+
+    @model_validator(mode="after")
+    def _type_with_limit(self) -> StepResources:
+        if self.accelerator_limit and not self.accelerator_type:
+            raise ValueError("accelerator_limit > 0 needs accelerator_type")
+        return self
+
+
+class Toleration(_Section):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class PipelineParams(_Section):
+    """The Kubeflow pipeline (compile time): resources per step, placement, retries. Not a DVC stage's params,
+    and not part of `Params.digest()`: where a step runs does not change what it computes."""
+
+    retries: int = Field(2, ge=0, le=10, description="retries of a failed step (preemption, node loss)")
+    retry_backoff: str = Field("60s", description="first wait before a retry; doubles each time")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for the training steps")
+    tolerations: list[Toleration] = Field(default_factory=list, description="taints the training steps tolerate")
+    prepare: StepResources = StepResources(cpu="2", memory="4G")
+    teacher: StepResources = StepResources(cpu="4", memory="16G")
+    distill: StepResources = StepResources(cpu="4", memory="16G", cache=False)
+    evaluate: StepResources = StepResources(cpu="2", memory="8G", cache=False)
+    export: StepResources = StepResources(cpu="2", memory="8G", cache=False)
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, description="global seed: data, splits, initialisation, order")
     prepare: PrepareParams = PrepareParams()
@@ -206,10 +254,11 @@ class Params(_Section):
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    pipeline: PipelineParams = PipelineParams()
 
     def digest(self) -> str:
-        """A stable hash of every value (defaults included), for lineage and cache keys."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A stable hash of every value that can change a result (defaults included; not ``pipeline``)."""
+        text = json.dumps(self.model_dump(mode="json", exclude={"pipeline"}), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
