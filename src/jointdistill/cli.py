@@ -299,6 +299,39 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command("publish")
+@_friendly
+def publish(
+    url: Annotated[str, typer.Argument(help="gs://BUCKET[/PREFIX]; the version goes below it")],
+    export_dir: Annotated[Path, typer.Option("--export", help="the export folder (output of export)")] = Path(
+        "data/export"),
+    version: Annotated[str | None, typer.Option(help="[default: <params digest>-<sha256 of student.onnx, 8 hex>]")] = (
+        None),
+) -> None:
+    """Upload an export (ONNX files, parity.json, MODEL_CARD.md, metrics.json) to gs://BUCKET/PREFIX/VERSION/.
+
+    Each object is checked against the local file's md5 and crc32c after upload; manifest.json (sha256 of
+    every file) is written last. A published version is never overwritten; an interrupted publish can be re-run.
+    Credentials: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS), or STORAGE_EMULATOR_HOST."""
+    from .storage import publish as run_publish
+
+    manifest = run_publish(export_dir, url, version)
+    typer.echo(f"published {len(manifest['files'])} files → {manifest['url']}")
+
+
+@app.command("fetch-model")
+@_friendly
+def fetch_model(
+    url: Annotated[str, typer.Argument(help="gs://BUCKET/PREFIX/VERSION (as printed by publish)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write (replaced atomically)")] = Path("model"),
+) -> None:
+    """Download a published model version and verify every file against its manifest (sha256, size)."""
+    from .storage import fetch_model as run_fetch
+
+    manifest = run_fetch(url, out)
+    typer.echo(f"fetched {manifest['version']} ({len(manifest['files'])} files, checksums verified) → {out}")
+
+
 @app.command("ablate")
 @_friendly
 def ablate(
