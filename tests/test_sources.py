@@ -1,0 +1,164 @@
+"""Real-data adapters (`folder`, NYUv2 preprocessed) through the real `prepare` stage, on fixtures written in
+their on-disk formats, checked value by value."""
+
+import zlib
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from jointdistill.config import load_params
+from jointdistill.data.contract import open_split, verify_prepared
+from jointdistill.errors import DataError
+from jointdistill.stages import prepare
+
+from .conftest import REPO
+
+
+def params(dataset, root, *extra):
+    return load_params(REPO / "params.yaml", [f"prepare.dataset={dataset}", f"prepare.root={root}",
+                                              "prepare.height=16", "prepare.width=24", "prepare.gallery_images=0",
+                                              *extra])
+
+
+def _scene(i, h=16, w=24):
+    rng = np.random.default_rng(i)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = (np.arange(h * w).reshape(h, w) + i) % 3
+    label[0, :] = 255  # unlabeled row
+    depth_mm = rng.integers(500, 20000, (h, w)).astype(np.uint16)
+    depth_mm[1, :3] = 0  # no depth there
+    return image, label.astype(np.uint8), depth_mm
+
+
+def make_folder(root, n_train=8, n_test=3, npy_depth_for=()):
+    root.mkdir(exist_ok=True)
+    (root / "classes.yaml").write_text(yaml.safe_dump(
+        {"classes": ["road", {"name": "car", "color": [0, 0, 142]}, "sky"], "ignore_index": 255}))
+    truth = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        if not n:
+            continue
+        for sub in ("images", "labels", "depth"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            stem = f"{split}{i:02d}"
+            image, label, depth_mm = _scene(zlib.crc32(stem.encode()))
+            Image.fromarray(image).save(root / split / "images" / f"{stem}.png")
+            Image.fromarray(label).save(root / split / "labels" / f"{stem}.png")
+            if stem in npy_depth_for:
+                np.save(root / split / "depth" / f"{stem}.npy", depth_mm.astype(np.float32) / 1000)
+            else:
+                Image.fromarray(depth_mm).save(root / split / "depth" / f"{stem}.png")  # 16-bit PNG
+            truth[f"{split}/{stem}"] = (image, label, depth_mm.astype(np.float32) / 1000)
+    return truth
+
+
+def _prepared_by_id(out, meta):
+    import pandas as pd
+
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    found = {}
+    for split in ("train", "val", "test"):
+        arrays = open_split(out, split, meta)
+        for row in manifest[manifest["split"] == split].itertuples():
+            found[row.sample_id] = (split, arrays["images"][row.index], arrays["labels"][row.index],
+                                    arrays["depth"][row.index])
+    return found
+
+
+def test_folder_source_value_by_value(tmp_path):
+    truth = make_folder(tmp_path / "src", npy_depth_for=("train03",))
+    meta = prepare.run(params("folder", tmp_path / "src"), tmp_path / "out")
+    assert meta["classes"] == ["road", "car", "sky"] and meta["palette"][1] == [0, 0, 142]
+    assert meta["counts"]["test"] == 3 and meta["counts"]["train"] + meta["counts"]["val"] == 8
+    verify_prepared(tmp_path / "out", check_digests=True)
+    found = _prepared_by_id(tmp_path / "out", meta)
+    assert set(found) == set(truth)
+    for sid, (image, label, depth) in truth.items():
+        split, p_image, p_label, p_depth = found[sid]
+        assert (split == "test") == sid.startswith("test/")
+        np.testing.assert_array_equal(p_image, image)  # same size: stored as read
+        np.testing.assert_array_equal(p_label, label)  # 255 stays the ignore id
+        np.testing.assert_allclose(p_depth, depth, rtol=1e-6)  # mm → m, 0 stays invalid
+        assert (p_depth[1, :3] == 0).all()
+
+
+def test_folder_source_bad_inputs_name_the_file(tmp_path):
+    root = tmp_path / "src"
+    make_folder(root, n_train=4, n_test=0)
+    (root / "train" / "labels" / "train01.png").unlink()
+    with pytest.raises(DataError, match=r"train01.png: no label file"):
+        prepare.run(params("folder", root), tmp_path / "out")
+    make_folder(root, n_train=4, n_test=0)
+    Image.fromarray(np.full((16, 24), 7, np.uint8)).save(root / "train" / "labels" / "train02.png")
+    with pytest.raises(DataError, match="train/train02"):  # class id 7 outside road, car, sky
+        prepare.run(params("folder", root), tmp_path / "out")
+    make_folder(root, n_train=4, n_test=0)
+    Image.fromarray(np.zeros((10, 24), np.uint16)).save(root / "train" / "depth" / "train00.png")
+    with pytest.raises(DataError, match=r"train00.png: depth is 24×10, its image train00.png is 24×16"):
+        prepare.run(params("folder", root), tmp_path / "out")
+    make_folder(root, n_train=4, n_test=0)
+    (root / "train" / "images" / "train03.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="train03.png: unreadable image"):
+        prepare.run(params("folder", root), tmp_path / "out")
+    (root / "classes.yaml").write_text("classes: []")
+    with pytest.raises(DataError, match="classes.yaml: expected a non-empty list"):
+        prepare.run(params("folder", root), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_a_test_split_takes_one_from_train(tmp_path):
+    make_folder(tmp_path / "src", n_train=20, n_test=0)
+    meta = prepare.run(params("folder", tmp_path / "src", "prepare.test_fraction=0.3"), tmp_path / "out")
+    assert sum(meta["counts"].values()) == 20 and meta["counts"]["test"] >= 1
+
+
+def make_nyuv2(root, n_train=6, n_val=2, h=16, w=24):
+    truth = {}
+    for folder, n in (("train", n_train), ("val", n_val)):
+        for part in ("image", "label", "depth"):
+            (root / folder / part).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            rng = np.random.default_rng(100 * (folder == "val") + i)
+            image = rng.random((h, w, 3)).astype(np.float32)
+            label = rng.integers(-1, 13, (h, w)).astype(np.float32)  # -1 = unlabeled, as MTAN stores it
+            depth = rng.uniform(0.5, 9.0, (h, w, 1)).astype(np.float32)
+            depth[0, 0, 0] = 0.0
+            for part, arr in (("image", image), ("label", label), ("depth", depth)):
+                np.save(root / folder / part / f"{i}.npy", arr)
+            truth[f"nyuv2/{folder}/{i}"] = (image, label, depth[..., 0])
+    return truth
+
+
+def test_nyuv2_preprocessed_layout_value_by_value(tmp_path):
+    truth = make_nyuv2(tmp_path / "nyu")
+    p = params("nyuv2", tmp_path / "nyu")
+    meta = prepare.run(p, tmp_path / "out")
+    assert len(meta["classes"]) == 13 and meta["classes"][0] == "bed" and meta["classes"][-1] == "window"
+    assert meta["counts"]["test"] == 2 and meta["counts"]["train"] + meta["counts"]["val"] == 6
+    found = _prepared_by_id(tmp_path / "out", meta)
+    for sid, (image, label, depth) in truth.items():
+        split, p_image, p_label, p_depth = found[sid]
+        assert (split == "test") == ("/val/" in sid)  # the layout's val folder is the official test split
+        np.testing.assert_array_equal(p_image, np.round(image * 255).astype(np.uint8))
+        expected = np.where(label < 0, 255, label).astype(np.uint8)
+        np.testing.assert_array_equal(p_label, expected)
+        np.testing.assert_allclose(p_depth, depth, rtol=1e-6)
+        assert p_depth[0, 0] == 0
+
+
+def test_nyuv2_missing_partner_and_bad_values(tmp_path):
+    make_nyuv2(tmp_path / "nyu")
+    (tmp_path / "nyu" / "train" / "depth" / "3.npy").unlink()
+    p = params("nyuv2", tmp_path / "nyu")
+    with pytest.raises(DataError, match=r"image/3.npy: no partner .*depth/3.npy"):
+        prepare.run(p, tmp_path / "out")
+    make_nyuv2(tmp_path / "nyu")
+    np.save(tmp_path / "nyu" / "train" / "image" / "2.npy", np.full((16, 24, 3), 3.0, np.float32))
+    with pytest.raises(DataError, match=r"image/2.npy: float image values outside \[0, 1\]"):
+        prepare.run(p, tmp_path / "out")
+    with pytest.raises(DataError, match="expected the preprocessed NYUv2 layout"):
+        prepare.run(params("nyuv2", tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
