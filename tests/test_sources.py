@@ -1,6 +1,7 @@
 """Real-data adapters (`folder`, NYUv2 preprocessed) through the real `prepare` stage, on fixtures written in
 their on-disk formats, checked value by value."""
 
+import json
 import zlib
 
 import numpy as np
@@ -161,4 +162,75 @@ def test_nyuv2_missing_partner_and_bad_values(tmp_path):
         prepare.run(p, tmp_path / "out")
     with pytest.raises(DataError, match="expected the preprocessed NYUv2 layout"):
         prepare.run(params("nyuv2", tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+BASELINE, FX = 0.209313, 2262.52
+
+
+def make_cityscapes(root, n_train=5, n_val=2, h=16, w=24):
+    """Official names and formats: 8-bit labelIds PNG, 16-bit disparity PNG, camera JSON per frame."""
+    truth = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            city = "aachen" if split == "train" else "frankfurt"
+            stem = f"{city}_{i:06d}_000019"
+            rng = np.random.default_rng(i + 50 * (split == "val"))
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            ids = rng.integers(0, 34, (h, w)).astype(np.uint8)
+            disparity = rng.integers(0, 30000, (h, w)).astype(np.uint16)
+            disparity[0, :4] = [0, 1, 2, 257]  # invalid, invalid, tiny, exactly 1 px of disparity
+            for sub, name, data in (("leftImg8bit", "leftImg8bit.png", image), ("gtFine", "gtFine_labelIds.png", ids),
+                                    ("disparity", "disparity.png", disparity)):
+                folder = root / sub / split / city
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(data).save(folder / f"{stem}_{name}")
+            (root / "camera" / split / city).mkdir(parents=True, exist_ok=True)
+            (root / "camera" / split / city / f"{stem}_camera.json").write_text(json.dumps(
+                {"extrinsic": {"baseline": BASELINE, "pitch": 0.038, "x": 1.7, "y": 0.1, "z": 1.18},
+                 "intrinsic": {"fx": FX, "fy": 2225.5, "u0": 1096.98, "v0": 513.137}}))
+            truth[f"cityscapes/{split}/{stem}"] = (image, ids, disparity)
+    return truth
+
+
+@pytest.mark.parametrize("n_classes", [7, 19])
+def test_cityscapes_value_by_value(tmp_path, n_classes):
+    from jointdistill.data.cityscapes_source import LABELS
+
+    truth = make_cityscapes(tmp_path / "cs")
+    p = params("cityscapes", tmp_path / "cs", f"prepare.cityscapes_classes={n_classes}", "prepare.max_depth=1000000")
+    meta = prepare.run(p, tmp_path / "out")
+    assert len(meta["classes"]) == n_classes
+    assert meta["counts"]["test"] == 2 and meta["counts"]["train"] + meta["counts"]["val"] == 5
+    found = _prepared_by_id(tmp_path / "out", meta)
+    for sid, (image, ids, disparity) in truth.items():
+        split, p_image, p_label, p_depth = found[sid]
+        assert (split == "test") == ("/val/" in sid)
+        np.testing.assert_array_equal(p_image, image)
+        for label_id, (name, train_id, category) in LABELS.items():
+            where = ids == label_id
+            want = train_id if n_classes == 19 else (category - 1 if category else 255)
+            assert (p_label[where] == want).all(), (name, label_id)
+        car = meta["classes"].index("car" if n_classes == 19 else "vehicle")
+        assert (ids == 26).any() and (p_label[ids == 26] == car).all()
+        valid = disparity > 1
+        expected = np.zeros(disparity.shape, np.float64)
+        expected[valid] = BASELINE * FX / ((disparity[valid].astype(np.float64) - 1) / 256)
+        np.testing.assert_allclose(p_depth, expected, rtol=1e-5)
+        assert p_depth[0, 0] == 0 and p_depth[0, 1] == 0
+        assert p_depth[0, 3] == pytest.approx(BASELINE * FX, rel=1e-5)  # p = 257 → 1 px of disparity
+
+
+def test_cityscapes_missing_partner_and_bad_camera(tmp_path):
+    make_cityscapes(tmp_path / "cs")
+    cam = next((tmp_path / "cs" / "camera" / "train").glob("*/*_camera.json"))
+    cam.write_text(json.dumps({"intrinsic": {"fx": FX}}))
+    with pytest.raises(DataError, match="camera.json: unreadable camera file"):
+        prepare.run(params("cityscapes", tmp_path / "cs"), tmp_path / "out")
+    disp = next((tmp_path / "cs" / "disparity" / "val").glob("*/*_disparity.png"))
+    disp.unlink()
+    with pytest.raises(DataError, match="leftImg8bit.png: no partner file .*_disparity.png"):
+        prepare.run(params("cityscapes", tmp_path / "cs"), tmp_path / "out")
+    with pytest.raises(DataError, match="expected the official Cityscapes layout"):
+        prepare.run(params("cityscapes", tmp_path / "nowhere"), tmp_path / "out")
     assert not (tmp_path / "out").exists()

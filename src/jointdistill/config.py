@@ -43,6 +43,9 @@ class PrepareParams(_Section):
     invalid_depth: Literal["mask", "error"] = Field(
         "mask", description="NaN/inf/negative depth pixels: mask them (set 0, count in meta.json) or fail"
     )
+    cityscapes_classes: Literal[7, 19] = Field(
+        7, description="cityscapes only: the 7 categories or the 19 training classes of the official label table"
+    )
     normalization: Literal["imagenet", "dataset"] = Field(
         "imagenet", description="mean/std recorded in meta.json: ImageNet's, or measured on train"
     )

@@ -67,7 +67,7 @@ def register(name: str):
 
 def make_source(params: PrepareParams, seed: int) -> Source:
     # Importing the adapters registers them; kept here so importing `base` stays cheap.
-    from . import folder_source, nyuv2_source, synthetic_source  # noqa: F401
+    from . import cityscapes_source, folder_source, nyuv2_source, synthetic_source  # noqa: F401
 
     factory = _REGISTRY.get(params.dataset)
     if factory is None:
