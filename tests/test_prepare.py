@@ -163,12 +163,18 @@ def test_unwritable_output(tiny_params, tmp_path):
         prepare.run(tiny_params, blocker / "prepared")
 
 
-def test_unknown_adapter_is_a_clear_error(tiny_params, tmp_path):
+def test_every_dataset_has_an_adapter_and_an_unknown_one_is_a_clear_error(tiny_params):
+    from typing import get_args
+
+    from jointdistill.config import PrepareParams
+    from jointdistill.data import base
     from jointdistill.errors import ConfigError
 
-    p = load_params(REPO / "params.yaml", [*TINY, "prepare.dataset=cityscapes", f"prepare.root={tmp_path}"])
-    with pytest.raises(ConfigError, match="'cityscapes' adapter is not available"):
-        prepare.run(p, tmp_path / "out")
+    base.make_source(tiny_params.prepare, 0)  # imports (registers) every adapter
+    assert set(get_args(PrepareParams.model_fields["dataset"].annotation)) == set(base._REGISTRY)
+    bogus = PrepareParams.model_construct(**{**tiny_params.prepare.model_dump(), "dataset": "kitti"})
+    with pytest.raises(ConfigError, match=r"'kitti' adapter is not available .*cityscapes, folder, nyuv2, synthetic"):
+        base.make_source(bogus, 0)
 
 
 @pytest.mark.slow
