@@ -47,3 +47,27 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(p, "2")
     assert p.read_text() == "2"
     assert os.listdir(p.parent) == ["f.json"]
+
+
+def test_npy_stream_writes_what_np_save_writes(tmp_path):
+    import numpy as np
+
+    from jointdistill.io import NpyStream
+
+    rows = np.random.default_rng(0).random((5, 3, 4)).astype(np.float32)
+    with NpyStream(tmp_path / "s.npy", rows.shape, np.float32) as s:
+        for r in rows:
+            s.append(r)
+    np.save(tmp_path / "ref.npy", rows)
+    assert (tmp_path / "s.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), rows)
+
+    with pytest.raises(ValueError, match=r"row \(3, 5\), expected \(3, 4\)"):
+        NpyStream(tmp_path / "bad.npy", (2, 3, 4), np.uint8).append(np.zeros((3, 5)))
+    short = NpyStream(tmp_path / "short.npy", (2, 3), np.uint8)
+    short.append(np.zeros(3))
+    with pytest.raises(ValueError, match="1 of 2 rows written"):
+        short.close()
+    with pytest.raises(ValueError, match="more than 1 rows"), NpyStream(tmp_path / "x.npy", (1, 2), np.uint8) as s:
+        s.append([1, 2])
+        s.append([3, 4])

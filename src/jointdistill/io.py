@@ -101,3 +101,47 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
+
+
+class NpyStream:
+    """Write an ``.npy`` of a known shape one leading-axis row at a time, with plain sequential writes.
+
+    Unlike a writable memmap, the rows written so far are not mapped into the process, so its resident
+    memory stays at one row however large the array grows. The file is byte-identical to ``np.save``'s.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype) -> None:
+        import numpy as np
+
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self._rows = 0
+        self._file = open(self.path, "wb")  # noqa: SIM115 -- closed by close()/__exit__
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self._file, header)
+
+    def append(self, row) -> None:
+        import numpy as np
+
+        row = np.ascontiguousarray(row, dtype=self.dtype)
+        if row.shape != self.shape[1:]:
+            raise ValueError(f"{self.path.name}: row {row.shape}, expected {self.shape[1:]}")
+        if self._rows == self.shape[0]:
+            raise ValueError(f"{self.path.name}: more than {self.shape[0]} rows")
+        self._file.write(row.tobytes())
+        self._rows += 1
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.close()
+        if self._rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self._rows} of {self.shape[0]} rows written")
+
+    def __enter__(self) -> NpyStream:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()

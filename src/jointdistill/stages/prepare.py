@@ -4,7 +4,8 @@
       meta.json  manifest.parquet  gallery.png
       {train,val,test}/{images,labels,depth}.npy
 
-Samples are streamed one at a time into memory-mapped arrays inside a temporary directory, which
+Samples are streamed one at a time, appended to the .npy files inside a temporary directory (never all
+in memory, nor mapped: resident memory stays at about one source frame whatever the dataset's size), which
 replaces the output only when everything has been written and checked.
 """
 
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from .. import __version__
@@ -28,7 +28,7 @@ from ..data.resize import resize_sample
 from ..data.split import assign_splits
 from ..data.validate import DepthMaskCounts, validate_sample
 from ..errors import DataError
-from ..io import atomic_dir, write_json
+from ..io import NpyStream, atomic_dir, write_json
 from ..viz import gallery, save_png
 
 log = logging.getLogger(__name__)
@@ -53,46 +53,45 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
     p = params.prepare
     h, w, n = p.height, p.width, len(refs)
     (tmp / split).mkdir()
-    images = open_memmap(tmp / split / "images.npy", mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
-    labels = open_memmap(tmp / split / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, h, w))
-    depth = open_memmap(tmp / split / "depth.npy", mode="w+", dtype=np.float32, shape=(n, h, w))
     rows = []
     n_classes = len(source.classes)
-    for i, ref in enumerate(refs):
-        sample = source.load(ref)
-        if sample.sample_id != ref.sample_id:
-            raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
-        sample, masked = validate_sample(sample, n_classes, source.ignore_index, p.max_depth, p.invalid_depth)
-        sample = resize_sample(sample, h, w)
-        images[i], labels[i], depth[i] = sample.image, sample.label, sample.depth
-        stats["masked"].add(masked)
-        counts = np.bincount(sample.label.ravel(), minlength=256)
-        stats["class_pixels"][split] += counts[:n_classes]
-        stats["ignored_pixels"][split] += int(counts[source.ignore_index])
-        valid = sample.depth > 0
-        stats["depth_valid"][split] += int(valid.sum())
-        if valid.any():
-            stats["depth_min"] = min(stats["depth_min"], float(sample.depth[valid].min()))
-            stats["depth_max"] = max(stats["depth_max"], float(sample.depth[valid].max()))
-        if split == "train":
-            px = sample.image.reshape(-1, 3).astype(np.float64) / 255.0
-            stats["sum"] += px.sum(0)
-            stats["sumsq"] += (px * px).sum(0)
-            stats["npx"] += px.shape[0]
-        rows.append(
-            {
-                "sample_id": ref.sample_id,
-                "split": split,
-                "index": i,
-                "source_split": ref.source_split,
-                "source_paths": "|".join(ref.paths),
-                "sha256": sample_digest(sample.image, sample.label, sample.depth),
-            }
-        )
-        progress.update(1)
-    for arr in (images, labels, depth):
-        arr.flush()
-    del images, labels, depth
+    with (NpyStream(tmp / split / "images.npy", (n, h, w, 3), np.uint8) as images,
+          NpyStream(tmp / split / "labels.npy", (n, h, w), np.uint8) as labels,
+          NpyStream(tmp / split / "depth.npy", (n, h, w), np.float32) as depth):
+        for i, ref in enumerate(refs):
+            sample = source.load(ref)
+            if sample.sample_id != ref.sample_id:
+                raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
+            sample, masked = validate_sample(sample, n_classes, source.ignore_index, p.max_depth, p.invalid_depth)
+            sample = resize_sample(sample, h, w)
+            images.append(sample.image)
+            labels.append(sample.label)
+            depth.append(sample.depth)
+            stats["masked"].add(masked)
+            counts = np.bincount(sample.label.ravel(), minlength=256)
+            stats["class_pixels"][split] += counts[:n_classes]
+            stats["ignored_pixels"][split] += int(counts[source.ignore_index])
+            valid = sample.depth > 0
+            stats["depth_valid"][split] += int(valid.sum())
+            if valid.any():
+                stats["depth_min"] = min(stats["depth_min"], float(sample.depth[valid].min()))
+                stats["depth_max"] = max(stats["depth_max"], float(sample.depth[valid].max()))
+            if split == "train":
+                px = sample.image.reshape(-1, 3).astype(np.float64) / 255.0
+                stats["sum"] += px.sum(0)
+                stats["sumsq"] += (px * px).sum(0)
+                stats["npx"] += px.shape[0]
+            rows.append(
+                {
+                    "sample_id": ref.sample_id,
+                    "split": split,
+                    "index": i,
+                    "source_split": ref.source_split,
+                    "source_paths": "|".join(ref.paths),
+                    "sha256": sample_digest(sample.image, sample.label, sample.depth),
+                }
+            )
+            progress.update(1)
     return rows
 
 
