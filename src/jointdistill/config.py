@@ -46,6 +46,14 @@ class PrepareParams(_Section):
     cityscapes_classes: Literal[7, 19] = Field(
         7, description="cityscapes only: the 7 categories or the 19 training classes of the official label table"
     )
+    nyuv2_class_map: str | None = Field(
+        None,
+        description="nyuv2 official .mat only: class-mapping file from the 894 labels to 13, 40 or K classes "
+        "(classMapping13.mat / classMapping40.mat, or YAML/JSON {classes, map})",
+    )
+    nyuv2_splits: str | None = Field(
+        None, description="nyuv2 official .mat only: splits.mat (default: splits.mat beside the labelled .mat)"
+    )
     normalization: Literal["imagenet", "dataset"] = Field(
         "imagenet", description="mean/std recorded in meta.json: ImageNet's, or measured on train"
     )

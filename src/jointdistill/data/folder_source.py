@@ -33,7 +33,7 @@ from .split import hash_fraction
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def _default_color(i: int) -> tuple[int, int, int]:
+def default_color(i: int) -> tuple[int, int, int]:
     """Distinct, stable colours for classes the table gives none."""
     h = hashlib.sha256(f"class-{i}".encode()).digest()
     return (h[0], h[1], h[2])
@@ -50,6 +50,18 @@ def read_class_table(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int,
         table = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (ValueError, yaml.YAMLError) as exc:
         raise DataError(f"{path}: unreadable ({exc})") from None
+    names, colors = parse_classes(table, path)
+    ignore = int(table.get("ignore_index", 255))
+    if ignore < len(names) or ignore > 65535:
+        raise DataError(f"{path}: ignore_index {ignore} collides with a class id (0..{len(names) - 1})")
+    scale = float(table.get("depth_png_scale", 0.001))
+    if not scale > 0:
+        raise DataError(f"{path}: depth_png_scale must be > 0")
+    return names, colors, ignore, scale
+
+
+def parse_classes(table, path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
+    """The ``classes`` list of a class table: names, or {name, color} entries; id = position."""
     entries = (table or {}).get("classes") if isinstance(table, dict) else None
     if not entries or not isinstance(entries, list):
         raise DataError(f"{path}: expected a non-empty list under 'classes'")
@@ -57,10 +69,10 @@ def read_class_table(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int,
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             names.append(entry)
-            colors.append(_default_color(i))
+            colors.append(default_color(i))
         elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
             names.append(entry["name"])
-            color = entry.get("color", _default_color(i))
+            color = entry.get("color", default_color(i))
             if not (isinstance(color, (list, tuple)) and len(color) == 3 and all(0 <= int(c) <= 255 for c in color)):
                 raise DataError(f"{path}: class {entry['name']!r}: color must be [r, g, b] in 0..255")
             colors.append(tuple(int(c) for c in color))
@@ -68,13 +80,7 @@ def read_class_table(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int,
             raise DataError(f"{path}: classes[{i}] must be a name or {{name: …, color: [r, g, b]}}")
     if len(set(names)) != len(names):
         raise DataError(f"{path}: class names repeat")
-    ignore = int(table.get("ignore_index", 255))
-    if ignore < len(names) or ignore > 65535:
-        raise DataError(f"{path}: ignore_index {ignore} collides with a class id (0..{len(names) - 1})")
-    scale = float(table.get("depth_png_scale", 0.001))
-    if not scale > 0:
-        raise DataError(f"{path}: depth_png_scale must be > 0")
-    return tuple(names), tuple(colors), ignore, scale
+    return tuple(names), tuple(colors)
 
 
 def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:

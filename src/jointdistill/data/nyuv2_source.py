@@ -3,8 +3,8 @@
 Layout under ``prepare.root``: ``{train,val}/{image,label,depth}/N.npy`` — image (288, 384, 3) float in
 [0, 1] (or uint8), label (288, 384) with the 13 classes 0..12 and -1 where unlabeled, depth (288, 384[, 1])
 in metres, 0 where invalid. That layout's ``val`` folder is the official 654-image test split, so it
-becomes ``test`` here; ``train`` (795 images) gives train and val. (The official labelled .mat with
-splits.mat is not read yet.)
+becomes ``test`` here; ``train`` (795 images) gives train and val. When ``prepare.root`` is the official
+``nyu_depth_v2_labeled.mat`` (or a folder holding it), `nyuv2_mat` reads that instead.
 """
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 @register("nyuv2")
+def make_nyuv2(params: PrepareParams, seed: int):
+    """The preprocessed layout, or the official labelled .mat, depending on what ``root`` points at."""
+    from .nyuv2_mat import MAT_NAME, NYUv2LabeledSource
+
+    root = Path(params.root or "")
+    if root.suffix.lower() == ".mat":
+        if not root.is_file():
+            raise DataError(f"prepare.root {root}: no such file")
+        return NYUv2LabeledSource(params, seed, root)
+    if (root / MAT_NAME).is_file() and not (root / "train" / "image").is_dir():
+        return NYUv2LabeledSource(params, seed, root / MAT_NAME)
+    return NYUv2Source(params, seed)
+
+
 class NYUv2Source:
     name = "nyuv2"
     classes = CLASSES
@@ -50,7 +64,8 @@ class NYUv2Source:
             raise DataError(f"prepare.root {self.root}: no such folder")
         if not (self.root / "train" / "image").is_dir():
             raise DataError(f"{self.root}: expected the preprocessed NYUv2 layout "
-                            "{train,val}/{image,label,depth}/N.npy (MTAN / LibMTL)")
+                            "{train,val}/{image,label,depth}/N.npy (MTAN / LibMTL), or the official "
+                            "nyu_depth_v2_labeled.mat")
 
     def _folder(self, ref: SampleRef) -> tuple[Path, str]:
         split, index = ref.sample_id.split("/")[1:]
