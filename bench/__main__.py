@@ -9,7 +9,8 @@ from . import ablation, data, distill, export, teachers
 from .common import machine_info, write_results
 
 SUITES = {
-    "data": lambda quick, params: data.generator_rows(quick) + data.prepare_rows(quick, params),
+    "data": lambda quick, params: (data.generator_rows(quick) + data.prepare_rows(quick, params)
+                                   + data.cityscapes_rows(quick, params)),
     "teachers": teachers.rows,
     "distill": distill.rows,
     "export": export.rows,
