@@ -171,6 +171,11 @@ def distill(
     ),
     checkpoints: CheckpointsOpt = None,
     resume: ResumeOpt = False,
+    teacher_cache: Annotated[
+        Path | None,
+        typer.Option(help="with distill.teacher_cache: the cache folder, reused when it matches the teachers and "
+                     "data [default: CHECKPOINTS/teacher_cache]"),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -180,14 +185,16 @@ def distill(
     teacher weights ω), full (+ knowledge trajectory; the default). Validates every epoch (a timeframe), where
     ω is updated and the trajectories are recorded. Writes OUT/student.pt, OUT/metrics.json, OUT/weights.csv
     (timeframe, step, task, feedback, omega), OUT/trajectory.parquet (timeframe, step, image, rank, y, x, value,
-    source) and OUT/dvclive/. Under torchrun (--nproc_per_node N) it trains with DDP.
+    source) and OUT/dvclive/. Under torchrun (--nproc_per_node N) it trains with DDP. With
+    distill.teacher_cache the teachers run once over train/val and training reads their cached features.
     Params read: seed, augment.*, student.*, distill.*.
     """
     from .config import load_params
     from .stages import distill as stage
 
     cfg = load_params(params, set_)
-    report = stage.run(cfg, data, None if cfg.distill.mode == "mtl" else teachers, out, checkpoints, resume)
+    report = stage.run(cfg, data, None if cfg.distill.mode == "mtl" else teachers, out, checkpoints, resume,
+                       teacher_cache)
     test = report["test"]
     omega = ", ".join(f"{k} {v:.3f}" for k, v in report["weights"]["final"].items())
     typer.echo(

@@ -170,6 +170,9 @@ class DistillParams(OptimParams):
     traj_every: int = Field(1, ge=1, description="steps between trajectory-loss evaluations (full mode)")
     traj_batch: int = Field(4, ge=1, description="probe images per trajectory-loss step, cycling through the set")
     connector_channels: int = Field(128, ge=8, description="width of the connector's fused map g^F")
+    teacher_cache: bool = Field(
+        False, description="run the frozen teachers once over train/val and train from their cached float16 "
+        "feature maps (warped with each sample's augmentation) instead of running them every step")
 
     @model_validator(mode="after")
     def _check_weights(self) -> DistillParams:

@@ -261,7 +261,8 @@ def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state
     for batch in loader:
         batch = _to(batch, device, channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            outputs = model(batch["image"])
+            # What else the model takes from the batch (the distill task's cached teacher features).
+            outputs = model(batch["image"], **{k: batch[k] for k in getattr(task, "model_inputs", ())})
             loss, parts = task.loss(outputs, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at epoch {state.epoch + 1}, step {state.global_step}: {parts}")

@@ -17,13 +17,16 @@ class PreparedDataset(Dataset):
     """One split of a prepared folder. Items are dicts of tensors:
 
     ``image`` (3, H, W) float32 normalised with meta's mean/std; ``label`` (H, W) int64 (ignore_index where
-    unlabeled); ``depth`` (1, H, W) float32 metres (0 = invalid); ``index`` int.
+    unlabeled); ``depth`` (1, H, W) float32 metres (0 = invalid); ``index`` int. With ``features`` (an array
+    (N, C, h, w) of the teachers' cached feature maps for this split), also ``teacher_features`` (C, h', w')
+    float32, warped by the same augmentation as the image.
 
     With a ``transform`` the random augmentation of item i in epoch e is fixed by (seed, e, i), so a run
     resumed mid-training, or spread over several loader workers, sees exactly the same batches.
     """
 
-    def __init__(self, root: str | Path, split: str, transform: JointTransform | None = None, seed: int = 0):
+    def __init__(self, root: str | Path, split: str, transform: JointTransform | None = None, seed: int = 0,
+                 features: np.ndarray | None = None, feature_stride: int = 8):
         self.root = Path(root)
         self.meta = read_meta(self.root)
         self.split = split
@@ -35,6 +38,9 @@ class PreparedDataset(Dataset):
         self.mean = torch.tensor(norm["mean"], dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(norm["std"], dtype=torch.float32).view(3, 1, 1)
         self.ignore_index = int(self.meta["ignore_index"])
+        self.features, self.feature_stride = features, feature_stride
+        if features is not None and len(features) != len(self):
+            raise ValueError(f"{split}: {len(features)} cached feature maps for {len(self)} samples")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -49,9 +55,16 @@ class PreparedDataset(Dataset):
         image = (image - self.mean) / self.std
         label = torch.from_numpy(np.array(self.arrays["labels"][i])).long()
         depth = torch.from_numpy(np.array(self.arrays["depth"][i])).unsqueeze(0)
+        item = {"index": i}
+        feats = None if self.features is None else torch.from_numpy(np.array(self.features[i]))
         if self.transform is not None:
             g = torch.Generator().manual_seed(
                 int.from_bytes(hashlib.sha256(f"{self.seed}:{self.epoch}:{i}".encode()).digest()[:8], "big") >> 1
             )
-            image, label, depth = self.transform(image, label, depth, g, self.ignore_index)
-        return {"image": image, "label": label, "depth": depth, "index": i}
+            draw = self.transform.draw(image.shape[1], image.shape[2], g)
+            image, label, depth = self.transform.apply(draw, image, label, depth, self.ignore_index)
+            if feats is not None:
+                feats = self.transform.warp_features(draw, feats, self.feature_stride)
+        if feats is not None:
+            item["teacher_features"] = feats.float()
+        return {"image": image, "label": label, "depth": depth, **item}

@@ -4,6 +4,8 @@ frozen teachers alongside.
 The teachers are held outside the module tree, so they are in neither ``parameters()`` (the optimiser and
 DDP never see them) nor ``state_dict()`` (checkpoints hold only what is trained), yet ``.to()`` moves them.
 In eval mode the model is just the student, so the engine's validation measures the student alone.
+With the teacher-output cache there are no teachers here at all: each training batch brings the teachers'
+(augmented) feature maps, and the probe set's maps come precomputed.
 """
 
 from __future__ import annotations
@@ -35,10 +37,15 @@ def frozen_batchnorm(module: nn.Module):
 
 class DistillModel(nn.Module):
     def __init__(self, student: DenseNet, connector: Connector | None = None, teachers: list[DenseNet] | None = None,
-                 probes: torch.Tensor | None = None, traj_every: int = 1, traj_batch: int = 4):
+                 probes: torch.Tensor | None = None, traj_every: int = 1, traj_batch: int = 4,
+                 probe_teacher_features: torch.Tensor | None = None):
         super().__init__()
-        if (connector is None) != (not teachers):
-            raise ValueError("the connector and the teachers come together (KD modes) or not at all (mtl)")
+        cached = probe_teacher_features is not None
+        if (connector is None) != (not teachers and not cached):
+            raise ValueError("the connector and the teachers (or their cache) come together (KD modes) or not at "
+                             "all (mtl)")
+        # The probe set's teacher feature maps when they come from the cache (then no teacher is held).
+        self._probe_teacher = probe_teacher_features
         self.student = student
         self.connector = connector
         self._teachers = tuple(teachers or ())
@@ -66,6 +73,8 @@ class DistillModel(nn.Module):
             t._apply(fn, *args, **kwargs)
         if self._probes is not None:
             self._probes = fn(self._probes)
+        if self._probe_teacher is not None:
+            self._probe_teacher = fn(self._probe_teacher)
         return self
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
@@ -87,12 +96,16 @@ class DistillModel(nn.Module):
         start = (step // self.traj_every) * self.traj_batch
         return torch.arange(start, start + min(self.traj_batch, p)) % p
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None) -> dict:
+        """``teacher_features``: the batch's cached teacher maps (concatenated along channels), if cached."""
         if not self.training:
             return self.student(x)
         out = {"student": self.student(x)}
         if self.connector is not None:
-            out["connector"] = self.connector(self.teacher_features(x), x.shape[-2:])
+            if teacher_features is None and not self._teachers:
+                raise ValueError("no teachers here: a batch must bring its cached teacher_features")
+            feats = [teacher_features.to(x.dtype)] if teacher_features is not None else self.teacher_features(x)
+            out["connector"] = self.connector(feats, x.shape[-2:])
         step = int(self.steps)
         if self.trajectory_on and step % self.traj_every == 0:
             idx = self.probe_slice(step)
@@ -110,9 +123,11 @@ class DistillModel(nn.Module):
         self.eval()
         fused, student = [], []
         try:
-            for chunk in self._probes.split(_PROBE_CHUNK):
+            for i, chunk in enumerate(self._probes.split(_PROBE_CHUNK)):
                 if self.connector is not None:
-                    fused.append(self.connector.fused(self.teacher_features(chunk)).float())
+                    feats = ([self._probe_teacher[i * _PROBE_CHUNK:(i + 1) * _PROBE_CHUNK]]
+                             if self._probe_teacher is not None else self.teacher_features(chunk))
+                    fused.append(self.connector.fused(feats).float())
                 student.append(self.student.encode(chunk).float())
         finally:
             self.train(was)

@@ -66,6 +66,7 @@ class StudentTask:
         self.trajectories: list[tuple[str, Points]] = []  # every timeframe's points, both sources
         self.timeframes: list[dict] = []  # per-timeframe trajectory statistics
         self.logging_seconds = 0.0
+        self.model_inputs = ("teacher_features",) if model.connector is not None and not model.teachers else ()
 
     # ------------------------------------------------------------------ training
     def omega(self) -> dict[str, float]:

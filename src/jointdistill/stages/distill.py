@@ -26,6 +26,7 @@ from ..config import DistillParams, Params
 from ..data.contract import verify_prepared
 from ..data.prepared import PreparedDataset
 from ..data.transforms import JointTransform
+from ..distill import teacher_cache as tcache
 from ..distill.connector import Connector
 from ..distill.model import DistillModel
 from ..distill.task import TASKS, StudentTask
@@ -152,9 +153,11 @@ def write_trajectory(path: Path, task: StudentTask) -> int:
 
 # ----------------------------------------------------------------------------- the stage
 def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path] | None, out: str | Path,
-        checkpoints: str | Path | None = None, resume: bool = False) -> dict:
+        checkpoints: str | Path | None = None, resume: bool = False, teacher_cache: str | Path | None = None) -> dict:
     """Distil the student on ``data`` from ``teachers`` = (seg folder, depth folder) into ``out``.
 
+    With ``distill.teacher_cache`` the teachers' features come from a cache in ``teacher_cache`` (default: the
+    checkpoint folder's ``teacher_cache/``), built there first unless a matching one exists.
     Returns metrics.json's content. Every input is checked before any training starts.
     """
     cfg = params.distill
@@ -186,7 +189,17 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     if kd:
         connector = Connector([t.feature_channels for t in teacher_models], num_classes, cfg.connector_channels)
     probes = torch.stack([val_ds[i]["image"] for i in probe_ids])
-    model = DistillModel(student, connector, teacher_models, probes, cfg.traj_every, cfg.traj_batch)
+    cache, cache_report, probe_feats = None, None, None
+    if kd and cfg.teacher_cache:
+        folder = Path(teacher_cache) if teacher_cache else checkpoints / "teacher_cache"
+        key = tcache.cache_key({t: i["file_digest"] for t, i in teacher_info.items()}, meta)
+        cache, reused = tcache.ensure(folder, teacher_models, key, data, device, cfg.batch_size)
+        probe_feats = torch.from_numpy(np.asarray(cache["val"][probe_ids])).float()
+        cache_report = {"path": str(folder), "reused": reused, **{k: cache["meta"][k] for k in (
+            "channels", "grid", "bytes", "build_seconds", "teacher_forward_images")}}
+        teacher_models = []  # from here on no teacher runs: their features come from the cache
+    model = DistillModel(student, connector, teacher_models, probes, cfg.traj_every, cfg.traj_batch,
+                         probe_teacher_features=probe_feats)
     job = StudentTask(model, cfg, num_classes, ignore, teacher_scores, probe_ids)
 
     digest = hashlib.sha256(json.dumps({
@@ -195,7 +208,9 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "data": meta.get("source_checksum"), "code": code_digest(),
         "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
     }, sort_keys=True).encode()).hexdigest()[:16]
-    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed)
+    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed,
+                               features=cache["train"] if cache is not None else None,
+                               feature_stride=DenseNet.feature_stride)
     t0 = time.perf_counter()
     result = fit(model, job, train_ds, val_ds, cfg, params.seed, checkpoints, digest, resume=resume,
                  log_name=f"distill-{cfg.mode}")
@@ -222,7 +237,10 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         # Training loop only (data, forward, backward, step), per process; validation excluded.
         "seconds_per_step": round(cfg.batch_size / ips, 5) if ips else None,
         "train_images_per_second": round(ips, 2) if ips else None,
-        "teacher_forward_images": model.teacher_images,
+        # Images the teachers ran on in this process: per step without the cache, once when it was built.
+        "teacher_forward_images": model.teacher_images + (
+            cache_report["teacher_forward_images"] if cache_report and not cache_report["reused"] else 0),
+        "teacher_cache": cache_report,
         "history": result.history,
         "resumed_from_step": result.resumed_from,
         "world_size": world,
