@@ -15,11 +15,13 @@ SUITES = {
     "distill": distill.rows,
     "export": export.rows,
     "ablation": ablation.rows,
+    "distill-paper": distill.paper_rows,
+    "teacher-cache": ablation.cache_rows,
     "export-paper": lambda quick, params: export.rows(quick, params, ("paper",)),
     # On a GPU machine with onnxruntime-gpu: CUDA execution provider vs PyTorch eager on CUDA.
     "export-gpu": lambda quick, params: export.rows(quick, params, ("default", "paper"), device="cuda"),
 }
-SLOW = ("ablation", "export-paper", "export-gpu")
+SLOW = ("ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu")
 DEFAULT = [name for name in SUITES if name not in SLOW]
 
 
@@ -28,7 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
     ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated suites ({', '.join(SUITES)}; "
                     "default: all but ablation, which trains 15 models and takes about an hour on 2 cores; "
-                    "export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and export-gpu)")
+                    "teacher-cache (8 models, about 30 minutes); "
+                    "distill-paper and export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and "
+                    "export-gpu)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     args = ap.parse_args(argv)

@@ -1,6 +1,7 @@
 """The ablation (issue: modes single, mtl, static_kd, adaptive, full; seeds 0, 1, 2) on the embedded default,
 through `jointdistill.stages.ablate`: one row per mode, Δm mean (min–max = mean ± std), every metric in the
-note. The full table, CSV and bar chart of the recorded run are in bench/results/ablation/."""
+note. `teacher-cache`: full with and without ``distill.teacher_cache`` on the same seeds. The full table, CSV
+and bar chart of the recorded run are in bench/results/ablation/."""
 
 from __future__ import annotations
 
@@ -24,12 +25,21 @@ print(json.dumps(ablate.run(p, tmp + "/prepared", tmp + "/ablation", {modes!r}, 
 """
 
 
-def rows(quick: bool, params: str) -> list[dict]:
-    sets, modes, seeds = [], ["single", "mtl", "static_kd", "adaptive", "full"], [0, 1, 2]
+QUICK = ["prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1", "teacher.batch_size=4",
+         "distill.epochs=1", "distill.batch_size=4", "distill.probe_images=4"]
+
+
+def cache_rows(quick: bool, params: str) -> list[dict]:
+    """Accuracy with and without the teacher-output cache: full vs full+cache, same seeds and teachers."""
     if quick:
-        sets = ["prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1",
-                "teacher.batch_size=4", "distill.epochs=1", "distill.batch_size=4", "distill.probe_images=4"]
-        modes, seeds = ["single", "mtl", "full"], [0]
+        return rows(quick, params, ["single", "full", "full+cache"], [0], "teacher cache")
+    return rows(quick, params, ["single", "full", "full+cache"], [0, 1], "teacher cache")
+
+
+def rows(quick: bool, params: str, modes=None, seeds=None, label: str = "ablation") -> list[dict]:
+    sets = QUICK if quick else []
+    modes = modes or (["single", "mtl", "full"] if quick else ["single", "mtl", "static_kd", "adaptive", "full"])
+    seeds = seeds or ([0] if quick else [0, 1, 2])
     data = json.dumps(yaml.safe_load(Path(params).read_text()))
     with tempfile.TemporaryDirectory() as tmp:
         table = run_json(RUN.format(tmp=tmp, data=data, sets=sets, modes=modes, seeds=seeds), one_core=False,
@@ -37,7 +47,7 @@ def rows(quick: bool, params: str) -> list[dict]:
     out = []
     for r in table:
         m, s = r["delta_m_mean"], r["delta_m_std"]
-        out.append({"name": f"ablation: {r['mode']} (Δm vs teachers, {r['seeds']} seeds)", "unit": "Δm %",
+        out.append({"name": f"{label}: {r['mode']} (Δm vs teachers, {r['seeds']} seeds)", "unit": "Δm %",
                     "median": m, "min": m - s, "max": m + s,
                     "note": f"mIoU {r['miou_mean']:.4f} ± {r['miou_std']:.4f}, pixAcc {r['pixacc_mean']:.4f} ± "
                             f"{r['pixacc_std']:.4f}, AbsErr {r['abs_err_mean']:.3f} ± {r['abs_err_std']:.3f} m, "

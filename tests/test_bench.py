@@ -25,8 +25,11 @@ def test_bench_quick_writes_results(tmp_path):
     assert any(r["name"].startswith("depth teacher test abs_err") for r in teachers)
     distilled = json.loads((tmp_path / "distill.json").read_text())["results"]
     modes = {r["name"]: r for r in distilled if r["name"].startswith("distill step")}
-    assert len(modes) == 4 and modes["distill step, mode mtl (epoch 2)"]["ratio_vs_mtl"] == 1.0
+    assert len(modes) == 6 and modes["distill step, mtl (epoch 2)"]["ratio_vs_mtl"] == 1.0
     assert all(r["ratio_vs_mtl"] > 0 for r in modes.values())
+    cached = modes["distill step, full + teacher cache (epoch 2)"]
+    assert cached["target"] == "≤ 1.25× mtl" and "cache built once" not in cached["note"]  # static_kd built it
+    assert "cache built once" in modes["distill step, static_kd + teacher cache (epoch 2)"]["note"]
     storage = next(r for r in distilled if r["name"].startswith("trajectory storage"))
     assert 0 < storage["median"] < 100
     ablation = json.loads((tmp_path / "ablation.json").read_text())["results"]

@@ -160,11 +160,18 @@ def test_dvc_metrics_show_reads_it(evaluated, tmp_path):
 # ----------------------------------------------------------------------------- ablation
 def test_ablation_table_is_mean_and_std_of_the_runs(prepared, tmp_path):
     p = params("distill.epochs=1")
-    table = ablate.run(p, prepared, tmp_path / "abl", modes=["single", "mtl", "full"], seeds=[0, 1])
-    assert [r["mode"] for r in table] == ["single", "mtl", "full"] and all(r["seeds"] == 2 for r in table)
+    modes = ["single", "mtl", "full", "full+cache"]
+    table = ablate.run(p, prepared, tmp_path / "abl", modes=modes, seeds=[0, 1])
+    assert [r["mode"] for r in table] == modes and all(r["seeds"] == 2 for r in table)
     with open(tmp_path / "abl" / "runs.csv") as f:
         runs = list(csv.DictReader(f))
-    assert len(runs) == 6
+    assert len(runs) == 8
+    for seed in (0, 1):  # full+cache trained from one cache per seed, full ran its teachers every step
+        cached = json.loads((tmp_path / "abl" / "runs" / f"seed-{seed}" / "full+cache" / "metrics.json").read_text())
+        live = json.loads((tmp_path / "abl" / "runs" / f"seed-{seed}" / "full" / "metrics.json").read_text())
+        assert cached["teacher_cache"]["path"] == str(tmp_path / "abl" / "runs" / f"seed-{seed}" / "teacher_cache")
+        assert live["teacher_cache"] is None and cached["teacher_cache"]["reused"] is False
+        assert cached["teacher_forward_images"] == cached["teacher_cache"]["teacher_forward_images"]  # the build
     for row in table:
         for key in ("miou", "abs_err", "delta_m"):
             vals = [float(r[key]) for r in runs if r["mode"] == row["mode"]]
@@ -179,12 +186,12 @@ def test_ablation_table_is_mean_and_std_of_the_runs(prepared, tmp_path):
     _png_ok(tmp_path / "abl" / "ablation.png")
     # Re-running reuses every finished run (same params) instead of training again.
     stamp = (tmp_path / "abl" / "runs" / "seed-1" / "full" / "student.pt").stat().st_mtime_ns
-    again = ablate.run(p, prepared, tmp_path / "abl", modes=["single", "mtl", "full"], seeds=[0, 1])
+    again = ablate.run(p, prepared, tmp_path / "abl", modes=modes, seeds=[0, 1])
     assert again == table
     assert (tmp_path / "abl" / "runs" / "seed-1" / "full" / "student.pt").stat().st_mtime_ns == stamp
 
 
 def test_ablate_cli_rejects_unknown_mode(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jointdistill", "ablate", "--modes", "mtl,eata", "--out",
+    r = subprocess.run([sys.executable, "-m", "jointdistill", "ablate", "--modes", "mtl,eata,mtl+cache", "--out",
                         str(tmp_path / "a")], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and "unknown ['eata']" in r.stderr
+    assert r.returncode == 2 and "unknown ['eata', 'mtl+cache']" in r.stderr

@@ -342,7 +342,8 @@ def fetch_model(
 @app.command("ablate")
 @_friendly
 def ablate(
-    modes: Annotated[str, typer.Option(help="comma-separated: single, mtl, static_kd, adaptive, full")] = (
+    modes: Annotated[str, typer.Option(help="comma-separated: single, mtl, static_kd, adaptive, full; a KD mode "
+                                       "with +cache (full+cache) uses distill.teacher_cache")] = (
         "single,mtl,static_kd,adaptive,full"
     ),
     seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = "0,1,2",

@@ -2,12 +2,12 @@
 distillation mode on the same prepared data, each evaluated on test; then one table, mean ± std over seeds,
 rows = modes, columns = mIoU, pixAcc, AbsErr, RelErr, Δm (against that seed's teachers).
 
-``single`` is the teachers themselves (seg metrics from the seg teacher, depth metrics from the depth
-teacher; Δm = 0 by definition). The seed changes initialisation, data order and augmentation, never the
-data. Every run is a normal stage output under ``out/runs/seed-S/``; a run already finished with the same
-params is reused, and an interrupted one resumes from its checkpoint, so a killed ablation picks up where
-it stopped.
-"""
+``single`` is the teachers themselves (seg metrics from the seg teacher, depth metrics from the depth teacher;
+Δm = 0 by definition). A KD mode with ``+cache`` (e.g. ``full+cache``) is that mode with
+``distill.teacher_cache`` on, sharing one cache per seed: what the cache costs in accuracy. The seed changes
+initialisation, data order and augmentation, never the data. Every run is a normal stage output under
+``out/runs/seed-S/``; a run already finished with the same params is reused, and an interrupted one resumes
+from its checkpoint, so a killed ablation picks up where it stopped."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from . import distill, teacher
 
 log = logging.getLogger(__name__)
 MODES = ("single", "mtl", "static_kd", "adaptive", "full")
+CACHED = tuple(f"{m}+cache" for m in MODES[2:])
 COLUMNS = ("miou", "pixacc", "abs_err", "rel_err", "delta_m")
 LABELS = {"miou": "mIoU ↑", "pixacc": "pixAcc ↑", "abs_err": "AbsErr (m) ↓", "rel_err": "RelErr ↓", "delta_m": "Δm % ↑"}
 
@@ -52,9 +53,9 @@ def _with(params: Params, **changes) -> Params:
 
 def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=(0, 1, 2)) -> list[dict]:
     """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,png})."""
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODES + CACHED]
     if unknown or not modes:
-        raise ConfigError(f"--modes: unknown {unknown} (choose from {', '.join(MODES)})")
+        raise ConfigError(f"--modes: unknown {unknown} (choose from {', '.join(MODES + CACHED)})")
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     data, out = Path(data), Path(out)
@@ -78,12 +79,14 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=(0
             if mode == "single":
                 results.append({"seed": seed, "mode": mode, **reference, "delta_m": 0.0})
                 continue
-            p = _with(base, **{"distill.mode": mode})
+            name, cached = mode.removesuffix("+cache"), mode.endswith("+cache")
+            p = _with(base, **{"distill.mode": name, "distill.teacher_cache": cached})
             folder = root / mode
             if not _done(folder, p.digest()):
                 log.info("ablate: seed %d, mode %s", seed, mode)
-                teachers = None if mode == "mtl" else (root / "teachers" / "seg", root / "teachers" / "depth")
-                distill.run(p, data, teachers, folder, root / "checkpoints" / mode, resume=True)
+                teachers = None if name == "mtl" else (root / "teachers" / "seg", root / "teachers" / "depth")
+                distill.run(p, data, teachers, folder, root / "checkpoints" / mode, resume=True,
+                            teacher_cache=root / "teacher_cache")
             model, _ = load_model(folder / "student.pt")
             m = evaluate_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size,
                                device).metrics
