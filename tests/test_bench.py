@@ -9,7 +9,7 @@ from .conftest import REPO
 
 def test_bench_quick_writes_results(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--only",
-                        "data,teachers,distill,export,ablation"], cwd=REPO,
+                        "data,loader,teachers,distill,export,ablation"], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "data.json").read_text())
@@ -20,6 +20,10 @@ def test_bench_quick_writes_results(tmp_path):
     assert data["machine"]["logical_cpus"] >= 1
     table = (tmp_path / "data.md").read_text()
     assert "| benchmark | median |" in table and "frames/s" in table
+    loader = {r["name"]: r for r in json.loads((tmp_path / "loader.json").read_text())["results"]}
+    step = loader.pop("student training step (mtl, default student, batch of distill.batch_size)")["median"]
+    assert len(loader) == 3 and all(0 < r["median"] and r["ok"] == (r["median"] <= 0.2 * step)
+                                    for r in loader.values())
     teachers = json.loads((tmp_path / "teachers.json").read_text())["results"]
     assert any(r["name"].startswith("seg teacher test miou") and "target" in r for r in teachers)
     assert any(r["name"].startswith("depth teacher test abs_err") for r in teachers)
