@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import ablation, data, distill, export, pipeline, teachers
+from . import ablation, data, ddp, distill, export, pipeline, teachers
 from .common import machine_info, write_results
 
 SUITES = {
@@ -16,6 +16,7 @@ SUITES = {
     "export": export.rows,
     "loader": pipeline.loader_rows,
     "pipeline": pipeline.repro_rows,
+    "ddp": ddp.rows,
     "ablation": ablation.rows,
     "distill-paper": distill.paper_rows,
     "teacher-cache": ablation.cache_rows,
@@ -23,7 +24,7 @@ SUITES = {
     # On a GPU machine with onnxruntime-gpu: CUDA execution provider vs PyTorch eager on CUDA.
     "export-gpu": lambda quick, params: export.rows(quick, params, ("default", "paper"), device="cuda"),
 }
-SLOW = ("pipeline", "ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu")
+SLOW = ("pipeline", "ddp", "ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu")
 DEFAULT = [name for name in SUITES if name not in SLOW]
 
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated suites ({', '.join(SUITES)}; "
                     "default: all but ablation, which trains 15 models and takes about an hour on 2 cores; "
                     "teacher-cache (8 models, about 30 minutes); pipeline (a whole dvc repro, about 12 minutes); "
+                    "ddp (torchrun scaling, about 10 minutes); "
                     "distill-paper and export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and "
                     "export-gpu)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
