@@ -137,6 +137,9 @@ def test_class_map_formats_agree(tmp_path):
         lookup, classes, palette = read_class_map(tmp_path / name)
         np.testing.assert_array_equal(lookup, expected, err_msg=name)
         assert classes == CLASSES_40 and len(palette) == 40, name
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"classes": ["a"], "map": ["a"] * 894}))
+    with pytest.raises(DataError, match=r"bad.yaml: map values must be numbers"):
+        read_class_map(tmp_path / "bad.yaml")
     # 13 classes (classMapping13): default names and the 13-class palette of the preprocessed layout
     write_class_map_mat(tmp_path / "m13.mat", (mapping % 13) + 1, names=[f"c{i}" for i in range(13)])
     lookup, classes, _ = read_class_map(tmp_path / "m13.mat")

@@ -46,10 +46,7 @@ def read_class_table(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int,
             break
     else:
         raise DataError(f"{root}: no classes.yaml (or classes.json) class table; see `jointdistill prepare --help`")
-    try:
-        table = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    except (ValueError, yaml.YAMLError) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from None
+    table = load_table(path)
     names, colors = parse_classes(table, path)
     ignore = int(table.get("ignore_index", 255))
     if ignore < len(names) or ignore > 65535:
@@ -58,6 +55,14 @@ def read_class_table(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int,
     if not scale > 0:
         raise DataError(f"{path}: depth_png_scale must be > 0")
     return names, colors, ignore, scale
+
+
+def load_table(path: Path):
+    """A small YAML or JSON file (class tables, class maps), or one clear error."""
+    try:
+        return json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
 
 
 def parse_classes(table, path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:

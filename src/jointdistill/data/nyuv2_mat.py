@@ -16,16 +16,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..config import PrepareParams
 from ..errors import DataError
 from .base import Sample, SampleRef
-from .folder_source import default_color, parse_classes
+from .folder_source import default_color, load_table, parse_classes
 from .nyuv2_source import CLASSES as CLASSES_13
 from .nyuv2_source import PALETTE as PALETTE_13
 
@@ -64,7 +62,7 @@ def _mat_variables(path: Path) -> dict[str, object]:
                 return {k: _h5_value(f, f[k]) for k in f if not k.startswith("#")}
         from scipy.io import loadmat
 
-        raw = loadmat(path, squeeze_me=True, struct_as_record=False, simplify_cells=True)
+        raw = loadmat(path, simplify_cells=True)  # squeezed arrays; structs and cells as dicts and lists
         return {k: v for k, v in raw.items() if not k.startswith("__")}
     except DataError:
         raise
@@ -121,22 +119,22 @@ def _from_mat(path: Path) -> tuple[np.ndarray, list[str] | None]:
 
 
 def _from_table(path: Path) -> tuple[np.ndarray, list[str], tuple]:
-    try:
-        table = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from None
+    table = load_table(path)
     names, colors = parse_classes(table, path)
     raw = table.get("map")
     mapping = np.zeros(RAW_CLASSES, np.float64)
-    if isinstance(raw, list) and len(raw) == RAW_CLASSES:
-        mapping[:] = raw
-    elif isinstance(raw, dict):
-        for key, value in raw.items():
-            if not (str(key).isdigit() and 1 <= int(key) <= RAW_CLASSES):
-                raise DataError(f"{path}: map key {key!r} is not a raw class id 1..{RAW_CLASSES}")
-            mapping[int(key) - 1] = value
-    else:
-        raise DataError(f"{path}: 'map' must be a list of {RAW_CLASSES} values or {{raw_id: class}}")
+    try:
+        if isinstance(raw, list) and len(raw) == RAW_CLASSES:
+            mapping[:] = raw
+        elif isinstance(raw, dict):
+            for key, value in raw.items():
+                if not (str(key).isdigit() and 1 <= int(key) <= RAW_CLASSES):
+                    raise DataError(f"{path}: map key {key!r} is not a raw class id 1..{RAW_CLASSES}")
+                mapping[int(key) - 1] = value
+        else:
+            raise DataError(f"{path}: 'map' must be a list of {RAW_CLASSES} values or {{raw_id: class}}")
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: map values must be numbers 0..K") from None
     return mapping, list(names), colors
 
 

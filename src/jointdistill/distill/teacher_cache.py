@@ -14,6 +14,7 @@ checksum and this format — matches, and rebuilt (atomically) otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,16 +70,16 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
     with atomic_dir(folder) as tmp:
         for split in SPLITS:
             ds = PreparedDataset(data, split)
-            first = [t.encode(ds[0]["image"][None].to(device)) for t in teachers]
-            channels = [f.shape[1] for f in first]
-            grid = tuple(first[0].shape[-2:])
-            shape = (len(ds), sum(channels), *grid)
-            shapes[split] = list(shape)
-            with NpyStream(tmp / f"{split}.npy", shape, np.float16) as out:
+            with contextlib.ExitStack() as stack:
+                out = None
                 for start in range(0, len(ds), batch_size):
                     x = torch.stack([ds[i]["image"] for i in range(start, min(start + batch_size, len(ds)))])
-                    feats = torch.cat([t.encode(x.to(device)).float() for t in teachers], 1)
-                    feats = feats.clamp(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()
+                    maps = [t.encode(x.to(device)).float() for t in teachers]
+                    if out is None:  # the first batch tells the channels and the grid
+                        channels, grid = [m.shape[1] for m in maps], tuple(maps[0].shape[-2:])
+                        shapes[split] = [len(ds), sum(channels), *grid]
+                        out = stack.enter_context(NpyStream(tmp / f"{split}.npy", shapes[split], np.float16))
+                    feats = torch.cat(maps, 1).clamp(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()
                     for row in feats:
                         out.append(row)
                     images += x.shape[0]
