@@ -31,7 +31,7 @@ lint: setup
 
 ## lock: re-resolve requirements.lock from pyproject.toml (needs the network)
 lock: setup
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra gcs --universal --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra gcs --extra trainer --extra serve --universal --python-version 3.11 \
 		-c requirements/constraints.txt --no-header -o requirements.lock
 
 ## bench: benchmarks (never part of `make test`); results in bench/results/

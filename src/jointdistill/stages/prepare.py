@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .. import __version__
@@ -128,8 +130,11 @@ def run(params: Params, out: str | Path) -> dict:
         with tqdm(total=len(refs), desc=f"prepare {source.name}", unit="frame", disable=None) as bar:
             for split in SPLITS:
                 rows += _write_split(source, splits[split], split, tmp, params, stats, bar)
+        # Through pyarrow without pandas' schema metadata: the file's bytes (and so DVC's hash) must not depend on
+        # which pandas wrote it.
         manifest = pd.DataFrame(rows)
-        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        table = pa.Table.from_pandas(manifest, preserve_index=False).replace_schema_metadata(None)
+        pq.write_table(table, tmp / "manifest.parquet")
 
         if p.normalization == "dataset":
             mean = stats["sum"] / stats["npx"]
