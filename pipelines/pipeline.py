@@ -8,6 +8,7 @@ pydantic models when each step starts; the compiled file carries params.yaml's v
 """
 
 
+import functools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +25,10 @@ from ..config import Params, StepResources
 PIPELINE_NAME = "jointdistill"
 # The project image (one for every step; see the Dockerfile). Its kfp is the version pinned in pyproject.
 DEFAULT_IMAGE = f"jointdistill:{__version__}"
+# A training step that only launches a Kubeflow Trainer job and waits for it is small,
+# no training placement (the job's nodes get that).
+def _launcher(step: StepResources) -> StepResources:
+    return StepResources(cpu="1", memory="2G", cache=step.cache)
 
 
 class PipelineOutputs(NamedTuple):
@@ -66,8 +71,13 @@ def configure(task, step: StepResources, params: Params, display_name: str, trai
 def build(params: Params, image: str = DEFAULT_IMAGE):
     """Return the @dsl.pipeline function, with ``params`` as the default of its ``params`` input."""
     prepare_op = prepare_component.component(image)
-    teacher_op = teacher_component.component(image)
-    distill_op = distill_component.component(image)
+    jobs = params.pipeline.trainjob.enabled
+    if jobs:  # the training steps launch Kubeflow Trainer jobs of the same image and wait for them
+        teacher_op = functools.partial(teacher_component.job_component(image), image=image)
+        distill_op = functools.partial(distill_component.job_component(image), image=image)
+    else:
+        teacher_op = teacher_component.component(image)
+        distill_op = distill_component.component(image)
     evaluate_op = evaluate_component.component(image)
     export_op = export_component.component(image)
     defaults = pipeline_params(params)
@@ -83,11 +93,12 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
         teachers = {}
         for task in ("seg", "depth"):  # independent: they run in parallel
             t = teacher_op(params=params, task=task, prepared=prepare.outputs["prepared"])
-            teachers[task] = configure(t, res.teacher, cfg, f"train-teacher-{task}", training=True)
+            teachers[task] = configure(t, _launcher(res.teacher) if jobs else res.teacher, cfg, f"train-teacher-{task}",
+                                       training=not jobs)
         student = distill_op(params=params, prepared=prepare.outputs["prepared"],
                              teacher_seg=teachers["seg"].outputs["teacher"],
                              teacher_depth=teachers["depth"].outputs["teacher"])
-        configure(student, res.distill, cfg, "distill", training=True)
+        configure(student, _launcher(res.distill) if jobs else res.distill, cfg, "distill", training=not jobs)
         evaluation = evaluate_op(params=params, prepared=prepare.outputs["prepared"],
                                  teacher_seg=teachers["seg"].outputs["teacher"],
                                  teacher_depth=teachers["depth"].outputs["teacher"],

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from . import __version__
 from .errors import JointDistillError
@@ -40,6 +41,16 @@ TeachersOpt = Annotated[
                  "distill in mode mtl does not read them"),
 ]
 TEACHERS = (Path("data/teachers/seg"), Path("data/teachers/depth"))
+# The training commands also take gs:// URLs (what a Kubeflow Trainer job passes them; see staging.py): plain
+# strings, since a Path would fold "gs://" into "gs:/".
+_GS = "; or gs://BUCKET/PATH"
+StagedParamsOpt = Annotated[str, typer.Option("--params", "-p", help="params file (YAML)" + _GS)]
+StagedDataOpt = Annotated[str, typer.Option("--data", "-d", help="prepared data folder (output of prepare)" + _GS)]
+StagedTeachersOpt = Annotated[
+    tuple[str, str],
+    typer.Option(help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
+                 "distill in mode mtl does not read them" + _GS),
+]
 CheckpointsOpt = Annotated[
     Path | None,
     typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
@@ -135,11 +146,12 @@ class TeacherTask(StrEnum):
 @_friendly
 def train_teacher(
     task: Annotated[TeacherTask, typer.Option("--task", "-t", help="which teacher: seg or depth")],
-    data: DataOpt = Path("data/prepared"),
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder [default: data/teachers/TASK]")] = None,
+    data: StagedDataOpt = "data/prepared",
+    out: Annotated[str | None, typer.Option("--out", "-o", help="output folder [default: data/teachers/TASK]" + _GS)
+                   ] = None,
     checkpoints: CheckpointsOpt = None,
     resume: ResumeOpt = False,
-    params: ParamsOpt = Path("params.yaml"),
+    params: StagedParamsOpt = "params.yaml",
     set_: SetOpt = None,
 ) -> None:
     """Train one single-task teacher; keep the best epoch on val; report val and test metrics.
@@ -150,10 +162,12 @@ def train_teacher(
     """
     from .config import load_params
     from .stages import teacher as stage
+    from .staging import staging
 
-    cfg = load_params(params, set_)
-    out = out or Path("data/teachers") / task.value
-    report = stage.run(cfg, task.value, data, out, checkpoints, resume)
+    out = out or f"data/teachers/{task.value}"
+    with staging() as paths:
+        cfg = load_params(paths.input(params), set_)
+        report = stage.run(cfg, task.value, paths.input(data), paths.output(out), checkpoints, resume)
     key = report["monitor"]
     typer.echo(
         f"teacher {task.value} → {out}  (val {key} {report['val'][key]:.4f}, test {key} {report['test'][key]:.4f}; "
@@ -164,11 +178,9 @@ def train_teacher(
 @app.command("distill", epilog=_params_epilog("distill"))
 @_friendly
 def distill(
-    data: DataOpt = Path("data/prepared"),
-    teachers: TeachersOpt = TEACHERS,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path(
-        "data/student"
-    ),
+    data: StagedDataOpt = "data/prepared",
+    teachers: StagedTeachersOpt = tuple(map(str, TEACHERS)),
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder (replaced atomically)" + _GS)] = "data/student",
     checkpoints: CheckpointsOpt = None,
     resume: ResumeOpt = False,
     teacher_cache: Annotated[
@@ -176,7 +188,7 @@ def distill(
         typer.Option(help="with distill.teacher_cache: the cache folder, reused when it matches the teachers and "
                      "data [default: CHECKPOINTS/teacher_cache]"),
     ] = None,
-    params: ParamsOpt = Path("params.yaml"),
+    params: StagedParamsOpt = "params.yaml",
     set_: SetOpt = None,
 ) -> None:
     """Train the multi-task student from the two frozen teachers with JointDistill (distill.mode).
@@ -191,10 +203,13 @@ def distill(
     """
     from .config import load_params
     from .stages import distill as stage
+    from .staging import staging
 
-    cfg = load_params(params, set_)
-    report = stage.run(cfg, data, None if cfg.distill.mode == "mtl" else teachers, out, checkpoints, resume,
-                       teacher_cache)
+    with staging() as paths:
+        cfg = load_params(paths.input(params), set_)
+        teacher_dirs = None if cfg.distill.mode == "mtl" else tuple(paths.input(t) for t in teachers)
+        report = stage.run(cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume,
+                           teacher_cache)
     test = report["test"]
     omega = ", ".join(f"{k} {v:.3f}" for k, v in report["weights"]["final"].items())
     typer.echo(
@@ -306,6 +321,72 @@ def predict(
         raise typer.Exit(1)
 
 
+class _ServeGroup(typer.core.TyperGroup):
+    """`serve MODEL …` is `serve run MODEL …`; `serve manifest …` writes the cluster manifests."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+serve_app = typer.Typer(cls=_ServeGroup, no_args_is_help=True,
+                        help="Serve the exported student (KServe, Open Inference Protocol v2): "
+                             "`serve MODEL.onnx|gs://…` runs the server, `serve manifest` writes InferenceServices.")
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("run")
+@_friendly
+def serve_run(
+    model: Annotated[str, typer.Argument(help="student.onnx (or its export folder), or a published gs://…/VERSION")],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port")] = 8080,
+    name: Annotated[str, typer.Option(help="model name in the /v2/models/<name> paths")] = "student",
+    device: Annotated[Device, typer.Option(help="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")] = (
+        Device.auto),
+    max_payload_mb: Annotated[float, typer.Option(min=0.001, help="larger request bodies get HTTP 400")] = 64.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads [default: all cores]")
+                       ] = None,
+) -> None:
+    """Serve the ONNX student over the Open Inference Protocol v2 (KServe model server) until stopped.
+
+    POST /v2/models/NAME/infer with input `image` (FP32 N×3×H×W, normalised) or `image_bytes` (BYTES: PNG/JPEG,
+    base64 in JSON); returns `segmentation` (INT32 N×H×W class ids) and `depth` (FP32 N×H×W metres).
+    GET /v2/models/NAME gives the inputs, outputs and the model's metadata (classes, palette, size rules).
+    The file is checked at start-up: anything that is not a jointdistill student is refused. No PyTorch needed.
+    """
+    from .serve import serve
+
+    serve(model, host=host, port=port, name=name, device=device.value, max_payload_mb=max_payload_mb,
+          threads=threads)
+
+
+@serve_app.command("manifest")
+@_friendly
+def serve_manifest(
+    storage_uri: Annotated[str, typer.Option(help="the published model: gs://BUCKET/PREFIX/VERSION")],
+    image: Annotated[str | None, typer.Option(help="our image, for the jointdistill predictor")] = None,
+    name: Annotated[str, typer.Option(help="InferenceService name (also the model name)")] = "jointdistill-student",
+    namespace: Annotated[str | None, typer.Option(help="namespace [default: none in the YAML]")] = None,
+    gpu: Annotated[bool, typer.Option(help="request one NVIDIA GPU per replica")] = False,
+    cpu: Annotated[str, typer.Option(help="CPU request and limit per replica")] = "2",
+    memory: Annotated[str, typer.Option(help="memory request and limit per replica")] = "4Gi",
+    service_account: Annotated[str | None, typer.Option(help="service account with read access to the bucket")
+                               ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the YAML files")] = Path("deploy"),
+) -> None:
+    """Write KServe InferenceService YAML for a published model: OUT/NAME.yaml (our predictor: our image, the
+    `serve` command, readiness on the v2 path) and OUT/NAME-triton.yaml (KServe's Triton runtime on the
+    Triton model repository `publish` lays out, no code of ours)."""
+    from .deploy import write_manifests
+
+    paths = write_manifests(out, storage_uri=storage_uri, image=image, name=name, namespace=namespace, gpu=gpu,
+                            cpu=cpu, memory=memory, service_account=service_account)
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
 @app.command("publish")
 @_friendly
 def publish(
@@ -314,6 +395,8 @@ def publish(
         "data/export"),
     version: Annotated[str | None, typer.Option(help="[default: <params digest>-<sha256 of student.onnx, 8 hex>]")] = (
         None),
+    triton: Annotated[bool, typer.Option(help="also lay out VERSION/triton/, a Triton model repository of the "
+                                         "student (for `serve manifest`'s Triton InferenceService)")] = True,
 ) -> None:
     """Upload an export (ONNX files, parity.json, MODEL_CARD.md, metrics.json) to gs://BUCKET/PREFIX/VERSION/.
 
@@ -322,7 +405,7 @@ def publish(
     Credentials: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS), or STORAGE_EMULATOR_HOST."""
     from .storage import publish as run_publish
 
-    manifest = run_publish(export_dir, url, version)
+    manifest = run_publish(export_dir, url, version, triton=triton)
     typer.echo(f"published {len(manifest['files'])} files → {manifest['url']}")
 
 
@@ -455,6 +538,43 @@ def pipeline_compile(
     cfg = load_params(params, set_)
     kfp_pipeline.compile_pipeline(output, cfg, image=image)
     typer.echo(f"compiled → {output}")
+
+
+class JobStage(StrEnum):
+    teacher_seg = "teacher-seg"
+    teacher_depth = "teacher-depth"
+    distill = "distill"
+
+
+@pipeline_app.command("trainjob")
+@_friendly
+def pipeline_trainjob(
+    stage: Annotated[JobStage, typer.Argument(help="which training step")],
+    root: Annotated[str, typer.Option(help="gs:// folder the job reads its inputs from and writes its output to")],
+    image: Annotated[str | None, typer.Option(help="container image [default: the pipeline's]")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Print the Kubeflow Trainer TrainJob (YAML) that a training step launches with pipeline.trainjob.enabled.
+
+    Inputs are read from ROOT/prepared (and ROOT/teacher-seg, ROOT/teacher-depth for distill) and the output goes
+    to ROOT/STAGE.trainjob, with the params at ROOT/STAGE.trainjob.params.json: `kubectl apply -f` it after
+    uploading those, or just review what the pipeline will submit.
+    """
+    import yaml
+
+    from . import trainjob
+    from .config import load_params
+    from .pipelines.pipeline import DEFAULT_IMAGE
+
+    cfg = load_params(params, set_)
+    root = root.rstrip("/")
+    kind, _, task = stage.value.partition("-")
+    out = f"{root}/{stage.value}"
+    teachers = (f"{root}/teacher-seg", f"{root}/teacher-depth") if kind == "distill" else None
+    req = trainjob.request(cfg, kind, image or DEFAULT_IMAGE, f"{trainjob.staging_url(out)}.params.json",
+                           f"{root}/prepared", out, task or None, teachers)
+    typer.echo(yaml.safe_dump(trainjob.manifest(req), sort_keys=False).rstrip())
 
 
 @pipeline_app.command("submit")

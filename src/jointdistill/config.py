@@ -244,6 +244,34 @@ class Toleration(_Section):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+class TrainJobParams(_Section):
+    """Run the KFP training steps (teachers, distill) as a Kubeflow Trainer job: the same image and stage command
+    under torchrun on ``num_nodes`` × ``gpus_per_node``, data exchanged through the pipeline root on gs://. The KFP
+    step then only launches the job and waits for it."""
+
+    enabled: bool = Field(False, description="launch teacher and distill steps as Kubeflow Trainer TrainJobs")
+    runtime: str = Field("torch-distributed", description="the (Cluster)TrainingRuntime that sets up torchrun")
+    num_nodes: int = Field(1, ge=1, le=1024, description="nodes (pods) of the job")
+    gpus_per_node: int = Field(0, ge=0, le=16, description="GPUs per node; torchrun starts one process per GPU")
+    procs_per_node: int = Field(1, ge=1, le=64, description="processes per node when gpus_per_node is 0 (CPU)")
+    cpu_per_node: str | None = Field("8", description="CPU per node, e.g. '8'")
+    memory_per_node: str | None = Field("32G", description="memory per node, e.g. '32G'")
+    namespace: str | None = Field(None, description="namespace of the job [default: the launcher pod's own]")
+    timeout: int = Field(24 * 3600, ge=60, description="seconds to wait for the job before failing the step")
+    poll_interval: int = Field(30, ge=1, description="seconds between status checks")
+
+    @field_validator("cpu_per_node", "memory_per_node", mode="before")
+    @classmethod
+    def _quantity(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _poll_below_timeout(self) -> TrainJobParams:
+        if self.poll_interval >= self.timeout:
+            raise ValueError("poll_interval must be below timeout")
+        return self
+
+
 class PipelineParams(_Section):
     """The Kubeflow pipeline (compile time): resources per step, placement, retries. Not a DVC stage's params,
     and not part of `Params.digest()`: where a step runs does not change what it computes."""
@@ -257,6 +285,7 @@ class PipelineParams(_Section):
     distill: StepResources = StepResources(cpu="4", memory="16G", cache=False)
     evaluate: StepResources = StepResources(cpu="2", memory="8G", cache=False)
     export: StepResources = StepResources(cpu="2", memory="8G", cache=False)
+    trainjob: TrainJobParams = TrainJobParams()
 
 
 class Params(_Section):

@@ -68,8 +68,8 @@ def _crc32c(path: Path) -> str:
     return base64.b64encode(c.digest()).decode()
 
 
-def _describe(path: Path) -> dict:
-    return {"name": path.name, **checksums(path), "crc32c": _crc32c(path)}
+def _describe(path: Path, name: str | None = None) -> dict:
+    return {"name": name or path.name, **checksums(path), "crc32c": _crc32c(path)}
 
 
 def default_version(export_dir: Path) -> str:
@@ -102,12 +102,15 @@ def _verify_blob(blob, expected: dict, where: str) -> None:
                           f"{expected['size']}, md5 {blob.md5_hash} vs {expected['md5']}); not published")
 
 
-def publish(export_dir: str | Path, url: str, version: str | None = None) -> dict:
-    """Upload an export folder to ``url/VERSION/``; return the manifest (with ``url``)."""
-    from google.api_core import exceptions as gexc
+def publish(export_dir: str | Path, url: str, version: str | None = None, triton: bool = True) -> dict:
+    """Upload an export folder to ``url/VERSION/``; return the manifest (with ``url``).
+
+    With ``triton``, ``VERSION/triton/`` also holds a Triton model repository of the student
+    (``student/1/model.onnx``, ``student/config.pbtxt``), for KServe's Triton runtime (deploy.py)."""
+    import tempfile
 
     export_dir = Path(export_dir)
-    files = _check_export(export_dir)
+    files = [(p.name, p) for p in _check_export(export_dir)]
     version = version or default_version(export_dir)
     if not _VERSION.match(version):
         raise DataError(f"version {version!r}: use letters, digits, '.', '_' and '-' (at most 128)")
@@ -115,21 +118,37 @@ def publish(export_dir: str | Path, url: str, version: str | None = None) -> dic
     base = f"{prefix}/{version}" if prefix else version
     where = f"gs://{bucket_name}/{base}/"
     bucket = _client().bucket(bucket_name)
+    with tempfile.TemporaryDirectory(prefix="jointdistill-publish-") as tmp:
+        if triton:
+            from .deploy import TRITON_DIR, triton_layout
+
+            for rel, data in triton_layout(export_dir / "student.onnx").items():
+                local = Path(tmp) / rel
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(data)
+                files.append((f"{TRITON_DIR}/{rel}", local))
+        return _upload_version(bucket, bucket_name, base, where, version, files, export_dir)
+
+
+def _upload_version(bucket, bucket_name: str, base: str, where: str, version: str, files: list[tuple[str, Path]],
+                    export_dir: Path) -> dict:
+    from google.api_core import exceptions as gexc
+
     try:
         if bucket.blob(f"{base}/{MANIFEST}").exists():
             raise OutputError(f"{where} is already published; versions are immutable (choose another --version)")
         entries = []
-        for path in files:
-            expected = _describe(path)
-            blob = bucket.blob(f"{base}/{path.name}")
+        for name, path in files:
+            expected = _describe(path, name)
+            blob = bucket.blob(f"{base}/{name}")
             try:
                 blob.upload_from_filename(str(path), if_generation_match=0, checksum="crc32c")
             except gexc.PreconditionFailed:
                 # Left by an interrupted publish of this version: keep it only if it is the same file.
                 blob.reload()
                 if blob.md5_hash != expected["md5"]:
-                    raise OutputError(f"{where}{path.name} exists with other content; not overwriting it") from None
-            _verify_blob(blob, expected, f"{where}{path.name}")
+                    raise OutputError(f"{where}{name} exists with other content; not overwriting it") from None
+            _verify_blob(blob, expected, f"{where}{name}")
             entries.append(expected)
         manifest = {"format": MANIFEST_FORMAT, "version": version, "files": entries,
                     "source": {"export_dir": str(export_dir.resolve())}}
@@ -163,8 +182,10 @@ def fetch_model(url: str, out: str | Path) -> dict:
         with atomic_dir(out) as tmp:
             for entry in manifest["files"]:
                 name = entry["name"]
-                if "/" in name or name.startswith("."):
+                parts = name.split("/")
+                if name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
                     raise DataError(f"{where}{MANIFEST}: bad file name {name!r}")
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 bucket.blob(f"{base}/{name}").download_to_filename(str(tmp / name))
                 got = checksums(tmp / name)
                 if got["sha256"] != entry["sha256"] or got["size"] != entry["size"]:
@@ -176,3 +197,107 @@ def fetch_model(url: str, out: str | Path) -> dict:
     except gexc.GoogleAPIError as exc:
         raise OutputError(f"{where}: {exc}") from None
     return manifest
+
+
+# --- folders on gs:// (the data a Kubeflow Trainer job reads and writes; see trainjob.py) ---
+
+def is_url(path: str | Path) -> bool:
+    return str(path).startswith("gs://")
+
+
+def download_tree(url: str, dest: str | Path) -> Path:
+    """Copy ``gs://BUCKET/PREFIX`` into ``dest`` (replaced atomically): the one object of that name, or every
+    object below the prefix as a folder tree. Each file is checked against the object's md5."""
+    from google.api_core import exceptions as gexc
+
+    bucket_name, prefix = parse_url(url)
+    bucket = _client().bucket(bucket_name)
+    dest = Path(dest)
+    try:
+        single = bucket.get_blob(prefix) if prefix else None
+        if single is not None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(f".{dest.name}.part")
+            _download_checked(single, part, url)
+            part.replace(dest)
+            return dest
+        blobs = [b for b in bucket.list_blobs(prefix=f"{prefix}/" if prefix else None)
+                 if not b.name.endswith("/") and b.name.rsplit("/", 1)[-1] != SUCCESS]
+        if not blobs:
+            raise DataError(f"{url}: no such object or folder")
+        with atomic_dir(dest) as tmp:
+            for blob in blobs:
+                rel = blob.name[len(prefix) + 1:] if prefix else blob.name
+                if rel.startswith("/") or ".." in Path(rel).parts:
+                    raise DataError(f"{url}: refusing object name {blob.name!r}")
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _download_checked(blob, target, f"gs://{bucket_name}/{blob.name}")
+    except gexc.NotFound as exc:
+        raise DataError(f"{url}: missing ({exc.message})") from None
+    except gexc.GoogleAPIError as exc:
+        raise OutputError(f"{url}: {exc}") from None
+    return dest
+
+
+def _download_checked(blob, target: Path, where: str) -> None:
+    blob.download_to_filename(str(target))
+    if blob.md5_hash and checksums(target)["md5"] != blob.md5_hash:
+        target.unlink()
+        raise DataError(f"{where}: md5 mismatch after download; nothing was written")
+
+
+def exists(url: str) -> bool:
+    """Whether the object ``gs://BUCKET/NAME`` exists."""
+    from google.api_core import exceptions as gexc
+
+    bucket_name, name = parse_url(url)
+    try:
+        return _client().bucket(bucket_name).blob(name).exists()
+    except gexc.GoogleAPIError as exc:
+        raise OutputError(f"{url}: {exc}") from None
+
+
+def upload_file(path: str | Path, url: str) -> None:
+    """Upload one file to ``gs://BUCKET/NAME`` (replacing it)."""
+    from google.api_core import exceptions as gexc
+
+    bucket_name, name = parse_url(url)
+    try:
+        _client().bucket(bucket_name).blob(name).upload_from_filename(str(path), checksum="crc32c")
+    except gexc.GoogleAPIError as exc:
+        raise OutputError(f"{url}: {exc}") from None
+
+
+def upload_tree(src: str | Path, url: str) -> int:
+    """Copy the folder ``src`` to ``gs://BUCKET/PREFIX/`` (objects below the prefix that ``src`` lacks are
+    removed, so the prefix ends up equal to the folder); ``_SUCCESS`` is written last, so a reader can tell a
+    complete upload from an interrupted one. Returns the number of files."""
+    from google.api_core import exceptions as gexc
+
+    src = Path(src)
+    bucket_name, prefix = parse_url(url)
+    if not prefix:
+        raise DataError(f"{url}: upload into a prefix (gs://BUCKET/PREFIX), not a whole bucket")
+    bucket = _client().bucket(bucket_name)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    try:
+        stale = {b.name for b in bucket.list_blobs(prefix=f"{prefix}/")}
+        if f"{prefix}/{SUCCESS}" in stale:
+            bucket.blob(f"{prefix}/{SUCCESS}").delete()
+        for path in files:
+            name = f"{prefix}/{path.relative_to(src).as_posix()}"
+            blob = bucket.blob(name)
+            blob.upload_from_filename(str(path), checksum="crc32c")
+            stale.discard(name)
+        for name in stale - {f"{prefix}/{SUCCESS}"}:
+            bucket.blob(name).delete()
+        bucket.blob(f"{prefix}/{SUCCESS}").upload_from_string(b"")
+    except gexc.NotFound as exc:
+        raise OutputError(f"gs://{bucket_name}: no such bucket ({exc.message})") from None
+    except gexc.GoogleAPIError as exc:
+        raise OutputError(f"{url}: {exc}") from None
+    return len(files)
+
+
+SUCCESS = "_SUCCESS"
