@@ -44,5 +44,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     JOINTDISTILL_SOURCE_COMMIT=${SOURCE_COMMIT}
 USER 10001
 WORKDIR /home/jointdistill
+# `jointdistill serve` (KServe model server, Open Inference Protocol v2)
+EXPOSE 8080
 ENTRYPOINT ["jointdistill"]
 CMD ["--help"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import ablation, data, ddp, distill, export, pipeline, teachers
+from . import ablation, data, ddp, distill, export, pipeline, serve, teachers
 from .common import machine_info, write_results
 
 SUITES = {
@@ -14,6 +14,7 @@ SUITES = {
     "teachers": teachers.rows,
     "distill": distill.rows,
     "export": export.rows,
+    "serve": serve.rows,
     "loader": pipeline.loader_rows,
     "pipeline": pipeline.repro_rows,
     "ddp": ddp.rows,

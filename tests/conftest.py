@@ -30,6 +30,22 @@ def prepared(tiny_params, tmp_path_factory):
 
 
 TEACHERS = ["teacher.batch_size=4", "teacher.epochs=2"]
+# A tiny student (mtl, 1 epoch) exported with both variants: enough for the ONNX contract, predict and serve.
+EXPORT = [*TINY, "distill.mode=mtl", "distill.epochs=1", "distill.batch_size=4", "distill.probe_images=2",
+          "export.latency_runs=2", "export.parity_images=0", "export.fp16=true", "export.int8=static",
+          "export.calibration_images=8"]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(prepared, tmp_path_factory):
+    """(root, export report): root/student (distill output) and root/export (student.onnx …), built once."""
+    from jointdistill.stages import distill, export
+
+    root = tmp_path_factory.mktemp("export")
+    p = load_params(REPO / "params.yaml", EXPORT)
+    distill.run(p, prepared, None, root / "student")
+    report = export.run(p, prepared, root / "student", root / "export")
+    return root, report
 
 
 @pytest.fixture(scope="session")

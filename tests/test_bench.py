@@ -43,3 +43,22 @@ def test_bench_quick_writes_results(tmp_path):
     assert len(latency) == 8 and all(0 < r["min"] <= r["median"] <= r["max"] for r in latency)
     assert {r["target"] for r in latency if "target" in r} == {"≤ 0.8× student eager", "≤ 0.5× both teachers eager",
                                                                    "student onnx ≤ 0.5× this"}
+
+
+def test_bench_serve_quick(tiny_export):
+    """The load benchmark against a real server process: every level answered, the rows it promises."""
+    from bench import serve as serve_bench
+
+    root, _ = tiny_export
+    rows = {r["name"]: r for r in serve_bench.rows(True, str(REPO / "params.yaml"), root / "export" / "student.onnx")}
+    assert rows["server errors over all levels"]["median"] == 0
+    single = {n: r for n, r in rows.items() if n.startswith("server latency, tensor") and n.endswith("concurrency 1")}
+    assert [n.split(",")[1].strip() for n in single] == ["tensor 48×96", "tensor 96×192"]
+    for r in single.values():
+        assert r["target"] == "p50 ≤ 1.2× onnxruntime direct" and r["ok"] == (r["overhead"] <= 0.20)
+        assert 0 < r["min"] <= r["median"] <= r["max"]
+    for key in ("tensor 48×96, concurrency 4", "tensor 48×96, concurrency 16",
+                "PNG 48×96 (image_bytes), concurrency 1"):
+        assert "0 errors" in rows[f"server latency, {key}"]["note"]
+    growth = rows["server RSS growth over the run"]
+    assert growth["ok"] == (growth["median"] <= 10) and "MB when ready" in growth["note"]

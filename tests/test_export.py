@@ -18,13 +18,11 @@ from jointdistill.errors import ModelError
 from jointdistill.export import OnnxStudent, export_onnx
 from jointdistill.infer import StudentSession, choose_providers, read_metadata
 from jointdistill.models import build_student, load_model
-from jointdistill.stages import distill, export
+from jointdistill.stages import export
 
-from .conftest import REPO, TINY
+from .conftest import EXPORT, REPO
 
-FAST = [*TINY, "distill.mode=mtl", "distill.epochs=1", "distill.batch_size=4", "distill.probe_images=2",
-        "export.latency_runs=2", "export.parity_images=0", "export.fp16=true", "export.int8=static",
-        "export.calibration_images=8"]
+FAST = EXPORT
 
 
 def params(*extra):
@@ -32,11 +30,8 @@ def params(*extra):
 
 
 @pytest.fixture(scope="module")
-def exported(prepared, tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    distill.run(params(), prepared, None, root / "student")
-    report = export.run(params(), prepared, root / "student", root / "export")
-    return root, report
+def exported(tiny_export):
+    return tiny_export
 
 
 def eager(model, x: np.ndarray):

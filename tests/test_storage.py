@@ -15,6 +15,7 @@ from .conftest import make_bucket
 
 @pytest.fixture
 def export_dir(tmp_path):
+    """An export folder whose student.onnx is not a model: publish checks files, not graphs (no Triton layout)."""
     d = tmp_path / "export"
     d.mkdir()
     (d / "student.onnx").write_bytes(bytes(range(256)) * 4096)  # 1 MiB: more than one upload chunk of crc
@@ -47,7 +48,7 @@ def test_the_emulator_enforces_generation_preconditions(bucket):
 
 
 def test_publish_then_fetch_round_trip(export_dir, bucket, tmp_path):
-    r = CliRunner().invoke(app, ["publish", f"gs://{bucket.name}/student", "--export", str(export_dir)])
+    r = CliRunner().invoke(app, ["publish", f"gs://{bucket.name}/student", "--export", str(export_dir), "--no-triton"])
     assert r.exit_code == 0, r.output
     version = "0123456789abcdef-" + __import__("hashlib").sha256(
         (export_dir / "student.onnx").read_bytes()).hexdigest()[:8]
@@ -65,30 +66,30 @@ def test_publish_then_fetch_round_trip(export_dir, bucket, tmp_path):
 
 
 def test_a_published_version_is_never_overwritten(export_dir, bucket):
-    publish(export_dir, f"gs://{bucket.name}/m", "v1")
+    publish(export_dir, f"gs://{bucket.name}/m", "v1", triton=False)
     blobs = {b.name: b.generation for b in bucket.list_blobs(prefix="m/v1/")}
     (export_dir / "student.onnx").write_bytes(b"another model")
     with pytest.raises(OutputError, match="already published; versions are immutable"):
-        publish(export_dir, f"gs://{bucket.name}/m", "v1")
+        publish(export_dir, f"gs://{bucket.name}/m", "v1", triton=False)
     assert {b.name: b.generation for b in bucket.list_blobs(prefix="m/v1/")} == blobs
     assert bucket.blob("m/v1/student.onnx").download_as_bytes() != b"another model"
-    publish(export_dir, f"gs://{bucket.name}/m", "v2")  # a new version is fine
+    publish(export_dir, f"gs://{bucket.name}/m", "v2", triton=False)  # a new version is fine
 
 
 def test_an_interrupted_publish_is_completed_but_never_with_other_content(export_dir, bucket):
     # What a publish killed after its first upload leaves: one object, no manifest.
     bucket.blob("m/v1/student.onnx").upload_from_filename(str(export_dir / "student.onnx"))
-    manifest = publish(export_dir, f"gs://{bucket.name}/m", "v1")
+    manifest = publish(export_dir, f"gs://{bucket.name}/m", "v1", triton=False)
     assert len(manifest["files"]) == 4 and bucket.blob(f"m/v1/{MANIFEST}").exists()
     bucket.blob("m/v2/student.onnx").upload_from_string(b"a different file")
     with pytest.raises(OutputError, match="exists with other content; not overwriting it"):
-        publish(export_dir, f"gs://{bucket.name}/m", "v2")
+        publish(export_dir, f"gs://{bucket.name}/m", "v2", triton=False)
     assert bucket.blob("m/v2/student.onnx").download_as_bytes() == b"a different file"
     assert not bucket.blob(f"m/v2/{MANIFEST}").exists()
 
 
 def test_fetch_checks_every_file_and_keeps_the_previous_copy(export_dir, bucket, tmp_path):
-    publish(export_dir, f"gs://{bucket.name}/m", "v1")
+    publish(export_dir, f"gs://{bucket.name}/m", "v1", triton=False)
     out = tmp_path / "model"
     fetch_model(f"gs://{bucket.name}/m/v1", out)
     before = (out / "student.onnx").read_bytes()
@@ -104,12 +105,12 @@ def test_fetch_checks_every_file_and_keeps_the_previous_copy(export_dir, bucket,
 def test_publish_refuses_an_export_that_failed_or_is_incomplete(export_dir, bucket):
     (export_dir / "parity.json").write_text(json.dumps({"passed": False}))
     with pytest.raises(DataError, match="parity check did not pass"):
-        publish(export_dir, f"gs://{bucket.name}/m")
+        publish(export_dir, f"gs://{bucket.name}/m", triton=False)
     (export_dir / "MODEL_CARD.md").unlink()
     r = CliRunner().invoke(app, ["publish", f"gs://{bucket.name}/m", "--export", str(export_dir)])
     assert r.exit_code == 2 and "not an export folder (missing MODEL_CARD.md)" in r.output
     with pytest.raises(DataError, match="version 'a/b'"):
         (export_dir / "MODEL_CARD.md").write_text("x")
         (export_dir / "parity.json").write_text(json.dumps({"passed": True}))
-        publish(export_dir, f"gs://{bucket.name}/m", "a/b")
+        publish(export_dir, f"gs://{bucket.name}/m", "a/b", triton=False)
     assert not list(bucket.list_blobs())
