@@ -265,6 +265,27 @@ def test_a_payload_over_the_limit_gets_400(server, model):
     infer(server, tensor=_batch(session, 1), binary=True)
 
 
+def test_a_chunked_payload_over_the_limit_gets_400(server, model):
+    """No Content-Length: the server counts what arrives and stops at the limit."""
+    import http.client
+
+    body, headers = serve.encode_request(tensor=np.zeros((3, 3, 256, 512), np.float32), binary=True)
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+    conn.request("POST", "/v2/models/student/infer", body=chunks, headers=headers, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 400 and b"over the server's limit" in r.read()
+    conn.close()
+    infer(server, tensor=_batch(StudentSession(model, "cpu"), 1), binary=True)
+
+
+def test_an_image_over_the_pixel_limit_gets_400(server, model):
+    huge = _png(np.zeros((5001, 8000), np.uint8))  # 40 M pixels, a few kB as PNG
+    status, text, _ = post(server, *serve.encode_request(images=[huge], binary=True))
+    assert status == 400 and "8000×5001 pixels is over the limit" in json.loads(text)["error"]
+    infer(server, images=[_png(np.zeros((48, 96, 3), np.uint8))])
+
+
 def test_malformed_json_gets_400(server, model):
     status, message = _bad(server, [], raw=b'{"inputs": [')
     assert status == 400 and message.startswith("malformed inference request") and "JSON" in message

@@ -183,14 +183,15 @@ def _decode(item, index: int) -> np.ndarray:
         raw = bytes(item)
     try:
         with Image.open(_io.BytesIO(raw)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise _invalid(f"input '{IMAGE_BYTES}'[{index}]: {im.width}×{im.height} pixels is over the "
-                               f"limit of {MAX_IMAGE_PIXELS}")
-            im.load()
-            return np.asarray(im.convert("RGB"))
+            size = im.size
+            if size[0] * size[1] <= MAX_IMAGE_PIXELS:
+                im.load()
+                return np.asarray(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).split(" <")[0][:120]  # PIL names the BytesIO object: noise to a client
         raise _invalid(f"input '{IMAGE_BYTES}'[{index}]: not a decodable image ({reason})") from None
+    raise _invalid(f"input '{IMAGE_BYTES}'[{index}]: {size[0]}×{size[1]} pixels is over the limit of "
+                   f"{MAX_IMAGE_PIXELS}")
 
 
 class PayloadLimit:
@@ -207,22 +208,36 @@ class PayloadLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await self._drain(receive)
             return await self._refuse(send, int(length))
-        seen = 0
+        # No Content-Length (chunked): count what arrives. Past the limit the app is handed an empty end of body
+        # (frameworks catch errors raised while they read one) and whatever it answers is replaced by our 400.
+        seen, over, answered = 0, None, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
+            if over is not None:
+                return {"type": "http.request", "body": b"", "more_body": False}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge(seen)
+                    over = (seen, message.get("more_body", False))
+                    return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge as exc:
-            await self._drain(receive)
-            await self._refuse(send, exc.args[0])
+        async def guarded(message):
+            nonlocal answered
+            if over is None:
+                return await send(message)
+            if message["type"] == "http.response.start" and not answered:
+                answered = True
+                size, more = over
+                if more:  # after the last chunk, receive() would wait for the client to hang up
+                    await self._drain(receive)
+                await self._refuse(send, size)
+
+        await self.app(scope, counted, guarded)
+        if over is not None and not answered:
+            await self._refuse(send, over[0])
 
     async def _drain(self, receive, cap: int = 1 << 30) -> None:
         """Read (and drop, chunk by chunk) what the client is still sending, so that it gets to read our 400
@@ -244,10 +259,6 @@ class PayloadLimit:
         await send({"type": "http.response.start", "status": 400,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _metadata_route(app, model) -> None:
