@@ -10,6 +10,9 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 def record(report: dict, student, metrics) -> None:
     """The step's artifact metadata and metrics from the stage's metrics.json."""
+    from jointdistill import lineage
+
+    student.metadata["lineage"] = lineage.read(student.path)
     student.metadata.update({"mode": report["mode"], "best_epoch": report["best_epoch"],
                              "final_weights": report["weights"]["final"], "params_digest": report["params_digest"],
                              **{f"test_{k}": report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err")}})

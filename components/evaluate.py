@@ -9,6 +9,7 @@ def evaluate(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], 
     """Evaluate on test into the ``evaluation`` folder; expose Δm and the metrics, and the report as HTML."""
     import shutil
 
+    from jointdistill import lineage
     from jointdistill.config import params_from_dict
     from jointdistill.stages import evaluate as stage
 
@@ -20,6 +21,7 @@ def evaluate(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], 
             for name, value in by_split[split].items():
                 if isinstance(value, (int, float)):
                     metrics.log_metric(f"{model}/{name}", value)
+    evaluation.metadata["lineage"] = lineage.read(evaluation.path)
     evaluation.metadata.update({"split": split, "delta_m": result["student"][split]["delta_m"]})
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)
 

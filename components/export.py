@@ -10,12 +10,14 @@ def export(params: dict, prepared: Input[Dataset], student: Input[Model], onnx_m
     the step fails if onnxruntime does not match PyTorch within export.depth_rel_tol / seg_agreement_min."""
     import shutil
 
+    from jointdistill import lineage
     from jointdistill.config import params_from_dict
     from jointdistill.stages import export as stage
 
     cfg = params_from_dict(params, "pipeline parameter 'params'")
     report = stage.run(cfg, prepared.path, student.path, onnx_model.path)
     val = report["parity"]["fp32"]["val"]
+    onnx_model.metadata["lineage"] = lineage.read(onnx_model.path)
     onnx_model.metadata.update({
         "framework": "onnx", "file": "student.onnx", "opset": report["opset"],
         "variants": sorted(report["file_bytes"]), "params_digest": report["params_digest"],

@@ -1,16 +1,20 @@
 """KFP component for the `prepare` stage: the typed-artifact adapter around jointdistill.stages.prepare."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Dataset, Input, Output
 
 
-def prepare(params: dict, prepared: Output[Dataset]):
-    """Build the prepared dataset (DESIGN §3) into the output artifact's directory."""
+def prepare(params: dict, source: Input[Dataset], prepared: Output[Dataset]):
+    """Build the prepared dataset (DESIGN §3) from the source step's data into the output artifact's directory."""
     # Runs inside the project image: everything is already installed there.
+    from jointdistill import lineage
     from jointdistill.config import params_from_dict
     from jointdistill.stages import prepare as stage
 
-    meta = stage.run(params_from_dict(params, "pipeline parameter 'params'"), prepared.path)
+    data = (source.metadata.get("lineage") or {}).get("data")
+    meta = stage.run_from_source(params_from_dict(params, "pipeline parameter 'params'"), source.path, data,
+                                 prepared.path)
+    prepared.metadata["lineage"] = lineage.read(prepared.path)
     prepared.metadata.update(
         {
             "dataset": meta["dataset"],

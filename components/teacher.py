@@ -10,7 +10,10 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 def record(report: dict, task: str, teacher, metrics) -> None:
     """The step's artifact metadata and metrics from the stage's metrics.json."""
+    from jointdistill import lineage
+
     key = report["monitor"]
+    teacher.metadata["lineage"] = lineage.read(teacher.path)
     teacher.metadata.update({"task": task, "monitor": key, "val": report["val"][key], "test": report["test"][key],
                              "best_epoch": report["best_epoch"], "params_digest": report["params_digest"]})
     for split in ("val", "test"):

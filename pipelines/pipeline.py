@@ -19,6 +19,7 @@ from ..components import distill as distill_component
 from ..components import evaluate as evaluate_component
 from ..components import export as export_component
 from ..components import prepare as prepare_component
+from ..components import source as source_component
 from ..components import teacher as teacher_component
 from ..config import Params, StepResources
 
@@ -70,6 +71,7 @@ def configure(task, step: StepResources, params: Params, display_name: str, trai
 
 def build(params: Params, image: str = DEFAULT_IMAGE):
     """Return the @dsl.pipeline function, with ``params`` as the default of its ``params`` input."""
+    source_op = source_component.component(image)
     prepare_op = prepare_component.component(image)
     jobs = params.pipeline.trainjob.enabled
     if jobs:  # the training steps launch Kubeflow Trainer jobs of the same image and wait for them
@@ -87,9 +89,15 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
         name=PIPELINE_NAME,
         description="JointDistill: prepare → teachers → distill → evaluate → export",
     )
-    def jointdistill(params: dict = defaults) -> PipelineOutputs:
+    def jointdistill(params: dict = defaults, data_repo: str = "", data_rev: str = "",
+                     data_path: str = "") -> PipelineOutputs:
+        # The data: a version of a DVC project (git URL or path, revision, DVC-tracked path), or with data_repo
+        # empty the embedded synthetic generator. A bad pin fails in this first step.
+        # A pinned revision may be a branch that moves: never reuse a cached fetch.
+        src = configure(source_op(repo=data_repo, rev=data_rev, path=data_path),
+                        StepResources(cpu="1", memory="2G", cache=False), cfg, "data-source")
         # Deterministic for a given params value: prepare and the teachers reuse cached results by default.
-        prepare = configure(prepare_op(params=params), res.prepare, cfg, "prepare")
+        prepare = configure(prepare_op(params=params, source=src.outputs["data"]), res.prepare, cfg, "prepare")
         teachers = {}
         for task in ("seg", "depth"):  # independent: they run in parallel
             t = teacher_op(params=params, task=task, prepared=prepare.outputs["prepared"])
@@ -123,7 +131,8 @@ def compile_pipeline(output: str | Path, params: Params, image: str | None = Non
 
 
 def submit(params: Params, host: str | None, experiment: str = "jointdistill", run_name: str | None = None,
-           image: str | None = None, enable_caching: bool | None = None, token: str | None = None) -> dict:
+           image: str | None = None, enable_caching: bool | None = None, token: str | None = None,
+           data: dict[str, str] | None = None) -> dict:
     """Compile and start a run on a Kubeflow Pipelines API server (kfp.Client); return its id and URL.
 
     ``enable_caching`` None keeps each step's own setting (``pipeline.<step>.cache``); True/False overrides all
@@ -137,14 +146,16 @@ def submit(params: Params, host: str | None, experiment: str = "jointdistill", r
         package = compile_pipeline(Path(tmp) / "jointdistill.yaml", params, image)
         client = kfp.Client(host=host, existing_token=token)
         run = client.create_run_from_pipeline_package(
-            str(package), arguments={"params": pipeline_params(params)}, run_name=run_name,
+            str(package), arguments={"params": pipeline_params(params), **{k: v for k, v in (data or {}).items() if v}},
+            run_name=run_name,
             experiment_name=experiment, enable_caching=enable_caching)
     base = (host or "").rstrip("/")
     return {"run_id": run.run_id, "run_name": run_name, "experiment": experiment,
             "url": f"{base}/#/runs/details/{run.run_id}"}
 
 
-def run_local(params: Params, root: str | Path, enable_caching: bool = False) -> dict[str, str]:
+def run_local(params: Params, root: str | Path, enable_caching: bool = False, data_repo: str = "",
+              data_rev: str = "", data_path: str = "") -> dict[str, str]:
     """Execute the pipeline with kfp.local in this Python environment; return output artifact paths."""
     from kfp import local
 
@@ -155,7 +166,7 @@ def run_local(params: Params, root: str | Path, enable_caching: bool = False) ->
         enable_caching=enable_caching,
     )
     pipeline = build(params)
-    task = pipeline(params=pipeline_params(params))
+    task = pipeline(params=pipeline_params(params), data_repo=data_repo, data_rev=data_rev, data_path=data_path)
     return {name: artifact.path for name, artifact in task.outputs.items()}
 
 

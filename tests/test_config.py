@@ -42,7 +42,6 @@ def test_unknown_section():
         ({"prepare": {"val_fraction": 1.5}}, "prepare.val_fraction: Input should be less than 1"),
         ({"prepare": {"height": "tall"}}, "prepare.height: Input should be a valid integer"),
         ({"prepare": {"dataset": "imagenet"}}, "prepare.dataset: Input should be 'synthetic'"),
-        ({"prepare": {"dataset": "nyuv2"}}, "prepare.root is required for dataset 'nyuv2'"),
         ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
         ({"augment": {"scale_min": 2.0, "scale_max": 1.0}}, "scale_min must not exceed scale_max"),
     ],
@@ -89,3 +88,13 @@ def test_params_are_immutable():
     p = Params()
     with pytest.raises(ValidationError, match="frozen"):
         p.seed = 3
+
+
+def test_a_real_dataset_without_a_root_fails_when_prepare_starts(tmp_path):
+    """Valid params (a Kubeflow run pinned to a DVC version supplies the root), one clear error at run time."""
+    from jointdistill.stages import prepare
+
+    p = params_from_dict({"prepare": {"dataset": "nyuv2"}})
+    with pytest.raises(ConfigError, match="prepare.root is required for dataset 'nyuv2'"):
+        prepare.run(p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

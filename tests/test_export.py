@@ -49,7 +49,7 @@ def test_outputs_pass_the_checker_and_parity(exported, prepared):
     root, report = exported
     out = root / "export"
     assert {p.name for p in out.iterdir()} == {"student.onnx", "student.fp16.onnx", "student.int8.onnx",
-                                              "parity.json", "metrics.json", "MODEL_CARD.md"}
+                                              "parity.json", "metrics.json", "MODEL_CARD.md", "lineage.json"}
     for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
         onnx.checker.check_model(str(out / name), full_check=True)
         model = onnx.load(str(out / name))
@@ -146,7 +146,8 @@ def test_failed_parity_gate_writes_no_model_and_keeps_the_previous_export(export
     # A later successful export removes the stale failure report.
     export.run(params("export.fp16=false", "export.int8=none"), prepared, root / "student", out)
     assert not (tmp_path / "export.parity-failed.json").exists()
-    assert {p.name for p in out.iterdir()} == {"student.onnx", "parity.json", "metrics.json", "MODEL_CARD.md"}
+    assert {p.name for p in out.iterdir()} == {"student.onnx", "parity.json", "metrics.json", "MODEL_CARD.md",
+                                               "lineage.json"}
 
 
 def test_fixed_size_export_says_so_and_refuses_other_sizes(exported, prepared, tmp_path):

@@ -25,7 +25,14 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     assert "params" in loaded.component_spec.inputs
     ir = yaml.safe_load(compiled.read_text())
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare", "train-teacher", "train-teacher-2", "distill", "evaluate", "export"}
+    assert set(tasks) == {"source", "prepare", "train-teacher", "train-teacher-2", "distill", "evaluate", "export"}
+    # The data source comes first: prepare reads its Dataset; the pin is three run parameters, empty by default.
+    assert tasks["prepare"]["dependentTasks"] == ["source"]
+    assert tasks["prepare"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "source"
+    root_params = ir["root"]["inputDefinitions"]["parameters"]
+    assert {k: root_params[k].get("defaultValue") for k in ("data_repo", "data_rev", "data_path")} == dict.fromkeys(
+        ("data_repo", "data_rev", "data_path"), "")
+    assert tasks["source"]["inputs"]["parameters"]["repo"]["componentInputParameter"] == "data_repo"
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["distill", "prepare", "train-teacher", "train-teacher-2"]
     assert ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
         "schemaTitle"] == "system.HTML"
@@ -105,6 +112,17 @@ def test_kfp_local_run(tmp_path):
     assert Path(outputs["student"], "weights.csv").read_text().count("\n") == 1 + 2 * 3
     evaluation = json.loads(Path(outputs["evaluation"], "metrics.json").read_text())
     assert "delta_m" in evaluation["student"]["test"] and Path(outputs["evaluation"], "report.html").exists()
+    # Lineage in every output: the embedded synthetic data, these params, and each parent's content digest.
+    from jointdistill import lineage
+
+    for name in ("prepared", "teacher_seg", "teacher_depth", "student", "evaluation", "onnx_model"):
+        lin = lineage.read(outputs[name])
+        assert lin["data"] == {"kind": "synthetic"} and lin["params_digest"] == p.digest(), name
+        assert lin["code"]["version"] and "commit" in lin["code"]
+    assert lineage.read(outputs["teacher_seg"])["parents"] == {"prepared": lineage.folder_digest(outputs["prepared"])}
+    assert lineage.read(outputs["student"])["parents"] == {
+        n: lineage.folder_digest(outputs[n]) for n in ("prepared", "teacher_seg", "teacher_depth")}
+    assert set(lineage.read(outputs["onnx_model"])["parents"]) == {"prepared", "student"}
     parity = json.loads(Path(outputs["onnx_model"], "parity.json").read_text())
     assert parity["passed"] and Path(outputs["onnx_model"], "MODEL_CARD.md").exists()
     import onnxruntime as ort

@@ -146,7 +146,7 @@ def test_teacher_step_runs_as_a_two_process_job_through_gcs(gcs_emulator, prepar
                                    f"{ROOT}/train-teacher/teacher", str(artifact), task="seg", client=api.client())
     log = (tmp_path / "node-0.log").read_text()
     assert report["task"] == "seg" and report["monitor"] == "miou", log
-    assert sorted(p.name for p in artifact.iterdir()) >= ["dvclive", "metrics.json", "model.pt"]
+    assert {p.name for p in artifact.iterdir()} == {"dvclive", "lineage.json", "metrics.json", "model.pt"}
     assert json.loads((artifact / "metrics.json").read_text()) == report
     assert report["world_size"] == 2  # torchrun really started the two processes the job asks for
     # The params the job read are the step's (uploaded beside the output), not the image's params.yaml.

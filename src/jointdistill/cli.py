@@ -422,6 +422,26 @@ def fetch_model(
     typer.echo(f"fetched {manifest['version']} ({len(manifest['files'])} files, checksums verified) → {out}")
 
 
+@app.command("fetch-data")
+@_friendly
+def fetch_data(
+    repo: Annotated[str, typer.Argument(help="git URL or local path of a DVC project")],
+    rev: Annotated[str, typer.Option(help="git revision: tag, branch or commit")],
+    path: Annotated[str, typer.Option(help="DVC-tracked path in the project, e.g. data/raw/nyuv2")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write (replaced atomically)")],
+    provenance: Annotated[Path | None, typer.Option(help="also write the provenance JSON here")] = None,
+) -> None:
+    """Fetch one version of a DVC-tracked dataset (DVC's API, from the project's remote) and check every file
+    against the md5 the project records at that revision. Prints the provenance: repo, rev, commit, md5."""
+    from .data.pinned import fetch
+    from .io import write_json
+
+    record = fetch(repo, rev, path, out)
+    if provenance:
+        write_json(provenance, record)
+    typer.echo(json.dumps(record))
+
+
 @app.command("ablate")
 @_friendly
 def ablate(
@@ -540,6 +560,13 @@ def pipeline_compile(
     typer.echo(f"compiled → {output}")
 
 
+DataRepoOpt = Annotated[str, typer.Option(help="DVC project (git URL or path) to take the data from "
+                                           "[default: the embedded synthetic generator]")]
+DataRevOpt = Annotated[str, typer.Option(help="its revision: tag, branch or commit")]
+DataPathOpt = Annotated[str, typer.Option(help="DVC-tracked path in it: a raw dataset (read as prepare.dataset "
+                                          "says) or a prepared one (data/prepared)")]
+
+
 class JobStage(StrEnum):
     teacher_seg = "teacher-seg"
     teacher_depth = "teacher-depth"
@@ -588,6 +615,9 @@ def pipeline_submit(
     image: Annotated[str | None, typer.Option(help="container image for every step")] = None,
     cache: Annotated[bool | None, typer.Option("--cache/--no-cache",
                                                help="override every step's caching for this run")] = None,
+    data_repo: DataRepoOpt = "",
+    data_rev: DataRevOpt = "",
+    data_path: DataPathOpt = "",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -603,7 +633,8 @@ def pipeline_submit(
 
     cfg = load_params(params, set_)
     try:
-        run = kfp_pipeline.submit(cfg, host, experiment, run_name, image, cache, os.environ.get("KFP_TOKEN"))
+        run = kfp_pipeline.submit(cfg, host, experiment, run_name, image, cache, os.environ.get("KFP_TOKEN"),
+                                  data={"data_repo": data_repo, "data_rev": data_rev, "data_path": data_path})
     except (OSError, ValueError) as exc:
         raise OutputError(f"submit to {host}: {exc}") from None
     except Exception as exc:  # kfp_server_api.ApiException and urllib3 errors: the server said no
@@ -617,6 +648,9 @@ def pipeline_submit(
 @_friendly
 def pipeline_run_local(
     root: Annotated[Path, typer.Option(help="local pipeline root for artifacts")] = Path("kfp-local"),
+    data_repo: DataRepoOpt = "",
+    data_rev: DataRevOpt = "",
+    data_path: DataPathOpt = "",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -627,7 +661,7 @@ def pipeline_run_local(
     from .pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
-    outputs = kfp_pipeline.run_local(cfg, root)
+    outputs = kfp_pipeline.run_local(cfg, root, data_repo=data_repo, data_rev=data_rev, data_path=data_path)
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
 

@@ -61,8 +61,8 @@ class PrepareParams(_Section):
 
     @model_validator(mode="after")
     def _check_source(self) -> PrepareParams:
-        if self.dataset != "synthetic" and not self.root:
-            raise ValueError(f"prepare.root is required for dataset '{self.dataset}'")
+        # prepare.root of a real dataset is checked when prepare runs (data.base.make_source): in a Kubeflow run
+        # pinned to a DVC version, the pipeline's source step supplies it.
         if self.val_fraction + (self.test_fraction if self.dataset == "synthetic" else 0) >= 1:
             raise ValueError("val_fraction + test_fraction must leave some training samples")
         return self

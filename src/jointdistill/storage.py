@@ -24,7 +24,7 @@ from .io import atomic_dir
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "jointdistill.published/1"
 REQUIRED = ("student.onnx", "parity.json", "MODEL_CARD.md")
-OPTIONAL = ("metrics.json", "student.fp16.onnx", "student.int8.onnx")
+OPTIONAL = ("metrics.json", "lineage.json", "student.fp16.onnx", "student.int8.onnx")
 _URL = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(?:/(?P<prefix>.*?))?/?$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

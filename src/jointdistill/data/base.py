@@ -76,5 +76,8 @@ def make_source(params: PrepareParams, seed: int) -> Source:
             f"prepare.dataset: the '{params.dataset}' adapter is not available in this version "
             f"(available: {available})"
         )
+    if params.dataset != "synthetic" and not params.root:
+        raise ConfigError(f"prepare.root is required for dataset '{params.dataset}' (the folder or file to read; "
+                          "in a Kubeflow run, pin one with data_repo/data_rev/data_path instead)")
     return factory(params, seed)
 

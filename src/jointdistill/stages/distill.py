@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import lineage
 from ..config import DistillParams, Params
 from ..data.contract import verify_prepared
 from ..data.prepared import PreparedDataset
@@ -259,6 +260,8 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
             n_rows = write_trajectory(tmp / "trajectory.parquet", job)
             report["trajectory"] = _trajectory_report(job, model, tmp / "trajectory.parquet", n_rows, train_seconds)
             write_json(tmp / "metrics.json", report)
+            parents = {"prepared": data, **dict(zip(("teacher_seg", "teacher_depth"), teachers or ()))}
+            lineage.write(tmp, lineage.record("distill", params, parents))
             if (checkpoints / "dvclive").is_dir():
                 shutil.copytree(checkpoints / "dvclive", tmp / "dvclive")
         log.info("distill-%s: best epoch %d, val mIoU %.4f AbsErr %.3f, test mIoU %.4f AbsErr %.3f → %s", cfg.mode,

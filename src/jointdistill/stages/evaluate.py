@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .. import plots
+from .. import lineage, plots
 from .. import report as rp
 from ..config import Params
 from ..data.contract import open_split, verify_prepared
@@ -107,6 +107,8 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     trajectory = _read_trajectory(student / "trajectory.parquet")
 
     with atomic_dir(out) as tmp:
+        lineage.write(tmp, lineage.record("evaluate", params, {"prepared": data, "teacher_seg": teachers[0],
+                                                                "teacher_depth": teachers[1], "student": student}))
         pdir = tmp / "plots"
         pdir.mkdir()
         # --- plot data for `dvc plots show`

@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, lineage
 from ..config import Params
 from ..data.contract import verify_prepared
 from ..data.prepared import PreparedDataset
@@ -46,22 +45,6 @@ from .evaluate import load_student
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("miou", "pixacc", "abs_err", "rel_err", "delta1")
-
-
-def source_commit() -> str | None:
-    """The code's git commit: $JOINTDISTILL_SOURCE_COMMIT (set by the image build), else the checkout's HEAD
-    (with ``-dirty`` when tracked files differ from it), else None."""
-    if os.environ.get("JOINTDISTILL_SOURCE_COMMIT"):
-        return os.environ["JOINTDISTILL_SOURCE_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}-dirty" if dirty else head or None
 
 
 def machine() -> dict:
@@ -140,12 +123,13 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path) 
         raise DataError(f"{data}: export needs at least 2 val images (parity and the example batch), found {len(val)}")
     n_parity = len(val) if cfg.parity_images == 0 else min(cfg.parity_images, len(val))
     rng = np.random.default_rng(params.seed)
-    commit = source_commit()
+    commit = lineage.source_commit()
     failed_report = out.parent / f"{out.name}.parity-failed.json"
     tolerance = {"depth_rel_tol": cfg.depth_rel_tol, "seg_agreement_min": cfg.seg_agreement_min}
     torch.manual_seed(params.seed)
 
     with atomic_dir(out) as tmp:
+        lineage.write(tmp, lineage.record("export", params, {"prepared": data, "student": student}))
         onnx_path = tmp / "student.onnx"
         t0 = time.perf_counter()
         example = torch.stack([val[0]["image"], val[1]["image"]])

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .. import __version__
+from .. import __version__, lineage
 from ..config import Params
 from ..data.base import SampleRef, Source, make_source
 from ..data.contract import SPLITS, sample_digest
@@ -97,8 +97,11 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
     return rows
 
 
-def run(params: Params, out: str | Path) -> dict:
-    """Prepare the configured source into ``out``. Returns meta.json's content."""
+def run(params: Params, out: str | Path, data_lineage: dict | None = None) -> dict:
+    """Prepare the configured source into ``out``. Returns meta.json's content.
+
+    ``data_lineage``: what the source is (e.g. a DVC-pinned fetch's provenance) for ``lineage.json``; by default
+    the embedded generator, or ``prepare.root`` looked up in its DVC project."""
     t0 = time.perf_counter()
     p = params.prepare
     source = make_source(p, params.seed)
@@ -166,6 +169,8 @@ def run(params: Params, out: str | Path) -> dict:
             "jointdistill_version": __version__,
         }
         write_json(tmp / "meta.json", meta)
+        data = data_lineage or lineage.local_data(None if p.dataset == "synthetic" else p.root)
+        lineage.write(tmp, lineage.record("prepare", params, data=data))
 
         if p.gallery_images:
             k = p.gallery_images
@@ -187,3 +192,31 @@ def _manifest_digest(manifest: pd.DataFrame) -> str:
     for sid, digest in zip(manifest["sample_id"], manifest["sha256"]):
         h.update(f"{sid}:{digest}\n".encode())
     return h.hexdigest()
+
+
+def run_from_source(params: Params, source: str | Path, data_lineage: dict | None, out: str | Path) -> dict:
+    """Prepare from a fetched source folder (a KFP ``Dataset`` of the `source` step). By the lineage's kind:
+    ``synthetic`` → the embedded generator as configured; a folder that is already a prepared dataset (pinned
+    ``data/prepared``) → checked against its manifest checksums and passed on; anything else → the raw dataset
+    ``prepare.dataset`` reads, with ``prepare.root`` pointed at it. Returns meta.json's content."""
+    import shutil
+
+    from ..data.contract import verify_prepared
+
+    source = Path(source)
+    if not data_lineage or data_lineage.get("kind") == "synthetic":
+        return run(params, out, data_lineage)
+    if (source / "meta.json").is_file():
+        meta = verify_prepared(source, check_digests=True)
+        with atomic_dir(out) as tmp:
+            for item in source.iterdir():
+                if item.name == lineage.LINEAGE:
+                    continue
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            lineage.write(tmp, lineage.record("prepare", params, data=data_lineage))
+        return meta
+    if params.prepare.dataset == "synthetic":
+        raise DataError(f"{source}: a pinned raw dataset needs prepare.dataset set to its format "
+                        "(folder, nyuv2 or cityscapes), not 'synthetic'")
+    pinned = params.model_copy(update={"prepare": params.prepare.model_copy(update={"root": str(source)})})
+    return run(pinned, out, data_lineage)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import __version__
+from .. import __version__, lineage
 from ..config import Params
 from ..data.contract import open_split, verify_prepared
 from ..data.prepared import PreparedDataset
@@ -123,6 +123,7 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
                        ignore_index=meta["ignore_index"], data_checksum=meta.get("source_checksum"),
                        params_digest=params.digest(), best_epoch=result.best_epoch, val=result.best_metrics)
             write_json(tmp / "metrics.json", report)
+            lineage.write(tmp, lineage.record(f"train-teacher-{task}", params, {"prepared": data}))
             if (checkpoints / "dvclive").is_dir():
                 shutil.copytree(checkpoints / "dvclive", tmp / "dvclive")
         log.info("teacher-%s: best epoch %d, val %s=%.4f, test %s=%.4f → %s", task, result.best_epoch, job.monitor,

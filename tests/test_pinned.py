@@ -1,0 +1,257 @@
+"""Fetching a pinned version of a DVC-tracked dataset: a real git + DVC project made here, two revisions of a
+tiny dataset pushed to a DVC remote on the GCS emulator, fetched back with DVC's API and checked."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from jointdistill.data.pinned import fetch
+from jointdistill.errors import DataError
+
+from .conftest import make_bucket
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
+
+
+def run(cwd, *cmd):
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+    return r.stdout.strip()
+
+
+def dvc(cwd, *args):
+    return run(cwd, sys.executable, "-m", "dvc", *args)
+
+
+@pytest.fixture(scope="module")
+def project(gcs_emulator, tmp_path_factory):
+    """A DVC project with tags A (3 files) and B (one changed, one added), both pushed, and C (committed, not
+    pushed); the remote is gs://pinned-store on the emulator. Returns (path, {tag: commit})."""
+    make_bucket("pinned-store")
+    root = tmp_path_factory.mktemp("dvcproject") / "proj"
+    root.mkdir()
+    run(root, *GIT, "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "remote", "add", "-d", "store", "gs://pinned-store/dvc")
+    data = root / "data" / "raw"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("alpha\n")
+    (data / "b.bin").write_bytes(bytes(range(256)) * 10)
+    (data / "sub" / "c.txt").write_text("gamma\n")
+    (root / "notes.txt").write_text("plain git file\n")
+    commits = {}
+    for tag, change in (("A", None), ("B", "changed"), ("C", "unpushed")):
+        if change == "changed":
+            (data / "a.txt").write_text("alpha, revised\n")
+            (data / "d.txt").write_text("delta\n")
+        elif change == "unpushed":
+            (data / "e.txt").write_text("never pushed\n")
+        dvc(root, "add", "-q", "data/raw")
+        if change != "unpushed":
+            dvc(root, "push", "-q")
+        run(root, *GIT, "add", "-A")
+        run(root, *GIT, "commit", "-q", "-m", tag)
+        run(root, *GIT, "tag", tag)
+        commits[tag] = run(root, "git", "rev-parse", "HEAD")
+    return root, commits
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_revisions_fetch_their_own_data(project, tmp_path):
+    root, commits = project
+    # As a git URL (cloned; the data comes from the GCS remote), and as a local checkout (its cache serves).
+    a = fetch(root.as_uri(), "A", "data/raw", tmp_path / "a")
+    b = fetch(str(root), "B", "data/raw", tmp_path / "b")
+    assert (a["commit"], b["commit"]) == (commits["A"], commits["B"])
+    assert a["md5"].endswith(".dir") and a["md5"] != b["md5"]
+    recorded = {tag: json.loads(json.dumps(__import__("yaml").safe_load(
+        run(root, "git", "show", f"{tag}:data/raw.dvc"))))["outs"][0]["md5"] for tag in ("A", "B")}
+    assert (a["md5"], b["md5"]) == (recorded["A"], recorded["B"])  # the md5 the .dvc file holds at that rev
+    ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert sorted(ta) == ["a.txt", "b.bin", "sub/c.txt"] and sorted(tb) == ["a.txt", "b.bin", "d.txt", "sub/c.txt"]
+    assert ta["a.txt"] == b"alpha\n" and tb["a.txt"] == b"alpha, revised\n"
+    assert a["files"] == 3 and a["bytes"] == sum(len(v) for v in ta.values())
+    # Again, by commit instead of tag: byte for byte the same.
+    again = fetch(root.as_uri(), commits["A"], "data/raw", tmp_path / "a2")
+    assert _tree(tmp_path / "a2") == ta and again["md5"] == a["md5"]
+
+
+def test_a_single_tracked_file_and_the_cli(project, tmp_path):
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    root, commits = project
+    r = CliRunner().invoke(app, ["fetch-data", str(root), "--rev", "B", "--path", "data/raw/d.txt",
+                                 "--out", str(tmp_path / "one"), "--provenance", str(tmp_path / "prov.json")])
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.output.strip().splitlines()[-1])
+    assert record["commit"] == commits["B"] and record["type"] == "file" and record["files"] == 1
+    assert json.loads((tmp_path / "prov.json").read_text()) == record
+    assert (tmp_path / "one" / "d.txt").read_text() == "delta\n"
+
+
+@pytest.mark.parametrize("rev, path, message", [
+    ("no-such-tag", "data/raw", "unknown revision"),
+    ("A", "data/nothing", "no 'data/nothing' in the project"),
+    ("A", "notes.txt", "is not tracked by DVC"),
+    ("C", "data/raw", "could not be downloaded from the project's remote"),
+])
+def test_bad_pins_are_one_clear_error_and_write_nothing(project, tmp_path, rev, path, message):
+    root, _ = project
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "old.txt").write_text("previous")
+    with pytest.raises(DataError, match=message):
+        fetch(root.as_uri(), rev, path, tmp_path / "keep")  # a git URL: cloned, data from the remote only
+    assert _tree(tmp_path / "keep") == {"old.txt": b"previous"}
+
+
+def test_a_corrupt_remote_copy_is_caught(project, tmp_path):
+    """The object for a.txt at A replaced on the remote by other bytes: DVC or our check must refuse it."""
+    from google.cloud import storage
+
+    root, _ = project
+    md5 = __import__("hashlib").md5(b"alpha\n").hexdigest()
+    blob = storage.Client().bucket("pinned-store").blob(f"dvc/files/md5/{md5[:2]}/{md5[2:]}")
+    assert blob.exists()
+    original = blob.download_as_bytes()
+    blob.upload_from_string(b"tampered\n")
+    try:
+        with pytest.raises(DataError, match="checksum mismatch|could not be downloaded"):
+            fetch(root.as_uri(), "A", "data/raw", tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+    finally:
+        blob.upload_from_string(original)
+
+
+def test_a_project_that_is_not_there(tmp_path):
+    with pytest.raises(DataError, match="not a reachable DVC project|unknown revision"):
+        fetch(str(tmp_path / "missing-project"), "A", "data/raw", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- the pipeline's first steps
+def _frames(folder, n, seed):
+    """A folder-format dataset (`prepare.dataset: folder`): n RGB frames 48×96, labels of 3 classes, depth PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "classes.yaml").write_text("classes: [road, car, sky]\n")
+    for kind in ("images", "labels", "depth"):
+        (folder / "train" / kind).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        stem = f"f{i:03d}"
+        t = folder / "train"
+        Image.fromarray(rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)).save(t / "images" / f"{stem}.png")
+        Image.fromarray(rng.integers(0, 3, (48, 96), dtype=np.uint8)).save(t / "labels" / f"{stem}.png")
+        Image.fromarray(rng.integers(1000, 30000, (48, 96), dtype=np.uint16)).save(t / "depth" / f"{stem}.png")
+
+
+@pytest.fixture(scope="module")
+def image_project(gcs_emulator, tmp_path_factory):
+    """A DVC project whose data/raw/street is a folder-format dataset: 30 frames at tag A, 36 (6 added, one
+    replaced) at tag B; both pushed to gs://pinned-images."""
+    make_bucket("pinned-images")
+    root = tmp_path_factory.mktemp("imgproject") / "proj"
+    root.mkdir()
+    run(root, *GIT, "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "remote", "add", "-d", "store", "gs://pinned-images/dvc")
+    data = root / "data" / "raw" / "street"
+    data.mkdir(parents=True)
+    _frames(data, 30, seed=1)
+    for tag in ("A", "B"):
+        if tag == "B":
+            _frames(data, 36, seed=2)
+        dvc(root, "add", "-q", "data/raw/street")
+        dvc(root, "push", "-q")
+        run(root, *GIT, "add", "-A")
+        run(root, *GIT, "commit", "-q", "-m", tag)
+        run(root, *GIT, "tag", tag)
+    return root
+
+
+@pytest.mark.slow
+def test_kfp_source_and_prepare_steps_pinned_to_two_revisions(image_project, tmp_path, capfd):
+    """The pipeline's real `source` and `prepare` components run by kfp.local: A and B give different prepared
+    data whose lineage names them; A again gives A's arrays byte for byte; a bad pin fails in the source step."""
+    import numpy as np
+    import pandas as pd
+    from jointdistill.components import prepare as prepare_component
+    from jointdistill.components import source as source_component
+    from jointdistill.pipelines.pipeline import pipeline_params
+    from kfp import dsl, local
+
+    from jointdistill import lineage
+    from jointdistill.config import load_params
+
+    from .conftest import REPO
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    source_op, prepare_op = source_component.component("unused"), prepare_component.component("unused")
+    p = load_params(REPO / "params.yaml", ["prepare.dataset=folder", "prepare.height=48", "prepare.width=96",
+                                           "prepare.gallery_images=0"])
+
+    @dsl.pipeline(name="pinned-data")  # the first two steps of the pipeline, wired as it wires them
+    def first_steps(params: dict, data_repo: str, data_rev: str, data_path: str) -> dsl.Dataset:
+        src = source_op(repo=data_repo, rev=data_rev, path=data_path)
+        return prepare_op(params=params, source=src.outputs["data"]).outputs["prepared"]
+
+    url = image_project.as_uri()
+    runs = {}
+    for name, rev in (("A", "A"), ("B", "B"), ("A again", "A")):
+        task = first_steps(params=pipeline_params(p), data_repo=url, data_rev=rev, data_path="data/raw/street")
+        runs[name] = task.output.path
+    commits = {t: run(image_project, "git", "rev-parse", t) for t in ("A", "B")}
+    for name, tag in (("A", "A"), ("B", "B"), ("A again", "A")):
+        lin = lineage.read(runs[name])
+        assert lin["stage"] == "prepare" and lin["data"]["kind"] == "dvc"
+        got = (lin["data"]["rev"], lin["data"]["commit"], lin["data"]["path"])
+        assert got == (tag, commits[tag], "data/raw/street")
+        assert lin["data"]["repo"] == url and lin["data"]["md5"].endswith(".dir")
+    assert lineage.read(runs["A"])["data"]["md5"] != lineage.read(runs["B"])["data"]["md5"]
+    manifest = {n: pd.read_parquet(f"{runs[n]}/manifest.parquet") for n in runs}
+    assert len(manifest["A"]) == 30 and len(manifest["B"]) == 36
+    assert set(manifest["A"]["sha256"]) != set(manifest["B"]["sha256"])
+    for split in ("train", "val", "test"):
+        for array in ("images", "labels", "depth"):
+            a, again = (np.load(f"{runs[n]}/{split}/{array}.npy") for n in ("A", "A again"))
+            assert a.tobytes() == again.tobytes() and a.dtype == again.dtype and a.shape == again.shape
+    assert manifest["A"]["sha256"].tolist() == manifest["A again"]["sha256"].tolist()
+
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match="source"):  # kfp.local: the source task failed, prepare never ran
+        first_steps(params=pipeline_params(p), data_repo=url, data_rev="no-such-tag", data_path="data/raw/street")
+    log = re.sub(r"\x1b\[[0-9;]*m", "", "".join(capfd.readouterr()))  # kfp.local colours task names
+    assert "Task 'source' finished with status FAILURE" in log
+    assert "DataError" in log and "unknown revision" in log and "Task 'prepare'" not in log
+
+
+def test_local_data_lineage_and_folder_digests(project, tmp_path):
+    from jointdistill import lineage
+
+    root, commits = project
+    head = run(root, "git", "rev-parse", "HEAD")
+    rec = lineage.local_data(root / "data" / "raw")  # a DVC-tracked folder of a checkout: its md5 and commit
+    recorded = __import__("yaml").safe_load((root / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
+    assert rec == {"kind": "dvc", "repo": None, "rev": None, "commit": head, "path": "data/raw", "md5": recorded}
+    (tmp_path / "plain").mkdir()
+    assert lineage.local_data(tmp_path / "plain") == {"kind": "untracked", "path": "plain"}
+    assert lineage.local_data(None) == {"kind": "synthetic"}
+    a = tmp_path / "a"
+    (a / "sub").mkdir(parents=True)
+    (a / "x.bin").write_bytes(b"1")
+    (a / "sub" / "y.bin").write_bytes(b"2")
+    before = lineage.folder_digest(a)
+    (a / "lineage.json").write_text("{}")  # its own record is not part of a folder's content
+    assert lineage.folder_digest(a) == before
+    (a / "sub" / "y.bin").write_bytes(b"3")
+    assert lineage.folder_digest(a) != before and before.startswith("sha256:")
