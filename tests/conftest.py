@@ -11,6 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 os.environ["DVC_NO_ANALYTICS"] = "1"
 
+# Prepended to `python -c` code: the process can then not import torch (what deployments without it see).
+NO_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ImportError(f'{name} is blocked in this process')
+        return None
+sys.meta_path.insert(0, _NoTorch())
+"""
+
 TINY = ["prepare.num_samples=40", "prepare.height=48", "prepare.width=96", "prepare.gallery_images=2"]
 
 

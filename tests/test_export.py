@@ -20,7 +20,7 @@ from jointdistill.infer import StudentSession, choose_providers, read_metadata
 from jointdistill.models import build_student, load_model
 from jointdistill.stages import export
 
-from .conftest import EXPORT, REPO
+from .conftest import EXPORT, NO_TORCH, REPO
 
 FAST = EXPORT
 
@@ -179,14 +179,7 @@ def test_resnet_aspp_student_exports_with_dynamic_size(tmp_path):
 
 
 # ----------------------------------------------------------------------------- predict
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision'):
-            raise ImportError(f'{name} is blocked in this process')
-        return None
-sys.meta_path.insert(0, _NoTorch())
+BLOCK_TORCH = NO_TORCH + """
 from jointdistill.cli import app
 try:
     app(prog_name='jointdistill')

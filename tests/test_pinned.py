@@ -28,16 +28,22 @@ def dvc(cwd, *args):
     return run(cwd, sys.executable, "-m", "dvc", *args)
 
 
+def new_project(tmp_path_factory, name: str, bucket: str):
+    """An empty git + DVC project whose default remote is gs://BUCKET/dvc on the emulator."""
+    make_bucket(bucket)
+    root = tmp_path_factory.mktemp(name) / "proj"
+    root.mkdir()
+    run(root, *GIT, "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "remote", "add", "-d", "store", f"gs://{bucket}/dvc")
+    return root
+
+
 @pytest.fixture(scope="module")
 def project(gcs_emulator, tmp_path_factory):
     """A DVC project with tags A (3 files) and B (one changed, one added), both pushed, and C (committed, not
     pushed); the remote is gs://pinned-store on the emulator. Returns (path, {tag: commit})."""
-    make_bucket("pinned-store")
-    root = tmp_path_factory.mktemp("dvcproject") / "proj"
-    root.mkdir()
-    run(root, *GIT, "init", "-q")
-    dvc(root, "init", "-q")
-    dvc(root, "remote", "add", "-d", "store", "gs://pinned-store/dvc")
+    root = new_project(tmp_path_factory, "dvcproject", "pinned-store")
     data = root / "data" / "raw"
     (data / "sub").mkdir(parents=True)
     (data / "a.txt").write_text("alpha\n")
@@ -159,12 +165,7 @@ def _frames(folder, n, seed):
 def image_project(gcs_emulator, tmp_path_factory):
     """A DVC project whose data/raw/street is a folder-format dataset: 30 frames at tag A, 36 (6 added, one
     replaced) at tag B; both pushed to gs://pinned-images."""
-    make_bucket("pinned-images")
-    root = tmp_path_factory.mktemp("imgproject") / "proj"
-    root.mkdir()
-    run(root, *GIT, "init", "-q")
-    dvc(root, "init", "-q")
-    dvc(root, "remote", "add", "-d", "store", "gs://pinned-images/dvc")
+    root = new_project(tmp_path_factory, "imgproject", "pinned-images")
     data = root / "data" / "raw" / "street"
     data.mkdir(parents=True)
     _frames(data, 30, seed=1)

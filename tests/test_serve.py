@@ -23,16 +23,9 @@ from jointdistill.cli import app
 from jointdistill.errors import ConfigError
 from jointdistill.infer import StudentSession
 
-from .conftest import make_bucket
+from .conftest import NO_TORCH, make_bucket
 
-NO_TORCH_SERVE = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision'):
-            raise ImportError(f'{name} is blocked in this process')
-        return None
-sys.meta_path.insert(0, _NoTorch())
+NO_TORCH_SERVE = NO_TORCH + """
 from jointdistill.cli import app
 app(prog_name='jointdistill')
 """
