@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Params, TrainJobParams
@@ -50,7 +50,6 @@ class JobRequest:
     namespace: str | None
     deadline_seconds: int
     output_url: str
-    extra: dict = field(default_factory=dict)
 
 
 def job_name(stage: str, task: str | None, output_url: str) -> str:
