@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import ablation, data, ddp, distill, export, pipeline, serve, teachers
+from . import ablation, data, ddp, distill, export, gpu, pipeline, serve, teachers
 from .common import machine_info, write_results
 
 SUITES = {
@@ -24,8 +24,10 @@ SUITES = {
     "export-paper": lambda quick, params: export.rows(quick, params, ("paper",)),
     # On a GPU machine with onnxruntime-gpu: CUDA execution provider vs PyTorch eager on CUDA.
     "export-gpu": lambda quick, params: export.rows(quick, params, ("default", "paper"), device="cuda"),
+    # Training throughput of the paper configuration on a CUDA GPU: AMP, channels_last, compile, MFU, loader.
+    "gpu": gpu.rows,
 }
-SLOW = ("pipeline", "ddp", "ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu")
+SLOW = ("pipeline", "ddp", "ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu", "gpu")
 DEFAULT = [name for name in SUITES if name not in SLOW]
 
 
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
                     "teacher-cache (8 models, about 30 minutes); pipeline (a whole dvc repro, about 12 minutes); "
                     "ddp (torchrun scaling, about 10 minutes); "
                     "distill-paper and export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and "
-                    "export-gpu)")
+                    "export-gpu and gpu, for a CUDA machine)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     args = ap.parse_args(argv)

@@ -62,3 +62,21 @@ def test_bench_serve_quick(tiny_export):
         assert "0 errors" in rows[f"server latency, {key}"]["note"]
     growth = rows["server RSS growth over the run"]
     assert growth["ok"] == (growth["median"] <= 10) and "MB when ready" in growth["note"]
+
+
+def test_bench_gpu_suite_runs_on_cpu():
+    """The GPU training bench at toy sizes on the CPU: every configuration steps, FLOPs are counted, the
+    table has its MFU notes and the distill/mtl ratio rows (its numbers mean something only on a GPU)."""
+    from bench import gpu
+
+    res = gpu.run(True, str(REPO / "params.yaml"))
+    assert [(r["config"], r["variant"]) for r in res["steps"]] == [
+        (k, gpu.VARIANTS[v]["name"]) for k, v in gpu.QUICK_PLAN]
+    assert all("error" not in r and r["flops_per_step"] > 0 and r["images_per_s"] > 0 for r in res["steps"])
+    flops = {r["config"]: r["flops_per_step"] for r in res["steps"]}
+    # The teachers' forward is what the cache saves; the trajectory pass is what it does not.
+    assert flops["distill-full"] > flops["distill-full-cache"] > flops["distill-mtl"]
+    rows = {r["name"]: r for r in gpu.table_rows(res)}
+    seg = rows["teacher-seg step, fp32"]
+    assert seg["mfu"] > 0 and "FLOP-bound limit" in seg["note"] and "MFU" in seg["note"]
+    assert res["epoch"]["images_per_s"] > 0 and res["loader"][0]["images"] > 0

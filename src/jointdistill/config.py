@@ -111,6 +111,8 @@ class OptimParams(_Section):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
     amp: Literal["auto", "off", "fp16", "bf16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the encoders and heads; auto: on for CUDA (see bench/results/gpu.md)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (also at each epoch end)")
     num_workers: int = Field(0, ge=0, description="data loader worker processes")

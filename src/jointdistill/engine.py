@@ -2,7 +2,7 @@
 
 Read top to bottom: `train_one_epoch`, `evaluate`, `fit`. A *task* object supplies what differs between
 models (its loss, its metrics and the number that selects the best epoch); everything else is here:
-optimiser and schedule, AMP, channels_last, gradient clipping, determinism, progress, dvclive logging,
+optimiser and schedule, AMP, channels_last, torch.compile, gradient clipping, determinism, progress, dvclive logging,
 checkpoints and resume, and DDP under ``torchrun``.
 
 Reproducibility contract: for a given seed, the data order of epoch e is a permutation drawn from
@@ -55,7 +55,8 @@ class Task(Protocol):
     monitor: str  # metric that selects the best epoch
     higher_is_better: bool
 
-    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+    # The total and its named parts, 0-d tensors (the engine reads them all at once, once per step).
+    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def new_meters(self) -> Any: ...
 
@@ -192,7 +193,9 @@ def build_optimizer(model: nn.Module, spec: TrainParams) -> torch.optim.Optimize
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=spec.lr)
+    # The fused CUDA kernel: one launch for all parameters instead of several per tensor.
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, lr=spec.lr, fused=fused)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, spec: TrainParams, total_steps: int):
@@ -211,6 +214,10 @@ def build_scheduler(opt: torch.optim.Optimizer, spec: TrainParams, total_steps: 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def use_compile(spec: TrainParams, device: torch.device) -> bool:
+    return spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda")
+
+
 def amp_dtype(spec: TrainParams, device: torch.device) -> torch.dtype | None:
     if spec.amp == "off" or (spec.amp == "auto" and device.type != "cuda"):
         return None
@@ -219,13 +226,37 @@ def amp_dtype(spec: TrainParams, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> list[float]:
+def clip_gradients(model: nn.Module, max_norm: float) -> list[torch.Tensor]:
     """Clip the gradient norm to ``max_norm``, separately per group when the model defines
     ``clip_groups()`` (networks trained side by side with their own objectives, e.g. the student and the
-    connector: one's large gradients must not shrink the other's step). Returns the norms before clipping."""
+    connector: one's large gradients must not shrink the other's step). Returns the norms before clipping,
+    as 0-d tensors on the model's device (reading them would wait for the GPU)."""
     inner = _unwrap(model)
     groups = inner.clip_groups() if hasattr(inner, "clip_groups") else [list(model.parameters())]
-    return [float(torch.nn.utils.clip_grad_norm_(g, max_norm)) for g in groups if g]
+    return [torch.nn.utils.clip_grad_norm_(g, max_norm) for g in groups if g]
+
+
+def compile_networks(model: nn.Module) -> int:
+    """``torch.compile`` the encoders and heads of every network in ``model`` (student, teachers held beside
+    it, connector), in place: that is where the FLOPs are. The glue around them (loss, trajectory
+    bookkeeping, Python counters) stays eager, since a compiled graph guarding on such Python state would
+    recompile every step. State dict keys are unchanged, so checkpoints do not depend on it. Returns the
+    number of modules compiled."""
+    from .distill.connector import Connector
+    from .models import DenseNet
+
+    nets = [m for m in model.modules() if isinstance(m, DenseNet)]
+    nets += [t for t in getattr(_unwrap(model), "teachers", ()) if isinstance(t, DenseNet)]
+    n = 0
+    for net in nets:
+        for m in (net.backbone, *net.heads.values()):
+            m.compile()
+            n += 1
+    for m in model.modules():
+        if isinstance(m, Connector):
+            m.compile()
+            n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- loops
@@ -252,6 +283,31 @@ class RunState:
     epoch_seen: int = 0
 
 
+def train_step(model, task, batch: dict, opt, sched, scaler, spec, amp, where: str = "") -> tuple[float, dict]:
+    """One optimisation step on a batch already on the device. Returns the loss and its parts as floats.
+
+    The host waits for the device once per step, after backward and before the optimiser (a task's loss
+    parts are 0-d tensors, read together): the forward and backward are queued without a pause, and a
+    non-finite loss still stops the run before it changes any weight."""
+    with torch.autocast(batch["image"].device.type, dtype=amp, enabled=amp is not None):
+        # What else the model takes from the batch (the distill task's cached teacher features).
+        outputs = model(batch["image"], **{k: batch[k] for k in getattr(task, "model_inputs", ())})
+        loss, parts = task.loss(outputs, batch)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if spec.grad_clip:
+        scaler.unscale_(opt)
+        clip_gradients(model, spec.grad_clip)
+    values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]).tolist()
+    parts = dict(zip(parts, values[1:], strict=True))
+    if not math.isfinite(values[0]):
+        raise FloatingPointError(f"non-finite loss{where}: {parts}")
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return values[0], parts
+
+
 def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state: RunState, amp, channels_last,
                     on_step: Callable[[], None], show: bool, total_batches: int) -> dict:
     model.train()
@@ -260,31 +316,19 @@ def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state
                unit="batch", disable=None if show else True, leave=False)
     for batch in loader:
         batch = _to(batch, device, channels_last)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            # What else the model takes from the batch (the distill task's cached teacher features).
-            outputs = model(batch["image"], **{k: batch[k] for k in getattr(task, "model_inputs", ())})
-            loss, parts = task.loss(outputs, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {state.epoch + 1}, step {state.global_step}: {parts}")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if spec.grad_clip:
-            scaler.unscale_(opt)
-            clip_gradients(model, spec.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        loss, parts = train_step(model, task, batch, opt, sched, scaler, spec, amp,
+                                 f" at epoch {state.epoch + 1}, step {state.global_step}")
         state.step_in_epoch += 1
         state.global_step += 1
         bs = batch["image"].shape[0]
         n_seen += bs
         state.epoch_seen += bs
-        for k, v in {"loss": loss.item(), **parts}.items():
+        for k, v in {"loss": loss, **parts}.items():
             state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v * bs
         bar.update(1)
         if show:
             extra = task.progress(parts) if hasattr(task, "progress") else {}
-            bar.set_postfix(loss=f"{loss.item():.4f}", **extra, img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(loss=f"{loss:.4f}", **extra, img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
         on_step()
     bar.close()
     seconds = time.perf_counter() - t0
@@ -351,6 +395,8 @@ def fit(
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if use_compile(spec, device):
+        compile_networks(model)
 
     train_sampler = EpochSampler(len(train_ds), spec.batch_size, seed, True, ddp.rank, ddp.world)
     val_sampler = EpochSampler(len(val_ds), spec.batch_size, seed, False, ddp.rank, ddp.world, drop_last=False)

@@ -14,7 +14,7 @@ class SegTask:
 
     def loss(self, outputs, batch):
         loss = seg_loss(outputs["seg"], batch["label"], self.ignore_index)
-        return loss, {"seg_ce": loss.item()}
+        return loss, {"seg_ce": loss.detach()}
 
     def new_meters(self):
         return {"seg": ConfusionMatrix(self.num_classes, self.ignore_index)}
@@ -34,7 +34,7 @@ class DepthTask:
 
     def loss(self, outputs, batch):
         loss = depth_loss(outputs["depth"], batch["depth"], self.kind)
-        return loss, {f"depth_{self.kind}": loss.item()}
+        return loss, {f"depth_{self.kind}": loss.detach()}
 
     def new_meters(self):
         return {"depth": DepthMeter()}

@@ -72,13 +72,13 @@ class StudentTask:
     def omega(self) -> dict[str, float]:
         return self.weights.weights if self.weights is not None else dict.fromkeys(TASKS, 1.0)
 
-    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, s = self.cfg, outputs["student"]
         label, depth = batch["label"], batch["depth"]
         ce = seg_loss(s["seg"].float(), label, self.ignore_index)
         dl = depth_loss(s["depth"].float(), depth, cfg.depth_loss)
         total = cfg.lambda_seg * ce + cfg.lambda_depth * dl
-        parts = {"seg_ce": ce.item(), f"depth_{cfg.depth_loss}": dl.item()}
+        parts = {"seg_ce": ce.detach(), f"depth_{cfg.depth_loss}": dl.detach()}
         if "connector" in outputs:
             c, w = outputs["connector"], self.omega()
             c_ce = seg_loss(c["seg"].float(), label, self.ignore_index)
@@ -87,13 +87,13 @@ class StudentTask:
             d_depth = kd_depth(s["depth"], c["depth"], depth)
             total = total + w["seg"] * c_ce + w["depth"] * c_dl
             total = total + cfg.lambda_kd * (w["seg"] * d_seg + w["depth"] * d_depth)
-            parts.update(connector_seg_ce=c_ce.item(), connector_depth=c_dl.item(), kd_seg=d_seg.item(),
-                         kd_depth=d_depth.item())
+            parts.update(connector_seg_ce=c_ce.detach(), connector_depth=c_dl.detach(),
+                         kd_seg=d_seg.detach(), kd_depth=d_depth.detach())
         if "probe" in outputs:
             att = resize_attention(attention_map(outputs["probe"]["features"]), self.grid)
             traj = trajectory_loss(att, self.buffer, outputs["probe"]["index"])
             total = total + cfg.lambda_traj * traj
-            parts["traj"] = traj.item()
+            parts["traj"] = traj.detach()
         return total, parts
 
     def progress(self, parts: dict) -> dict[str, str]:
