@@ -19,6 +19,7 @@ from ..components import distill as distill_component
 from ..components import evaluate as evaluate_component
 from ..components import export as export_component
 from ..components import prepare as prepare_component
+from ..components import results as results_component
 from ..components import source as source_component
 from ..components import teacher as teacher_component
 from ..config import Params, StepResources
@@ -82,6 +83,7 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
         distill_op = distill_component.component(image)
     evaluate_op = evaluate_component.component(image)
     export_op = export_component.component(image)
+    results_op = results_component.component(image)
     defaults = pipeline_params(params)
     res, cfg = params.pipeline, params
 
@@ -89,8 +91,9 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
         name=PIPELINE_NAME,
         description="JointDistill: prepare → teachers → distill → evaluate → export",
     )
-    def jointdistill(params: dict = defaults, data_repo: str = "", data_rev: str = "",
-                     data_path: str = "") -> PipelineOutputs:
+    def jointdistill(params: dict = defaults, data_repo: str = "", data_rev: str = "", data_path: str = "",
+                     results_remote: str = "", results_prefix: str = "", results_git_repo: str = "",
+                     results_git_branch: str = "") -> PipelineOutputs:
         # The data: a version of a DVC project (git URL or path, revision, DVC-tracked path), or with data_repo
         # empty the embedded synthetic generator. A bad pin fails in this first step.
         # A pinned revision may be a branch that moves: never reuse a cached fetch.
@@ -116,6 +119,16 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
         exported = export_op(params=params, prepared=prepare.outputs["prepared"],
                              student=student.outputs["student"]).after(evaluation)
         configure(exported, res.export, cfg, "export")
+        # Optional: the run's outputs back into DVC (pushed to the project's remote, .dvc pointers written).
+        with dsl.If(results_remote != "", name="results-to-dvc"):
+            pushed = results_op(params=params, prepared=prepare.outputs["prepared"],
+                                teacher_seg=teachers["seg"].outputs["teacher"],
+                                teacher_depth=teachers["depth"].outputs["teacher"],
+                                student=student.outputs["student"], evaluation=evaluation.outputs["evaluation"],
+                                onnx_model=exported.outputs["onnx_model"], remote=results_remote,
+                                prefix=results_prefix, git_repo=results_git_repo, git_branch=results_git_branch,
+                                run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            configure(pushed, StepResources(cpu="1", memory="4G", cache=False), cfg, "push-results")
         return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
                                teachers["depth"].outputs["teacher"], student.outputs["student"],
                                evaluation.outputs["evaluation"], exported.outputs["onnx_model"])
@@ -132,7 +145,7 @@ def compile_pipeline(output: str | Path, params: Params, image: str | None = Non
 
 def submit(params: Params, host: str | None, experiment: str = "jointdistill", run_name: str | None = None,
            image: str | None = None, enable_caching: bool | None = None, token: str | None = None,
-           data: dict[str, str] | None = None) -> dict:
+           arguments: dict[str, str] | None = None) -> dict:
     """Compile and start a run on a Kubeflow Pipelines API server (kfp.Client); return its id and URL.
 
     ``enable_caching`` None keeps each step's own setting (``pipeline.<step>.cache``); True/False overrides all
@@ -146,7 +159,8 @@ def submit(params: Params, host: str | None, experiment: str = "jointdistill", r
         package = compile_pipeline(Path(tmp) / "jointdistill.yaml", params, image)
         client = kfp.Client(host=host, existing_token=token)
         run = client.create_run_from_pipeline_package(
-            str(package), arguments={"params": pipeline_params(params), **{k: v for k, v in (data or {}).items() if v}},
+            str(package),
+            arguments={"params": pipeline_params(params), **{k: v for k, v in (arguments or {}).items() if v}},
             run_name=run_name,
             experiment_name=experiment, enable_caching=enable_caching)
     base = (host or "").rstrip("/")
@@ -154,9 +168,9 @@ def submit(params: Params, host: str | None, experiment: str = "jointdistill", r
             "url": f"{base}/#/runs/details/{run.run_id}"}
 
 
-def run_local(params: Params, root: str | Path, enable_caching: bool = False, data_repo: str = "",
-              data_rev: str = "", data_path: str = "") -> dict[str, str]:
-    """Execute the pipeline with kfp.local in this Python environment; return output artifact paths."""
+def run_local(params: Params, root: str | Path, enable_caching: bool = False, **arguments: str) -> dict[str, str]:
+    """Execute the pipeline with kfp.local in this Python environment; return output artifact paths.
+    ``arguments``: the pipeline's string parameters (data_repo, data_rev, data_path, results_remote, …)."""
     from kfp import local
 
     root = Path(root).absolute()
@@ -166,7 +180,7 @@ def run_local(params: Params, root: str | Path, enable_caching: bool = False, da
         enable_caching=enable_caching,
     )
     pipeline = build(params)
-    task = pipeline(params=pipeline_params(params), data_repo=data_repo, data_rev=data_rev, data_path=data_path)
+    task = pipeline(params=pipeline_params(params), **arguments)
     return {name: artifact.path for name, artifact in task.outputs.items()}
 
 

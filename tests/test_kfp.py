@@ -19,13 +19,28 @@ def compiled(tiny_params, tmp_path_factory):
     return path
 
 
+def root_params_default(ir, name):
+    return ir["root"]["inputDefinitions"]["parameters"][name].get("defaultValue")
+
+
 def test_compiled_ir_loads_back(compiled, tiny_params):
     loaded = components.load_component_from_file(str(compiled))
     assert loaded.name == "jointdistill"
     assert "params" in loaded.component_spec.inputs
     ir = yaml.safe_load(compiled.read_text())
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"source", "prepare", "train-teacher", "train-teacher-2", "distill", "evaluate", "export"}
+    assert set(tasks) == {"source", "prepare", "train-teacher", "train-teacher-2", "distill", "evaluate", "export",
+                          "condition-1"}
+    # The optional last step: inside a condition on results_remote (empty by default = off), after everything,
+    # with every output and the run's name; never cached (a push must happen each run).
+    cond = tasks["condition-1"]
+    assert cond["taskInfo"]["name"] == "results-to-dvc" and "results_remote" in cond["triggerPolicy"]["condition"]
+    assert "!= ''" in cond["triggerPolicy"]["condition"] and root_params_default(ir, "results_remote") == ""
+    push = ir["components"][cond["componentRef"]["name"]]["dag"]["tasks"]["push-results"]
+    assert set(push["inputs"]["artifacts"]) == {"prepared", "teacher_seg", "teacher_depth", "student", "evaluation",
+                                                "onnx_model"}
+    assert push["inputs"]["parameters"]["run_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
+    assert not push["cachingOptions"].get("enableCache")
     # The data source comes first: prepare reads its Dataset; the pin is three run parameters, empty by default.
     assert tasks["prepare"]["dependentTasks"] == ["source"]
     assert tasks["prepare"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "source"
@@ -45,7 +60,7 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     # Caching set explicitly per task: on for data prep and the teachers, off for the rest (params.pipeline).
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == {"prepare", "train-teacher", "train-teacher-2"}
-    for t in tasks.values():
+    for t in [t for n, t in tasks.items() if n != "condition-1"] + [push]:
         assert t["retryPolicy"]["maxRetryCount"] == 2 and t["retryPolicy"]["backoffDuration"] == "60s"
     resources = ir["deploymentSpec"]["executors"]["exec-train-teacher"]["container"]["resources"]
     assert resources["resourceCpuLimit"] == "4" and resources["resourceMemoryLimit"] == "16G"

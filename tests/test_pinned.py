@@ -138,6 +138,24 @@ def test_a_corrupt_remote_copy_is_caught(project, tmp_path):
         blob.upload_from_string(original)
 
 
+def test_an_unreachable_remote(tmp_path):
+    """The project is fine, its remote does not answer (nothing listens on the port): one DataError, nothing
+    written."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    run(root, *GIT, "init", "-q")
+    dvc(root, "init", "-q")
+    (root / "data").mkdir()
+    (root / "data" / "a.txt").write_text("a\n")
+    dvc(root, "add", "-q", "data")
+    dvc(root, "remote", "add", "-d", "gone", "http://127.0.0.1:9/dvc")
+    run(root, *GIT, "add", "-A")
+    run(root, *GIT, "commit", "-q", "-m", "A")
+    with pytest.raises(DataError, match="could not be downloaded from the project's remote.*reach the remote"):
+        fetch(root.as_uri(), "HEAD", "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_project_that_is_not_there(tmp_path):
     with pytest.raises(DataError, match="not a reachable DVC project|unknown revision"):
         fetch(str(tmp_path / "missing-project"), "A", "data/raw", tmp_path / "out")
@@ -256,3 +274,103 @@ def test_local_data_lineage_and_folder_digests(project, tmp_path):
     assert lineage.folder_digest(a) == before
     (a / "sub" / "y.bin").write_bytes(b"3")
     assert lineage.folder_digest(a) != before and before.startswith("sha256:")
+
+
+# ----------------------------------------------------------------------------- results back into DVC
+def _files(folder):
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_project, tmp_path):
+    """The whole pipeline under kfp.local on tag B of a DVC project, with the optional last step on: its outputs
+    are pushed to the project's remote and the .dvc pointers committed to a branch of the project; a fresh
+    clone of that branch `dvc pull`s exactly the bytes the run produced."""
+    from pathlib import Path
+
+    from jointdistill.pipelines import pipeline as kfp_pipeline
+
+    from jointdistill import lineage
+    from jointdistill.config import load_params
+
+    from .conftest import REPO
+
+    p = load_params(REPO / "params.yaml", [
+        "prepare.dataset=folder", "prepare.height=48", "prepare.width=96", "prepare.gallery_images=0",
+        "teacher.epochs=1", "teacher.batch_size=4", "distill.epochs=1", "distill.batch_size=4",
+        "distill.probe_images=2", "distill.top_k=4"])
+    url = image_project.as_uri()
+    outputs = kfp_pipeline.run_local(p, tmp_path / "root", data_repo=url, data_rev="B", data_path="data/raw/street",
+                                     results_remote="gs://pinned-images/dvc", results_prefix="runs/b1",
+                                     results_git_repo=url, results_git_branch="results/b1")
+    commit_b = run(image_project, "git", "rev-parse", "B")
+    for name in ("prepared", "student", "onnx_model"):
+        data = lineage.read(outputs[name])["data"]
+        assert (data["kind"], data["rev"], data["commit"]) == ("dvc", "B", commit_b), name
+    # The pointers: an artifact of the last step, and a commit on the project's branch.
+    pointers = next(Path(tmp_path / "root").rglob("runs/b1/RESULTS.json"))
+    record = json.loads(pointers.read_text())
+    names = {"prepared": "prepared", "teacher_seg": "teacher_seg", "teacher_depth": "teacher_depth",
+             "student": "student", "evaluation": "evaluation", "export": "onnx_model"}
+    assert sorted(record["outputs"]) == sorted(names) and record["remote"] == "gs://pinned-images/dvc"
+    assert record["outputs"]["student"]["lineage"]["data"]["rev"] == "B"
+    assert run(image_project, "git", "log", "-1", "--format=%s", "results/b1") == "jointdistill results: runs/b1"
+    from jointdistill.config import params_from_dict
+
+    ran = params_from_dict(__import__("yaml").safe_load((pointers.parent / "params.yaml").read_text()))
+    assert ran.digest() == p.digest() == record["outputs"]["student"]["lineage"]["params_digest"]
+    # A laptop: a fresh clone of the project, the results branch, dvc pull.
+    fresh = tmp_path / "laptop"
+    run(tmp_path, "git", "clone", "-q", "--branch", "results/b1", url, str(fresh))
+    dvc(fresh, "pull", "-q", "-R", "runs/b1")
+    for pointer_name, output in names.items():
+        assert _files(fresh / "runs" / "b1" / pointer_name) == _files(outputs[output]), pointer_name
+    assert run(fresh, "git", "status", "--porcelain") == ""  # the pulled data is git-ignored
+
+
+def test_push_results_errors_leave_nothing_behind(gcs_emulator, tmp_path):
+    from jointdistill import dvc_results
+    from jointdistill.errors import ConfigError
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "student.pt").write_bytes(b"weights")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.dvc").write_text("previous")
+    cases = [({"student": tmp_path / "student"}, "gs://no-such-bucket-jd/dvc", "runs/x", DataError,
+              "could not push to the DVC remote gs://no-such-bucket-jd/dvc"),
+             ({"student": tmp_path / "nothing"}, "gs://pinned-images/dvc", "runs/x", DataError, "missing or empty"),
+             ({"student": tmp_path / "student"}, "", "runs/x", ConfigError, "give the DVC remote URL"),
+             ({"student": tmp_path / "student"}, "gs://pinned-images/dvc", "../up", ConfigError, "relative path")]
+    for outputs, remote, prefix, exc, message in cases:
+        with pytest.raises(exc, match=re.escape(message)):
+            dvc_results.push(outputs, remote, tmp_path / "out", prefix)
+        assert _files(tmp_path / "out") == {"old.dvc": b"previous"}
+
+
+def test_push_results_cli_to_a_local_remote(tmp_path):
+    """The CLI with a local-folder remote: pointers written, objects in DVC's layout, re-push is a no-op."""
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "x.txt").write_text("x\n")
+    (tmp_path / "a" / "sub" / "y.txt").write_text("y\n")
+    args = ["push-results", "--remote", str(tmp_path / "remote"), "--output", f"student={tmp_path / 'a'}",
+            "--out", str(tmp_path / "ptr"), "--prefix", "runs/r1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    pointer = __import__("yaml").safe_load((tmp_path / "ptr" / "runs" / "r1" / "student.dvc").read_text())
+    md5 = pointer["outs"][0]["md5"]
+    assert pointer["outs"][0]["path"] == "student" and pointer["outs"][0]["nfiles"] == 2 and md5.endswith(".dir")
+    assert (tmp_path / "remote" / "files" / "md5" / md5[:2] / md5[2:]).exists()
+    assert f"student: {md5} (2 files)" in r.output
+    assert (tmp_path / "ptr" / "runs" / "r1" / ".gitignore").read_text() == "/student\n"
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and (tmp_path / "ptr" / "runs" / "r1" / "student.dvc").read_text() == (
+        (tmp_path / "ptr" / "runs" / "r1" / "student.dvc").read_text())
+    bad = CliRunner().invoke(app, [*args[:3], "--output", "no-equals-sign", *args[5:]])
+    assert bad.exit_code == 2 and "expected NAME=FOLDER" in bad.output

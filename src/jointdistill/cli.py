@@ -14,7 +14,7 @@ import typer
 import typer.core
 
 from . import __version__
-from .errors import JointDistillError
+from .errors import ConfigError, JointDistillError
 
 app = typer.Typer(
     name="jointdistill",
@@ -442,6 +442,34 @@ def fetch_data(
     typer.echo(json.dumps(record))
 
 
+@app.command("push-results")
+@_friendly
+def push_results(
+    remote: Annotated[str, typer.Option(help="DVC remote URL to push to (your project's, e.g. gs://bucket/dvc)")],
+    output: Annotated[list[str], typer.Option(help="NAME=FOLDER, once per output (e.g. student=data/student)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the .dvc pointers (replaced atomically)")],
+    prefix: Annotated[str, typer.Option(help="where the pointers sit in a project, e.g. runs/2026-11-26")],
+    git_repo: Annotated[str, typer.Option(help="also commit the pointers to this git repository…")] = "",
+    git_branch: Annotated[str, typer.Option(help="…on this branch (created from the default branch if new)")] = "",
+) -> None:
+    """Push output folders into a DVC remote (DVC's API and layout) and write `.dvc` pointers, so that
+    `dvc pull PREFIX` in a clone of a project using that remote gets exactly these bytes."""
+    from .dvc_results import push
+
+    outputs = {}
+    for item in output:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--output {item!r}: expected NAME=FOLDER")
+        outputs[name] = folder
+    record = push(outputs, remote, out, prefix, git_repo, git_branch)
+    for name, o in record["outputs"].items():
+        typer.echo(f"{name}: {o['md5']} ({o['nfiles']} files) → {out / prefix / (name + '.dvc')}")
+    if "git" in record:
+        typer.echo(f"committed to {record['git']['repo']} branch {record['git']['branch']} "
+                   f"({record['git']['commit'][:12]})")
+
+
 @app.command("ablate")
 @_friendly
 def ablate(
@@ -565,6 +593,20 @@ DataRepoOpt = Annotated[str, typer.Option(help="DVC project (git URL or path) to
 DataRevOpt = Annotated[str, typer.Option(help="its revision: tag, branch or commit")]
 DataPathOpt = Annotated[str, typer.Option(help="DVC-tracked path in it: a raw dataset (read as prepare.dataset "
                                           "says) or a prepared one (data/prepared)")]
+ResultsRemoteOpt = Annotated[str, typer.Option(help="push the run's outputs to this DVC remote (e.g. your "
+                                               "project's gs://bucket/dvc) as a last step [default: off]")]
+ResultsPrefixOpt = Annotated[str, typer.Option(help="where the .dvc pointers sit [default: runs/<run name>]")]
+ResultsGitRepoOpt = Annotated[str, typer.Option(help="also commit the pointers to this git repository…")]
+ResultsGitBranchOpt = Annotated[str, typer.Option(help="…on this branch")]
+
+
+def _run_arguments(data_repo, data_rev, data_path, results_remote, results_prefix, results_git_repo,
+                   results_git_branch) -> dict[str, str]:
+    """The pipeline's string parameters given on the command line (unset ones keep their defaults)."""
+    args = {"data_repo": data_repo, "data_rev": data_rev, "data_path": data_path, "results_remote": results_remote,
+            "results_prefix": results_prefix, "results_git_repo": results_git_repo,
+            "results_git_branch": results_git_branch}
+    return {k: v for k, v in args.items() if v}
 
 
 class JobStage(StrEnum):
@@ -618,6 +660,10 @@ def pipeline_submit(
     data_repo: DataRepoOpt = "",
     data_rev: DataRevOpt = "",
     data_path: DataPathOpt = "",
+    results_remote: ResultsRemoteOpt = "",
+    results_prefix: ResultsPrefixOpt = "",
+    results_git_repo: ResultsGitRepoOpt = "",
+    results_git_branch: ResultsGitBranchOpt = "",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -634,7 +680,8 @@ def pipeline_submit(
     cfg = load_params(params, set_)
     try:
         run = kfp_pipeline.submit(cfg, host, experiment, run_name, image, cache, os.environ.get("KFP_TOKEN"),
-                                  data={"data_repo": data_repo, "data_rev": data_rev, "data_path": data_path})
+                                  arguments=_run_arguments(data_repo, data_rev, data_path, results_remote,
+                                                           results_prefix, results_git_repo, results_git_branch))
     except (OSError, ValueError) as exc:
         raise OutputError(f"submit to {host}: {exc}") from None
     except Exception as exc:  # kfp_server_api.ApiException and urllib3 errors: the server said no
@@ -651,6 +698,10 @@ def pipeline_run_local(
     data_repo: DataRepoOpt = "",
     data_rev: DataRevOpt = "",
     data_path: DataPathOpt = "",
+    results_remote: ResultsRemoteOpt = "",
+    results_prefix: ResultsPrefixOpt = "",
+    results_git_repo: ResultsGitRepoOpt = "",
+    results_git_branch: ResultsGitBranchOpt = "",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -661,7 +712,8 @@ def pipeline_run_local(
     from .pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
-    outputs = kfp_pipeline.run_local(cfg, root, data_repo=data_repo, data_rev=data_rev, data_path=data_path)
+    outputs = kfp_pipeline.run_local(cfg, root, **_run_arguments(data_repo, data_rev, data_path, results_remote,
+                                                                 results_prefix, results_git_repo, results_git_branch))
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
 
