@@ -341,13 +341,21 @@ def test_push_results_errors_leave_nothing_behind(gcs_emulator, tmp_path):
     (tmp_path / "out" / "old.dvc").write_text("previous")
     cases = [({"student": tmp_path / "student"}, "gs://no-such-bucket-jd/dvc", "runs/x", DataError,
               "could not push to the DVC remote gs://no-such-bucket-jd/dvc"),
-             ({"student": tmp_path / "nothing"}, "gs://pinned-images/dvc", "runs/x", DataError, "missing or empty"),
+             ({"student": tmp_path / "nothing"}, str(tmp_path / "remote"), "runs/x", DataError, "missing or empty"),
              ({"student": tmp_path / "student"}, "", "runs/x", ConfigError, "give the DVC remote URL"),
-             ({"student": tmp_path / "student"}, "gs://pinned-images/dvc", "../up", ConfigError, "relative path")]
+             ({"student": tmp_path / "student"}, str(tmp_path / "remote"), "../up", ConfigError, "relative path")]
     for outputs, remote, prefix, exc, message in cases:
         with pytest.raises(exc, match=re.escape(message)):
             dvc_results.push(outputs, remote, tmp_path / "out", prefix)
         assert _files(tmp_path / "out") == {"old.dvc": b"previous"}
+    # The data pushed, but the pointers cannot be committed: the step fails and the old pointers stay.
+    with pytest.raises(DataError, match="push-results: git clone"):
+        dvc_results.push({"student": tmp_path / "student"}, str(tmp_path / "remote"), tmp_path / "out", "runs/x",
+                         git_repo=(tmp_path / "no-such-repo").as_uri(), git_branch="results/x")
+    assert _files(tmp_path / "out") == {"old.dvc": b"previous"}
+    with pytest.raises(ConfigError, match="needs --git-branch"):
+        dvc_results.push({"student": tmp_path / "student"}, str(tmp_path / "remote"), tmp_path / "out", "runs/x",
+                         git_repo="https://example.invalid/repo.git")
 
 
 def test_push_results_cli_to_a_local_remote(tmp_path):

@@ -62,7 +62,8 @@ def _git(cwd: Path, *args: str) -> str:
     env = {**_GIT_ENV, **os.environ, "GIT_TERMINAL_PROMPT": "0"}
     r = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise DataError(f"git {' '.join(args[:2])}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        last = ((r.stderr or r.stdout).strip().splitlines() or ["(no output)"])[-1]
+        raise DataError(f"push-results: git {' '.join(args[:2])}: {last}")
     return r.stdout.strip()
 
 
@@ -163,8 +164,7 @@ def push(outputs: dict[str, str | Path], remote: str, out: str | Path, prefix: s
             if params is not None:
                 (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             (folder / "RESULTS.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if git_repo:
-            record["git"] = {"repo": git_repo, "branch": git_branch, "commit": _commit(
-                git_repo, git_branch, prefix, out / prefix, message or f"jointdistill results: {prefix}",
-                Path(tmp))}
+            if git_repo:  # before the folder replaces ``out``: a failed commit leaves the previous pointers
+                record["git"] = {"repo": git_repo, "branch": git_branch, "commit": _commit(
+                    git_repo, git_branch, prefix, folder, message or f"jointdistill results: {prefix}", Path(tmp))}
     return record
