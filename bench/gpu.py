@@ -310,7 +310,7 @@ def run(quick: bool, params_file: str) -> dict:
             plan = [p for p in plan if "compile" not in p[1]]
         steps, warm = (8, 2) if gpu else (2, 1)
         # Every backbone shares one forward function: the bench compiles it in more situations (models, modes,
-        # shapes) than one training run does, so allow it more cached variants than dynamo's default.
+        # shapes) than one training run does, so allow it more cached variants than compile_networks does.
         torch._dynamo.config.cache_size_limit = 64
         loader = loader_rows(ds, bs, device, [0, 4, 8] if gpu else [0], 2)
         for row in loader:

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from jointdistill.config import Params, apply_overrides, load_params, params_from_dict
@@ -98,3 +99,13 @@ def test_a_real_dataset_without_a_root_fails_when_prepare_starts(tmp_path):
     with pytest.raises(ConfigError, match="prepare.root is required for dataset 'nyuv2'"):
         prepare.run(p, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bare_on_off_in_yaml_mean_the_words():
+    """YAML reads `compile: on` as true: the switches take it as "on" (also in a per-teacher override)."""
+    raw = yaml.safe_load("teacher: {compile: on, channels_last: off, amp: off, seg: {compile: off}}\n"
+                         "distill: {compile: on}\n")
+    assert raw["teacher"]["compile"] is True  # what YAML gives us
+    p = params_from_dict(raw)
+    assert (p.teacher.compile, p.teacher.channels_last, p.teacher.amp, p.distill.compile) == ("on", "off", "off", "on")
+    assert p.teacher.for_task("seg").compile == "off" and p.teacher.for_task("depth").compile == "on"

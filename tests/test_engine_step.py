@@ -88,6 +88,7 @@ def test_compile_networks_covers_every_network_and_keeps_state_dict_keys():
     assert all(m._compiled_call_impl is not None for m in compiled)
     assert model._compiled_call_impl is None  # the glue stays eager
     assert list(model.state_dict()) == keys
+    assert torch._dynamo.config.cache_size_limit >= 32  # room for every situation an encoder is compiled in
 
 
 @pytest.mark.parametrize(("setting", "device", "expected"), [

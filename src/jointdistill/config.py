@@ -12,10 +12,19 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
@@ -97,6 +106,14 @@ class ModelParams(_Section):
     )
 
 
+def _yaml_switch(value):
+    """YAML 1.1 reads a bare on/off as true/false: take those as the words the user meant."""
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
+
+
 class OptimParams(_Section):
     """One training run: optimisation, precision, checkpoints (shared by the teachers and the student)."""
 
@@ -109,9 +126,10 @@ class OptimParams(_Section):
     schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="per-step decay to 0")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
-    amp: Literal["auto", "off", "fp16", "bf16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CUDA")
-    compile: Literal["auto", "on", "off"] = Field(
+    amp: Annotated[Literal["auto", "off", "fp16", "bf16"], BeforeValidator(lambda v: "off" if v is False else v)] = (
+        Field("auto", description="auto: bf16 on CUDA, off on CPU"))
+    channels_last: Switch = Field("auto", description="auto: on for CUDA")
+    compile: Switch = Field(
         "auto", description="torch.compile the encoders and heads; auto: on for CUDA (see bench/results/gpu.md)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (also at each epoch end)")

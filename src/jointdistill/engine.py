@@ -242,9 +242,16 @@ def compile_networks(model: nn.Module) -> int:
     bookkeeping, Python counters) stays eager, since a compiled graph guarding on such Python state would
     recompile every step. State dict keys are unchanged, so checkpoints do not depend on it. Returns the
     number of modules compiled."""
+    import torch._dynamo
+
     from .distill.connector import Connector
     from .models import DenseNet
 
+    # Every encoder shares one forward function, compiled once per situation: train, eval, no-grad teacher,
+    # the trajectory's frozen-BN pass, a last batch of another size, another architecture (6 for one tiny
+    # distill run on the CPU). Past dynamo's default of 8 the rest would silently run eager.
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
     nets = [m for m in model.modules() if isinstance(m, DenseNet)]
     nets += [t for t in getattr(_unwrap(model), "teachers", ()) if isinstance(t, DenseNet)]
     n = 0
