@@ -110,8 +110,8 @@ def _push(folders: dict[str, Path], remote: str, prefix: str, work: Path) -> dic
             raise DataError(f"push-results: after the push, the remote {remote} still lacks {sorted(missing)}")
         entries = {}
         for name in folders:
-            pointer = project / prefix / f"{name}.dvc"
-            entries[name] = {"pointer": pointer.read_text(), **yaml.safe_load(pointer.read_text())["outs"][0]}
+            text = (project / prefix / f"{name}.dvc").read_text()
+            entries[name] = {"pointer": text, **yaml.safe_load(text)["outs"][0]}
         return entries
     finally:
         repo.close()
