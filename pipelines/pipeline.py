@@ -3,8 +3,11 @@
     jointdistill pipeline compile -o jointdistill.yaml [--image IMAGE]
     jointdistill pipeline run-local            # kfp.local, SubprocessRunner, this environment
 
-The pipeline takes one parameter, ``params``: the whole params.yaml as a struct, validated by the same
-pydantic models when each step starts; the compiled file carries params.yaml's values as its default.
+Its main parameter, ``params``, is the whole params.yaml as a struct, validated by the same pydantic models
+when each step starts; the compiled file carries params.yaml's values as its default. String run parameters,
+empty by default, pin the data to a DVC project's version (``data_repo``, ``data_rev``, ``data_path``) and
+turn on the last step that pushes the outputs back into DVC (``results_remote``, ``results_prefix``,
+``results_git_repo``, ``results_git_branch``).
 """
 
 
@@ -89,7 +92,7 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="JointDistill: prepare → teachers → distill → evaluate → export",
+        description="JointDistill: data source → prepare → teachers → distill → evaluate → export [→ DVC]",
     )
     def jointdistill(params: dict = defaults, data_repo: str = "", data_rev: str = "", data_path: str = "",
                      results_remote: str = "", results_prefix: str = "", results_git_repo: str = "",
