@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
@@ -143,6 +144,28 @@ def _batch(ds, bs: int, device, channels_last: bool, teachers) -> dict:
     return batch
 
 
+def _setup(kind: str, variant: dict, probes, params, arch: dict, device, **spec_update) -> SimpleNamespace:
+    """A fresh model of ``kind`` on ``device`` in the variant's precision and layout, with the optimiser,
+    schedule and scaler the stages would build (not compiled yet: callers choose when)."""
+    import torch
+
+    from jointdistill import engine
+
+    model, task, teachers = _build(kind, 7, probes, params, arch)
+    spec = (params.teacher if kind.startswith("teacher-") else params.distill).model_copy(update={
+        "amp": variant["amp"], "channels_last": variant["cl"], "compile": variant["compile"], **spec_update})
+    channels_last = spec.channels_last == "on"
+    amp = engine.amp_dtype(spec, device)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = engine.build_optimizer(model, spec)  # AdamW's state is made at its first step: nothing allocated here
+    sched = engine.build_scheduler(opt, spec, 10_000)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    return SimpleNamespace(model=model, task=task, teachers=teachers, spec=spec, channels_last=channels_last,
+                           amp=amp, opt=opt, sched=sched, scaler=scaler)
+
+
 def measure(kind: str, variant: dict, ds, probes, params, arch: dict, bs: int, device, steps: int, warm: int,
             flops: dict) -> dict:
     """One configuration × one precision/layout/compile variant: step time, images/s, memory, MFU."""
@@ -152,23 +175,14 @@ def measure(kind: str, variant: dict, ds, probes, params, arch: dict, bs: int, d
     from jointdistill import engine
 
     torch.backends.cudnn.benchmark = variant.get("cudnn_benchmark", False)
-    model, task, teachers = _build(kind, 7, probes, params, arch)
-    spec = (params.teacher if kind.startswith("teacher-") else params.distill).model_copy(
-        update={"amp": variant["amp"], "channels_last": variant["cl"], "compile": variant["compile"]})
-    cl = spec.channels_last == "on"
-    amp = engine.amp_dtype(spec, device)
-    model = model.to(device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    batch = _batch(ds, bs, device, cl, teachers)
+    r = _setup(kind, variant, probes, params, arch, device)
+    model, task, spec, amp, opt, sched, scaler = r.model, r.task, r.spec, r.amp, r.opt, r.sched, r.scaler
+    batch = _batch(ds, bs, device, r.channels_last, r.teachers)
     _start_trajectory(model, task)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    opt = engine.build_optimizer(model, spec)
-    sched = engine.build_scheduler(opt, spec, 10_000)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     compiled = engine.compile_networks(model) if engine.use_compile(spec, device) else 0
 
     def step():
@@ -246,23 +260,11 @@ def loader_rows(ds, bs: int, device, workers: list[int], epochs: int) -> list[di
 
 def epoch_row(ds, params, arch: dict, bs: int, device, workers: int, variant: dict, probes) -> dict:
     """One real `train_one_epoch` (loader included) of the seg teacher with ``variant``."""
-    import torch
-
     from jointdistill import engine
 
-    model, task, _ = _build("teacher-seg", 7, probes, params, arch)
-    spec = params.teacher.model_copy(update={"amp": variant["amp"], "channels_last": variant["cl"],
-                                             "compile": variant["compile"], "batch_size": bs, "num_workers": workers})
-    cl = spec.channels_last == "on"
-    amp = engine.amp_dtype(spec, device)
-    model = model.to(device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    if engine.use_compile(spec, device):
-        engine.compile_networks(model)
-    opt = engine.build_optimizer(model, spec)
-    sched = engine.build_scheduler(opt, spec, 10_000)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    r = _setup("teacher-seg", variant, probes, params, arch, device, batch_size=bs, num_workers=workers)
+    if engine.use_compile(r.spec, device):
+        engine.compile_networks(r.model)
     sampler = engine.EpochSampler(len(ds), bs, 0, True)
     res = []
     for epoch in range(2):  # the first epoch warms up (and compiles); the second is reported
@@ -270,8 +272,8 @@ def epoch_row(ds, params, arch: dict, bs: int, device, workers: int, variant: di
         ds.set_epoch(epoch)
         loader = engine.make_loader(ds, sampler, bs, workers, device, True)
         state = engine.RunState(epoch=epoch)
-        logs = engine.train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state, amp, cl,
-                                      lambda: None, False, sampler.batches_per_epoch())
+        logs = engine.train_one_epoch(r.model, r.task, loader, r.opt, r.sched, r.scaler, r.spec, device, state,
+                                      r.amp, r.channels_last, lambda: None, False, sampler.batches_per_epoch())
         res.append(logs["train/images_per_second"])
     return {"variant": variant["name"], "workers": workers, "images_per_s": res[-1],
             "steps": sampler.batches_per_epoch()}
