@@ -101,9 +101,11 @@ def test_trajectory_file_and_distance(runs, prepared):
     table = pq.read_table(root / "full" / "trajectory.parquet").to_pandas()
     assert list(table.columns) == ["timeframe", "step", "image", "rank", "y", "x", "value", "source"]
     assert len(table) == EPOCHS * PROBES * K * 2
-    n_val = json.loads((prepared / "meta.json").read_text())["counts"]["val"]
+    # The probe images are train images (val decides the feedback and the best checkpoint), fixed by the seed.
+    n_train = json.loads((prepared / "meta.json").read_text())["counts"]["train"]
+    assert sorted(set(table["image"])) == distill.probe_indices(n_train, PROBES, 0)
     for _, frame in table.groupby(["timeframe", "source"], observed=True):
-        assert frame["image"].nunique() == PROBES and frame["image"].between(0, n_val - 1).all()
+        assert frame["image"].nunique() == PROBES and frame["image"].between(0, n_train - 1).all()
         for _, pts in frame.groupby("image"):
             assert sorted(pts["rank"]) == list(range(K))  # k points per probe image per timeframe
             v = pts.sort_values("rank")["value"].to_numpy()

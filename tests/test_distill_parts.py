@@ -1,4 +1,4 @@
-"""The pure parts of JointDistill: adaptive weights, knowledge trajectory, connector (DESIGN §6)."""
+"""The pure parts of JointDistill: adaptive weights, knowledge trajectory, connector."""
 
 import math
 
@@ -14,7 +14,7 @@ from jointdistill.distill.trajectory import (
     top_k_points,
     trajectory_loss,
 )
-from jointdistill.distill.weights import TeacherWeights, feedback, task_score, update
+from jointdistill.distill.weights import TeacherWeights, feedback, targets, task_score, update
 from jointdistill.models import build_teacher
 
 # ----------------------------------------------------------------------------- weights
@@ -34,28 +34,85 @@ def test_equal_feedback_keeps_equal_weights():
 
 
 def test_one_step_by_hand_alpha_1_5():
-    # mean ω = 1, ā = 0.75, ā^0.5 = 0.8660254; targets 0.4330127 / 0.8660254
-    # ω_seg = 1 − 0.5·(1 − 0.4330127) = 0.7165064, ω_depth = 1 − 0.5·(1 − 0.8660254) = 0.9330127
-    # renormalised to sum 2: × 2 / 1.6495191
+    # mean ω = 1, ā = 0.75; targets (0.5/0.75)^1.5 = 0.5443311, (1/0.75)^1.5 = 1.5396007
+    # ω_seg = 1 − 0.5·(1 − 0.5443311) = 0.7721655, ω_depth = 1 − 0.5·(1 − 1.5396007) = 1.2698004
+    # renormalised to sum 2: × 2 / 2.0419659
     out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}, alpha=1.5, beta=0.5)
-    assert out["seg"] == pytest.approx(0.7165064 * 2 / 1.6495191, abs=1e-6)
-    assert out["depth"] == pytest.approx(0.9330127 * 2 / 1.6495191, abs=1e-6)
-    assert out["seg"] < 1 < out["depth"]  # the task further behind its teacher gets the smaller target
+    assert out["seg"] == pytest.approx(0.7721655 * 2 / 2.0419659, abs=1e-6)
+    assert out["depth"] == pytest.approx(1.2698004 * 2 / 2.0419659, abs=1e-6)
+    assert out["seg"] < 1 < out["depth"]  # progress: the task further behind its teacher gets the smaller target
     assert sum(out.values()) == pytest.approx(2.0)
+
+
+def test_deficit_direction_mirrors_progress():
+    # deficit: target_i = ω̄·(ā / a_i)^α, so the lagging task gets the larger weight; here by hand with α = 1:
+    # targets 1.5 / 0.75 → ω 1.25 / 0.875 → × 2 / 2.125
+    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}, alpha=1.0, beta=0.5, direction="deficit")
+    assert out == pytest.approx({"seg": 1.25 * 2 / 2.125, "depth": 0.875 * 2 / 2.125})
+    assert targets({"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}, 1.0, "deficit") == pytest.approx(
+        {"seg": 1.5, "depth": 0.75})
+    with pytest.raises(ValueError, match="unknown feedback direction"):
+        targets({"seg": 1.0}, {"seg": 1.0}, 1.0, "sideways")
+
+
+def _fixed_point(a, alpha, steps=200, **kw):
+    w = {"seg": 1.0, "depth": 1.0}
+    for _ in range(steps):
+        w = update(w, a, alpha=alpha, beta=0.5, **kw)
+    return w
+
+
+def test_alpha_changes_the_fixed_point():
+    a = {"seg": 0.6, "depth": 1.0}
+    spread = {alpha: _fixed_point(a, alpha)["depth"] - _fixed_point(a, alpha)["seg"] for alpha in (0.5, 1.0, 1.5, 2.0)}
+    # The larger α, the further the weights move from equal (the literal reading gave nearly the same point).
+    assert spread[0.5] < spread[1.0] < spread[1.5] < spread[2.0]
+    assert spread[2.0] - spread[0.5] > 0.4
+
+
+def test_alpha_0_is_static():
+    for direction in ("progress", "deficit"):
+        for a in ({"seg": 0.6, "depth": 1.0}, {"seg": 0.1, "depth": 3.0}):
+            w = {"seg": 1.0, "depth": 1.0}
+            for _ in range(30):
+                w = update(w, a, alpha=0.0, beta=0.5, direction=direction)
+            assert w == pytest.approx({"seg": 1.0, "depth": 1.0})
+
+
+def test_feedback_moves_omega_by_a_quarter_within_the_default_runs_timeframes():
+    """Feedback (0.6, 1.0) at α = 1.5 (β = 0.5) moves ω by ≥ 25 % within the timeframes of a default run."""
+    from jointdistill.config import load_params
+
+    from .conftest import REPO
+
+    p = load_params(REPO / "params.yaml")
+    cfg = p.distill
+    train = round(p.prepare.num_samples * (1 - p.prepare.test_fraction) * (1 - p.prepare.val_fraction))
+    timeframes = cfg.epochs * (train // cfg.batch_size) // cfg.timeframe_steps
+    assert timeframes >= 20, "a default run must have ≥ 20 timeframes"
+    for direction in ("progress", "deficit"):
+        w = {"seg": 1.0, "depth": 1.0}
+        moved = 0
+        for t in range(timeframes):
+            w = update(w, {"seg": 0.6, "depth": 1.0}, cfg.alpha, cfg.beta, cfg.weight_min, cfg.weight_max, direction)
+            if moved == 0 and max(abs(v - 1.0) for v in w.values()) >= 0.25:
+                moved = t + 1
+        assert moved and moved <= timeframes, direction
 
 
 def test_alpha_1_vs_2_by_hand():
     w, a = {"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}
-    # α = 1: targets 0.5 / 1.0 → 0.75 / 1.0 → × 2 / 1.75
-    assert update(w, a, alpha=1.0, beta=0.5) == pytest.approx({"seg": 1.5 / 1.75, "depth": 2 / 1.75})
-    # α = 2: targets 0.375 / 0.75 → 0.6875 / 0.875 → × 2 / 1.5625
-    assert update(w, a, alpha=2.0, beta=0.5) == pytest.approx({"seg": 0.88, "depth": 1.12})
+    # α = 1: targets 2/3 and 4/3 → ω 5/6 and 7/6 (sum 2 already)
+    assert update(w, a, alpha=1.0, beta=0.5) == pytest.approx({"seg": 5 / 6, "depth": 7 / 6})
+    # α = 2: targets 4/9 and 16/9 → ω 13/18 and 25/18 → × 2 / (38/18)
+    assert update(w, a, alpha=2.0, beta=0.5) == pytest.approx({"seg": 13 / 19, "depth": 25 / 19})
 
 
 def test_clipping_then_renormalising():
-    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.0, "depth": 2.0}, alpha=1.0, beta=0.5, w_min=0.5, w_max=1.2)
-    # before clipping: 0.5 and 1.5; clipped to 0.5 and 1.2; rescaled to sum 2
-    assert out == pytest.approx({"seg": 0.5 * 2 / 1.7, "depth": 1.2 * 2 / 1.7})
+    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.25, "depth": 1.75}, alpha=1.0, beta=0.5, w_min=0.5,
+                 w_max=1.2)
+    # targets 0.25 and 1.75 → 0.625 and 1.375; clipped to 0.625 and 1.2; rescaled to sum 2
+    assert out == pytest.approx({"seg": 0.625 * 2 / 1.825, "depth": 1.2 * 2 / 1.825})
 
 
 def test_zero_scores_give_no_nan():
@@ -63,7 +120,9 @@ def test_zero_scores_give_no_nan():
     assert all(math.isfinite(v) for v in out.values()) and out == pytest.approx({"seg": 1.0, "depth": 1.0})
     a = feedback({"seg": 0.0, "depth": task_score("depth", {"abs_err": 0.0})}, {"seg": 0.0, "depth": 1.0})
     assert all(math.isfinite(v) for v in a.values())
-    assert all(math.isfinite(v) for v in update({"seg": 1.0, "depth": 1.0}, a, 1.5, 0.5).values())
+    for direction in ("progress", "deficit"):
+        assert all(math.isfinite(v) for v in update({"seg": 1.0, "depth": 1.0}, a, 1.5, 0.5,
+                                                    direction=direction).values())
 
 
 def test_teacher_weights_history_and_static_mode():

@@ -54,7 +54,7 @@ def project(tmp_path_factory):
             shutil.copy2(REPO / rel, dst / rel)
     set_params(dst, num_samples=30, height=40, width=80, gallery_images=2)
     set_params(dst, "teacher", epochs=1, batch_size=4)
-    set_params(dst, "distill", epochs=1, batch_size=4, probe_images=2, traj_batch=2)
+    set_params(dst, "distill", epochs=1, batch_size=4, probe_images=2, traj_batch=2, connector_warmup=4)
     run(["git", "init", "-q"], dst)
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "project copy"], dst)

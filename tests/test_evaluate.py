@@ -82,6 +82,17 @@ def test_metrics_file_and_delta_m(evaluated):
     # The student's test metrics equal those the distill stage measured on the same split.
     d = json.loads((root / "student" / "metrics.json").read_text())["test"]
     assert s["miou"] == pytest.approx(d["miou"]) and s["abs_err"] == pytest.approx(d["abs_err"])
+    # The capacity gate against the MTL baseline, by hand.
+    gate = metrics["gate"]
+    assert gate["miou_points"] == pytest.approx(100 * (seg["miou"] - m["miou"]))
+    assert gate["abs_err_percent"] == pytest.approx(100 * (m["abs_err"] - dep["abs_err"]) / m["abs_err"])
+    assert gate["passed"] == (gate["miou_points"] >= 5 and gate["abs_err_percent"] >= 5)
+    # Inference cost: FLOPs per image at the training size and latency, and the student's share of the teachers'.
+    cost = metrics["cost"]
+    assert set(cost["flops"]) == set(cost["latency_ms"]) == {"student", "teacher_seg", "teacher_depth"}
+    assert cost["student_flops_vs_teachers"] == pytest.approx(
+        cost["flops"]["student"] / (cost["flops"]["teacher_seg"] + cost["flops"]["teacher_depth"]))
+    assert all(v > 0 for v in cost["latency_ms"].values())
 
 
 def _png_ok(path, min_size=(100, 60)):
@@ -131,6 +142,8 @@ def test_report_renders(evaluated):
     for name in ("qualitative", "confusion", "weights", "trajectory"):
         assert f"(plots/{name}.png)" in md and (root / "eval" / "plots" / f"{name}.png").exists()
     assert "```yaml" in md and "mode: full" in md  # the exact params
+    gate = metrics["gate"]
+    assert ("Gate passed" if gate["passed"] else "Gate failed") in md and "GFLOP per image" in md
     html = (root / "eval" / "report.html").read_text()
     assert html.startswith("<!doctype html>") and html.count("data:image/png;base64,") >= 6
     assert "src=\"plots/" not in html and f"{s['delta_m']:+.2f} %" in html  # self-contained
@@ -184,6 +197,14 @@ def test_ablation_table_is_mean_and_std_of_the_runs(prepared, tmp_path):
     md = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| mode | mIoU ↑ | pixAcc ↑ | AbsErr (m) ↓ | RelErr ↓ | Δm % ↑ |" in md and "| full |" in md
     _png_ok(tmp_path / "abl" / "ablation.png")
+    # Paired by seed (the teachers of a seed are shared by all its modes), with the gate, as JSON and a plot.
+    saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert [(p["a"], p["b"]) for p in saved["pairs"]] == [("full", "mtl"), ("full+cache", "mtl")]
+    by = {(r["mode"], int(r["seed"])): float(r["delta_m"]) for r in runs}
+    diffs = [by[("full", s)] - by[("mtl", s)] for s in (0, 1)]
+    assert saved["pairs"][0]["delta_m"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert [g["seed"] for g in saved["gate"]["seeds"]] == [0, 1] and "Gate (" in md and "| full − mtl |" in md
+    _png_ok(tmp_path / "abl" / "paired.png", min_size=(100, 40))
     # Re-running reuses every finished run (same params) instead of training again.
     stamp = (tmp_path / "abl" / "runs" / "seed-1" / "full" / "student.pt").stat().st_mtime_ns
     again = ablate.run(p, prepared, tmp_path / "abl", modes=modes, seeds=[0, 1])

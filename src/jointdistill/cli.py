@@ -119,7 +119,7 @@ def prepare(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Build the prepared dataset (DESIGN §3) from the source named by prepare.dataset.
+    """Build the prepared dataset from the source named by prepare.dataset.
 
     Writes OUT/meta.json, OUT/manifest.parquet, OUT/gallery.png and OUT/{train,val,test}/{images,labels,depth}.npy.
     The val split is a deterministic prepare.val_fraction of the source's training samples (seeded hash of the
@@ -473,11 +473,13 @@ def push_results(
 @app.command("ablate")
 @_friendly
 def ablate(
-    modes: Annotated[str, typer.Option(help="comma-separated: single, mtl, static_kd, adaptive, full; a KD mode "
-                                       "with +cache (full+cache) uses distill.teacher_cache")] = (
+    modes: Annotated[str, typer.Option(help="comma-separated: single, mtl, static_kd, adaptive, full. A KD mode "
+                                       "may add variants: +cache or +live (teacher cache on or off), +progress "
+                                       "or +deficit (feedback direction), e.g. full+deficit.")] = (
         "single,mtl,static_kd,adaptive,full"
     ),
-    seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = "0,1,2",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = (
+        "0,1,2,3,4"),
     data: DataOpt = Path("data/prepared"),
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (runs/ and the table)")] = Path(
         "data/ablation"
@@ -488,8 +490,9 @@ def ablate(
     """The ablation study: teachers and one student per mode for every seed, evaluated on test.
 
     Runs in-process, one run after another, on the same prepared data (the seed never changes the data).
-    Writes OUT/ablation.md, OUT/ablation.csv (mean and std over seeds per mode), OUT/ablation.png,
-    OUT/runs.csv (every seed) and OUT/runs/seed-S/ (each run's normal stage outputs). Finished runs with the
+    Writes OUT/ablation.md (mean and std per mode, paired differences with 95 % intervals, the teachers-vs-mtl
+    gate), OUT/ablation.csv, OUT/ablation.json, OUT/ablation.png, OUT/paired.png, OUT/runs.csv (every seed) and
+    OUT/runs/seed-S/ (each run's normal stage outputs). Finished runs with the
     same params are reused and interrupted ones resume, so re-running a killed ablation continues it.
     """
     from .config import load_params
@@ -504,7 +507,7 @@ def ablate(
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     stage.run(cfg, data, out, mode_list, seed_list)
     typer.echo((out / "ablation.md").read_text())
-    typer.echo(f"→ {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}")
+    typer.echo(f"→ {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'paired.png'}")
 
 
 @app.command("params")

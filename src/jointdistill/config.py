@@ -94,13 +94,15 @@ class AugmentParams(_Section):
 
 
 class ModelParams(_Section):
-    """Architecture of one network (DESIGN §6). Paper: resnet101 + aspp (teachers), resnet50 + aspp (student)."""
+    """Architecture of one network. Paper: resnet101 + aspp (teachers), resnet50 + aspp (student)."""
 
     backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "resnet101"] = Field(
         "tiny", description="encoder (output stride 8); 'tiny' is the CPU preset"
     )
     head: Literal["light", "aspp"] = Field("light", description="'aspp' = torchvision's DeepLabV3 head")
     head_channels: int = Field(64, ge=8, description="hidden channels of the light head")
+    widths: tuple[int, int, int, int] = Field(
+        (24, 48, 96, 128), description="channels of the tiny encoder's four stages (tiny only)")
     pretrained_backbone: str | None = Field(
         None, description="local torchvision-format state dict for the encoder (never downloaded)"
     )
@@ -134,7 +136,9 @@ class OptimParams(_Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (also at each epoch end)")
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
-    depth_loss: Literal["l1", "silog"] = Field("l1", description="depth: L1 on valid pixels or scale-invariant log")
+    depth_loss: Literal["l1", "log_l1", "silog"] = Field(
+        "l1", description="depth loss on valid pixels: L1 in metres, L1 of log depth (scale-aware), or "
+        "scale-invariant log")
 
 
 class TrainParams(ModelParams, OptimParams):
@@ -170,28 +174,45 @@ class StudentParams(ModelParams):
 
 
 class DistillParams(OptimParams):
-    """The ``distill`` stage (DESIGN §6): the method's knobs, then the student's optimisation (as for a teacher)."""
+    """The ``distill`` stage: the method's knobs, then the student's optimisation (as for a teacher)."""
 
     mode: Literal["mtl", "static_kd", "adaptive", "full"] = Field(
         "full", description="mtl: task losses only; static_kd: + KD with ω = 1; adaptive: + feedback ω; "
         "full: + knowledge trajectory (JointDistill)")
-    alpha: float = Field(1.5, gt=0.0, description="α of the weight update (paper: best between 1 and 2)")
+    alpha: float = Field(1.5, ge=0.0, description="α of the weight update: how strongly ω follows the feedback "
+                         "(0: static; paper: best between 1 and 2)")
     beta: float = Field(0.5, gt=0.0, description="β, step size of the weight update")
+    feedback: Literal["progress", "deficit"] = Field(
+        "progress", description="progress: more weight to the teacher whose task the student learns well; "
+        "deficit: more weight to the lagging task")
     weight_min: float = Field(0.1, gt=0.0, description="lower clip of ω (then rescaled so Σω = N)")
     weight_max: float = Field(10.0, gt=0.0, description="upper clip of ω")
     temperature: float = Field(1.0, gt=0.0, description="τ of the segmentation KL distillation")
     lambda_seg: float = Field(1.0, ge=0.0, description="λ of the student's segmentation loss on labels")
     lambda_depth: float = Field(1.0, ge=0.0, description="λ of the student's depth loss on ground truth")
     lambda_kd: float = Field(1.0, ge=0.0, description="λ_KD of the distillation loss Σ ω_i D_i")
-    lambda_traj: float = Field(1.0, ge=0.0, description="λ_traj of the knowledge-trajectory loss (full mode)")
+    lambda_traj: float = Field(1.0, ge=0.0, description="λ_traj of the knowledge-trajectory loss (full mode; "
+                               "with traj_share set, the starting value of a scale that is then calibrated)")
+    traj_share: float | None = Field(
+        0.1, gt=0.0, le=1.0, description="full mode: the trajectory loss's gradient norm on the student's encoder "
+        "as a share of the task and KD terms' (recalibrated every grad_log_every steps; null: λ_traj as it is)")
     top_k: int = Field(10, ge=1, description="essential points per probe image and timeframe")
     trajectory_length: int = Field(5, ge=1, description="L: timeframes kept in the trajectory buffer")
-    probe_images: int = Field(16, ge=1, description="val images the trajectory is read on (chosen by the seed)")
+    probe_images: int = Field(16, ge=1, description="train images the trajectory is read on (chosen by the seed)")
     traj_every: int = Field(1, ge=1, description="steps between trajectory-loss evaluations (full mode)")
     traj_batch: int = Field(4, ge=1, description="probe images per trajectory-loss step, cycling through the set")
     connector_channels: int = Field(128, ge=8, description="width of the connector's fused map g^F")
+    connector_warmup: int = Field(
+        300, ge=0, description="steps that train the connector alone on the frozen teachers' features before the "
+        "student starts (KD modes; 0: none)")
+    timeframe_steps: int | None = Field(
+        50, ge=1, description="optimiser steps per timeframe (validation, ω update, trajectory record); "
+        "null: one per epoch")
+    grad_log_every: int = Field(
+        50, ge=0, description="steps between measurements of each loss term's gradient norm on the student's "
+        "encoder (0: never)")
     teacher_cache: bool = Field(
-        False, description="run the frozen teachers once over train/val and train from their cached float16 "
+        True, description="run the frozen teachers once over train/val and train from their cached float16 "
         "feature maps (warped with each sample's augmentation) instead of running them every step")
 
     @model_validator(mode="after")

@@ -45,7 +45,7 @@ class Task(Protocol):
     """What `fit` needs from a task. Optional extras, used when present:
 
     - ``end_timeframe(timeframe, global_step, val_metrics, model) -> dict`` runs after each validation
-      (DESIGN §6's timeframe: the student's weight update and trajectory recording hook in here); the
+      (a timeframe: the student's weight update and trajectory recording hook in here); the
       scalars it returns are logged with the epoch;
     - ``state_dict()`` / ``load_state_dict(state)``: the task's own state, saved in every checkpoint and
       restored on resume;
@@ -283,9 +283,10 @@ class RunState:
     global_step: int = 0
     best_value: float | None = None
     best_epoch: int = -1
+    best_step: int = 0
     best_metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
-    # Loss sums of the epoch in progress, so its mean is the same whether or not the run was resumed.
+    # Loss sums since the last validation, so their mean is the same whether or not the run was resumed.
     epoch_sums: dict = field(default_factory=dict)
     epoch_seen: int = 0
 
@@ -316,7 +317,8 @@ def train_step(model, task, batch: dict, opt, sched, scaler, spec, amp, where: s
 
 
 def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state: RunState, amp, channels_last,
-                    on_step: Callable[[], None], show: bool, total_batches: int) -> dict:
+                    on_step: Callable[[], None], show: bool, total_batches: int) -> None:
+    """One pass over ``loader``; the loss sums since the last validation accumulate in ``state``."""
     model.train()
     n_seen, t0 = 0, time.perf_counter()
     bar = tqdm(total=total_batches, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{spec.epochs}",
@@ -338,9 +340,12 @@ def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state
             bar.set_postfix(loss=f"{loss:.4f}", **extra, img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
         on_step()
     bar.close()
-    seconds = time.perf_counter() - t0
+
+
+def interval_logs(state: RunState, train_seconds: float, images: int) -> dict:
+    """Mean loss parts since the last validation, and the training throughput over that interval."""
     out = {f"train/{k}": v / max(state.epoch_seen, 1) for k, v in state.epoch_sums.items()}
-    out["train/images_per_second"] = n_seen / seconds if seconds > 0 else 0.0
+    out["train/images_per_second"] = images / train_seconds if train_seconds > 0 else 0.0
     return out
 
 
@@ -369,6 +374,8 @@ class FitResult:
     history: list
     seconds: float
     resumed_from: int | None
+    validation_seconds: float = 0.0  # of ``seconds``, spent in validation and the task's timeframe hook
+    best_step: int = 0
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -386,8 +393,11 @@ def fit(
     digest: str,
     resume: bool = False,
     log_name: str = "train",
+    eval_every: int | None = None,
 ) -> FitResult:
-    """Train with per-epoch validation; keep the best epoch by ``task.monitor``.
+    """Train with validation after every epoch, or every ``eval_every`` steps (and after the last step); keep
+    the best validated weights by ``task.monitor``. A validation is a *timeframe* for tasks that have
+    ``end_timeframe``.
 
     ``run_dir`` holds ``last.pt`` (the resumable checkpoint) and ``dvclive/``; it outlives failed runs.
     ``digest`` identifies everything that determines the result: a checkpoint with another digest is
@@ -467,19 +477,15 @@ def fit(
             **({"task": task.state_dict()} if hasattr(task, "state_dict") else {}),
         })
 
-    def on_step() -> None:
-        if state.global_step % spec.checkpoint_every == 0:
-            checkpoint()
-
     show = ddp.main and os.environ.get("JOINTDISTILL_PROGRESS", "auto") != "off"
-    t0 = time.perf_counter()
-    while state.epoch < spec.epochs:
-        train_sampler.set_epoch(state.epoch, skip_batches=state.step_in_epoch)
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(state.epoch)
-        train_loader = make_loader(train_ds, train_sampler, spec.batch_size, spec.num_workers, device, True)
-        train_logs = train_one_epoch(model, task, train_loader, opt, sched, scaler, spec, device, state, amp,
-                                     channels_last, on_step, show, steps_per_epoch)
+    total_steps = spec.epochs * steps_per_epoch
+    clock = {"val": 0.0, "train_t0": time.perf_counter(), "images": 0}
+
+    def validate() -> None:
+        """Validation = one timeframe: metrics on val, best weights, the task's hook, logs, a checkpoint."""
+        nonlocal best_state
+        t_val = time.perf_counter()
+        train_logs = interval_logs(state, t_val - clock["train_t0"], state.epoch_seen)
         # Evaluate the bare module: DDP's forward is a collective, and ranks' val shards may differ by a batch.
         val_loader = make_loader(val_ds, val_sampler, spec.batch_size, spec.num_workers, device, False)
         val = evaluate(_unwrap(model), task, val_loader, device, amp, channels_last)
@@ -488,24 +494,48 @@ def fit(
                                               else value < state.best_value)
         if better:
             state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, val
+            state.best_step = state.global_step
             best_state = copy.deepcopy(_unwrap(model).state_dict())
         scalars = {k: v for k, v in val.items() if isinstance(v, (int, float))}
         extra = {}
         if hasattr(task, "end_timeframe"):
-            extra = task.end_timeframe(state.epoch + 1, state.global_step, val, _unwrap(model)) or {}
-        state.history.append({"epoch": state.epoch + 1, **train_logs, **{f"val/{k}": v for k, v in scalars.items()},
-                              "lr": sched.get_last_lr()[0], **extra})
+            extra = task.end_timeframe(len(state.history) + 1, state.global_step, val, _unwrap(model)) or {}
+        state.history.append({"epoch": state.epoch + 1, "step": state.global_step, **train_logs,
+                              **{f"val/{k}": v for k, v in scalars.items()}, "lr": sched.get_last_lr()[0], **extra})
         if live is not None:
+            live.step = len(state.history) - 1  # right after any resume: one dvclive step per validation
             for k, v in state.history[-1].items():
-                if k != "epoch":
+                if k not in ("epoch", "step"):
                     live.log_metric(k, v)
             live.next_step()
-        log.info("%s: epoch %d/%d  loss %.4f  val %s=%.4f%s", log_name, state.epoch + 1, spec.epochs,
-                 train_logs.get("train/loss", float("nan")), task.monitor, value, "  (best)" if better else "")
+        log.info("%s: epoch %d/%d, step %d  loss %.4f  val %s=%.4f%s", log_name, state.epoch + 1, spec.epochs,
+                 state.global_step, train_logs.get("train/loss", float("nan")), task.monitor, value,
+                 "  (best)" if better else "")
+        state.epoch_sums, state.epoch_seen = {}, 0
+        clock["val"] += time.perf_counter() - t_val
+        clock["train_t0"] = time.perf_counter()
+
+    def on_step() -> None:
+        if eval_every and (state.global_step % eval_every == 0 or state.global_step == total_steps):
+            validate()
+            checkpoint()
+        elif state.global_step % spec.checkpoint_every == 0:
+            checkpoint()
+
+    t0 = time.perf_counter()
+    while state.epoch < spec.epochs:
+        train_sampler.set_epoch(state.epoch, skip_batches=state.step_in_epoch)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(state.epoch)
+        train_loader = make_loader(train_ds, train_sampler, spec.batch_size, spec.num_workers, device, True)
+        train_one_epoch(model, task, train_loader, opt, sched, scaler, spec, device, state, amp, channels_last,
+                        on_step, show, steps_per_epoch)
+        if not eval_every:
+            validate()
         state.epoch += 1
-        state.step_in_epoch, state.epoch_sums, state.epoch_seen = 0, {}, 0
+        state.step_in_epoch = 0
         checkpoint()
     if live is not None:
         live.end()
     return FitResult(best_state, state.best_metrics, state.best_epoch + 1, state.history,
-                     time.perf_counter() - t0, resumed_from)
+                     time.perf_counter() - t0, resumed_from, clock["val"], state.best_step)

@@ -1,4 +1,4 @@
-"""Losses and exact split-level metrics (DESIGN §6 "Metrics").
+"""Losses and exact split-level metrics.
 
 Metrics are accumulated as sums over a whole split (a confusion matrix, error sums and pixel counts) and
 only divided at the end, so they do not depend on the batch size and add up exactly across DDP ranks.
@@ -22,17 +22,21 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGN
 
 
 def depth_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1", silog_lambda: float = 0.85) -> torch.Tensor:
-    """L1 on valid pixels (target > 0), or the scale-invariant log loss of Eigen et al. (``kind="silog"``)."""
+    """On valid pixels (target > 0): L1 in metres, L1 of log depth (``kind="log_l1"``: a relative error, so a
+    far pixel weighs as much as a near one and the loss's scale is that of a cross-entropy, not of metres), or
+    the scale-invariant log loss of Eigen et al. (``kind="silog"``)."""
     valid = target > 0
     if not valid.any():
         return pred.sum() * 0.0
     p, g = pred[valid], target[valid]
     if kind == "l1":
         return (p - g).abs().mean()
+    if kind == "log_l1":
+        return (torch.log(p.clamp_min(1e-6)) - torch.log(g)).abs().mean()
     if kind == "silog":
         d = torch.log(p.clamp_min(1e-6)) - torch.log(g)
         return torch.sqrt((d**2).mean() - silog_lambda * d.mean() ** 2 + 1e-12)
-    raise ValueError(f"unknown depth loss {kind!r} (expected 'l1' or 'silog')")
+    raise ValueError(f"unknown depth loss {kind!r} (expected 'l1', 'log_l1' or 'silog')")
 
 
 # ----------------------------------------------------------------------------- metrics

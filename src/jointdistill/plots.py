@@ -155,3 +155,21 @@ def ablation_bars(table: list[dict], metrics: list[str], path: str | Path) -> Pa
         ax.set_title(key, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def paired_differences(pairs: list[dict], metrics: list[str], path: str | Path) -> Path:
+    """One panel per metric: each pair's mean paired difference with its 95 % interval (0 marked)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 + 0.45 * len(pairs)), squeeze=False)
+    names = [f"{p['a']} − {p['b']}" for p in pairs]
+    for ax, key in zip(axes[0], metrics, strict=True):
+        scale = 100.0 if key == "miou" else 1.0
+        ys = list(range(len(pairs)))[::-1]
+        means = [scale * p[key]["mean"] for p in pairs]
+        err = [[scale * (p[key]["mean"] - p[key]["low"]) for p in pairs],
+               [scale * (p[key]["high"] - p[key]["mean"]) for p in pairs]]
+        ax.errorbar(means, ys, xerr=err, fmt="o", capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(ys, names if key == metrics[0] else [""] * len(names), fontsize=8)
+        ax.set_title({"miou": "mIoU (points)", "abs_err": "AbsErr (m)", "delta_m": "Δm %"}.get(key, key), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -1,2 +1,2 @@
-"""JointDistill's parts (DESIGN §6): the connector, the feedback-driven teacher weights and the knowledge
+"""JointDistill's parts: the connector, the feedback-driven teacher weights and the knowledge
 trajectory. The `distill` stage that trains the student with them is built on these."""

@@ -1,4 +1,4 @@
-"""The connector (DESIGN §6): fuses the frozen teachers' feature maps into one map g^F and predicts every
+"""The connector: fuses the frozen teachers' feature maps into one map g^F and predicts every
 task from it; its outputs, weighted by ω, are the student's soft targets. Discarded after training."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Distillation losses D_i (DESIGN §6): KL with temperature for segmentation, L1 for depth."""
+"""Distillation losses D_i: KL with temperature for segmentation; for depth, the depth task's own loss against
+the soft target (L1 in metres, or L1 of log depth)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,18 @@ def kd_seg(student_logits: torch.Tensor, target_logits: torch.Tensor, label: tor
     return kl.mean() * t * t
 
 
-def kd_depth(student_depth: torch.Tensor, target_depth: torch.Tensor, gt: torch.Tensor | None = None) -> torch.Tensor:
-    """L1 between the student's and the target's depth (metres), on pixels with valid ground truth.
+def kd_depth(student_depth: torch.Tensor, target_depth: torch.Tensor, gt: torch.Tensor | None = None,
+             kind: str = "l1") -> torch.Tensor:
+    """L1 between the student's and the target's depth, in metres (``kind="l1"``) or of log depth (any other
+    depth loss: the same scale as the depth task's loss), on pixels with valid ground truth.
 
-    Our choice (DESIGN §6): KL does not apply to a regression, and outside valid ground truth the target is an
+    Our choice: KL does not apply to a regression, and outside valid ground truth the target is an
     extrapolation it was never trained on.
     """
-    diff = (student_depth.float() - target_depth.detach().float()).abs()
+    s, t = student_depth.float(), target_depth.detach().float()
+    if kind != "l1":
+        s, t = torch.log(s.clamp_min(1e-6)), torch.log(t.clamp_min(1e-6))
+    diff = (s - t).abs()
     if gt is not None:
         valid = gt > 0
         if not valid.any():

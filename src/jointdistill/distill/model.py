@@ -23,8 +23,8 @@ _PROBE_CHUNK = 16
 
 @contextmanager
 def frozen_batchnorm(module: nn.Module):
-    """Batch norm uses its running statistics inside the block: probe images (from val) must not leak into
-    them, and a few probe images are too small a batch for batch statistics."""
+    """Batch norm uses its running statistics inside the block: the few unaugmented probe images of a step
+    are too small (and too repetitive) a batch for batch statistics, and must not skew the running ones."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     for m in bns:
         m.train(False)

@@ -1,12 +1,20 @@
-"""The student's task for the engine (DESIGN §6): its loss in each mode, its metrics, and what happens at the
+"""The student's task for the engine: its loss in each mode, its metrics, and what happens at the
 end of every timeframe (feedback → teacher weights ω; the connector's and the student's trajectories).
 
-Loss of one step, with ω the current teacher weights:
+Loss of one step, with ω the current teacher weights and L_depth the configured depth loss (default L1 of log
+depth, so that depth does not drown segmentation on the shared encoder):
 
-    L   = λ_seg·CE(S_seg, y) + λ_depth·L1(S_depth, d)                                  (every mode)
+    L   = λ_seg·CE(S_seg, y) + λ_depth·L_depth(S_depth, d)                              (every mode)
         + λ_KD·Σ_i ω_i·D_i(S_i, C_i)                                                    (static_kd, adaptive, full)
-        + λ_traj·L_traj                                                                 (full, once the buffer fills)
-    L_C = Σ_i ω_i·L_task,i(C_i, y_i)                                                    (the connector, on labels)
+        + s_traj·L_traj                                                                 (full, once the buffer fills)
+    L_C = Σ_i L_task,i(C_i, y_i)                                                        (the connector, on labels)
+
+ω weights what the student takes from each teacher, never the connector's own label loss. s_traj is λ_traj, or,
+with ``traj_share``, a scale calibrated every ``grad_log_every`` steps so that the trajectory term's gradient
+on the student's encoder is that share of the other terms' (a deliberate, logged fraction).
+
+Every ``grad_log_every`` steps each term's gradient norm on the student's encoder is measured (one extra
+backward per term through the encoder) and kept in ``grad_norms``: the balance between the tasks is visible.
 
 The engine minimises L + L_C in one backward: the two touch disjoint parameters (the connector's outputs are
 detached where the student uses them) and their gradients are clipped separately (`DistillModel.clip_groups`),
@@ -16,9 +24,12 @@ the student's step: on the default run the connector held 40–65 % of the joint
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..config import DistillParams
 from ..metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
@@ -49,7 +60,8 @@ class StudentTask:
     monitor, higher_is_better = "mt_score", True
 
     def __init__(self, model: DistillModel, cfg: DistillParams, num_classes: int, ignore_index: int,
-                 teacher_scores: dict[str, float] | None, probe_ids: list[int]):
+                 teacher_scores: dict[str, float] | None, probe_ids: list[int],
+                 connector_eval: Callable[[], dict] | None = None):
         self.model, self.cfg = model, cfg
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.kd = cfg.mode != "mtl"
@@ -59,13 +71,18 @@ class StudentTask:
             if teacher_scores is None:
                 raise ValueError(f"mode {cfg.mode} needs the teachers' val scores")
             self.weights = TeacherWeights(TASKS, teacher_scores, cfg.alpha, cfg.beta, adaptive=cfg.mode != "static_kd",
-                                          w_min=cfg.weight_min, w_max=cfg.weight_max)
+                                          w_min=cfg.weight_min, w_max=cfg.weight_max, direction=cfg.feedback)
         self.buffer = TrajectoryBuffer(cfg.trajectory_length)
         self.probe_ids = list(probe_ids)
         self.grid: tuple[int, int] | None = None
         self.trajectories: list[tuple[str, Points]] = []  # every timeframe's points, both sources
         self.timeframes: list[dict] = []  # per-timeframe trajectory statistics
         self.logging_seconds = 0.0
+        self.connector_eval = connector_eval
+        self.connector_history: list[dict] = []  # the connector's val metrics, every timeframe
+        self.grad_norms: list[dict] = []  # per-term gradient norms on the student's encoder
+        self._last_step: int | None = None
+        self.traj_scale: float | None = None if cfg.traj_share else cfg.lambda_traj
         self.model_inputs = ("teacher_features",) if model.connector is not None and not model.teachers else ()
 
     # ------------------------------------------------------------------ training
@@ -77,24 +94,90 @@ class StudentTask:
         label, depth = batch["label"], batch["depth"]
         ce = seg_loss(s["seg"].float(), label, self.ignore_index)
         dl = depth_loss(s["depth"].float(), depth, cfg.depth_loss)
-        total = cfg.lambda_seg * ce + cfg.lambda_depth * dl
+        terms = {"seg": cfg.lambda_seg * ce, "depth": cfg.lambda_depth * dl}
         parts = {"seg_ce": ce.detach(), f"depth_{cfg.depth_loss}": dl.detach()}
+        connector_loss = None
         if "connector" in outputs:
             c, w = outputs["connector"], self.omega()
             c_ce = seg_loss(c["seg"].float(), label, self.ignore_index)
             c_dl = depth_loss(c["depth"].float(), depth, cfg.depth_loss)
             d_seg = kd_seg(s["seg"], c["seg"], label, cfg.temperature, self.ignore_index)
-            d_depth = kd_depth(s["depth"], c["depth"], depth)
-            total = total + w["seg"] * c_ce + w["depth"] * c_dl
-            total = total + cfg.lambda_kd * (w["seg"] * d_seg + w["depth"] * d_depth)
+            d_depth = kd_depth(s["depth"], c["depth"], depth, cfg.depth_loss)
+            connector_loss = c_ce + c_dl
+            terms["kd_seg"] = cfg.lambda_kd * w["seg"] * d_seg
+            terms["kd_depth"] = cfg.lambda_kd * w["depth"] * d_depth
             parts.update(connector_seg_ce=c_ce.detach(), connector_depth=c_dl.detach(),
                          kd_seg=d_seg.detach(), kd_depth=d_depth.detach())
+        traj = None
         if "probe" in outputs:
             att = resize_attention(attention_map(outputs["probe"]["features"]), self.grid)
             traj = trajectory_loss(att, self.buffer, outputs["probe"]["index"])
-            total = total + cfg.lambda_traj * traj
             parts["traj"] = traj.detach()
+        step = int(self.model.steps) - 1  # the forward that made ``outputs``
+        every = cfg.grad_log_every
+        if self.model.training and (
+                (every and step % every == 0) or (traj is not None and self.traj_scale is None)):
+            self.measure_gradients(step, terms, traj)
+        if traj is not None:
+            terms["traj"] = (self.traj_scale or 0.0) * traj
+        total = sum(terms.values())
+        if connector_loss is not None:
+            total = total + connector_loss
         return total, parts
+
+    def measure_gradients(self, step: int, terms: dict[str, torch.Tensor], traj: torch.Tensor | None) -> None:
+        """Each term's gradient norm on the student's encoder (and the trajectory scale, if calibrated).
+
+        Skipped under DDP: a second backward through the wrapped module would upset its gradient reducer."""
+        if dist.is_available() and dist.is_initialized():
+            return
+        params = [p for p in self.model.student.backbone.parameters() if p.requires_grad]
+        named = dict(terms)
+        if traj is not None:
+            named["traj_raw"] = traj
+        grads = {}
+        for name, term in named.items():
+            if not term.requires_grad:
+                continue
+            g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            grads[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().float()
+                                     for x, p in zip(g, params, strict=True)])
+        if not grads:
+            return
+
+        def norm(*names) -> float:
+            vs = [grads[n] for n in names if n in grads]
+            return float(torch.stack(vs).sum(0).norm()) if vs else 0.0
+
+        rest = [n for n in grads if n != "traj_raw"]
+        row = {"step": step, **{f"norm/{n}": norm(n) for n in rest}}
+        row["norm/total"] = norm(*rest)
+        row["ratio/depth_seg"] = norm("depth") / max(norm("seg"), 1e-12)
+        row["ratio/depth_seg_with_kd"] = norm("depth", "kd_depth") / max(norm("seg", "kd_seg"), 1e-12)
+        if traj is not None and self.cfg.traj_share:
+            raw = norm("traj_raw")
+            if raw > 0 and math.isfinite(raw):
+                self.traj_scale = self.cfg.traj_share * row["norm/total"] / raw
+            row["traj_scale"] = self.traj_scale or 0.0
+        if traj is not None:
+            row["norm/traj"] = norm("traj_raw") * (self.traj_scale or 0.0)
+        self.grad_norms.append(row)
+
+    def gradient_summary(self) -> dict:
+        """Mean gradient norm per term and each term's share of their sum, over every measurement."""
+        if not self.grad_norms:
+            return {}
+        terms = sorted({k.removeprefix("norm/") for r in self.grad_norms for k in r
+                        if k.startswith("norm/") and k != "norm/total"})
+        mean = {t: sum(r.get(f"norm/{t}", 0.0) for r in self.grad_norms) / len(self.grad_norms) for t in terms}
+        total = sum(mean.values()) or 1.0
+        ratios = [r["ratio/depth_seg"] for r in self.grad_norms]
+        with_kd = [r["ratio/depth_seg_with_kd"] for r in self.grad_norms]
+        return {"measurements": len(self.grad_norms), "every_steps": self.cfg.grad_log_every,
+                "mean_norm": mean, "share": {t: v / total for t, v in mean.items()},
+                "depth_seg_ratio": sum(ratios) / len(ratios),
+                "depth_seg_ratio_with_kd": sum(with_kd) / len(with_kd),
+                "traj_scale": self.traj_scale if self.use_trajectory else None}
 
     def progress(self, parts: dict) -> dict[str, str]:
         out = {}
@@ -128,6 +211,17 @@ class StudentTask:
             fb = {h["task"]: h["feedback"] for h in self.weights.history[-len(TASKS):]}
             for t in TASKS:
                 logs[f"omega/{t}"], logs[f"feedback/{t}"] = w[t], fb[t]
+        if self.connector_eval is not None:
+            c = self.connector_eval()
+            self.connector_history.append({"timeframe": timeframe, "step": step, **c})
+            logs.update({f"connector/{k}": c[k] for k in ("miou", "abs_err", "rel_err") if k in c})
+        # The gradient measurements since the last timeframe (dvclive logs one row per timeframe).
+        recent = [r for r in self.grad_norms if r["step"] < step and r["step"] >= (self._last_step or 0)]
+        if recent:
+            for key in sorted({k for r in recent for k in r if k != "step"}):
+                vals = [r[key] for r in recent if key in r]
+                logs[f"grad/{key}"] = sum(vals) / len(vals)
+        self._last_step = step
         logs.update(self.record_trajectories(timeframe, step, model))
         return logs
 
@@ -166,6 +260,10 @@ class StudentTask:
             "trajectories": [(src, p.__dict__) for src, p in self.trajectories],
             "timeframes": list(self.timeframes),
             "logging_seconds": self.logging_seconds,
+            "connector_history": list(self.connector_history),
+            "grad_norms": list(self.grad_norms),
+            "traj_scale": self.traj_scale,
+            "last_step": self._last_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -176,6 +274,10 @@ class StudentTask:
         self.trajectories = [(src, Points(**p)) for src, p in state["trajectories"]]
         self.timeframes = list(state["timeframes"])
         self.logging_seconds = float(state["logging_seconds"])
+        self.connector_history = list(state.get("connector_history", []))
+        self.grad_norms = list(state.get("grad_norms", []))
+        self.traj_scale = state.get("traj_scale", self.traj_scale)
+        self._last_step = state.get("last_step")
         self.model.trajectory_on = self.use_trajectory and len(self.buffer) > 0
 
 

@@ -3,7 +3,7 @@ what distillation reads from them — their encoder feature maps, which the conn
 float16 ``.npy`` arrays that training memory-maps. Distillation then never runs a teacher per step; the
 loader warps each cached map with the sample's augmentation (`JointTransform.warp_features`).
 
-The connector takes only the teachers' features (its own heads make the soft targets, DESIGN §6), so no
+The connector takes only the teachers' features (its own heads make the soft targets), so no
 teacher logits are stored. A cache is reused when its key — the teachers' file digests, the prepared data's
 checksum and this format — matches, and rebuilt (atomically) otherwise.
 

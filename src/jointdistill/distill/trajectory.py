@@ -1,4 +1,4 @@
-"""The knowledge trajectory (DESIGN §6): attention maps, their top-k essential points per probe image and
+"""The knowledge trajectory: attention maps, their top-k essential points per probe image and
 timeframe, a buffer of the last L timeframes, and the L1 loss that pulls the student's attention towards
 the connector's recorded values at those points."""
 

@@ -34,6 +34,7 @@ def build_from_config(config: ModelConfig | dict) -> DenseNet:
     return DenseNet(config)
 
 
+from .flops import model_flops  # noqa: E402
 from .store import load_model, save_model  # noqa: E402
 
-__all__ += ["load_model", "save_model", "build_from_config"]
+__all__ += ["load_model", "save_model", "build_from_config", "model_flops"]

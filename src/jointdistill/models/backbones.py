@@ -1,4 +1,4 @@
-"""Encoders that end at output stride 8 (DESIGN §6: the feature map the connector and trajectory read).
+"""Encoders that end at output stride 8 (the feature map the connector and trajectory read).
 
 - ``resnet50`` / ``resnet101``: torchvision ResNets with layer3/layer4 dilated instead of strided, exactly
   as in torchvision's DeepLabV3 (the paper's teacher is DeepLabV3-ResNet-101, its student ResNet-50).

@@ -2,7 +2,7 @@
 
 Interface (all models): ``model(images) -> dict`` with
 - ``"features"``: the encoder output at stride 8, (N, C_f, H/8, W/8): the map the connector fuses and the
-  knowledge trajectory reads (DESIGN §6). ``model.feature_channels`` gives C_f, ``model.feature_stride`` 8.
+  knowledge trajectory reads. ``model.feature_channels`` gives C_f, ``model.feature_stride`` 8.
 - ``"seg"``: class logits (N, num_classes, H, W), for models with the seg task;
 - ``"depth"``: metres, strictly positive, (N, 1, H, W), for models with the depth task.
 Outputs are upsampled bilinearly to the input size.

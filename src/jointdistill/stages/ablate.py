@@ -1,13 +1,20 @@
-"""The ablation study (DESIGN §4 modes), run in-process: for every seed, both teachers and one student per
-distillation mode on the same prepared data, each evaluated on test; then one table, mean ± std over seeds,
-rows = modes, columns = mIoU, pixAcc, AbsErr, RelErr, Δm (against that seed's teachers).
+"""The ablation study (modes single, mtl, static_kd, adaptive, full), run in-process: for every seed, both
+teachers once and one student per mode trained from them on the same prepared data, each evaluated on test;
+then one table, mean ± std over seeds, rows = modes, columns = mIoU, pixAcc, AbsErr, RelErr, Δm (against that
+seed's teachers), and the paired differences that decide the method's claim (static_kd − mtl, adaptive −
+static_kd, full − adaptive, full − mtl): mean, 95 % t-interval and sign count over seeds.
 
 ``single`` is the teachers themselves (seg metrics from the seg teacher, depth metrics from the depth teacher;
-Δm = 0 by definition). A KD mode with ``+cache`` (e.g. ``full+cache``) is that mode with
-``distill.teacher_cache`` on, sharing one cache per seed: what the cache costs in accuracy. The seed changes
-initialisation, data order and augmentation, never the data. Every run is a normal stage output under
-``out/runs/seed-S/``; a run already finished with the same params is reused, and an interrupted one resumes
-from its checkpoint, so a killed ablation picks up where it stopped."""
+Δm = 0 by definition). A KD mode can carry variants after a ``+``: ``+cache`` / ``+live`` (``distill.
+teacher_cache`` on / off: what the cache costs in accuracy) and ``+progress`` / ``+deficit`` (the direction of
+``distill.feedback``), e.g. ``adaptive+deficit``. The seed changes initialisation, data order and augmentation,
+never the data. Every run is a normal stage output under ``out/runs/seed-S/``; a run already finished with the
+same params is reused, and an interrupted one resumes from its checkpoint, so a killed ablation picks up where it
+stopped.
+
+The gate: a benchmark whose teachers are not clearly better than plain multi-task training cannot show
+distillation. For every seed, the teachers must beat ``mtl`` on test by at least 5 mIoU points and 5 % AbsErr.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import csv
 import io
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -31,9 +39,24 @@ from . import distill, teacher
 
 log = logging.getLogger(__name__)
 MODES = ("single", "mtl", "static_kd", "adaptive", "full")
-CACHED = tuple(f"{m}+cache" for m in MODES[2:])
+VARIANTS = {"cache": ("teacher_cache", True), "live": ("teacher_cache", False),
+            "progress": ("feedback", "progress"), "deficit": ("feedback", "deficit")}
+SEEDS = (0, 1, 2, 3, 4)
 COLUMNS = ("miou", "pixacc", "abs_err", "rel_err", "delta_m")
 LABELS = {"miou": "mIoU ↑", "pixacc": "pixAcc ↑", "abs_err": "AbsErr (m) ↓", "rel_err": "RelErr ↓", "delta_m": "Δm % ↑"}
+# The paper's order, one step at a time, and the whole claim.
+PAIRS = (("static_kd", "mtl"), ("adaptive", "static_kd"), ("full", "adaptive"), ("full", "mtl"))
+PAIR_METRICS = ("delta_m", "miou", "abs_err")
+HIGHER_IS_BETTER = {"miou": True, "pixacc": True, "abs_err": False, "rel_err": False, "delta_m": True}
+GATE_MIOU_POINTS, GATE_ABS_ERR = 0.05, 0.05
+
+
+def parse_mode(mode: str) -> tuple[str, dict]:
+    """``"full+deficit"`` → ("full", {"distill.feedback": "deficit"}); unknown names are a ConfigError."""
+    base, *variants = mode.split("+")
+    if base not in MODES or (variants and base in ("single", "mtl")) or any(v not in VARIANTS for v in variants):
+        raise ConfigError(f"unknown mode {mode!r}")
+    return base, {f"distill.{VARIANTS[v][0]}": VARIANTS[v][1] for v in variants}
 
 
 def _done(folder: Path, digest: str) -> bool:
@@ -51,11 +74,17 @@ def _with(params: Params, **changes) -> Params:
     return params_from_dict(data)
 
 
-def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=(0, 1, 2)) -> list[dict]:
-    """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,png})."""
-    unknown = [m for m in modes if m not in MODES + CACHED]
+def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SEEDS) -> list[dict]:
+    """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,json,png})."""
+    unknown = []
+    for m in modes:
+        try:
+            parse_mode(m)
+        except ConfigError:
+            unknown.append(m)
     if unknown or not modes:
-        raise ConfigError(f"--modes: unknown {unknown} (choose from {', '.join(MODES + CACHED)})")
+        raise ConfigError(f"--modes: unknown {unknown} (choose from {', '.join(MODES)}; a KD mode may add "
+                          f"+{', +'.join(VARIANTS)})")
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     data, out = Path(data), Path(out)
@@ -79,8 +108,8 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=(0
             if mode == "single":
                 results.append({"seed": seed, "mode": mode, **reference, "delta_m": 0.0})
                 continue
-            name, cached = mode.removesuffix("+cache"), mode.endswith("+cache")
-            p = _with(base, **{"distill.mode": name, "distill.teacher_cache": cached})
+            name, changes = parse_mode(mode)
+            p = _with(base, **{"distill.mode": name, **changes})
             folder = root / mode
             if not _done(folder, p.digest()):
                 log.info("ablate: seed %d, mode %s", seed, mode)
@@ -93,8 +122,62 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=(0
             results.append({"seed": seed, "mode": mode, **{k: m[k] for k in COLUMNS[:4]},
                             "delta_m": delta_m(m, reference)})
     table = summarise(results, modes)
-    write_outputs(out, results, table, seeds)
+    pairs = paired(results, modes)
+    checks = gate(results)
+    write_outputs(out, results, table, seeds, pairs, checks)
     return table
+
+
+def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of a two-sided Student-t interval of the mean (low = high = mean for one value)."""
+    from scipy import stats
+
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, mean, mean
+    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def paired(results: list[dict], modes) -> list[dict]:
+    """For each pair (a, b) of PAIRS present (variants too: ``full+deficit`` pairs with ``adaptive+deficit``
+    and with ``mtl``): per metric the mean of a − b over the seeds both ran, its 95 % t-interval, and how many
+    seeds favour a (higher mIoU and Δm, lower AbsErr)."""
+    by = {(r["mode"], r["seed"]): r for r in results}
+    out = []
+    for a_base, b_base in PAIRS:
+        for a in [m for m in modes if m.split("+")[0] == a_base]:
+            suffix = a[len(a_base):]
+            b = b_base + suffix if b_base + suffix in modes else b_base
+            if b not in modes:
+                continue
+            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+            if not seeds:
+                continue
+            row = {"a": a, "b": b, "seeds": len(seeds)}
+            for key in PAIR_METRICS:
+                diffs = [by[(a, s)][key] - by[(b, s)][key] for s in seeds]
+                mean, low, high = t_interval(diffs)
+                better = sum((d > 0) if HIGHER_IS_BETTER[key] else (d < 0) for d in diffs)
+                row[key] = {"mean": mean, "low": low, "high": high, "better": better}
+            out.append(row)
+    return out
+
+
+def gate(results: list[dict]) -> dict:
+    """Per seed: do the teachers beat mtl by ≥ 5 mIoU points and ≥ 5 % AbsErr on test?"""
+    by = {(r["mode"], r["seed"]): r for r in results}
+    seeds = sorted(s for (m, s) in by if m == "mtl" and ("single", s) in by)
+    rows = []
+    for s in seeds:
+        t, m = by[("single", s)], by[("mtl", s)]
+        miou_gap = t["miou"] - m["miou"]
+        abs_gap = (m["abs_err"] - t["abs_err"]) / m["abs_err"]
+        rows.append({"seed": s, "miou_points": 100 * miou_gap, "abs_err_percent": 100 * abs_gap,
+                     "passed": miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR})
+    return {"seeds": rows, "passed": bool(rows) and all(r["passed"] for r in rows),
+            "rule": f"teachers beat mtl on test by >= {100 * GATE_MIOU_POINTS:g} mIoU points and "
+                    f">= {100 * GATE_ABS_ERR:g} % AbsErr, for every seed"}
 
 
 def summarise(results: list[dict], modes) -> list[dict]:
@@ -111,7 +194,7 @@ def summarise(results: list[dict], modes) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], seeds) -> str:
+def markdown(table: list[dict], seeds, pairs: list[dict] | None = None, checks: dict | None = None) -> str:
     lines = [f"Ablation on test, mean ± std over seeds {', '.join(map(str, seeds))} "
              "(Δm against each seed's single-task teachers).", "",
              "| mode | " + " | ".join(LABELS[k] for k in COLUMNS) + " |",
@@ -122,6 +205,25 @@ def markdown(table: list[dict], seeds) -> str:
             digits = 2 if key in ("abs_err", "delta_m") else 4
             cells.append(f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}")
         lines.append(f"| {row['mode']} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += ["", "Paired by seed: mean difference [95 % t-interval] (seeds where the first is better / seeds). "
+                  "mIoU in points, AbsErr in m.", "",
+                  "| pair | Δm % | mIoU (points) | AbsErr (m) | resolved |", "|---|---|---|---|---|"]
+        for p in pairs:
+            cells = []
+            for key in PAIR_METRICS:
+                f = 100.0 if key == "miou" else 1.0
+                d = p[key]
+                cells.append(f"{f * d['mean']:+.2f} [{f * d['low']:+.2f}, {f * d['high']:+.2f}] "
+                             f"({d['better']}/{p['seeds']})")
+            dm = p["delta_m"]
+            verdict = ("yes: better" if dm["low"] > 0 else "yes: worse" if dm["high"] < 0 else "no")
+            lines.append(f"| {p['a']} − {p['b']} | " + " | ".join(cells) + f" | {verdict} |")
+    if checks and checks["seeds"]:
+        lines += ["", f"Gate ({checks['rule']}): **{'passed' if checks['passed'] else 'FAILED'}**"
+                  + ("" if checks["passed"] else ": this benchmark cannot show distillation") + ".", ""]
+        lines += [f"- seed {r['seed']}: {r['miou_points']:+.1f} mIoU points, {r['abs_err_percent']:+.1f} % AbsErr"
+                  f" ({'ok' if r['passed'] else 'below'})" for r in checks["seeds"]]
     return "\n".join(lines) + "\n"
 
 
@@ -133,10 +235,14 @@ def _csv(rows: list[dict], fields: list[str]) -> str:
     return buf.getvalue()
 
 
-def write_outputs(out: Path, results: list[dict], table: list[dict], seeds) -> None:
+def write_outputs(out: Path, results: list[dict], table: list[dict], seeds, pairs: list[dict] | None = None,
+                  checks: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "ablation.md", markdown(table, seeds))
+    atomic_write_text(out / "ablation.md", markdown(table, seeds, pairs, checks))
     atomic_write_text(out / "ablation.csv", _csv(table, list(table[0])))
     atomic_write_text(out / "runs.csv", _csv(results, ["seed", "mode", *COLUMNS]))
-    write_json(out / "ablation.json", {"seeds": list(seeds), "table": table, "runs": results})
+    write_json(out / "ablation.json", {"seeds": list(seeds), "table": table, "pairs": pairs or [],
+                                       "gate": checks or {}, "runs": results})
     plots.ablation_bars(table, list(COLUMNS), out / "ablation.png")
+    if pairs:
+        plots.paired_differences(pairs, list(PAIR_METRICS), out / "paired.png")

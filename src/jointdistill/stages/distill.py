@@ -1,11 +1,13 @@
 """The `distill` stage: the multi-task student, trained from the two frozen teachers with JointDistill.
 
-Modes (``distill.mode``, DESIGN §6): ``mtl`` (task losses only; the teachers are never loaded), ``static_kd``
+Modes (``distill.mode``): ``mtl`` (task losses only; the teachers are never loaded), ``static_kd``
 (+ distillation from the connector with ω = 1), ``adaptive`` (+ feedback-driven ω), ``full`` (+ the knowledge
 trajectory loss: JointDistill). Before training: the teachers are checked against the data (task, classes,
-normalisation) and their own val scores r^T are measured. Then the engine trains (checkpoints, exact
-resume, AMP, DDP) with validation every timeframe (epoch), where ω is updated and both trajectories are
-recorded. Outputs: ``student.pt``, ``metrics.json``, ``weights.csv``, ``trajectory.parquet``, ``dvclive/``.
+normalisation) and their own val scores r^T are measured, and (KD modes) the connector is warmed up alone on
+the teachers' features. Then the engine trains (checkpoints, exact resume, AMP, DDP) with validation every
+timeframe (``distill.timeframe_steps`` steps), where ω is updated, the connector is scored on val and both
+trajectories are recorded on a fixed set of train probe images. Outputs: ``student.pt``, ``metrics.json``,
+``weights.csv``, ``trajectory.parquet``, ``dvclive/``.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from ..distill import teacher_cache as tcache
 from ..distill.connector import Connector
 from ..distill.model import DistillModel
 from ..distill.task import TASKS, StudentTask
+from ..distill.warmup import connector_metrics, warm_up
 from ..distill.weights import task_score
 from ..engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
 from ..errors import ConfigError, DataError, ModelError
 from ..io import atomic_dir, write_json
-from ..models import DenseNet, build_student, load_model, save_model
+from ..models import DenseNet, build_student, load_model, model_flops, save_model
 from ..tasks import make_task
 from .teacher import code_digest
 
@@ -80,22 +83,25 @@ def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[DenseNet, dic
                    "head": model.config.head, "feature_channels": model.feature_channels}
 
 
-def probe_indices(n_val: int, count: int, seed: int) -> list[int]:
-    """The fixed probe set: ``count`` val images chosen by the seed, in index order."""
-    if count > n_val:
-        raise ConfigError(f"distill.probe_images={count} exceeds the {n_val} val images; lower it")
+def probe_indices(n_train: int, count: int, seed: int) -> list[int]:
+    """The fixed probe set: ``count`` train images chosen by the seed, in index order. Not val: val decides the
+    feedback and the best checkpoint, so the trajectory loss must not train on it."""
+    if count > n_train:
+        raise ConfigError(f"distill.probe_images={count} exceeds the {n_train} train images; lower it")
     g = torch.Generator().manual_seed(seed * 7919 + 17)
-    return sorted(torch.randperm(n_val, generator=g)[:count].tolist())
+    return sorted(torch.randperm(n_train, generator=g)[:count].tolist())
 
 
 def _load_teachers(folders, meta: dict, val_ds, cfg: DistillParams, seed: int, device):
-    """Both teachers, checked against the data, with their own val scores r^T measured once (DESIGN §6)."""
+    """Both teachers, checked against the data, with their own val scores r^T measured once."""
     models, info, scores = [], {}, {}
     for task, path in zip(TASKS, folders, strict=True):
         model, info[task] = load_teacher(path, task, meta)
         models.append(model)
     n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
+    h, w = meta["resolution"]
     for task, model in zip(TASKS, models, strict=True):
+        info[task]["flops"] = model_flops(model, h, w)
         sampler = EpochSampler(len(val_ds), cfg.batch_size, seed, False, drop_last=False)
         val = evaluate(model.to(device), make_task(task, n_cls, ignore),
                        make_loader(val_ds, sampler, cfg.batch_size, 0, device, False), device)
@@ -128,7 +134,8 @@ def write_weights_csv(path: Path, task: StudentTask) -> int:
 
 
 def write_trajectory(path: Path, task: StudentTask) -> int:
-    """trajectory.parquet: one row per essential point (DESIGN §6 columns); ``image`` is the val index."""
+    """trajectory.parquet: one row per essential point (timeframe, step, image, rank, y, x, value, source);
+    ``image`` is the probe image's index in train."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -177,10 +184,12 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
 
     seed_everything(params.seed)
     student = build_student(params.student.backbone, params.student.head, num_classes,
-                            params.student.pretrained_backbone, head_channels=params.student.head_channels)
+                            params.student.pretrained_backbone, head_channels=params.student.head_channels,
+                            tiny_widths=tuple(params.student.widths))
     _check_top_k(student, cfg, h, w)
     val_ds = PreparedDataset(data, "val")
-    probe_ids = probe_indices(len(val_ds), cfg.probe_images, params.seed)
+    plain_train = PreparedDataset(data, "train")  # without augmentation: the probe images
+    probe_ids = probe_indices(len(plain_train), cfg.probe_images, params.seed)
 
     teacher_models, teacher_info, teacher_scores = [], None, None
     if kd:  # mtl never loads, let alone runs, the teachers
@@ -189,19 +198,26 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     connector = None
     if kd:
         connector = Connector([t.feature_channels for t in teacher_models], num_classes, cfg.connector_channels)
-    probes = torch.stack([val_ds[i]["image"] for i in probe_ids])
+    probes = torch.stack([plain_train[i]["image"] for i in probe_ids])
     cache, cache_report, probe_feats = None, None, None
     if kd and cfg.teacher_cache:
         folder = Path(teacher_cache) if teacher_cache else checkpoints / "teacher_cache"
         key = tcache.cache_key({t: i["file_digest"] for t, i in teacher_info.items()}, meta)
         cache, reused = tcache.ensure(folder, teacher_models, key, data, device, cfg.batch_size)
-        probe_feats = torch.from_numpy(np.asarray(cache["val"][probe_ids])).float()
+        probe_feats = torch.from_numpy(np.asarray(cache["train"][probe_ids])).float()
         cache_report = {"path": str(folder), "reused": reused, **{k: cache["meta"][k] for k in (
             "channels", "grid", "bytes", "build_seconds", "teacher_forward_images")}}
         teacher_models = []  # from here on no teacher runs: their features come from the cache
     model = DistillModel(student, connector, teacher_models, probes, cfg.traj_every, cfg.traj_batch,
                          probe_teacher_features=probe_feats)
-    job = StudentTask(model, cfg, num_classes, ignore, teacher_scores, probe_ids)
+    connector_val = None
+    if kd:
+        val_c = PreparedDataset(data, "val", features=cache["val"] if cache is not None else None)
+
+        def connector_val() -> dict:
+            return connector_metrics(model, val_c, cfg.batch_size, device, num_classes, ignore)
+
+    job = StudentTask(model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val)
 
     digest = hashlib.sha256(json.dumps({
         "distill": cfg.model_dump(mode="json"), "student": params.student.model_dump(mode="json"),
@@ -213,8 +229,16 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
                                features=cache["train"] if cache is not None else None,
                                feature_stride=DenseNet.feature_stride)
     t0 = time.perf_counter()
+    warmup_report = None
+    if kd and cfg.connector_warmup:
+        before = _short(connector_val())
+        warmup_report = warm_up(model, train_ds, cfg, params.seed, device, ignore,
+                                checkpoints / "connector-warmup.pt", digest, resume)
+        warmup_report["val_before"], warmup_report["val"] = before, _short(connector_val())
+        log.info("distill: connector after warm-up: val %s", warmup_report["val"])
+        seed_everything(params.seed)  # the student's run draws the same numbers whether or not it warmed up here
     result = fit(model, job, train_ds, val_ds, cfg, params.seed, checkpoints, digest, resume=resume,
-                 log_name=f"distill-{cfg.mode}")
+                 log_name=f"distill-{cfg.mode}", eval_every=cfg.timeframe_steps)
     train_seconds = time.perf_counter() - t0
 
     best = {k.removeprefix("student."): v for k, v in result.best_state.items() if k.startswith("student.")}
@@ -233,8 +257,17 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "weights": {"final": job.omega(), "history": list(job.weights.history) if job.weights else []},
         "trajectory": {},
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
         "epochs": cfg.epochs,
+        "timeframes": len(result.history),
         "train_seconds": round(train_seconds, 2),
+        # Validation, the ω update, connector scoring and trajectory records: the price of the timeframes.
+        "validation_seconds": round(result.validation_seconds, 2),
+        "validation_share": round(result.validation_seconds / train_seconds, 4) if train_seconds > 0 else None,
+        "connector": {"warmup": warmup_report, "history": [_short(h) | {"timeframe": h["timeframe"]}
+                                                            for h in job.connector_history]},
+        "gradients": job.gradient_summary(),
+        "flops": {"student": model_flops(student, h, w)},
         # Training loop only (data, forward, backward, step), per process; validation excluded.
         "seconds_per_step": round(cfg.batch_size / ips, 5) if ips else None,
         "train_images_per_second": round(ips, 2) if ips else None,
@@ -271,6 +304,10 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         dist.barrier()
         dist.destroy_process_group()
     return report
+
+
+def _short(metrics: dict) -> dict:
+    return {k: round(float(metrics[k]), 5) for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1") if k in metrics}
 
 
 def _trajectory_report(job: StudentTask, model: DistillModel, file: Path, rows: int, train_seconds: float) -> dict:

@@ -100,7 +100,10 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         metrics[name] = {split: m}
     if "mtl" in res:
         metrics["student"][split]["delta_m_vs_mtl"] = delta_m(res["student"].metrics, res["mtl"].metrics)
+        metrics["gate"] = capacity_gate(reference, res["mtl"].metrics)
     metrics["reference"] = {split: reference}
+    metrics["cost"] = inference_cost({"student": s_model, "teacher_seg": t_seg, "teacher_depth": t_depth},
+                                     tuple(meta["resolution"]), device)
 
     s_info = _read_json(student / "metrics.json") or {}
     weights_rows = _read_rows(student / "weights.csv")
@@ -144,9 +147,9 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
             figs["weights"] = plots.teacher_weights(weights_rows, pdir / "weights.png")
         if trajectory is not None and len(trajectory):
             image_id = int(trajectory["image"].min())
-            val = open_split(data, "val", meta)
+            probes = open_split(data, "train", meta)  # the probe images are train images
             grid = tuple(s_info.get("trajectory", {}).get("grid") or _grid_of(s_model, meta))
-            figs["trajectory"] = plots.trajectory(np.asarray(val["images"][image_id]),
+            figs["trajectory"] = plots.trajectory(np.asarray(probes["images"][image_id]),
                                                   trajectory[trajectory["image"] == image_id], grid,
                                                   pdir / "trajectory.png")
             figs["trajectory_image"] = image_id
@@ -162,6 +165,46 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     log.info("evaluate: student Δm %+.2f %% vs the teachers on %s → %s", metrics["student"][split]["delta_m"], split,
              out)
     return metrics
+
+
+def capacity_gate(teachers: dict, mtl: dict) -> dict:
+    """Do the teachers beat plain multi-task training by ≥ 5 mIoU points and ≥ 5 % AbsErr? A benchmark where they
+    do not cannot show distillation (the same rule as `jointdistill ablate`'s gate, here for one seed)."""
+    from .ablate import GATE_ABS_ERR, GATE_MIOU_POINTS
+
+    miou_gap = teachers["miou"] - mtl["miou"]
+    abs_gap = (mtl["abs_err"] - teachers["abs_err"]) / mtl["abs_err"]
+    return {"miou_points": 100 * miou_gap, "abs_err_percent": 100 * abs_gap,
+            "passed": bool(miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR)}
+
+
+def inference_cost(models: dict, size: tuple[int, int], device, runs: int = 5) -> dict:
+    """FLOPs of one image at the training size, and PyTorch latency at batch 1 (median of ``runs``), per model;
+    and the student's share of the two teachers' together."""
+    import statistics
+
+    import torch
+
+    from ..models import model_flops
+
+    out: dict = {"flops": {}, "latency_ms": {}}
+    x = torch.zeros(1, 3, *size, device=device)
+    for name, m in models.items():
+        m = m.to(device).eval()
+        out["flops"][name] = model_flops(m, *size)
+        times = []
+        with torch.no_grad():
+            m(x)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                m(x)
+                times.append(1000 * (time.perf_counter() - t0))
+        out["latency_ms"][name] = statistics.median(times)
+    teachers = [n for n in models if n.startswith("teacher")]
+    out["student_flops_vs_teachers"] = out["flops"]["student"] / sum(out["flops"][n] for n in teachers)
+    out["student_latency_vs_teachers"] = out["latency_ms"]["student"] / sum(out["latency_ms"][n] for n in teachers)
+    out["teacher_flops_vs_student"] = {n: out["flops"][n] / out["flops"]["student"] for n in teachers}
+    return out
 
 
 def _grid_of(model, meta) -> tuple[int, int]:
@@ -228,6 +271,25 @@ def _report_blocks(params, meta, data, res, metrics, split, reference, s_record,
         rows.append([names[name], *(rp.fmt(m.get(k)) for k in SHOWN),
                      f"{m['delta_m']:+.2f} %" if "delta_m" in m else "(reference)"])
     b.append(rp.table(header, rows))
+    gate = metrics.get("gate")
+    if gate is None:
+        b.append(rp.text("Can this benchmark show distillation? Only if the teachers beat plain multi-task training "
+                         "by at least 5 mIoU points and 5 % AbsErr: give an MTL baseline (`--mtl`) to check it "
+                         "here, or run `jointdistill ablate`, which checks it for every seed."))
+    elif gate["passed"]:
+        b.append(rp.text(f"Gate passed: the teachers beat the MTL baseline by {gate['miou_points']:.1f} mIoU points "
+                         f"and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5), so this benchmark can show "
+                         "distillation."))
+    else:
+        b.append(rp.text(f"Gate failed: the teachers beat the MTL baseline by only {gate['miou_points']:.1f} mIoU "
+                         f"points and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5): this benchmark cannot "
+                         "show distillation."))
+    cost = metrics["cost"]
+    b.append(rp.text(f"Cost: the student needs {cost['flops']['student'] / 1e9:.2f} GFLOP per image, "
+                     f"{100 * cost['student_flops_vs_teachers']:.0f} % of the two teachers' together "
+                     f"({cost['flops']['teacher_seg'] / 1e9:.2f} and {cost['flops']['teacher_depth'] / 1e9:.2f}); "
+                     f"PyTorch latency at batch 1 {cost['latency_ms']['student']:.1f} ms, "
+                     f"{100 * cost['student_latency_vs_teachers']:.0f} % of theirs."))
     b.append(rp.text(f"Δm = (1/4)·Σ_k (−1)^l_k·(M_k − M_ref,k)/M_ref,k·100 over {', '.join(DELTA_M_METRICS)}; "
                      "l_k = 1 where lower is better; the reference is the seg teacher's mIoU/pixAcc and the depth "
                      "teacher's AbsErr/RelErr. Exact metrics over the whole split (one confusion matrix, pixel sums)."))
@@ -252,7 +314,7 @@ def _report_blocks(params, meta, data, res, metrics, split, reference, s_record,
     if "trajectory" in figs:
         tr = s_info.get("trajectory", {})
         b.append(rp.text(f"Knowledge trajectory: top-{tr.get('top_k')} attention points of the connector (○) and "
-                         f"the student (×) on val image {figs['trajectory_image']}, per timeframe. Stored as "
+                         f"the student (×) on train probe image {figs['trajectory_image']}, per timeframe. Stored as "
                          f"{tr.get('rows')} rows, {tr.get('bytes')} bytes ({100 * (tr.get('storage_ratio') or 0):.3f} "
                          "% of the fused maps)."))
         b.append(rp.image(figs["trajectory"], "essential points over timeframes"))

@@ -11,6 +11,7 @@ as it was (no new .onnx anywhere), and the failing report is written beside it a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -198,6 +199,7 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path) 
             "opset": cfg.opset,
             "source_commit": commit,
             "params_digest": record.get("params_digest"),
+            "flops": _flops(model, student, size),
         }
         write_json(tmp / "parity.json", parity)
         write_json(tmp / "metrics.json", report)
@@ -210,6 +212,22 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path) 
 
 def _fmt(v, digits: int = 4) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _flops(model, student_dir: Path, size: tuple[int, int]) -> dict:
+    """FLOPs of one image at the training size: the student's, and its teachers' as recorded by distill."""
+    from ..models import model_flops
+
+    info = {}
+    try:
+        info = json.loads((Path(student_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    out = {"student": model_flops(model, *size)}
+    for task, t in (info.get("teachers") or {}).items():
+        if isinstance(t, dict) and t.get("flops"):
+            out[f"teacher_{task}"] = t["flops"]
+    return out
 
 
 def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: int | None) -> str:
@@ -296,6 +314,16 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
     for name, lat in report["latency_ms"].items():
         label = {"pytorch": "PyTorch eager", "onnx": "onnxruntime fp32"}.get(name, f"onnxruntime {name}")
         lines.append(f"| {label} | {lat['batch1_ms']:.1f} | {lat['batch8_ms']:.1f} |")
+    flops = report.get("flops") or {}
+    if flops:
+        lines += ["", f"## Cost at {h}×{w}", "",
+                  f"{flops['student'] / 1e9:.3f} GFLOP per image (forward, counted by `torch.utils.flop_counter`)."]
+        teachers = {k: v for k, v in flops.items() if k.startswith("teacher_")}
+        if teachers:
+            total = sum(teachers.values())
+            lines[-1] += (" Its teachers: " + ", ".join(f"{k.removeprefix('teacher_')} {v / 1e9:.3f}"
+                                                       for k, v in teachers.items())
+                          + f" GFLOP; the student costs {100 * flops['student'] / total:.0f} % of the two together.")
     lines += [
         "",
         "## Use",

@@ -1,4 +1,4 @@
-"""The `prepare` stage: any source → the prepared-data contract of DESIGN §3.
+"""The `prepare` stage: any source → the prepared-data contract (meta.json, manifest.parquet, one folder per split).
 
     prepared/
       meta.json  manifest.parquet  gallery.png

@@ -26,7 +26,7 @@ from ..data.transforms import JointTransform
 from ..engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
 from ..io import atomic_dir, write_json
 from ..metrics import ConfusionMatrix, DepthMeter
-from ..models import build_teacher, save_model
+from ..models import build_teacher, model_flops, save_model
 from ..tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
 
     seed_everything(params.seed)
     model = build_teacher(task, spec.backbone, spec.head, len(meta["classes"]), spec.pretrained_backbone,
-                          head_channels=spec.head_channels)
+                          head_channels=spec.head_channels, tiny_widths=tuple(spec.widths))
     transform = JointTransform.from_params(params.augment, h, w)
     train_ds = PreparedDataset(data, "train", transform, seed=params.seed)
     val_ds = PreparedDataset(data, "val")
@@ -113,7 +113,8 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
         "resumed_from_step": result.resumed_from,
         "world_size": world,
         "model": {"backbone": spec.backbone, "head": spec.head,
-                  "parameters": sum(p.numel() for p in model.parameters())},
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "flops": model_flops(model, h, w)},  # one image at the training size
         "params_digest": params.digest(),
     }
     if rank == 0:

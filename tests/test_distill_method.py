@@ -1,0 +1,234 @@
+"""What makes distillation pay: the balanced depth loss, per-term gradient norms on the encoder, the calibrated
+trajectory share, the connector's own unweighted loss and its warm-up, timeframes every N steps, and the
+ablation's paired statistics and gate."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from jointdistill.config import load_params
+from jointdistill.distill.connector import Connector
+from jointdistill.distill.losses import kd_depth
+from jointdistill.distill.model import DistillModel
+from jointdistill.distill.task import StudentTask
+from jointdistill.distill.trajectory import top_k_points
+from jointdistill.metrics import depth_loss
+from jointdistill.models import build_student, build_teacher, model_flops
+from jointdistill.stages import ablate, distill
+
+from .conftest import REPO, TINY
+
+FAST = [*TINY, "distill.batch_size=4", "distill.epochs=2", "distill.probe_images=4", "distill.top_k=5",
+        "distill.traj_batch=2", "distill.trajectory_length=2"]
+
+
+def params(*extra):
+    return load_params(REPO / "params.yaml", [*FAST, *extra])
+
+
+# ----------------------------------------------------------------------------- losses
+def test_log_l1_depth_loss_by_hand():
+    pred = torch.tensor([[[[2.0, 10.0], [5.0, 1.0]]]])
+    gt = torch.tensor([[[[1.0, 20.0], [0.0, 1.0]]]])  # one invalid pixel (0)
+    by_hand = (abs(math.log(2.0)) + abs(math.log(0.5)) + 0.0) / 3
+    assert depth_loss(pred, gt, "log_l1").item() == pytest.approx(by_hand, rel=1e-6)
+    # Scale-aware: the same relative error costs the same near and far (L1 in metres grows with distance).
+    assert depth_loss(pred * 10, gt * 10, "log_l1").item() == pytest.approx(by_hand, rel=1e-6)
+    assert depth_loss(pred * 10, gt * 10, "l1").item() == pytest.approx(10 * depth_loss(pred, gt, "l1").item())
+    # The depth KD term uses the same scale as the task's loss.
+    target = torch.tensor([[[[1.0, 20.0], [9.0, 1.0]]]])
+    assert kd_depth(pred, target, gt, "log_l1").item() == pytest.approx(by_hand, rel=1e-6)
+    assert kd_depth(pred, target, gt, "l1").item() == pytest.approx((1 + 10 + 0) / 3)
+
+
+# ----------------------------------------------------------------------------- the student's task
+def _task(mode="full", **over):
+    cfg = params(f"distill.mode={mode}", *(f"distill.{k}={v}" for k, v in over.items())).distill
+    torch.manual_seed(0)
+    student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
+    teachers = [build_teacher(t, "tiny", "light", 3, tiny_widths=(8, 8, 16, 16)) for t in ("seg", "depth")]
+    con = Connector([16, 16], 3, hidden=8)
+    probes = torch.randn(4, 3, 32, 48)
+    model = DistillModel(student, con, teachers, probes, traj_every=1, traj_batch=2).train()
+    job = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [0, 1, 2, 3])
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(2, 3, 32, 48, generator=g), "label": torch.randint(0, 3, (2, 32, 48), generator=g),
+             "depth": torch.rand(2, 1, 32, 48, generator=g) * 20 + 1}
+    return model, job, batch
+
+
+def _encoder_grad_norm(term, model):
+    params = list(model.student.backbone.parameters())
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]).norm()
+
+
+def test_gradient_norms_on_the_encoder_match_autograd():
+    model, job, batch = _task("static_kd", grad_log_every=1)
+    out = model(batch["image"])
+    job.loss(out, batch)
+    (row,) = job.grad_norms
+    cfg, s, c = job.cfg, out["student"], out["connector"]
+    from jointdistill.distill.losses import kd_seg
+    from jointdistill.metrics import seg_loss
+
+    seg = cfg.lambda_seg * seg_loss(s["seg"], batch["label"])
+    dep = cfg.lambda_depth * depth_loss(s["depth"], batch["depth"], cfg.depth_loss)
+    kds = cfg.lambda_kd * kd_seg(s["seg"], c["seg"], batch["label"])
+    assert row["step"] == 0
+    assert row["norm/seg"] == pytest.approx(_encoder_grad_norm(seg, model).item(), rel=1e-4)
+    assert row["norm/depth"] == pytest.approx(_encoder_grad_norm(dep, model).item(), rel=1e-4)
+    assert row["norm/kd_seg"] == pytest.approx(_encoder_grad_norm(kds, model).item(), rel=1e-4)
+    assert row["ratio/depth_seg"] == pytest.approx(row["norm/depth"] / row["norm/seg"], rel=1e-6)
+    summary = job.gradient_summary()
+    assert summary["measurements"] == 1 and sum(summary["share"].values()) == pytest.approx(1.0)
+    # Not measured between intervals.
+    job.cfg = job.cfg.model_copy(update={"grad_log_every": 5})
+    job.loss(model(batch["image"]), batch)  # step 1
+    assert len(job.grad_norms) == 1
+
+
+def test_trajectory_share_is_calibrated_and_omega_leaves_the_connector_loss_alone():
+    model, job, batch = _task("full", grad_log_every=0, traj_share=0.2)
+    # A recorded timeframe turns the trajectory loss on (buffer of the connector's points).
+    fused, _ = model.probe_features()
+    from jointdistill.distill.trajectory import attention_map
+
+    job.grid = tuple(fused.shape[-2:])
+    job.buffer.append(top_k_points(attention_map(fused), 5))
+    model.trajectory_on = True
+    out = model(batch["image"])
+    total, parts = job.loss(out, batch)
+    # The first trajectory step calibrates its scale: its encoder gradient is 20 % of the other terms'.
+    (row,) = job.grad_norms
+    assert row["norm/traj"] == pytest.approx(0.2 * row["norm/total"], rel=1e-4)
+    assert job.traj_scale == pytest.approx(row["traj_scale"]) and job.traj_scale > 0
+    # ω weights what the student takes from each teacher, not the connector's own label loss.
+    grads = {}
+    for w in ({"seg": 1.0, "depth": 1.0}, {"seg": 0.1, "depth": 1.9}):
+        job.weights.weights = dict(w)
+        t, _ = job.loss(out, batch)
+        g = torch.autograd.grad(t, list(model.connector.parameters()), retain_graph=True)
+        grads[w["seg"]] = torch.cat([x.flatten() for x in g])
+    torch.testing.assert_close(grads[1.0], grads[0.1])
+    assert parts["traj"] > 0 and torch.isfinite(total)
+
+
+# ----------------------------------------------------------------------------- the stage
+@pytest.fixture(scope="module")
+def stepped(prepared, tiny_teachers, tmp_path_factory):
+    """A full run with timeframes every 3 steps and a 20-step connector warm-up, from the teachers' cache."""
+    root = tmp_path_factory.mktemp("stepped")
+    p = params("distill.timeframe_steps=3", "distill.connector_warmup=20", "distill.teacher_cache=true",
+               "distill.grad_log_every=2")
+    report = distill.run(p, prepared, tiny_teachers, root / "out", root / "ck")
+    return root, p, report
+
+
+def test_timeframes_every_n_steps(stepped, prepared):
+    root, p, report = stepped
+    n_train = json.loads((prepared / "meta.json").read_text())["counts"]["train"]
+    total = p.distill.epochs * (n_train // p.distill.batch_size)
+    expected = [s for s in range(1, total + 1) if s % 3 == 0 or s == total]
+    assert [h["step"] for h in report["history"]] == expected and report["timeframes"] == len(expected)
+    with open(root / "out" / "weights.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["timeframe"] != "0"][::2] == expected
+    assert [f["step"] for f in report["trajectory"]["per_timeframe"]] == expected
+    # One dvclive step per timeframe.
+    with open(root / "out" / "dvclive" / "plots" / "metrics" / "val" / "miou.tsv") as f:
+        steps = [int(line.split("\t")[0]) for line in list(f)[1:]]
+    assert steps == list(range(len(expected)))
+    assert 0 < report["validation_share"] < 1 and report["validation_seconds"] > 0
+    # The connector is scored on val every timeframe, and logged.
+    assert [h["timeframe"] for h in report["connector"]["history"]] == list(range(1, len(expected) + 1))
+    assert all(0 <= h["miou"] <= 1 and h["abs_err"] > 0 for h in report["connector"]["history"])
+    assert (root / "out" / "dvclive" / "plots" / "metrics" / "connector" / "miou.tsv").exists()
+    # Gradient norms measured every 2 steps, summarised, and logged per timeframe.
+    g = report["gradients"]
+    assert g["measurements"] >= total // 2 and {"seg", "depth", "kd_seg", "kd_depth", "traj"} <= set(g["mean_norm"])
+    assert g["depth_seg_ratio"] > 0 and g["traj_scale"] > 0
+    assert (root / "out" / "dvclive" / "plots" / "metrics" / "grad" / "ratio" / "depth_seg.tsv").exists()
+    # FLOPs of the student and its teachers at the training size.
+    assert report["flops"]["student"] > 0 and report["teachers"]["seg"]["flops"] > 0
+
+
+def test_connector_warmup_gives_better_targets_and_is_kept_for_a_resume(stepped, prepared, tiny_teachers):
+    root, p, report = stepped
+    warm = report["connector"]["warmup"]
+    assert warm["steps"] == 20 and warm["reused"] is False and warm["last_loss"] < warm["first_loss"]
+    assert (root / "ck" / "connector-warmup.pt").exists()
+    # Better targets than the untrained connector it started from, on val.
+    assert warm["val"]["miou"] > warm["val_before"]["miou"] and warm["val"]["abs_err"] < warm["val_before"]["abs_err"]
+    # Resumed with the same digest: the warm-up is loaded, not repeated, and the result is the same.
+    again = distill.run(p, prepared, tiny_teachers, root / "again", root / "ck", resume=True)
+    assert again["connector"]["warmup"]["reused"] is True
+    assert again["connector"]["warmup"]["val"] == warm["val"]
+    assert again["test"]["miou"] == pytest.approx(report["test"]["miou"])
+
+
+def test_flops_count_multiply_adds_twice():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False))
+    assert model_flops(conv, 5, 7) == 2 * 3 * 4 * 5 * 7
+
+
+# ----------------------------------------------------------------------------- ablation statistics
+def _results(diffs, base=0.6):
+    rows = []
+    for seed, d in enumerate(diffs):
+        for mode, shift in (("single", 0.1), ("mtl", 0.0), ("full", d)):
+            rows.append({"seed": seed, "mode": mode, "miou": base + shift, "pixacc": 0.9,
+                         "abs_err": 2.5 - 10 * shift, "rel_err": 0.1, "delta_m": 100 * shift})
+    return rows
+
+
+def test_t_interval_matches_scipy():
+    diffs = [0.3, -0.1, 0.5, 0.2, 0.4]
+    mean, low, high = ablate.t_interval(diffs)
+    ref = stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / 5, scale=stats.sem(diffs))
+    assert (low, high) == pytest.approx(ref) and mean == pytest.approx(0.26)
+    assert ablate.t_interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_paired_differences_and_sign_counts():
+    results = _results([0.01, 0.02, -0.005, 0.015, 0.01])
+    (pair,) = ablate.paired(results, ["single", "mtl", "full"])
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("full", "mtl", 5)
+    assert pair["miou"]["mean"] == pytest.approx(0.01) and pair["miou"]["better"] == 4
+    assert pair["abs_err"]["mean"] == pytest.approx(-0.1) and pair["abs_err"]["better"] == 4  # lower is better
+    assert pair["delta_m"]["low"] < pair["delta_m"]["mean"] < pair["delta_m"]["high"]
+    md = ablate.markdown(ablate.summarise(results, ["single", "mtl", "full"]), range(5), [pair],
+                         ablate.gate(results))
+    assert "| full − mtl | +1.00 [" in md and "(4/5)" in md
+    # Variants pair with their own kind: full+deficit − adaptive+deficit, and with mtl.
+    names = [(p["a"], p["b"]) for p in ablate.paired(
+        [{**r, "mode": m} for r in results if r["mode"] == "full" for m in ("full+deficit", "adaptive+deficit")]
+        + [r for r in results if r["mode"] == "mtl"], ["mtl", "adaptive+deficit", "full+deficit"])]
+    assert names == [("full+deficit", "adaptive+deficit"), ("full+deficit", "mtl")]
+
+
+def test_gate_per_seed():
+    ok = ablate.gate(_results([0.0] * 3))  # teachers 10 points and 40 % AbsErr better than mtl
+    assert ok["passed"] and [r["passed"] for r in ok["seeds"]] == [True] * 3
+    rows = _results([0.0] * 3)
+    for r in rows:
+        if r["mode"] == "single" and r["seed"] == 1:
+            r["miou"] = 0.62  # only 2 points better on seed 1
+    bad = ablate.gate(rows)
+    assert not bad["passed"] and [r["passed"] for r in bad["seeds"]] == [True, False, True]
+    assert bad["seeds"][1]["miou_points"] == pytest.approx(2.0)
+    md = ablate.markdown(ablate.summarise(rows, ["single", "mtl"]), range(3), [], bad)
+    assert "**FAILED**: this benchmark cannot show distillation" in md
+
+
+def test_modes_with_variants():
+    assert ablate.parse_mode("full+deficit") == ("full", {"distill.feedback": "deficit"})
+    assert ablate.parse_mode("adaptive+live+progress") == (
+        "adaptive", {"distill.teacher_cache": False, "distill.feedback": "progress"})
+    for bad in ("mtl+cache", "single+deficit", "full+sideways", "eata"):
+        with pytest.raises(Exception, match="unknown mode"):
+            ablate.parse_mode(bad)
