@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc.yaml's stage commands call `jointdistill` from the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast lint lock bench pipeline image clean
+.PHONY: setup run test test-fast lint lock bench ablation pipeline image clean
 
 ## setup: create $(VENV) from requirements.lock (no-op when it is already up to date)
 setup:
@@ -37,6 +37,18 @@ lock: setup
 ## bench: benchmarks (never part of `make test`); results in bench/results/
 bench: setup
 	$(BIN)/python -m bench
+
+## ablation: the five modes over 5 seeds on the default benchmark (about 75 min on 2 cores; never part of `make test`).
+## Runs land in data/ablation/ (a killed run resumes); the tables are copied to bench/results/ablation/.
+ABLATION_MODES ?= single,mtl,static_kd,adaptive,full
+ABLATION_SEEDS ?= 0,1,2,3,4
+ablation: setup
+	$(BIN)/jointdistill prepare --params $(PARAMS) --out data/ablation/prepared
+	$(BIN)/jointdistill ablate --params $(PARAMS) --data data/ablation/prepared --out data/ablation \
+		--modes $(ABLATION_MODES) --seeds $(ABLATION_SEEDS)
+	mkdir -p bench/results/ablation
+	cp data/ablation/ablation.md data/ablation/ablation.csv data/ablation/ablation.json data/ablation/ablation.png \
+		data/ablation/paired.png data/ablation/runs.csv bench/results/ablation/
 
 ## pipeline: compile the Kubeflow pipeline to jointdistill.yaml
 pipeline: setup

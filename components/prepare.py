@@ -5,7 +5,7 @@ from kfp.dsl import Dataset, Input, Output
 
 
 def prepare(params: dict, source: Input[Dataset], prepared: Output[Dataset]):
-    """Build the prepared dataset (DESIGN §3) from the source step's data into the output artifact's directory."""
+    """Build the prepared dataset from the source step's data into the output artifact's directory."""
     # Runs inside the project image: everything is already installed there.
     from jointdistill import lineage
     from jointdistill.config import params_from_dict

@@ -1,4 +1,4 @@
-"""Evaluating trained models on a split, and the multi-task score Δm (DESIGN §6 "Metrics").
+"""Evaluating trained models on a split, and the multi-task score Δm.
 
 Δm = (1/K)·Σ_k (−1)^{l_k}·(M_k − M_ref,k) / M_ref,k · 100 over K metrics, l_k = 1 where lower is better:
 positive means the model beats the reference on average (in % of the reference).

@@ -1,7 +1,7 @@
 """ONNX export of the student: the graph (torch.onnx dynamo exporter), its metadata, optimised variants
 (fp16, int8), and the numbers that say whether onnxruntime computes what PyTorch computes.
 
-The exported contract is in `jointdistill.infer` (and DESIGN §7). Height and width are dynamic in steps of
+The exported contract is in `jointdistill.infer`. Height and width are dynamic in steps of
 the encoder's stride (8): every size that is a multiple of it gives exactly the eager model's output.
 """
 

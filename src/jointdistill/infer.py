@@ -3,7 +3,7 @@
 This module is what a deployment needs (`jointdistill predict`, the serving container); importing it must
 not import torch, and a test runs it in a process where torch cannot be imported.
 
-The exported model's contract (DESIGN §7): input ``image`` float32 N×3×H×W, RGB scaled to [0, 1] then
+The exported model's contract: input ``image`` float32 N×3×H×W, RGB scaled to [0, 1] then
 normalised with the metadata's ``mean``/``std``; outputs ``segmentation_logits`` N×C×H×W and ``depth``
 N×1×H×W in metres. Every ``metadata_props`` value is JSON.
 """

@@ -1,4 +1,4 @@
-"""The prepared-data contract (DESIGN §3): reading and checking what `prepare` wrote, without torch."""
+"""The prepared-data contract: reading and checking what `prepare` wrote, without torch."""
 
 from __future__ import annotations
 

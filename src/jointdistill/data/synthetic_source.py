@@ -1,4 +1,4 @@
-"""The embedded synthetic street scenes as a `Source` (DESIGN §5)."""
+"""The embedded synthetic street scenes as a `Source`."""
 
 from __future__ import annotations
 
