@@ -232,3 +232,39 @@ def test_modes_with_variants():
     for bad in ("mtl+cache", "single+deficit", "full+sideways", "eata"):
         with pytest.raises(Exception, match="unknown mode"):
             ablate.parse_mode(bad)
+
+
+def test_kd_target_teachers_are_the_teachers_own_predictions():
+    torch.manual_seed(0)
+    student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
+    teachers = [build_teacher(t, "tiny", "light", 3, tiny_widths=(8, 8, 16, 16)) for t in ("seg", "depth")]
+    for t in teachers:
+        t.eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        expected = {"seg": teachers[0](x)["seg"], "depth": teachers[1](x)["depth"]}
+        cached = torch.cat([t.encode(x) for t in teachers], 1)
+    con = Connector([16, 16], 3, hidden=8)
+    live = DistillModel(student, con, teachers, target_teachers=teachers).train()
+    from_cache = DistillModel(student, con, None, probe_teacher_features=cached[:1], target_teachers=teachers).train()
+    for out in (live(x), from_cache(x, teacher_features=cached)):
+        for task in ("seg", "depth"):
+            torch.testing.assert_close(out["targets"][task], expected[task])
+    # The KD term then measures the student against the teachers, not the connector.
+    cfg = params("distill.mode=static_kd", "distill.kd_target=teachers").distill
+    job = StudentTask(live, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
+    batch = {"image": x, "label": torch.randint(0, 3, (2, 32, 48)), "depth": torch.rand(2, 1, 32, 48) + 1}
+    out = live(x)
+    _, parts = job.loss(out, batch)
+    from jointdistill.distill.losses import kd_seg
+
+    assert parts["kd_seg"] == pytest.approx(kd_seg(out["student"]["seg"], expected["seg"], batch["label"]).item())
+    assert "targets" not in DistillModel(student, con, teachers).train()(x)  # kd_target: connector
+
+
+def test_ablation_reuses_teachers_across_distill_changes():
+    base = load_params(REPO / "params.yaml")
+    key = ablate.teacher_key(base)
+    assert ablate.teacher_key(ablate._with(base, **{"distill.alpha": 0.5, "distill.mode": "mtl"})) == key
+    for change in ({"teacher.epochs": 3}, {"seed": 7}, {"prepare.height": 64}, {"augment.hflip": False}):
+        assert ablate.teacher_key(ablate._with(base, **change)) != key, change

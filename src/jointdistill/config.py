@@ -193,21 +193,24 @@ class DistillParams(OptimParams):
     lambda_kd: float = Field(1.0, ge=0.0, description="λ_KD of the distillation loss Σ ω_i D_i")
     lambda_traj: float = Field(1.0, ge=0.0, description="λ_traj of the knowledge-trajectory loss (full mode; "
                                "with traj_share set, the starting value of a scale that is then calibrated)")
-    traj_share: float | None = Field(
-        0.1, gt=0.0, le=1.0, description="full mode: the trajectory loss's gradient norm on the student's encoder "
-        "as a share of the task and KD terms' (recalibrated every grad_log_every steps; null: λ_traj as it is)")
+    traj_share: float = Field(
+        0.1, ge=0.0, le=1.0, description="full mode: the trajectory loss's gradient norm on the student's encoder "
+        "as a share of the task and KD terms' (recalibrated every grad_log_every steps; 0: λ_traj as it is)")
     top_k: int = Field(10, ge=1, description="essential points per probe image and timeframe")
     trajectory_length: int = Field(5, ge=1, description="L: timeframes kept in the trajectory buffer")
     probe_images: int = Field(16, ge=1, description="train images the trajectory is read on (chosen by the seed)")
     traj_every: int = Field(1, ge=1, description="steps between trajectory-loss evaluations (full mode)")
     traj_batch: int = Field(4, ge=1, description="probe images per trajectory-loss step, cycling through the set")
     connector_channels: int = Field(128, ge=8, description="width of the connector's fused map g^F")
+    kd_target: Literal["connector", "teachers"] = Field(
+        "connector", description="soft targets of the KD term: the connector's outputs, or the teachers' own "
+        "heads (each teacher's prediction for its task)")
     connector_warmup: int = Field(
         300, ge=0, description="steps that train the connector alone on the frozen teachers' features before the "
         "student starts (KD modes; 0: none)")
-    timeframe_steps: int | None = Field(
-        50, ge=1, description="optimiser steps per timeframe (validation, ω update, trajectory record); "
-        "null: one per epoch")
+    timeframe_steps: int = Field(
+        50, ge=0, description="optimiser steps per timeframe (validation, ω update, trajectory record); "
+        "0: one per epoch")
     grad_log_every: int = Field(
         50, ge=0, description="steps between measurements of each loss term's gradient norm on the student's "
         "encoder (0: never)")

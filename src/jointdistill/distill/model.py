@@ -38,7 +38,7 @@ def frozen_batchnorm(module: nn.Module):
 class DistillModel(nn.Module):
     def __init__(self, student: DenseNet, connector: Connector | None = None, teachers: list[DenseNet] | None = None,
                  probes: torch.Tensor | None = None, traj_every: int = 1, traj_batch: int = 4,
-                 probe_teacher_features: torch.Tensor | None = None):
+                 probe_teacher_features: torch.Tensor | None = None, target_teachers: list[DenseNet] | None = None):
         super().__init__()
         cached = probe_teacher_features is not None
         if (connector is None) != (not teachers and not cached):
@@ -52,6 +52,11 @@ class DistillModel(nn.Module):
         for t in self._teachers:
             t.eval().requires_grad_(False)
         self._probes = probes
+        # The teachers whose own heads give the KD targets (``distill.kd_target: teachers``): with the cache only
+        # their heads run, on the cached features. Frozen, outside the module tree like the teachers.
+        self._target_teachers = tuple(target_teachers or ())
+        for t in self._target_teachers:
+            t.eval().requires_grad_(False)
         self.traj_every, self.traj_batch = traj_every, traj_batch
         # Set by the student task once the trajectory buffer holds a timeframe (full mode only).
         self.trajectory_on = False
@@ -69,7 +74,7 @@ class DistillModel(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        for t in self._teachers:
+        for t in {id(t): t for t in (*self._teachers, *self._target_teachers)}.values():
             t._apply(fn, *args, **kwargs)
         if self._probes is not None:
             self._probes = fn(self._probes)
@@ -106,6 +111,8 @@ class DistillModel(nn.Module):
                 raise ValueError("no teachers here: a batch must bring its cached teacher_features")
             feats = [teacher_features.to(x.dtype)] if teacher_features is not None else self.teacher_features(x)
             out["connector"] = self.connector(feats, x.shape[-2:])
+            if self._target_teachers:
+                out["targets"] = self.teacher_targets(feats, x.shape[-2:])
         step = int(self.steps)
         if self.trajectory_on and step % self.traj_every == 0:
             idx = self.probe_slice(step)
@@ -114,6 +121,17 @@ class DistillModel(nn.Module):
                 feats = self.student.encode(self._probes[idx.to(self._probes.device)])
             out["probe"] = {"features": feats, "index": idx}
         self.steps += 1
+        return out
+
+    @torch.no_grad()
+    def teacher_targets(self, feats: list[torch.Tensor], size) -> dict[str, torch.Tensor]:
+        """Each teacher's own prediction for its task, from its features (one map each, or the cache's
+        concatenation, split by the teachers' channel counts)."""
+        if len(feats) == 1 and len(self._target_teachers) > 1:
+            feats = list(feats[0].split([t.feature_channels for t in self._target_teachers], dim=1))
+        out = {}
+        for teacher, f in zip(self._target_teachers, feats, strict=True):
+            out.update(teacher.predict(f, size))
         return out
 
     @torch.no_grad()

@@ -5,7 +5,7 @@ Loss of one step, with ω the current teacher weights and L_depth the configured
 depth, so that depth does not drown segmentation on the shared encoder):
 
     L   = λ_seg·CE(S_seg, y) + λ_depth·L_depth(S_depth, d)                              (every mode)
-        + λ_KD·Σ_i ω_i·D_i(S_i, C_i)                                                    (static_kd, adaptive, full)
+        + λ_KD·Σ_i ω_i·D_i(S_i, C_i)   (C_i: the connector's, or with kd_target=teachers T_i's)  (KD modes)
         + s_traj·L_traj                                                                 (full, once the buffer fills)
     L_C = Σ_i L_task,i(C_i, y_i)                                                        (the connector, on labels)
 
@@ -101,8 +101,9 @@ class StudentTask:
             c, w = outputs["connector"], self.omega()
             c_ce = seg_loss(c["seg"].float(), label, self.ignore_index)
             c_dl = depth_loss(c["depth"].float(), depth, cfg.depth_loss)
-            d_seg = kd_seg(s["seg"], c["seg"], label, cfg.temperature, self.ignore_index)
-            d_depth = kd_depth(s["depth"], c["depth"], depth, cfg.depth_loss)
+            soft = outputs.get("targets", c)  # the connector's outputs, or the teachers' own (kd_target)
+            d_seg = kd_seg(s["seg"], soft["seg"], label, cfg.temperature, self.ignore_index)
+            d_depth = kd_depth(s["depth"], soft["depth"], depth, cfg.depth_loss)
             connector_loss = c_ce + c_dl
             terms["kd_seg"] = cfg.lambda_kd * w["seg"] * d_seg
             terms["kd_depth"] = cfg.lambda_kd * w["depth"] * d_depth

@@ -68,13 +68,16 @@ class DenseNet(nn.Module):
         """The stride-8 feature map alone (what the knowledge trajectory reads), without the heads."""
         return self.backbone(x)["out"]
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = x.shape[-2:]
-        feats = self.encode(x)
-        out = {"features": feats}
+    def predict(self, feats: torch.Tensor, size) -> dict[str, torch.Tensor]:
+        """The heads' outputs at ``size`` from stride-8 features (what `forward` does after the encoder)."""
+        out = {}
         for task, head in self.heads.items():
             y = F.interpolate(head(feats), size=size, mode="bilinear", align_corners=False)
             if task == "depth":
                 y = torch.exp(y.clamp(*_LOG_DEPTH_RANGE))
             out[task] = y
         return out
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.encode(x)
+        return {"features": feats, **self.predict(feats, x.shape[-2:])}

@@ -19,6 +19,7 @@ distillation. For every seed, the teachers must beat ``mtl`` on test by at least
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -66,6 +67,23 @@ def _done(folder: Path, digest: str) -> bool:
         return False
 
 
+def teacher_key(params: Params) -> str:
+    """What a teacher depends on (seed, data, augmentation, the teacher section): a change elsewhere, e.g. to
+    distill, reuses the seed's teachers instead of training them again."""
+    keep = {k: v for k, v in params.model_dump(mode="json").items() if k in ("seed", "prepare", "augment", "teacher")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _teacher_done(folder: Path, params: Params) -> bool:
+    if _done(folder, params.digest()):
+        return True
+    try:
+        return (folder.parent / f"{folder.name}.key").read_text().strip() == teacher_key(params) and (
+            folder / "model.pt").exists()
+    except OSError:
+        return False
+
+
 def _with(params: Params, **changes) -> Params:
     data = params.model_dump(mode="json")
     for key, value in changes.items():
@@ -98,9 +116,10 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
         root = out / "runs" / f"seed-{seed}"
         for task in ("seg", "depth"):
             folder = root / "teachers" / task
-            if not _done(folder, base.digest()):
+            if not _teacher_done(folder, base):
                 log.info("ablate: seed %d, %s teacher", seed, task)
                 teacher.run(base, task, data, folder, root / "checkpoints" / f"teacher-{task}", resume=True)
+                atomic_write_text(folder.parent / f"{task}.key", teacher_key(base) + "\n")
         tm = {t: json.loads((root / "teachers" / t / "metrics.json").read_text())["test"] for t in ("seg", "depth")}
         reference = {"miou": tm["seg"]["miou"], "pixacc": tm["seg"]["pixacc"], "abs_err": tm["depth"]["abs_err"],
                      "rel_err": tm["depth"]["rel_err"]}

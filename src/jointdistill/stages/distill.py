@@ -196,6 +196,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         teacher_models, teacher_info, teacher_scores = _load_teachers(teachers, meta, val_ds, cfg, params.seed, device)
 
     connector = None
+    target_teachers = list(teacher_models)  # kept for kd_target=teachers even when the cache replaces them
     if kd:
         connector = Connector([t.feature_channels for t in teacher_models], num_classes, cfg.connector_channels)
     probes = torch.stack([plain_train[i]["image"] for i in probe_ids])
@@ -209,7 +210,8 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
             "channels", "grid", "bytes", "build_seconds", "teacher_forward_images")}}
         teacher_models = []  # from here on no teacher runs: their features come from the cache
     model = DistillModel(student, connector, teacher_models, probes, cfg.traj_every, cfg.traj_batch,
-                         probe_teacher_features=probe_feats)
+                         probe_teacher_features=probe_feats,
+                         target_teachers=target_teachers if cfg.kd_target == "teachers" else None)
     connector_val = None
     if kd:
         val_c = PreparedDataset(data, "val", features=cache["val"] if cache is not None else None)
@@ -238,7 +240,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         log.info("distill: connector after warm-up: val %s", warmup_report["val"])
         seed_everything(params.seed)  # the student's run draws the same numbers whether or not it warmed up here
     result = fit(model, job, train_ds, val_ds, cfg, params.seed, checkpoints, digest, resume=resume,
-                 log_name=f"distill-{cfg.mode}", eval_every=cfg.timeframe_steps)
+                 log_name=f"distill-{cfg.mode}", eval_every=cfg.timeframe_steps or None)
     train_seconds = time.perf_counter() - t0
 
     best = {k.removeprefix("student."): v for k, v in result.best_state.items() if k.startswith("student.")}
