@@ -34,6 +34,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SensorParams(_Section):
+    """Synthetic source only: degrade the train split's targets as a real sensor and annotator would (val and test
+    stay exact). See jointdistill.data.sensor."""
+
+    enabled: bool = Field(False, description="sensor-like depth and labels on the train split")
+    depth_noise: float = Field(0.05, ge=0.0, le=1.0, description="relative std of the depth noise at 50 m "
+                               "(grows linearly with distance)")
+    depth_holes: float = Field(0.1, ge=0.0, lt=1.0, description="share of valid depth pixels lost in blobs")
+    edge_holes: int = Field(2, ge=0, le=16, description="pixels around depth discontinuities with no depth")
+    label_jitter: int = Field(2, ge=0, le=16, description="largest shift of a label boundary, in pixels")
+
+
 class PrepareParams(_Section):
     """The ``prepare`` stage: which source, at which resolution, and how it is split."""
 
@@ -67,6 +79,8 @@ class PrepareParams(_Section):
         "imagenet", description="mean/std recorded in meta.json: ImageNet's, or measured on train"
     )
     gallery_images: int = Field(6, ge=0, le=64, description="rows in gallery.png (0: none)")
+    sensor: SensorParams = Field(default_factory=SensorParams, description="synthetic only: sensor-like train "
+                                 "targets")
 
     @model_validator(mode="after")
     def _check_source(self) -> PrepareParams:
@@ -74,6 +88,9 @@ class PrepareParams(_Section):
         # pinned to a DVC version, the pipeline's source step supplies it.
         if self.val_fraction + (self.test_fraction if self.dataset == "synthetic" else 0) >= 1:
             raise ValueError("val_fraction + test_fraction must leave some training samples")
+        if self.sensor.enabled and self.dataset != "synthetic":
+            raise ValueError("prepare.sensor simulates a sensor on the synthetic source's exact targets; a real "
+                             "dataset's targets come from its own sensor: set prepare.sensor.enabled to false")
         return self
 
 
@@ -205,6 +222,9 @@ class DistillParams(OptimParams):
     kd_target: Literal["connector", "teachers"] = Field(
         "connector", description="soft targets of the KD term: the connector's outputs, or the teachers' own "
         "heads (each teacher's prediction for its task)")
+    kd_depth_pixels: Literal["valid", "all"] = Field(
+        "valid", description="where the depth KD term applies: pixels with valid ground truth, or every pixel (the "
+        "teacher's depth also fills the ground truth's holes)")
     connector_warmup: int = Field(
         300, ge=0, description="steps that train the connector alone on the frozen teachers' features before the "
         "student starts (KD modes; 0: none)")

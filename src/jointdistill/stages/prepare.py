@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from ..config import Params
 from ..data.base import SampleRef, Source, make_source
 from ..data.contract import SPLITS, sample_digest
 from ..data.resize import resize_sample
+from ..data.sensor import degrade
 from ..data.split import assign_splits
 from ..data.validate import DepthMaskCounts, validate_sample
 from ..errors import DataError
@@ -66,6 +68,11 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
                 raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
             sample, masked = validate_sample(sample, n_classes, source.ignore_index, p.max_depth, p.invalid_depth)
             sample = resize_sample(sample, h, w)
+            if split == "train" and p.sensor.enabled:
+                sp = p.sensor
+                depth_t, label_t = degrade(sample.depth, sample.label, params.seed, sample.sample_id, sp.depth_noise,
+                                           sp.depth_holes, sp.edge_holes, sp.label_jitter, source.ignore_index)
+                sample = replace(sample, depth=depth_t, label=label_t)
             images.append(sample.image)
             labels.append(sample.label)
             depth.append(sample.depth)
@@ -164,6 +171,7 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None) -> di
             "valid_depth_pixels": stats["depth_valid"],
             "masked_depth_pixels": stats["masked"].as_dict(),
             "source": source.describe(),
+            "train_targets": {"sensor": p.sensor.model_dump()} if p.sensor.enabled else "exact",
             "source_checksum": _manifest_digest(manifest),
             "params_digest": params.digest(),
             "jointdistill_version": __version__,
