@@ -142,6 +142,7 @@ def _batch(ds, bs: int, device, channels_last: bool, teachers) -> dict:
         with torch.no_grad():
             batch["teacher_features"] = torch.cat([t.to(device).train().encode(batch["image"]) for t in teachers],
                                                   1).half()
+            batch["feature_scale"] = torch.ones(bs, device=device)
         for t in teachers:
             t.cpu()
     return batch

@@ -268,3 +268,60 @@ def test_ablation_reuses_teachers_across_distill_changes():
     assert ablate.teacher_key(ablate._with(base, **{"distill.alpha": 0.5, "distill.mode": "mtl"})) == key
     for change in ({"teacher.epochs": 3}, {"seed": 7}, {"prepare.height": 64}, {"augment.hflip": False}):
         assert ablate.teacher_key(ablate._with(base, **change)) != key, change
+
+
+def test_kd_depth_pixels_all_fills_the_ground_truths_holes():
+    torch.manual_seed(0)
+    student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
+    teachers = [build_teacher(t, "tiny", "light", 3, tiny_widths=(8, 8, 16, 16)) for t in ("seg", "depth")]
+    con = Connector([16, 16], 3, hidden=8)
+    model = DistillModel(student, con, teachers, target_teachers=teachers).train()
+    x = torch.randn(2, 3, 32, 48)
+    depth = torch.rand(2, 1, 32, 48) + 1
+    depth[:, :, :10] = 0  # a hole: no ground truth there
+    batch = {"image": x, "label": torch.randint(0, 3, (2, 32, 48)), "depth": depth}
+    out = model(x)
+    out["targets"]["depth"] = torch.rand(2, 1, 32, 48) * 20 + 1  # untrained heads all say 10 m
+    s, t = out["student"]["depth"], out["targets"]["depth"]
+    for pixels, gt in (("valid", depth), ("all", None)):
+        cfg = params("distill.mode=static_kd", "distill.kd_target=teachers", f"distill.kd_depth_pixels={pixels}").distill
+        _, parts = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, []).loss(out, batch)
+        assert parts["kd_depth"] == pytest.approx(kd_depth(s, t, gt, "log_l1").item(), rel=1e-6)
+    assert kd_depth(s, t, depth, "log_l1").item() != pytest.approx(kd_depth(s, t, None, "log_l1").item())
+
+
+def test_depth_read_from_cached_maps_follows_the_zoom_of_the_augmentation():
+    """A cached map is only resampled by the sample's zoom s, so the heads reading it predict the un-zoomed depth;
+    the augmented labels hold depth / s, and so must the connector's and the teachers' depth."""
+    torch.manual_seed(0)
+    student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
+    teachers = [build_teacher(t, "tiny", "light", 3, tiny_widths=(8, 8, 16, 16)) for t in ("seg", "depth")]
+    con = Connector([16, 16], 3, hidden=8)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        cached = torch.cat([t.encode(x) for t in teachers], 1)
+    model = DistillModel(student, con, None, probe_teacher_features=cached[:1], target_teachers=teachers).train()
+    plain = model(x, teacher_features=cached)
+    zoomed = model(x, teacher_features=cached, feature_scale=torch.tensor([2.0, 0.8]))
+    for key in ("connector", "targets"):
+        expected = plain[key]["depth"] / torch.tensor([2.0, 0.8]).view(-1, 1, 1, 1)
+        torch.testing.assert_close(zoomed[key]["depth"], expected)
+        torch.testing.assert_close(zoomed[key]["seg"], plain[key]["seg"])
+
+
+def test_prepared_items_carry_the_zoom_their_cached_maps_were_warped_by(prepared, tiny_params):
+    import numpy as np
+
+    from jointdistill.data.prepared import PreparedDataset
+    from jointdistill.data.transforms import JointTransform
+
+    n = len(PreparedDataset(prepared, "train"))
+    feats = np.zeros((n, 4, 6, 12), np.float16)
+    h, w = tiny_params.prepare.height, tiny_params.prepare.width
+    aug = PreparedDataset(prepared, "train", JointTransform((h, w), (0.5, 2.0), True), seed=0, features=feats)
+    scales = [float(aug[i]["feature_scale"]) for i in range(min(n, 8))]
+    assert all(0.5 <= s <= 2.0 for s in scales) and len(set(scales)) > 1
+    plain = PreparedDataset(prepared, "val", features=np.zeros((len(PreparedDataset(prepared, "val")), 4, 6, 12),
+                                                                np.float16))
+    assert float(plain[0]["feature_scale"]) == 1.0
+    assert "feature_scale" not in PreparedDataset(prepared, "val")[0]

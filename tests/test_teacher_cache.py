@@ -76,7 +76,7 @@ def test_cache_holds_the_teachers_features_and_is_reused(tmp_path, prepared, tea
     models, key = teachers_and_key
     folder = tmp_path / "cache"
     cache, reused = tcache.ensure(folder, models, key, prepared, torch.device("cpu"), 3)
-    assert not reused and set(cache) == {"meta", "train", "val"}
+    assert not reused and set(cache) == {"meta", "train", "val", "train_targets", "val_targets"}
     train = PreparedDataset(prepared, "train")
     assert cache["train"].shape[0] == len(train) and cache["train"].dtype == np.float16
     with torch.no_grad():
@@ -84,6 +84,10 @@ def test_cache_holds_the_teachers_features_and_is_reused(tmp_path, prepared, tea
             x = train[i]["image"][None]
             ref = torch.cat([m.encode(x) for m in models], 1)[0]
             torch.testing.assert_close(torch.from_numpy(np.array(cache["train"][i])).float(), ref,
+                                       rtol=2e-3, atol=2e-3)
+            # the teachers' own predictions at full size: seg logits, then depth
+            pred = torch.cat([models[0](x)["seg"], models[1](x)["depth"]], 1)[0]
+            torch.testing.assert_close(torch.from_numpy(np.array(cache["train_targets"][i])).float(), pred,
                                        rtol=2e-3, atol=2e-3)
     assert cache["meta"]["channels"] == [m.feature_channels for m in models]
 
@@ -142,3 +146,25 @@ def test_distill_with_the_cache_never_runs_a_teacher_per_step(tmp_path, prepared
     second = distill.run(p, prepared, tiny_teachers, tmp_path / "b", teacher_cache=tmp_path / "ck" / "teacher_cache")
     assert second["teacher_cache"]["reused"] is True and second["teacher_forward_images"] == 0
     assert second["test"] == first["test"]  # same cache, same seed: the same student
+
+
+def test_cached_predictions_are_augmented_like_the_labels(prepared):
+    """The teachers' stored predictions follow the sample's augmentation as its labels and depth do: a prediction
+    equal to the ground truth stays (up to the resampling of boundaries) equal to the augmented ground truth."""
+    n = len(PreparedDataset(prepared, "train"))
+    labels = np.load(prepared / "train" / "labels.npy")
+    depth = np.load(prepared / "train" / "depth.npy")
+    k = 3
+    onehot = (np.arange(k)[None, :, None, None] == np.minimum(labels, k - 1)[:, None]).astype(np.float16) * 8
+    targets = np.concatenate([onehot, depth[:, None].astype(np.float16)], 1)
+    t = JointTransform(crop=labels.shape[1:], scale=(0.6, 1.6), hflip=True)
+    ds = PreparedDataset(prepared, "train", t, seed=1, targets=targets)
+    for i in range(min(n, 6)):
+        item = ds[i]
+        assert item["target_seg"].shape == (k, *labels.shape[1:]) and item["target_depth"].shape == item["depth"].shape
+        keep = (item["label"] != 255) & (item["label"] < k - 1)
+        # logits are resampled bilinearly and labels by nearest neighbour: they differ only along boundaries
+        agree = (item["target_seg"].argmax(0)[keep] == item["label"][keep]).float().mean()
+        assert agree > 0.95
+        valid = item["depth"] > 0
+        torch.testing.assert_close(item["target_depth"][valid], item["depth"][valid], rtol=1e-3, atol=1e-3)

@@ -19,14 +19,16 @@ class PreparedDataset(Dataset):
     ``image`` (3, H, W) float32 normalised with meta's mean/std; ``label`` (H, W) int64 (ignore_index where
     unlabeled); ``depth`` (1, H, W) float32 metres (0 = invalid); ``index`` int. With ``features`` (an array
     (N, C, h, w) of the teachers' cached feature maps for this split), also ``teacher_features`` (C, h', w')
-    float32, warped by the same augmentation as the image.
+    float32, warped by the same augmentation as the image, and ``feature_scale`` (the zoom it was warped by). With
+    ``targets`` (an array (N, K + 1, H, W) of the teachers' cached predictions: K seg logits, then depth), also
+    ``target_seg`` (K, H, W) and ``target_depth`` (1, H, W), augmented exactly like the labels and the depth.
 
     With a ``transform`` the random augmentation of item i in epoch e is fixed by (seed, e, i), so a run
     resumed mid-training, or spread over several loader workers, sees exactly the same batches.
     """
 
     def __init__(self, root: str | Path, split: str, transform: JointTransform | None = None, seed: int = 0,
-                 features: np.ndarray | None = None, feature_stride: int = 8):
+                 features: np.ndarray | None = None, feature_stride: int = 8, targets: np.ndarray | None = None):
         self.root = Path(root)
         self.meta = read_meta(self.root)
         self.split = split
@@ -41,6 +43,9 @@ class PreparedDataset(Dataset):
         self.features, self.feature_stride = features, feature_stride
         if features is not None and len(features) != len(self):
             raise ValueError(f"{split}: {len(features)} cached feature maps for {len(self)} samples")
+        self.targets = targets
+        if targets is not None and len(targets) != len(self):
+            raise ValueError(f"{split}: {len(targets)} cached teacher predictions for {len(self)} samples")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -57,6 +62,9 @@ class PreparedDataset(Dataset):
         depth = torch.from_numpy(np.array(self.arrays["depth"][i])).unsqueeze(0)
         item = {"index": i}
         feats = None if self.features is None else torch.from_numpy(np.array(self.features[i]))
+        preds = None if self.targets is None else torch.from_numpy(np.array(self.targets[i])).float()
+        if preds is not None:
+            item["target_seg"], item["target_depth"] = preds[:-1], preds[-1:]
         if self.transform is not None:
             g = torch.Generator().manual_seed(
                 int.from_bytes(hashlib.sha256(f"{self.seed}:{self.epoch}:{i}".encode()).digest()[:8], "big") >> 1
@@ -65,6 +73,13 @@ class PreparedDataset(Dataset):
             image, label, depth = self.transform.apply(draw, image, label, depth, self.ignore_index)
             if feats is not None:
                 feats = self.transform.warp_features(draw, feats, self.feature_stride)
+            if preds is not None:  # the predictions go exactly where the labels go
+                item["target_seg"], _, item["target_depth"] = self.transform.apply(
+                    draw, item["target_seg"], torch.zeros(preds.shape[-2:], dtype=torch.long), item["target_depth"],
+                    self.ignore_index)
         if feats is not None:
             item["teacher_features"] = feats.float()
+            # The zoom the maps were warped by: a teacher head reading them predicts the un-zoomed depth, which
+            # must be divided by it like the depth labels (see DistillModel.forward).
+            item["feature_scale"] = torch.tensor(draw.s if self.transform is not None else 1.0, dtype=torch.float32)
         return {"image": image, "label": label, "depth": depth, **item}

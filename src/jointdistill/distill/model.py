@@ -35,6 +35,19 @@ def frozen_batchnorm(module: nn.Module):
             m.train(True)
 
 
+def rescale_depth(outputs: dict, scale: torch.Tensor | None) -> dict:
+    """Depth read from cached maps, in the augmented sample's geometry.
+
+    A cached map was computed on the un-augmented image and only resampled by the sample's zoom s, so a head
+    reading it (local convolutions) predicts the un-zoomed depth d; the augmented labels hold d / s (zooming in by
+    s makes the scene s times closer). Dividing by s puts the prediction where the labels are: without it the
+    teachers' depth targets were off by the zoom (up to 1.5×) and pulled the student away from the truth. Live
+    teachers see the zoomed image itself and need no correction (``scale`` None)."""
+    if scale is None or "depth" not in outputs:
+        return outputs
+    return {**outputs, "depth": outputs["depth"] / scale.to(outputs["depth"].dtype).view(-1, 1, 1, 1)}
+
+
 class DistillModel(nn.Module):
     def __init__(self, student: DenseNet, connector: Connector | None = None, teachers: list[DenseNet] | None = None,
                  probes: torch.Tensor | None = None, traj_every: int = 1, traj_batch: int = 4,
@@ -101,8 +114,12 @@ class DistillModel(nn.Module):
         start = (step // self.traj_every) * self.traj_batch
         return torch.arange(start, start + min(self.traj_batch, p)) % p
 
-    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None) -> dict:
-        """``teacher_features``: the batch's cached teacher maps (concatenated along channels), if cached."""
+    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None,
+                feature_scale: torch.Tensor | None = None, target_seg: torch.Tensor | None = None,
+                target_depth: torch.Tensor | None = None) -> dict:
+        """``teacher_features``: the batch's cached teacher maps (concatenated along channels), if cached;
+        ``feature_scale``: the zoom each sample's maps were warped by (see `rescale_depth`); ``target_seg`` /
+        ``target_depth``: the teachers' cached predictions, augmented like the labels (kd_target: teachers)."""
         if not self.training:
             return self.student(x)
         out = {"student": self.student(x)}
@@ -110,9 +127,11 @@ class DistillModel(nn.Module):
             if teacher_features is None and not self._teachers:
                 raise ValueError("no teachers here: a batch must bring its cached teacher_features")
             feats = [teacher_features.to(x.dtype)] if teacher_features is not None else self.teacher_features(x)
-            out["connector"] = self.connector(feats, x.shape[-2:])
-            if self._target_teachers:
-                out["targets"] = self.teacher_targets(feats, x.shape[-2:])
+            out["connector"] = rescale_depth(self.connector(feats, x.shape[-2:]), feature_scale)
+            if target_seg is not None and target_depth is not None:
+                out["targets"] = {"seg": target_seg, "depth": target_depth}
+            elif self._target_teachers:
+                out["targets"] = rescale_depth(self.teacher_targets(feats, x.shape[-2:]), feature_scale)
         step = int(self.steps)
         if self.trajectory_on and step % self.traj_every == 0:
             idx = self.probe_slice(step)

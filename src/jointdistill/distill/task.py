@@ -83,7 +83,11 @@ class StudentTask:
         self.grad_norms: list[dict] = []  # per-term gradient norms on the student's encoder
         self._last_step: int | None = None
         self.traj_scale: float | None = None if cfg.traj_share else cfg.lambda_traj
-        self.model_inputs = ("teacher_features",) if model.connector is not None and not model.teachers else ()
+        self.model_inputs: tuple[str, ...] = ()
+        if model.connector is not None and not model.teachers:  # the teacher cache brings what the teachers gave
+            self.model_inputs = ("teacher_features", "feature_scale")
+            if cfg.kd_target == "teachers":
+                self.model_inputs += ("target_seg", "target_depth")
 
     # ------------------------------------------------------------------ training
     def omega(self) -> dict[str, float]:
@@ -103,7 +107,8 @@ class StudentTask:
             c_dl = depth_loss(c["depth"].float(), depth, cfg.depth_loss)
             soft = outputs.get("targets", c)  # the connector's outputs, or the teachers' own (kd_target)
             d_seg = kd_seg(s["seg"], soft["seg"], label, cfg.temperature, self.ignore_index)
-            d_depth = kd_depth(s["depth"], soft["depth"], depth, cfg.depth_loss)
+            d_depth = kd_depth(s["depth"], soft["depth"], depth if cfg.kd_depth_pixels == "valid" else None,
+                               cfg.depth_loss)
             connector_loss = c_ce + c_dl
             terms["kd_seg"] = cfg.lambda_kd * w["seg"] * d_seg
             terms["kd_depth"] = cfg.lambda_kd * w["depth"] * d_depth

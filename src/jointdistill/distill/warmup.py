@@ -22,7 +22,7 @@ from ..config import DistillParams
 from ..engine import EpochSampler, make_loader
 from ..metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
 from ..serialization import load_safe, save_atomic
-from .model import DistillModel
+from .model import DistillModel, rescale_depth
 
 log = logging.getLogger(__name__)
 WARMUP_FORMAT = "jointdistill.connector-warmup/1"
@@ -36,7 +36,7 @@ def _connector_outputs(model: DistillModel, batch: dict) -> dict:
         feats = [batch["teacher_features"].to(x.dtype)]
     else:
         feats = model.teacher_features(x)
-    return model.connector(feats, x.shape[-2:])
+    return rescale_depth(model.connector(feats, x.shape[-2:]), batch.get("feature_scale"))
 
 
 def warm_up(model: DistillModel, train_ds: Dataset, cfg: DistillParams, seed: int, device: torch.device,

@@ -229,6 +229,8 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     }, sort_keys=True).encode()).hexdigest()[:16]
     train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed,
                                features=cache["train"] if cache is not None else None,
+                               targets=cache["train_targets"] if cache is not None and cfg.kd_target == "teachers"
+                               else None,
                                feature_stride=DenseNet.feature_stride)
     t0 = time.perf_counter()
     warmup_report = None
