@@ -284,7 +284,8 @@ def test_kd_depth_pixels_all_fills_the_ground_truths_holes():
     out["targets"]["depth"] = torch.rand(2, 1, 32, 48) * 20 + 1  # untrained heads all say 10 m
     s, t = out["student"]["depth"], out["targets"]["depth"]
     for pixels, gt in (("valid", depth), ("all", None)):
-        cfg = params("distill.mode=static_kd", "distill.kd_target=teachers", f"distill.kd_depth_pixels={pixels}").distill
+        cfg = params("distill.mode=static_kd", "distill.kd_target=teachers",
+                     f"distill.kd_depth_pixels={pixels}").distill
         _, parts = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, []).loss(out, batch)
         assert parts["kd_depth"] == pytest.approx(kd_depth(s, t, gt, "log_l1").item(), rel=1e-6)
     assert kd_depth(s, t, depth, "log_l1").item() != pytest.approx(kd_depth(s, t, None, "log_l1").item())

@@ -4,11 +4,11 @@ and an annotator would change it."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from jointdistill.config import load_params
 from jointdistill.data.sensor import degrade, edge_mask
-from jointdistill.errors import ConfigError
 from jointdistill.stages import prepare
 
 from .conftest import REPO, TINY
@@ -73,7 +73,7 @@ def test_label_jitter_moves_boundaries_only_and_keeps_ignore():
 @pytest.fixture(scope="module")
 def sensor_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("sensor")
-    exact = load_params(REPO / "params.yaml", TINY)
+    exact = load_params(REPO / "params.yaml", [*TINY, "prepare.sensor.enabled=false"])
     noisy = load_params(REPO / "params.yaml", [*TINY, "prepare.sensor.enabled=true"])
     prepare.run(exact, root / "exact")
     prepare.run(noisy, root / "noisy")
@@ -90,12 +90,20 @@ def test_prepare_degrades_train_only(sensor_pair):
     assert ((d_n == 0) & (d_e > 0)).sum() > 0.05 * (d_e > 0).sum()
     assert not np.array_equal(np.load(exact / "train/labels.npy"), np.load(noisy / "train/labels.npy"))
     meta_e, meta_n = (json.loads((p / "meta.json").read_text()) for p in sensor_pair)
-    assert meta_e["train_targets"] == "exact"
+    assert meta_e["train_targets"] == "as the source gives them"
     assert meta_n["train_targets"]["sensor"]["enabled"] is True
     assert meta_e["source_checksum"] != meta_n["source_checksum"]
 
 
-def test_sensor_on_a_real_source_is_a_config_error():
-    with pytest.raises(ConfigError, match="prepare.sensor"):
-        load_params(REPO / "params.yaml", ["prepare.dataset=folder", "prepare.root=/nowhere",
-                                           "prepare.sensor.enabled=true"])
+def test_a_real_source_keeps_its_own_targets(tmp_path):
+    """prepare.sensor is on by default; a real dataset's targets already come from a sensor and are left alone
+    (test_sources checks them value by value under the same default)."""
+    from .test_sources import make_folder, params
+
+    truth = make_folder(tmp_path / "src")
+    p = params("folder", tmp_path / "src")
+    assert p.prepare.sensor.enabled
+    meta = prepare.run(p, tmp_path / "out")
+    assert meta["train_targets"] == "as the source gives them"
+    ids = pd.read_parquet(tmp_path / "out" / "manifest.parquet").query("split == 'train'")["sample_id"].tolist()
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "train" / "labels.npy")[0], truth[ids[0]][1])

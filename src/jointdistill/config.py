@@ -36,7 +36,8 @@ class _Section(BaseModel):
 
 class SensorParams(_Section):
     """Synthetic source only: degrade the train split's targets as a real sensor and annotator would (val and test
-    stay exact). See jointdistill.data.sensor."""
+    stay exact). A real dataset's targets already come from its sensor and annotators: there it does nothing.
+    See jointdistill.data.sensor."""
 
     enabled: bool = Field(False, description="sensor-like depth and labels on the train split")
     depth_noise: float = Field(0.05, ge=0.0, le=1.0, description="relative std of the depth noise at 50 m "
@@ -88,9 +89,6 @@ class PrepareParams(_Section):
         # pinned to a DVC version, the pipeline's source step supplies it.
         if self.val_fraction + (self.test_fraction if self.dataset == "synthetic" else 0) >= 1:
             raise ValueError("val_fraction + test_fraction must leave some training samples")
-        if self.sensor.enabled and self.dataset != "synthetic":
-            raise ValueError("prepare.sensor simulates a sensor on the synthetic source's exact targets; a real "
-                             "dataset's targets come from its own sensor: set prepare.sensor.enabled to false")
         return self
 
 

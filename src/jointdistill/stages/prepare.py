@@ -59,6 +59,7 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
     (tmp / split).mkdir()
     rows = []
     n_classes = len(source.classes)
+    sensor = p.sensor.enabled and source.name == "synthetic"  # real targets come from a real sensor already
     with (NpyStream(tmp / split / "images.npy", (n, h, w, 3), np.uint8) as images,
           NpyStream(tmp / split / "labels.npy", (n, h, w), np.uint8) as labels,
           NpyStream(tmp / split / "depth.npy", (n, h, w), np.float32) as depth):
@@ -68,7 +69,7 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
                 raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
             sample, masked = validate_sample(sample, n_classes, source.ignore_index, p.max_depth, p.invalid_depth)
             sample = resize_sample(sample, h, w)
-            if split == "train" and p.sensor.enabled:
+            if split == "train" and sensor:
                 sp = p.sensor
                 depth_t, label_t = degrade(sample.depth, sample.label, params.seed, sample.sample_id, sp.depth_noise,
                                            sp.depth_holes, sp.edge_holes, sp.label_jitter, source.ignore_index)
@@ -171,7 +172,8 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None) -> di
             "valid_depth_pixels": stats["depth_valid"],
             "masked_depth_pixels": stats["masked"].as_dict(),
             "source": source.describe(),
-            "train_targets": {"sensor": p.sensor.model_dump()} if p.sensor.enabled else "exact",
+            "train_targets": ({"sensor": p.sensor.model_dump()} if p.sensor.enabled and source.name == "synthetic"
+                              else "as the source gives them"),
             "source_checksum": _manifest_digest(manifest),
             "params_digest": params.digest(),
             "jointdistill_version": __version__,
