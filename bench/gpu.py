@@ -116,7 +116,8 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
         with torch.no_grad():  # batch statistics: see _batch
             probe_feats = torch.cat([t.train().encode(probes) for t in teachers], 1).half().float()
     model = DistillModel(student, connector, [] if cached else teachers, probes, cfg.traj_every, cfg.traj_batch,
-                         probe_teacher_features=probe_feats)
+                         probe_teacher_features=probe_feats,
+                         target_teachers=teachers if cfg.kd_target == "teachers" and not cached else None)
     task = StudentTask(model, cfg, classes, 255, {"seg": 0.5, "depth": 0.5}, list(range(probes.shape[0])))
     return model, task, teachers if cached else False
 
@@ -140,9 +141,13 @@ def _batch(ds, bs: int, device, channels_last: bool, teachers) -> dict:
         # Batch statistics, not the running ones: through 100 layers an untrained network's eval-mode maps
         # outgrow fp16 (a trained teacher's do not); the step's cost does not depend on the values.
         with torch.no_grad():
-            batch["teacher_features"] = torch.cat([t.to(device).train().encode(batch["image"]) for t in teachers],
-                                                  1).half()
+            maps = [t.to(device).train().encode(batch["image"]) for t in teachers]
+            batch["teacher_features"] = torch.cat(maps, 1).half()
             batch["feature_scale"] = torch.ones(bs, device=device)
+            # and the teachers' own predictions (kd_target: teachers), as the cache stores them
+            size = batch["image"].shape[-2:]
+            batch["target_seg"] = teachers[0].predict(maps[0], size)["seg"].half().float()
+            batch["target_depth"] = teachers[1].predict(maps[1], size)["depth"].half().float()
         for t in teachers:
             t.cpu()
     return batch

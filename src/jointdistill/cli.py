@@ -475,7 +475,8 @@ def push_results(
 def ablate(
     modes: Annotated[str, typer.Option(help="comma-separated: single, mtl, static_kd, adaptive, full. A KD mode "
                                        "may add variants: +cache or +live (teacher cache on or off), +progress "
-                                       "or +deficit (feedback direction), e.g. full+deficit.")] = (
+                                       "or +deficit (feedback direction), +valid or +all (pixels of the depth KD "
+                                       "term), e.g. full+deficit.")] = (
         "single,mtl,static_kd,adaptive,full"
     ),
     seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = (

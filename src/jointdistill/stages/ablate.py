@@ -7,7 +7,7 @@ static_kd, full − adaptive, full − mtl): mean, 95 % t-interval and sign coun
 ``single`` is the teachers themselves (seg metrics from the seg teacher, depth metrics from the depth teacher;
 Δm = 0 by definition). A KD mode can carry variants after a ``+``: ``+cache`` / ``+live`` (``distill.
 teacher_cache`` on / off: what the cache costs in accuracy) and ``+progress`` / ``+deficit`` (the direction of
-``distill.feedback``), e.g. ``adaptive+deficit``. The seed changes initialisation, data order and augmentation,
+``distill.feedback``), ``+valid`` / ``+all`` (``distill.kd_depth_pixels``), e.g. ``adaptive+deficit``. The seed changes initialisation, data order and augmentation,
 never the data. Every run is a normal stage output under ``out/runs/seed-S/``; a run already finished with the
 same params is reused, and an interrupted one resumes from its checkpoint, so a killed ablation picks up where it
 stopped.
@@ -41,7 +41,8 @@ from . import distill, teacher
 log = logging.getLogger(__name__)
 MODES = ("single", "mtl", "static_kd", "adaptive", "full")
 VARIANTS = {"cache": ("teacher_cache", True), "live": ("teacher_cache", False),
-            "progress": ("feedback", "progress"), "deficit": ("feedback", "deficit")}
+            "progress": ("feedback", "progress"), "deficit": ("feedback", "deficit"),
+            "valid": ("kd_depth_pixels", "valid"), "all": ("kd_depth_pixels", "all")}
 SEEDS = (0, 1, 2, 3, 4)
 COLUMNS = ("miou", "pixacc", "abs_err", "rel_err", "delta_m")
 LABELS = {"miou": "mIoU ↑", "pixacc": "pixAcc ↑", "abs_err": "AbsErr (m) ↓", "rel_err": "RelErr ↓", "delta_m": "Δm % ↑"}
