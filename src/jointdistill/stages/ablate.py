@@ -6,11 +6,11 @@ static_kd, full − adaptive, full − mtl): mean, 95 % t-interval and sign coun
 
 ``single`` is the teachers themselves (seg metrics from the seg teacher, depth metrics from the depth teacher;
 Δm = 0 by definition). A KD mode can carry variants after a ``+``: ``+cache`` / ``+live`` (``distill.
-teacher_cache`` on / off: what the cache costs in accuracy) and ``+progress`` / ``+deficit`` (the direction of
-``distill.feedback``), ``+valid`` / ``+all`` (``distill.kd_depth_pixels``), e.g. ``adaptive+deficit``. The seed changes initialisation, data order and augmentation,
-never the data. Every run is a normal stage output under ``out/runs/seed-S/``; a run already finished with the
-same params is reused, and an interrupted one resumes from its checkpoint, so a killed ablation picks up where it
-stopped.
+teacher_cache`` on / off: what the cache costs in accuracy), ``+progress`` / ``+deficit`` (the direction of
+``distill.feedback``) and ``+valid`` / ``+all`` (``distill.kd_depth_pixels``), e.g. ``adaptive+deficit``. The
+seed changes initialisation, data order and augmentation, never the data. Every run is a normal stage output
+under ``out/runs/seed-S/``; a run already finished with the same params is reused, and an interrupted one resumes
+from its checkpoint, so a killed ablation picks up where it stopped.
 
 The gate: a benchmark whose teachers are not clearly better than plain multi-task training cannot show
 distillation. For every seed, the teachers must beat ``mtl`` on test by at least 5 mIoU points and 5 % AbsErr.
