@@ -13,6 +13,8 @@ def record(report: dict, student, metrics) -> None:
     from jointdistill import lineage
 
     student.metadata["lineage"] = lineage.read(student.path)
+
+    student.metadata["source_commit"] = lineage.source_commit() or ""
     student.metadata.update({"mode": report["mode"], "best_epoch": report["best_epoch"],
                              "final_weights": report["weights"]["final"], "params_digest": report["params_digest"],
                              **{f"test_{k}": report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err")}})

@@ -22,6 +22,7 @@ def evaluate(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], 
                 if isinstance(value, (int, float)):
                     metrics.log_metric(f"{model}/{name}", value)
     evaluation.metadata["lineage"] = lineage.read(evaluation.path)
+    evaluation.metadata["source_commit"] = lineage.source_commit() or ""
     evaluation.metadata.update({"split": split, "delta_m": result["student"][split]["delta_m"]})
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)
 

@@ -18,6 +18,7 @@ def export(params: dict, prepared: Input[Dataset], student: Input[Model], onnx_m
     report = stage.run(cfg, prepared.path, student.path, onnx_model.path)
     val = report["parity"]["fp32"]["val"]
     onnx_model.metadata["lineage"] = lineage.read(onnx_model.path)
+    onnx_model.metadata["source_commit"] = lineage.source_commit() or ""
     onnx_model.metadata.update({
         "framework": "onnx", "file": "student.onnx", "opset": report["opset"],
         "variants": sorted(report["file_bytes"]), "params_digest": report["params_digest"],

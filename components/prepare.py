@@ -15,6 +15,7 @@ def prepare(params: dict, source: Input[Dataset], prepared: Output[Dataset]):
     meta = stage.run_from_source(params_from_dict(params, "pipeline parameter 'params'"), source.path, data,
                                  prepared.path)
     prepared.metadata["lineage"] = lineage.read(prepared.path)
+    prepared.metadata["source_commit"] = lineage.source_commit() or ""
     prepared.metadata.update(
         {
             "dataset": meta["dataset"],

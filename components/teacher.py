@@ -14,6 +14,7 @@ def record(report: dict, task: str, teacher, metrics) -> None:
 
     key = report["monitor"]
     teacher.metadata["lineage"] = lineage.read(teacher.path)
+    teacher.metadata["source_commit"] = lineage.source_commit() or ""
     teacher.metadata.update({"task": task, "monitor": key, "val": report["val"][key], "test": report["test"][key],
                              "best_epoch": report["best_epoch"], "params_digest": report["params_digest"]})
     for split in ("val", "test"):

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jointdistill import records
 from jointdistill.config import load_params
 from jointdistill.distill.weights import update
 from jointdistill.errors import ConfigError, DataError, ModelError
@@ -50,8 +51,13 @@ def read_weights(folder):
 def test_outputs_of_a_full_run(runs):
     root, reports = runs
     out = root / "full"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == json.loads(json.dumps(reports["full"]))
+    metrics = json.loads((out / "report.json").read_text())
+    content, run_facts = records.split(reports["full"])
+    assert metrics == json.loads(json.dumps(content))  # the report without the run's facts
+    assert json.loads((out / "run.json").read_text())["train_seconds"] == run_facts["train_seconds"] > 0
+    curated = json.loads((out / "metrics.json").read_text())  # numbers only, what DVC and Kubeflow show
+    assert set(curated) == {"miou", "pixacc", "abs_err", "rel_err", "delta1", "seconds"}
+    assert all(isinstance(v, (int, float)) for v in curated.values())
     assert metrics["mode"] == "full" and 1 <= metrics["best_epoch"] <= EPOCHS
     for split in ("val", "test"):
         assert {"miou", "pixacc", "abs_err", "rel_err", "delta1", "per_class_iou"} <= set(metrics[split])
@@ -241,8 +247,8 @@ def test_resume_after_sigkill_reproduces_the_run(prepared, tiny_teachers, tmp_pa
 
     resumed = cli(*common, "--out", str(tmp_path / "run"), "--checkpoints", str(tmp_path / "ckpt"), "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert report["resumed_from_step"] > 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_step"] > 0
 
     final_ref = torch.load(tmp_path / "ref-ckpt" / "last.pt", weights_only=True)["model"]
     final_run = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
@@ -253,7 +259,7 @@ def test_resume_after_sigkill_reproduces_the_run(prepared, tiny_teachers, tmp_pa
     a = pq.read_table(tmp_path / "ref" / "trajectory.parquet").to_pandas()
     b = pq.read_table(tmp_path / "run" / "trajectory.parquet").to_pandas()
     assert a.equals(b)
-    ref_report = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    ref_report = json.loads((tmp_path / "ref" / "report.json").read_text())
     assert report["val"] == ref_report["val"] and report["test"] == ref_report["test"]
 
 
@@ -267,7 +273,7 @@ def test_ddp_two_gloo_processes(prepared, tiny_teachers, tmp_path):
         env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["mode"] == "full"
     assert report["trajectory"]["rows"] == 2 * PROBES * K * 2
     assert len(read_weights(out)) == 2 * 3

@@ -68,12 +68,20 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
         assert (project / "data" / "teachers" / task / "model.pt").exists()
     assert (project / "data" / "student" / "student.pt").exists()
     assert {p.name for p in (project / "data" / "export").iterdir()} >= {"student.onnx", "parity.json", "MODEL_CARD.md"}
-    shown = run(["dvc", "metrics", "show", "--json"], project)
-    assert "data/teachers/seg/metrics.json" in shown and "miou" in shown
-    assert "data/student/metrics.json" in shown and "delta_m" in shown
-    assert "data/export/metrics.json" in shown and "latency_ms" in shown
+    # Metrics: numbers only, beside the outputs (metrics/, in git), one narrow table.
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project))
+    (workspace,) = shown.values()
+    evaluated = workspace["data"]["metrics/evaluate/metrics.json"]["data"]
+    assert {"miou", "pixacc", "abs_err", "rel_err", "delta1", "delta_m", "flops_ratio", "latency_ratio"} <= set(
+        evaluated)
+    assert set(workspace["data"]["metrics/export/metrics.json"]["data"]) == {"latency_ms", "size_mb"}
+    for folder in (project / "metrics").iterdir():
+        values = json.loads((folder / "metrics.json").read_text()).values()
+        assert all(isinstance(v, (int, float)) for v in values), folder
+    table = run(["dvc", "metrics", "show"], project)
+    assert max(map(len, table.splitlines())) <= 150, table
     plots = run(["dvc", "plots", "show", "--json"], project)
-    assert "data/teachers/seg/dvclive/plots/metrics/val/miou.tsv" in plots and "abs_err" in plots
+    assert "metrics/teacher-seg/dvclive/plots/metrics/val/miou.tsv" in plots and "abs_err" in plots
     assert {"per-class-iou", "teacher-weights-per-timeframe", "trajectory-loss", "depth-error-vs-distance"} <= set(
         json.loads(plots)["data"])
     assert not json.loads(plots).get("errors")
@@ -82,11 +90,26 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     assert abs(sum(float(v["dvc_inferred_y_value"]) for v in values if v["step"] == "0") - 2.0) < 1e-6
     exp = run(["dvc", "exp", "show", "--json"], project)
     assert "miou" in exp and "abs_err" in exp and "\"lr\": 0.002" in exp
+    # Per-class IoU: one file (one colour) per model; depth error: one line per model.
+    per_class = json.loads(plots)["data"]["per-class-iou"][0]["content"]["data"]["values"]
+    assert {v["filename"] for v in per_class} == {"student.csv", "teacher_seg.csv"}
+    depth = json.loads(plots)["data"]["depth-error-vs-distance"][0]["content"]["data"]["values"]
+    assert {v["filename"] for v in depth} == {"student.csv", "teacher_depth.csv"}
+
+    # The same inputs give byte-identical outputs: a forced re-run leaves every data/ hash in dvc.lock as it was
+    # (the run-dependent files are in metrics/, outside the hashed outputs).
+    def hashes():
+        lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o["md5"] for s in lock.values() for o in s["outs"] if o["path"].startswith("data/")}
+
+    before = hashes()
+    assert ran(run(["dvc", "repro", "-f"], project)) == ALL
+    assert hashes() == before
     meta = verify_prepared(project / "data" / "prepared", check_digests=True)
     assert meta["resolution"] == [40, 80] and sum(meta["counts"].values()) == 30
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["prepare"]["params"]["params.yaml"]["prepare"]["height"] == 40
-    assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {"src/jointdistill/data",
+    assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {"src/jointdistill/data/synthetic.py",
                                                                        "src/jointdistill/stages/prepare.py"}
 
     stamp = (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns
@@ -126,10 +149,40 @@ def test_code_change_reruns(project):
     assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate", "export"}
     with open(project / "src" / "jointdistill" / "report.py", "a") as fh:
         fh.write("\n# a change to the report\n")
-    assert ran(run(["dvc", "repro"], project)) == {"evaluate"}
+    assert ran(run(["dvc", "repro"], project)) == {"evaluate", "export"}  # export imports the evaluate stage
     with open(project / "src" / "jointdistill" / "infer.py", "a") as fh:
         fh.write("\n# a change to inference\n")
     assert ran(run(["dvc", "repro"], project)) == {"export"}
+
+
+def test_a_code_change_that_keeps_the_data_reruns_prepare_and_nothing_downstream(project):
+    """A comment in prepare's code: DVC sees prepare's deps change, re-runs it, gets byte-identical data (the
+    lineage names code by its syntax tree, not by bytes or git commit) and so re-runs nothing downstream."""
+    run(["dvc", "repro"], project)
+    with open(project / "src" / "jointdistill" / "stages" / "prepare.py", "a") as fh:
+        fh.write("\n# a note that changes no behaviour\n")
+    status = json.loads(run(["dvc", "status", "--json"], project))
+    assert set(status) == {"prepare"}, status
+    assert {"modified": "src/jointdistill/stages/prepare.py"} in status["prepare"][0]["changed deps"]
+    assert ran(run(["dvc", "repro"], project)) == {"prepare"}
+    assert json.loads(run(["dvc", "status", "--json"], project)) == {}
+
+
+def test_fresh_clone_prepares_the_data_the_committed_lock_names(tmp_path):
+    """`make run` in a fresh clone: prepare, at the committed params, gives exactly the data/prepared hash that
+    the committed dvc.lock records. Floats may differ in the last bits between CPU models, so the check runs on
+    the kind of machine that made the lock (metrics/prepare/run.json says which)."""
+    from jointdistill.records import machine
+
+    made_on = json.loads((REPO / "metrics" / "prepare" / "run.json").read_text())["machine"]["cpu"]
+    if made_on != machine()["cpu"]:
+        pytest.skip(f"dvc.lock was made on {made_on!r}; this machine is {machine()['cpu']!r}")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
+    run(["dvc", "repro", "--single-item", "prepare"], clone)
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["prepare"]
+    committed = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["prepare"]
+    assert lock["outs"][0] == committed["outs"][0]
 
 
 def test_every_stage_declares_deps_params_outs():

@@ -100,3 +100,17 @@ def test_compile_setting(setting, device, expected):
 def test_fused_adamw_only_on_cuda():
     model, spec, opt, *_ = _setup()
     assert not opt.defaults.get("fused")
+
+
+def test_resume_drops_dvclive_rows_the_checkpoint_does_not_hold(tmp_path):
+    """A run killed after logging validation 1 but before checkpointing it resumes with one validation in its
+    history: the rows of steps ≥ 1 are dropped, so the re-logged step 1 is not a duplicate (0, 1, 1 → 0, 1)."""
+    from jointdistill.engine import prune_live
+
+    live = tmp_path / "dvclive" / "plots" / "metrics" / "val"
+    live.mkdir(parents=True)
+    (live / "miou.tsv").write_text("timestamp\tstep\tmiou\n1\t0\t0.1\n2\t1\t0.2\n3\t2\t0.3\n")
+    (live / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t1.0\n")
+    prune_live(tmp_path / "dvclive", 1)
+    assert (live / "miou.tsv").read_text() == "timestamp\tstep\tmiou\n1\t0\t0.1\n"
+    assert (live / "loss.tsv").read_text() == "timestamp\tstep\tloss\n1\t0\t1.0\n"

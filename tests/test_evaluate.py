@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jointdistill import records
 from jointdistill.config import load_params
 from jointdistill.errors import ModelError
 from jointdistill.evaluation import DepthBins, delta_m, depth_edges
@@ -67,8 +68,13 @@ def evaluated(prepared, tiny_teachers, tmp_path_factory):
 
 def test_metrics_file_and_delta_m(evaluated):
     root, metrics = evaluated
-    on_disk = json.loads((root / "eval" / "metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(metrics))
+    on_disk = json.loads((root / "eval" / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(records.split(metrics)[0]))
+    curated = json.loads((root / "eval" / "metrics.json").read_text())  # numbers only, for DVC and Kubeflow
+    assert set(curated) == {"miou", "pixacc", "abs_err", "rel_err", "delta1", "delta_m", "delta_m_vs_mtl",
+                            "flops_ratio", "latency_ratio"}
+    assert curated["delta_m"] == pytest.approx(metrics["student"]["test"]["delta_m"], abs=1e-6)
+    assert " ms" not in (root / "eval" / "report.md").read_text()  # timings stay out of the stage's output
     s, seg, dep = metrics["student"]["test"], metrics["teacher_seg"]["test"], metrics["teacher_depth"]["test"]
     for key in ("miou", "pixacc", "abs_err", "rel_err", "delta1", "delta_m", "delta_m_vs_mtl"):
         assert key in s, key
@@ -80,7 +86,7 @@ def test_metrics_file_and_delta_m(evaluated):
     m = metrics["mtl"]["test"]
     assert s["delta_m_vs_mtl"] == pytest.approx(delta_m(s, m))
     # The student's test metrics equal those the distill stage measured on the same split.
-    d = json.loads((root / "student" / "metrics.json").read_text())["test"]
+    d = json.loads((root / "student" / "report.json").read_text())["test"]
     assert s["miou"] == pytest.approx(d["miou"]) and s["abs_err"] == pytest.approx(d["abs_err"])
     # The capacity gate against the MTL baseline, by hand.
     gate = metrics["gate"]
@@ -116,10 +122,12 @@ def test_pictures_are_real_pngs(evaluated):
 def test_plot_data_files(evaluated):
     root, metrics = evaluated
     plots = root / "eval" / "plots"
-    with open(plots / "per_class_iou.csv") as f:
+    # One file per model, so that DVC draws the models side by side (one colour each), not stacked.
+    assert {f.stem for f in (plots / "per_class_iou").iterdir()} == {"student", "teacher_seg", "mtl"}
+    with open(plots / "per_class_iou" / "student.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["model"] for r in rows} == {"student", "teacher_seg", "mtl"} and len(rows) == 3 * 7
-    flat = next(r for r in rows if r["model"] == "student" and r["class"] == "flat")
+    assert [r["class"] for r in rows] == ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
+    flat = rows[0]
     assert float(flat["iou"]) == pytest.approx(metrics["student"]["test"]["per_class_iou"]["flat"])
     with open(plots / "weights.csv") as f:
         w = list(csv.DictReader(f))
@@ -128,10 +136,12 @@ def test_plot_data_files(evaluated):
     with open(plots / "trajectory_loss.csv") as f:
         t = list(csv.DictReader(f))
     assert [r["timeframe"] for r in t] == ["1", "2"] and float(t[1]["train_traj_loss"]) > 0
-    with open(plots / "depth_error.csv") as f:
-        d = list(csv.DictReader(f))
-    assert {r["model"] for r in d} == {"student", "teacher_depth", "mtl"}
-    assert all(float(r["abs_err"]) >= 0 and int(r["pixels"]) > 0 for r in d)
+    assert {f.stem for f in (plots / "depth_error").iterdir()} == {"student", "teacher_depth", "mtl"}
+    for model in ("student", "teacher_depth", "mtl"):  # one line per model: distances rise within each file
+        with open(plots / "depth_error" / f"{model}.csv") as f:
+            d = list(csv.DictReader(f))
+        assert all(float(r["abs_err"]) >= 0 and int(r["pixels"]) > 0 for r in d)
+        assert [float(r["distance_m"]) for r in d] == sorted(float(r["distance_m"]) for r in d)
 
 
 def test_report_renders(evaluated):
@@ -159,7 +169,7 @@ def test_single_task_model_as_student_is_refused(prepared, tiny_teachers, tmp_pa
 def test_dvc_metrics_show_reads_it(evaluated, tmp_path):
     root, metrics = evaluated
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "metrics.json").write_text((root / "eval" / "metrics.json").read_text())
+    (tmp_path / "eval" / "metrics.json").write_text((root / "eval" / "metrics.json").read_text())  # numbers only
     (tmp_path / "dvc.yaml").write_text("metrics:\n  - eval/metrics.json\n")
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
@@ -167,7 +177,7 @@ def test_dvc_metrics_show_reads_it(evaluated, tmp_path):
                        text=True, check=True)
     (workspace,) = json.loads(r.stdout).values()  # one revision: the workspace (no commit yet)
     shown = workspace["data"]["eval/metrics.json"]["data"]
-    assert shown["student"]["test"]["delta_m"] == pytest.approx(metrics["student"]["test"]["delta_m"])
+    assert shown["delta_m"] == pytest.approx(metrics["student"]["test"]["delta_m"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- ablation
@@ -180,8 +190,8 @@ def test_ablation_table_is_mean_and_std_of_the_runs(prepared, tmp_path):
         runs = list(csv.DictReader(f))
     assert len(runs) == 8
     for seed in (0, 1):  # full+cache trained from one cache per seed, full ran its teachers every step
-        cached = json.loads((tmp_path / "abl" / "runs" / f"seed-{seed}" / "full+cache" / "metrics.json").read_text())
-        live = json.loads((tmp_path / "abl" / "runs" / f"seed-{seed}" / "full" / "metrics.json").read_text())
+        cached = json.loads((tmp_path / "abl" / "runs" / f"seed-{seed}" / "full+cache" / "run.json").read_text())
+        live = json.loads((tmp_path / "abl" / "runs" / f"seed-{seed}" / "full" / "report.json").read_text())
         assert cached["teacher_cache"]["path"] == str(tmp_path / "abl" / "runs" / f"seed-{seed}" / "teacher_cache")
         assert live["teacher_cache"] is None and cached["teacher_cache"]["reused"] is False
         assert cached["teacher_forward_images"] == cached["teacher_cache"]["teacher_forward_images"]  # the build

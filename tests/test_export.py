@@ -49,7 +49,8 @@ def test_outputs_pass_the_checker_and_parity(exported, prepared):
     root, report = exported
     out = root / "export"
     assert {p.name for p in out.iterdir()} == {"student.onnx", "student.fp16.onnx", "student.int8.onnx",
-                                              "parity.json", "metrics.json", "MODEL_CARD.md", "lineage.json"}
+                                              "parity.json", "report.json", "metrics.json", "run.json",
+                                              "MODEL_CARD.md", "lineage.json"}
     for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
         onnx.checker.check_model(str(out / name), full_check=True)
         model = onnx.load(str(out / name))
@@ -66,12 +67,16 @@ def test_outputs_pass_the_checker_and_parity(exported, prepared):
     assert parity["fp32"]["val"]["segmentation_logits"]["argmax_agreement"] >= 0.999
     shapes = [row["shape"] for row in parity["fp32"]["shapes"]]
     assert [1, 3, 48, 96] in shapes and [3, 3, 48, 96] in shapes and len(shapes) == 4
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "report.json").read_text())
     onnx_m, torch_m = metrics["test"], metrics["test_by_model"]["pytorch"]
     assert onnx_m["miou"] == pytest.approx(torch_m["miou"], abs=1e-3)
     assert onnx_m["abs_err"] == pytest.approx(torch_m["abs_err"], rel=1e-4)
     assert set(metrics["test_by_model"]) == {"pytorch", "onnx", "fp16", "int8-static"}
-    assert set(metrics["latency_ms"]["onnx"]) == {"batch1_ms", "batch8_ms"}
+    run = json.loads((out / "run.json").read_text())  # latency depends on the machine: beside the content
+    assert set(run["latency_ms"]["onnx"]) == {"batch1_ms", "batch8_ms"} and "latency_ms" not in metrics
+    curated = json.loads((out / "metrics.json").read_text())
+    assert curated["latency_ms"] == pytest.approx(run["latency_ms"]["onnx"]["batch1_ms"], rel=1e-5)
+    assert set(curated) == {"latency_ms", "size_mb"}
     assert metrics["file_bytes"]["int8-static"] < metrics["file_bytes"]["fp32"] / 2
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("segmentation_logits", "vehicle", "multiples of 8", f"{onnx_m['miou']:.4f}", "Latency",
@@ -89,7 +94,7 @@ def test_metadata_round_trip(exported, prepared):
     assert decoded["mean"] == meta["normalization"]["mean"] and decoded["std"] == meta["normalization"]["std"]
     assert decoded["input_size"] == [48, 96] and decoded["size_multiple"] == 8 and decoded["depth_unit"] == "m"
     assert decoded["params_digest"] == record["params_digest"] and decoded["variant"] == "fp32"
-    assert "source_commit" in decoded and decoded["format"] == "jointdistill.onnx/1"
+    assert decoded["code_digest"].startswith("sha256:") and decoded["format"] == "jointdistill.onnx/1"
     assert read_metadata(props)["classes"] == meta["classes"]
     int8 = {p.key: json.loads(p.value) for p in onnx.load(str(root / "export" / "student.int8.onnx")).metadata_props}
     assert int8["variant"] == "int8-static" and int8["classes"] == meta["classes"]
@@ -146,8 +151,8 @@ def test_failed_parity_gate_writes_no_model_and_keeps_the_previous_export(export
     # A later successful export removes the stale failure report.
     export.run(params("export.fp16=false", "export.int8=none"), prepared, root / "student", out)
     assert not (tmp_path / "export.parity-failed.json").exists()
-    assert {p.name for p in out.iterdir()} == {"student.onnx", "parity.json", "metrics.json", "MODEL_CARD.md",
-                                               "lineage.json"}
+    assert {p.name for p in out.iterdir()} == {"student.onnx", "parity.json", "report.json", "metrics.json",
+                                               "run.json", "MODEL_CARD.md", "lineage.json"}
 
 
 def test_fixed_size_export_says_so_and_refuses_other_sizes(exported, prepared, tmp_path):

@@ -116,24 +116,28 @@ def test_kfp_local_run(tmp_path):
     outputs = kfp_pipeline.run_local(p, tmp_path / "root")
     meta = verify_prepared(outputs["prepared"], check_digests=True)
     assert meta["resolution"] == [48, 96] and sum(meta["counts"].values()) == 40
-    assert meta["params_digest"] == p.digest()
+    assert meta["params_digest"] == p.digest("prepare")
     for task in ("seg", "depth"):
         _, record = load_model(f"{outputs[f'teacher_{task}']}/model.pt")
         assert record["task"] == task
     model, record = load_model(f"{outputs['student']}/student.pt")
     assert record["mode"] == "full" and set(model.config.tasks) == {"seg", "depth"}
-    report = json.loads(Path(outputs["student"], "metrics.json").read_text())
-    assert report["teacher_forward_images"] > 0 and report["trajectory"]["rows"] == 2 * 3 * 4 * 2
+    report = json.loads(Path(outputs["student"], "report.json").read_text())
+    run_facts = json.loads(Path(outputs["student"], "run.json").read_text())
+    assert run_facts["teacher_forward_images"] > 0 and report["trajectory"]["rows"] == 2 * 3 * 4 * 2
     assert Path(outputs["student"], "weights.csv").read_text().count("\n") == 1 + 2 * 3
-    evaluation = json.loads(Path(outputs["evaluation"], "metrics.json").read_text())
+    evaluation = json.loads(Path(outputs["evaluation"], "report.json").read_text())
     assert "delta_m" in evaluation["student"]["test"] and Path(outputs["evaluation"], "report.html").exists()
     # Lineage in every output: the embedded synthetic data, these params, and each parent's content digest.
     from jointdistill import lineage
 
-    for name in ("prepared", "teacher_seg", "teacher_depth", "student", "evaluation", "onnx_model"):
+    stages = {"prepared": ("prepare",), "teacher_seg": ("teacher", "seg"), "teacher_depth": ("teacher", "depth"),
+              "student": ("distill",), "evaluation": ("evaluate",), "onnx_model": ("export",)}
+    for name, stage in stages.items():
         lin = lineage.read(outputs[name])
-        assert lin["data"] == {"kind": "synthetic"} and lin["params_digest"] == p.digest(), name
-        assert lin["code"]["version"] and "commit" in lin["code"]
+        assert lin["data"] == {"kind": "synthetic"} and lin["params_digest"] == p.digest(*stage), name
+        # Code named by content, not by git: the same source gives the same record in any checkout.
+        assert lin["code"]["version"] and lin["code"]["source"].startswith("sha256:") and "commit" not in lin["code"]
     assert lineage.read(outputs["teacher_seg"])["parents"] == {"prepared": lineage.folder_digest(outputs["prepared"])}
     assert lineage.read(outputs["student"])["parents"] == {
         n: lineage.folder_digest(outputs[n]) for n in ("prepared", "teacher_seg", "teacher_depth")}

@@ -259,9 +259,10 @@ def test_local_data_lineage_and_folder_digests(project, tmp_path):
 
     root, commits = project
     head = run(root, "git", "rev-parse", "HEAD")
-    rec = lineage.local_data(root / "data" / "raw")  # a DVC-tracked folder of a checkout: its md5 and commit
+    rec = lineage.local_data(root / "data" / "raw")  # a DVC-tracked folder of a checkout: its md5 (no commit)
     recorded = __import__("yaml").safe_load((root / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
-    assert rec == {"kind": "dvc", "repo": None, "rev": None, "commit": head, "path": "data/raw", "md5": recorded}
+    assert rec == {"kind": "dvc", "repo": None, "rev": None, "commit": None, "path": "data/raw", "md5": recorded}
+    assert head  # the checkout has a commit; the record leaves it out
     (tmp_path / "plain").mkdir()
     assert lineage.local_data(tmp_path / "plain") == {"kind": "untracked", "path": "plain"}
     assert lineage.local_data(None) == {"kind": "synthetic"}
@@ -321,7 +322,7 @@ def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_proj
     from jointdistill.config import params_from_dict
 
     ran = params_from_dict(__import__("yaml").safe_load((pointers.parent / "params.yaml").read_text()))
-    assert ran.digest() == p.digest() == record["outputs"]["student"]["lineage"]["params_digest"]
+    assert ran.digest("distill") == p.digest("distill") == record["outputs"]["student"]["lineage"]["params_digest"]
     # A laptop: a fresh clone of the project, the results branch, dvc pull.
     fresh = tmp_path / "laptop"
     run(tmp_path, "git", "clone", "-q", "--branch", "results/b1", url, str(fresh))

@@ -43,7 +43,7 @@ def test_contract(prepared, tiny_params):
     assert (manifest.loc[manifest["split"] == "test", "source_split"] == "test").all()
     assert (manifest.loc[manifest["split"] != "test", "source_split"] == "train").all()
     assert meta["masked_depth_pixels"]["total"] == 0
-    assert meta["params_digest"] == tiny_params.digest()
+    assert meta["params_digest"] == tiny_params.digest("prepare")
     gallery = Image.open(prepared / "gallery.png")
     assert gallery.width == 3 * 96 and gallery.height >= 2 * 48
 

@@ -124,6 +124,27 @@ def test_tampered_sample_fails_checksum(copy):
     arr = np.load(copy / "train" / "labels.npy")
     arr[0, 0, 0] = (arr[0, 0, 0] + 1) % 7
     np.save(copy / "train" / "labels.npy", arr)
-    verify_prepared(copy)  # shapes still fine
+    verify_prepared(copy, check_files=False)  # shapes still fine
     with pytest.raises(DataError, match="does not match its manifest checksum"):
-        verify_prepared(copy, check_digests=True)
+        verify_prepared(copy, check_digests=True, check_files=False)
+    # Same size, other bytes: the per-file checksums prepare recorded catch it, naming the file.
+    with pytest.raises(DataError, match=r"train/labels\.npy: its content differs from what prepare recorded"):
+        verify_prepared(copy)
+
+
+def test_same_size_corruption_stops_a_stage_before_training(copy, tmp_path):
+    """One flipped byte in place (same size, still a valid .npy): the teacher stage refuses the data before any
+    training, names the file, and writes nothing."""
+    from jointdistill.config import params_from_dict
+    from jointdistill.stages import teacher
+
+    path = copy / "val" / "depth.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"val/depth\.npy: its content differs"):
+        teacher.run(params_from_dict({}), "seg", copy, tmp_path / "teacher")
+    assert not (tmp_path / "teacher").exists()
+    (copy / "checksums.json").unlink()
+    with pytest.raises(DataError, match="checksums.json: missing"):
+        verify_prepared(copy)

@@ -21,7 +21,7 @@ def export_dir(tmp_path):
     (d / "student.onnx").write_bytes(bytes(range(256)) * 4096)  # 1 MiB: more than one upload chunk of crc
     (d / "parity.json").write_text(json.dumps({"passed": True}))
     (d / "MODEL_CARD.md").write_text("# card\n")
-    (d / "metrics.json").write_text(json.dumps({"params_digest": "0123456789abcdef"}))
+    (d / "report.json").write_text(json.dumps({"params_digest": "0123456789abcdef"}))
     return d
 
 
@@ -55,11 +55,11 @@ def test_publish_then_fetch_round_trip(export_dir, bucket, tmp_path):
     assert f"published 4 files → gs://{bucket.name}/student/{version}/" in r.output
     names = sorted(b.name for b in bucket.list_blobs(prefix=f"student/{version}/"))
     assert names == sorted(f"student/{version}/{n}" for n in
-                           ("student.onnx", "parity.json", "MODEL_CARD.md", "metrics.json", MANIFEST))
+                           ("student.onnx", "parity.json", "MODEL_CARD.md", "report.json", MANIFEST))
     out = tmp_path / "fetched"
     r = CliRunner().invoke(app, ["fetch-model", f"gs://{bucket.name}/student/{version}", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    for name in ("student.onnx", "parity.json", "MODEL_CARD.md", "metrics.json"):
+    for name in ("student.onnx", "parity.json", "MODEL_CARD.md", "report.json"):
         assert (out / name).read_bytes() == (export_dir / name).read_bytes()
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["version"] == version and len(manifest["files"]) == 4

@@ -1,6 +1,7 @@
 """The train-teacher stage and the engine under it: outputs, quality vs trivial baselines, resume after
 SIGKILL, DDP with two gloo processes, and bad checkpoints."""
 
+import csv
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from jointdistill import records
 from jointdistill.config import load_params
 from jointdistill.errors import DataError, ModelError
 from jointdistill.models import load_model
@@ -37,8 +39,12 @@ def test_outputs(trained):
     root, reports = trained
     for task, key in (("seg", "miou"), ("depth", "abs_err")):
         out = root / task
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics == json.loads(json.dumps(reports[task]))
+        metrics = json.loads((out / "report.json").read_text())
+        assert metrics == json.loads(json.dumps(records.split(reports[task])[0]))
+        curated = json.loads((out / "metrics.json").read_text())
+        assert set(curated) == {*(("miou", "pixacc") if task == "seg" else ("abs_err", "rel_err", "delta1")),
+                                "seconds"}
+        assert json.loads((out / "run.json").read_text())["machine"]["cores"] >= 1
         assert metrics["monitor"] == key and 1 <= metrics["best_epoch"] <= 3
         assert {"val", "test", "baseline"} <= set(metrics)
         model, record = load_model(out / "model.pt")
@@ -82,8 +88,9 @@ def test_resume_after_sigkill_reaches_the_same_weights(prepared, tmp_path):
 
     resumed = cli(*common, "--out", str(tmp_path / "run"), "--checkpoints", str(tmp_path / "ckpt"), "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert report["resumed_from_step"] is not None and report["resumed_from_step"] > 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    resumed_from = json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_step"]
+    assert resumed_from is not None and resumed_from > 0
 
     final_ref = torch.load(tmp_path / "ref-ckpt" / "last.pt", weights_only=True)["model"]
     final_run = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
@@ -92,7 +99,10 @@ def test_resume_after_sigkill_reaches_the_same_weights(prepared, tmp_path):
     best_ref = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["state_dict"]
     best_run = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(best_ref[k], best_run[k]) for k in best_ref)
-    assert report["val"] == json.loads((tmp_path / "ref" / "metrics.json").read_text())["val"]
+    assert report["val"] == json.loads((tmp_path / "ref" / "report.json").read_text())["val"]
+    # The training curves after the resume: one row per validation, steps 0..3, none repeated.
+    with open(tmp_path / "run" / "dvclive" / "plots" / "metrics" / "val" / "miou.tsv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")] == [0, 1, 2, 3]
     # The per-epoch history (train loss means, val metrics) matches too; only throughput may differ.
     hist_ref = torch.load(tmp_path / "ref-ckpt" / "last.pt", weights_only=True)["run"]["history"]
     hist_run = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["run"]["history"]
@@ -110,7 +120,7 @@ def test_ddp_two_gloo_processes(prepared, tmp_path):
         env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
     assert report["test"]["abs_err"] < report["baseline"]["test"]["abs_err"] * 1.5
     load_model(out / "model.pt")

@@ -146,8 +146,9 @@ def test_teacher_step_runs_as_a_two_process_job_through_gcs(gcs_emulator, prepar
                                    f"{ROOT}/train-teacher/teacher", str(artifact), task="seg", client=api.client())
     log = (tmp_path / "node-0.log").read_text()
     assert report["task"] == "seg" and report["monitor"] == "miou", log
-    assert {p.name for p in artifact.iterdir()} == {"dvclive", "lineage.json", "metrics.json", "model.pt"}
-    assert json.loads((artifact / "metrics.json").read_text()) == report
+    assert {p.name for p in artifact.iterdir()} == {"dvclive", "lineage.json", "report.json", "metrics.json",
+                                                    "run.json", "model.pt"}
+    assert json.loads((artifact / "report.json").read_text()) == report
     assert report["world_size"] == 2  # torchrun really started the two processes the job asks for
     # The params the job read are the step's (uploaded beside the output), not the image's params.yaml.
     assert json.loads(storage_read(f"{ROOT}/train-teacher/teacher.trainjob.params.json"))["teacher"]["epochs"] == 1
@@ -204,7 +205,7 @@ def test_cli_training_commands_take_gs_urls(gcs_emulator, prepared, tmp_path):
                         env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     got = storage.download_tree("gs://cli-staging/teacher-depth", tmp_path / "teacher")
-    assert (got / "model.pt").is_file() and json.loads((got / "metrics.json").read_text())["task"] == "depth"
+    assert (got / "model.pt").is_file() and json.loads((got / "report.json").read_text())["task"] == "depth"
     assert not any((tmp_path / "stage" / "jointdistill-stage").iterdir())  # local copies removed
     bad = subprocess.run([*base, "--data", "gs://cli-staging/nothing-here", "--out", str(tmp_path / "out")],
                          env=env, capture_output=True, text=True, timeout=120)

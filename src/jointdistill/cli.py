@@ -55,6 +55,11 @@ CheckpointsOpt = Annotated[
     Path | None,
     typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
 ]
+MetricsOpt = Annotated[
+    Path | None,
+    typer.Option("--metrics", help="folder for metrics.json (the numbers DVC and Kubeflow show), run.json (times, "
+                 "machine) and training curves; keeps OUT free of run-dependent files [default: OUT]"),
+]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
 ]
@@ -116,12 +121,15 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path(
         "data/prepared"
     ),
+    metrics: MetricsOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Build the prepared dataset from the source named by prepare.dataset.
 
-    Writes OUT/meta.json, OUT/manifest.parquet, OUT/gallery.png and OUT/{train,val,test}/{images,labels,depth}.npy.
+    Writes OUT/meta.json, OUT/manifest.parquet, OUT/gallery.png, OUT/checksums.json (every file's sha256, checked
+    by every later stage) and OUT/{train,val,test}/{images,labels,depth}.npy; METRICS/metrics.json and
+    METRICS/run.json.
     The val split is a deterministic prepare.val_fraction of the source's training samples (seeded hash of the
     sample id); the source's own test split becomes test. Params read: seed, prepare.*.
     """
@@ -129,7 +137,7 @@ def prepare(
     from .stages import prepare as stage
 
     cfg = load_params(params, set_)
-    meta = stage.run(cfg, out)
+    meta = stage.run(cfg, out, metrics_dir=metrics)
     counts = meta["counts"]
     typer.echo(
         f"prepared {meta['dataset']} → {out}  (train {counts['train']}, val {counts['val']}, test {counts['test']}; "
@@ -151,13 +159,15 @@ def train_teacher(
                    ] = None,
     checkpoints: CheckpointsOpt = None,
     resume: ResumeOpt = False,
+    metrics: MetricsOpt = None,
     params: StagedParamsOpt = "params.yaml",
     set_: SetOpt = None,
 ) -> None:
     """Train one single-task teacher; keep the best epoch on val; report val and test metrics.
 
-    Writes OUT/model.pt (weights + model config), OUT/metrics.json (val, test, trivial baselines) and
-    OUT/dvclive/. Under torchrun (--nproc_per_node N) it trains with DDP (gloo on CPU, nccl on GPU).
+    Writes OUT/model.pt (weights + model config), OUT/report.json (val, test, trivial baselines) and
+    OUT/lineage.json; METRICS/metrics.json, METRICS/run.json and METRICS/dvclive/.
+    Under torchrun (--nproc_per_node N) it trains with DDP (gloo on CPU, nccl on GPU).
     Params read: seed, augment.*, teacher.* (teacher.seg.* / teacher.depth.* override for one task).
     """
     from .config import load_params
@@ -167,7 +177,7 @@ def train_teacher(
     out = out or f"data/teachers/{task.value}"
     with staging() as paths:
         cfg = load_params(paths.input(params), set_)
-        report = stage.run(cfg, task.value, paths.input(data), paths.output(out), checkpoints, resume)
+        report = stage.run(cfg, task.value, paths.input(data), paths.output(out), checkpoints, resume, metrics)
     key = report["monitor"]
     typer.echo(
         f"teacher {task.value} → {out}  (val {key} {report['val'][key]:.4f}, test {key} {report['test'][key]:.4f}; "
@@ -188,6 +198,7 @@ def distill(
         typer.Option(help="with distill.teacher_cache: the cache folder, reused when it matches the teachers and "
                      "data [default: CHECKPOINTS/teacher_cache]"),
     ] = None,
+    metrics: MetricsOpt = None,
     params: StagedParamsOpt = "params.yaml",
     set_: SetOpt = None,
 ) -> None:
@@ -195,9 +206,10 @@ def distill(
 
     Modes: mtl (task losses only, no teachers), static_kd (+ distillation, ω = 1), adaptive (+ feedback-driven
     teacher weights ω), full (+ knowledge trajectory; the default). Validates every epoch (a timeframe), where
-    ω is updated and the trajectories are recorded. Writes OUT/student.pt, OUT/metrics.json, OUT/weights.csv
+    ω is updated and the trajectories are recorded. Writes OUT/student.pt, OUT/report.json, OUT/weights.csv
     (timeframe, step, task, feedback, omega), OUT/trajectory.parquet (timeframe, step, image, rank, y, x, value,
-    source) and OUT/dvclive/. Under torchrun (--nproc_per_node N) it trains with DDP. With
+    source) and OUT/lineage.json; METRICS/metrics.json, METRICS/run.json and METRICS/dvclive/.
+    Under torchrun (--nproc_per_node N) it trains with DDP. With
     distill.teacher_cache the teachers run once over train/val and training reads their cached features.
     Params read: seed, augment.*, student.*, distill.*.
     """
@@ -209,7 +221,7 @@ def distill(
         cfg = load_params(paths.input(params), set_)
         teacher_dirs = None if cfg.distill.mode == "mtl" else tuple(paths.input(t) for t in teachers)
         report = stage.run(cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume,
-                           teacher_cache)
+                           teacher_cache, metrics)
     test = report["test"]
     omega = ", ".join(f"{k} {v:.3f}" for k, v in report["weights"]["final"].items())
     typer.echo(
@@ -228,20 +240,22 @@ def evaluate(
         Path | None, typer.Option(help="optional MTL baseline (a distill output with distill.mode=mtl)")
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path("data/eval"),
+    metrics: MetricsOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Compare the student with the teachers (and an MTL baseline) on test: exact metrics, Δm, pictures, report.
 
-    Writes OUT/metrics.json ({model: {split: metrics}}, Δm in the student's), OUT/report.md, OUT/report.html
-    (self-contained) and OUT/plots/ (CSV for `dvc plots show`, PNG figures). Params read: evaluate.*.
+    Writes OUT/report.json ({model: {split: metrics}}, Δm in the student's), OUT/report.md, OUT/report.html
+    (self-contained), OUT/plots/ (CSV for `dvc plots show`, PNG figures), METRICS/metrics.json and
+    METRICS/run.json. Params read: evaluate.*.
     """
     from .config import load_params
     from .stages import evaluate as stage
 
     cfg = load_params(params, set_)
-    metrics = stage.run(cfg, data, teachers, student, out, mtl)
-    m = metrics["student"][cfg.evaluate.split]
+    result = stage.run(cfg, data, teachers, student, out, mtl, metrics)
+    m = result["student"][cfg.evaluate.split]
     typer.echo(f"evaluation → {out}  (student Δm {m['delta_m']:+.2f} % vs teachers; mIoU {m['miou']:.4f}, "
                f"AbsErr {m['abs_err']:.3f} m; report: {out / 'report.html'})")
 
@@ -254,14 +268,16 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path(
         "data/export"
     ),
+    metrics: MetricsOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Export the student to ONNX and prove onnxruntime computes what PyTorch does.
 
     Writes OUT/student.onnx (input `image` N×3×H×W normalised, outputs `segmentation_logits` and `depth` in
-    metres; batch, height and width dynamic; metadata_props as JSON), OUT/parity.json, OUT/metrics.json
-    (test metrics and latency per file) and OUT/MODEL_CARD.md; with export.fp16 / export.int8 also
+    metres; batch, height and width dynamic; metadata_props as JSON), OUT/parity.json, OUT/report.json
+    (test metrics per file), OUT/MODEL_CARD.md and METRICS/metrics.json, METRICS/run.json (latency);
+    with export.fp16 / export.int8 also
     student.fp16.onnx / student.int8.onnx. If onnxruntime's outputs break the tolerance the stage fails and
     leaves OUT as it was. Params read: seed, export.*.
     """
@@ -269,7 +285,7 @@ def export(
     from .stages import export as stage
 
     cfg = load_params(params, set_)
-    report = stage.run(cfg, data, student, out)
+    report = stage.run(cfg, data, student, out, metrics)
     val = report["parity"]["fp32"]["val"]
     extra = "".join(f", {name} mIoU {t['miou']:.4f}" for name, t in report["test_by_model"].items()
                     if name not in ("pytorch", "onnx"))
@@ -525,6 +541,7 @@ def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 @_friendly
 def summary(
     data: Annotated[Path, typer.Option(help="DVC data folder")] = Path("data"),
+    metrics: Annotated[Path, typer.Option(help="DVC metrics folder (run.json of each stage)")] = Path("metrics"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Say where the pipeline's outputs are and what they hold (printed at the end of `make run`)."""
@@ -540,9 +557,9 @@ def summary(
         typer.echo(f"gallery       : {(prepared / 'gallery.png').resolve()}")
     for task in ("seg", "depth"):
         folder = data / "teachers" / task
-        if not (folder / "metrics.json").exists():
+        if not (folder / "report.json").exists():
             continue
-        m = json.loads((folder / "metrics.json").read_text())
+        m = json.loads((folder / "report.json").read_text())
         test, base = m["test"], m["baseline"]["test"]
         if task == "seg":
             figures = (f"test mIoU {test['miou']:.3f} (baseline {base['miou']:.3f}), "
@@ -552,25 +569,28 @@ def summary(
                        f"RelErr {test['rel_err']:.3f} (baseline {base['rel_err']:.3f})")
         typer.echo(f"teacher {task:<6}: {folder.resolve()}  ({figures})")
     folder = data / "student"
-    if (folder / "metrics.json").exists():
-        m = json.loads((folder / "metrics.json").read_text())
+    if (folder / "report.json").exists():
+        m = json.loads((folder / "report.json").read_text())
         test = m["test"]
         omega = "/".join(f"{v:.2f}" for v in m["weights"]["final"].values())
         typer.echo(f"student       : {folder.resolve()}  ({m['mode']}: test mIoU {test['miou']:.3f}, "
                    f"pixAcc {test['pixacc']:.3f}, AbsErr {test['abs_err']:.2f} m, RelErr {test['rel_err']:.3f}; "
                    f"final ω seg/depth {omega})")
     folder = data / "eval"
-    if (folder / "metrics.json").exists():
-        m = json.loads((folder / "metrics.json").read_text())
+    if (folder / "report.json").exists():
+        m = json.loads((folder / "report.json").read_text())
         split = next(iter(m["student"]))
         typer.echo(f"evaluation    : {(folder / 'report.html').resolve()}  (student Δm "
                    f"{m['student'][split]['delta_m']:+.2f} % vs the teachers on {split})")
     folder = data / "export"
-    if (folder / "metrics.json").exists():
-        m = json.loads((folder / "metrics.json").read_text())
-        lat = m["latency_ms"]["onnx"]
+    if (folder / "report.json").exists():
+        m = json.loads((folder / "report.json").read_text())
+        run = next((json.loads(f.read_text()) for f in (folder / "run.json", metrics / "export" / "run.json")
+                    if f.is_file()), {})
+        lat = (run.get("latency_ms") or {}).get("onnx", {}).get("batch1_ms")
+        latency = f", {lat:.1f} ms/image at batch 1 on this CPU" if lat is not None else ""
         typer.echo(f"ONNX student  : {(folder / 'student.onnx').resolve()}  (test mIoU {m['test']['miou']:.3f} in "
-                   f"onnxruntime, {lat['batch1_ms']:.1f} ms/image at batch 1 on this CPU; "
+                   f"onnxruntime{latency}; "
                    f"variants: {', '.join(sorted(set(m['file_bytes']) - {'fp32'})) or 'none'}; "
                    f"card: {folder / 'MODEL_CARD.md'})")
 

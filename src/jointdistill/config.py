@@ -361,10 +361,36 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     pipeline: PipelineParams = PipelineParams()
 
-    def digest(self) -> str:
-        """A stable hash of every value that can change a result (defaults included; not ``pipeline``)."""
-        text = json.dumps(self.model_dump(mode="json", exclude={"pipeline"}), sort_keys=True, separators=(",", ":"))
+    def stage_params(self, stage: str | None = None, task: str | None = None) -> dict:
+        """The values ``stage`` reads (all but ``pipeline`` when None); the teacher's ``teacher`` section is its
+        ``task``'s resolved spec, so the other teacher's overrides do not count."""
+        data = self.model_dump(mode="json", exclude={"pipeline"})
+        if stage is None:
+            return data
+        if stage not in STAGE_PARAMS:
+            raise ValueError(f"unknown stage {stage!r}")
+        keep = {k: data[k] for k in STAGE_PARAMS[stage]}
+        if stage == "teacher" and task is not None:
+            keep["teacher"] = self.teacher.for_task(task).model_dump(mode="json")
+        return keep
+
+    def digest(self, stage: str | None = None, task: str | None = None) -> str:
+        """A stable hash of every value that can change a result (defaults included; not ``pipeline``), or of
+        those that ``stage`` reads: a stage's outputs record only its own, so that a change elsewhere in
+        params.yaml leaves them byte for byte the same (and DVC's hash with them)."""
+        text = json.dumps(self.stage_params(stage, task), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# The params sections each stage reads: its DVC params deps (tests/test_dvc.py compares them with dvc.yaml) and
+# what its outputs' params digest covers. evaluate reads the sections that made the models it reports on.
+STAGE_PARAMS = {
+    "prepare": ("seed", "prepare"),
+    "teacher": ("seed", "augment", "teacher"),
+    "distill": ("seed", "augment", "student", "distill"),
+    "evaluate": ("seed", "prepare", "augment", "teacher", "student", "distill", "evaluate"),
+    "export": ("seed", "export"),
+}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -151,7 +151,9 @@ def push(outputs: dict[str, str | Path], remote: str, out: str | Path, prefix: s
     with tempfile.TemporaryDirectory(prefix="jointdistill-results-") as tmp:
         with _quiet_dvc():  # DVC greets a new project and reports each step on its logger
             entries = _push(folders, remote, prefix, Path(tmp))
-        record = {"format": FORMAT, "remote": remote, "prefix": prefix, "outputs": {
+        # The outputs' lineage names their code by content; the commit of the code that pushed them goes here.
+        record = {"format": FORMAT, "remote": remote, "prefix": prefix, "source_commit": lineage.source_commit(),
+                  "outputs": {
             name: {"md5": e["md5"], "size": e.get("size"), "nfiles": e.get("nfiles"),
                    "lineage": lineage.read(folders[name])} for name, e in entries.items()}}
         out = Path(out)

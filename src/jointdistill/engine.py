@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .config import TrainParams
 from .errors import ModelError
+from .io import atomic_write_text
 from .serialization import load_safe, save_atomic
 
 log = logging.getLogger(__name__)
@@ -382,6 +383,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def prune_live(folder: Path, steps: int) -> None:
+    """Drop the dvclive rows of steps ≥ ``steps`` (logged after the checkpoint a run resumes from, by the run that
+    was killed): the resumed run logs those validations again, and would otherwise repeat their steps."""
+    for tsv in folder.glob("plots/metrics/**/*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines:
+            continue
+        col = lines[0].rstrip("\n").split("\t").index("step")
+        kept = [lines[0], *(ln for ln in lines[1:] if int(ln.split("\t")[col]) < steps)]
+        if len(kept) < len(lines):
+            atomic_write_text(tsv, "".join(kept))
+
+
 def fit(
     model: nn.Module,
     task,
@@ -464,6 +478,8 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
         from dvclive import Live
 
+        if resumed_from is not None:
+            prune_live(run_dir / "dvclive", len(state.history))
         live = Live(dir=str(run_dir / "dvclive"), resume=resumed_from is not None, dvcyaml=None,
                     save_dvc_exp=False, report=None)
 

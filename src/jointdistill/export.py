@@ -45,6 +45,7 @@ def export_onnx(student: nn.Module, example: torch.Tensor, path: str | Path, ops
     """Export with the dynamo exporter. The batch axis is always dynamic (the example must hold ≥ 2 images,
     or the exporter specialises it to 1); H and W are dynamic in steps of ``size_multiple``, or fixed to the
     example's size when it is None."""
+    import onnx
     from torch.export import Dim
 
     if example.shape[0] < 2:
@@ -67,11 +68,17 @@ def export_onnx(student: nn.Module, example: torch.Tensor, path: str | Path, ops
             )
     except Exception as exc:  # the exporter raises many types; the first line names the failing op
         raise ModelError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
-    program.save(str(path))
+    # The exporter notes its symbolic shape constraints on the graph, printed from a set whose order changes
+    # between processes: dropped, so that the same student always gives the same file (and DVC the same hash).
+    model = program.model_proto
+    kept = [p for p in model.graph.metadata_props if not p.key.startswith("pkg.torch.export.")]
+    del model.graph.metadata_props[:]
+    model.graph.metadata_props.extend(kept)
+    onnx.save(model, str(path))
 
 
 def metadata_props(record: dict, meta: dict, size_multiple: int | None, opset: int, variant: str,
-                   source_commit: str | None) -> dict[str, str]:
+                   code_digest: str | None) -> dict[str, str]:
     """The model's ``metadata_props``: everything inference and lineage need, every value JSON."""
     norm = record.get("normalization") or meta["normalization"]
     config = record.get("config", {})
@@ -93,7 +100,7 @@ def metadata_props(record: dict, meta: dict, size_multiple: int | None, opset: i
         "model": {"backbone": config.get("backbone"), "head": config.get("head")},
         "params_digest": record.get("params_digest"),
         "data_checksum": record.get("data_checksum"),
-        "source_commit": source_commit,
+        "code_digest": code_digest,  # the exporting code's content digest (its lineage), not a git commit
         "opset": opset,
         "jointdistill_version": __version__,
     }

@@ -4,6 +4,7 @@ or killed run never leaves a half-written output and never destroys the previous
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -145,3 +146,12 @@ class NpyStream:
             self.close()
         else:
             self._file.close()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

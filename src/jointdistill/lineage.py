@@ -5,13 +5,20 @@ KFP components copy it into their output artifacts' metadata (``lineage``)::
 
     {"format": "jointdistill.lineage/1", "stage": "distill",
      "data": {"kind": "dvc", "repo": …, "rev": "v1", "commit": "…", "path": "data/raw", "md5": "….dir"},
-     "params_digest": "…", "code": {"package": "jointdistill", "version": "0.1.0", "commit": "…"},
+     "params_digest": "…",
+     "code": {"package": "jointdistill", "version": "0.1.0", "module": "jointdistill.stages.distill",
+              "source": "sha256:…"},
      "parents": {"prepared": "sha256:…", "teacher_seg": "sha256:…", …}}
 
 ``data`` is set by ``prepare`` (a DVC-pinned fetch, a DVC-tracked local folder, an untracked folder, or the
 embedded synthetic generator) and inherited by every later stage from its parents. A parent's digest is the
 sha256 over its files' relative paths and sha256s (its own lineage.json excluded), so it names the content,
-wherever the folder lives. Nothing in the record depends on paths or time: the same inputs give the same file.
+wherever the folder lives. ``code`` names the stage's source by content (`codeid`: the syntax trees of its
+import closure, so a comment or a reformatting does not count), never by git commit: the file sits inside the
+stage's DVC output, and a commit (often ``-dirty`` mid-repro) would make the same data hash differently in every
+checkout. Nothing in the record depends on git, paths, the machine or time: the same inputs give the same file.
+The git commit, where one is known (`source_commit`), goes where a run is published instead: the Kubeflow
+artifacts' metadata, `publish` and `push-results`.
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from . import __version__
+from . import codeid
 from .io import write_json
 
 LINEAGE = "lineage.json"
-FORMAT = "jointdistill.lineage/1"
+FORMAT = "jointdistill.lineage/2"
 SYNTHETIC = {"kind": "synthetic"}
 
 
@@ -46,8 +53,9 @@ def source_commit() -> str | None:
     return f"{head}-dirty" if dirty else head or None
 
 
-def code() -> dict:
-    return {"package": "jointdistill", "version": __version__, "commit": source_commit()}
+def code(module: str = "jointdistill.stages") -> dict:
+    """What code made an output: package, version and the content digest of ``module``'s import closure."""
+    return codeid.code(module)
 
 
 def folder_digest(folder: str | Path) -> str:
@@ -72,7 +80,8 @@ def read(folder: str | Path) -> dict | None:
 
 
 def local_data(root: str | Path | None) -> dict:
-    """The data record for a local source folder: DVC-tracked (md5 and git commit of its project) or not."""
+    """The data record for a local source folder: DVC-tracked (its md5) or not. The project's git commit is left
+    out: the md5 names the data, and the commit changes with every unrelated commit."""
     if root is None:
         return dict(SYNTHETIC)
     root = Path(root).resolve()
@@ -84,21 +93,22 @@ def local_data(root: str | Path | None) -> dict:
             rel = root.relative_to(project).as_posix()
             dvc_info = DVCFileSystem(str(project)).info(rel).get("dvc_info") or {}
             if dvc_info.get("isout") and dvc_info.get("md5"):
-                commit = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
-                return {"kind": "dvc", "repo": None, "rev": None, "commit": commit, "path": rel,
+                return {"kind": "dvc", "repo": None, "rev": None, "commit": None, "path": rel,
                         "md5": dvc_info["md5"]}
         except Exception:  # noqa: BLE001 - lineage must never fail a stage: an unreadable project is "untracked"
             pass
     return {"kind": "untracked", "path": root.name}
 
 
-def record(stage: str, params, parents: dict[str, str | Path] | None = None, data: dict | None = None) -> dict:
-    """The lineage of a stage's output. ``data`` defaults to what the parents recorded (the first that has one)."""
+def record(stage: str, params_digest: str, parents: dict[str, str | Path] | None = None, data: dict | None = None,
+           module: str = "jointdistill.stages") -> dict:
+    """The lineage of a stage's output, made by ``module``'s code with the params of digest ``params_digest`` (the
+    stage's own sections: `Params.digest`). ``data`` defaults to what the parents recorded (the first that has
+    one)."""
     parents = parents or {}
     if data is None:
         data = next((lin["data"] for p in parents.values() if (lin := read(p)) and lin.get("data")), None)
-    return {"format": FORMAT, "stage": stage, "data": data, "params_digest": params.digest(), "code": code(),
+    return {"format": FORMAT, "stage": stage, "data": data, "params_digest": params_digest, "code": code(module),
             "parents": {name: folder_digest(path) for name, path in parents.items()}}
 
 

@@ -24,7 +24,7 @@ from .io import atomic_dir
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "jointdistill.published/1"
 REQUIRED = ("student.onnx", "parity.json", "MODEL_CARD.md")
-OPTIONAL = ("metrics.json", "lineage.json", "student.fp16.onnx", "student.int8.onnx")
+OPTIONAL = ("report.json", "metrics.json", "run.json", "lineage.json", "student.fp16.onnx", "student.int8.onnx")
 _URL = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(?:/(?P<prefix>.*?))?/?$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -75,7 +75,7 @@ def _describe(path: Path, name: str | None = None) -> dict:
 def default_version(export_dir: Path) -> str:
     """``<params digest>-<first 8 hex of student.onnx's sha256>``: the same export always gets the same name."""
     try:
-        digest = json.loads((export_dir / "metrics.json").read_text()).get("params_digest") or "model"
+        digest = json.loads((export_dir / "report.json").read_text()).get("params_digest") or "model"
     except (OSError, ValueError):
         digest = "model"
     return f"{digest}-{checksums(export_dir / 'student.onnx')['sha256'][:8]}"
@@ -150,8 +150,11 @@ def _upload_version(bucket, bucket_name: str, base: str, where: str, version: st
                     raise OutputError(f"{where}{name} exists with other content; not overwriting it") from None
             _verify_blob(blob, expected, f"{where}{name}")
             entries.append(expected)
+        from .lineage import source_commit
+
+        # The git commit of the publishing code (the export's lineage names its source by content only).
         manifest = {"format": MANIFEST_FORMAT, "version": version, "files": entries,
-                    "source": {"export_dir": str(export_dir.resolve())}}
+                    "source": {"export_dir": str(export_dir.resolve()), "commit": source_commit()}}
         try:
             bucket.blob(f"{base}/{MANIFEST}").upload_from_string(
                 json.dumps(manifest, indent=2) + "\n", content_type="application/json", if_generation_match=0)

@@ -183,7 +183,7 @@ def run_step(params: Params, stage: str, image: str, inputs: dict[str, str], out
              task: str | None = None, client=None) -> dict:
     """What a KFP training step does in TrainJob mode: upload params, launch, wait, copy the job's output folder
     into the step's output artifact path. ``inputs``: ``data`` and (distill) ``teacher_seg``/``teacher_depth``
-    URIs. Returns the stage's metrics.json."""
+    URIs. Returns the stage's report.json."""
     import tempfile
 
     from . import storage
@@ -202,7 +202,7 @@ def run_step(params: Params, stage: str, image: str, inputs: dict[str, str], out
         raise OutputError(f"TrainJob {name} completed but {out} is incomplete (no {storage.SUCCESS}): its rank 0 "
                           "did not finish the upload")
     storage.download_tree(out, output_path)
-    return json.loads((Path(output_path) / "metrics.json").read_text())
+    return json.loads((Path(output_path) / "report.json").read_text())
 
 
 __all__ = ["JobRequest", "request", "manifest", "launch", "run_step", "job_name", "staging_url"]

@@ -12,6 +12,10 @@ from ..errors import DataError
 
 SPLITS = ("train", "val", "test")
 ARRAYS = {"images": (np.uint8, 4), "labels": (np.uint8, 3), "depth": (np.float32, 3)}
+CHECKSUMS = "checksums.json"
+CHECKSUMS_FORMAT = "jointdistill.checksums/1"
+# Not listed in checksums.json: the list itself, and the lineage record (which names the folder by its content).
+_UNLISTED = (CHECKSUMS, "lineage.json", "metrics.json", "run.json")  # the last two: see records
 META_KEYS = (
     "dataset", "classes", "palette", "ignore_index", "depth_unit", "depth_range", "resolution",
     "normalization", "counts",
@@ -65,12 +69,52 @@ def sample_digest(image: np.ndarray, label: np.ndarray, depth: np.ndarray) -> st
     return h.hexdigest()
 
 
-def verify_prepared(root: str | Path, check_digests: bool = False) -> dict:
-    """Check a prepared folder against the contract; return its meta. Raises DataError on any mismatch."""
+def write_checksums(root: str | Path) -> dict:
+    """Record the size and sha256 of every file of a prepared folder in its checksums.json (`prepare` does)."""
+    from ..io import file_sha256, write_json
+
+    root = Path(root)
+    files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in _UNLISTED}
+    record = {"format": CHECKSUMS_FORMAT, "files": files}
+    write_json(root / CHECKSUMS, record)
+    return record
+
+
+def verify_checksums(root: str | Path) -> None:
+    """Check every file against the checksums prepare recorded (size, then sha256; about 1 s per GB): bytes
+    changed in place, even at the same size, are one DataError naming the file, before anything reads them."""
+    from ..io import file_sha256
+
+    root = Path(root)
+    path = root / CHECKSUMS
+    try:
+        files = json.loads(path.read_text())["files"]
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {root} was prepared by an older jointdistill or copied incompletely "
+                        "(run `jointdistill prepare` again)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+    for rel, want in files.items():
+        file = root / rel
+        if not file.is_file():
+            raise DataError(f"{file}: missing (listed in {CHECKSUMS})")
+        if file.stat().st_size != want["bytes"] or file_sha256(file) != want["sha256"]:
+            raise DataError(f"{file}: its content differs from what prepare recorded in {CHECKSUMS} (corrupted or "
+                            "changed in place); restore it (`dvc checkout`) or run `jointdistill prepare` again")
+
+
+def verify_prepared(root: str | Path, check_digests: bool = False, check_files: bool = True) -> dict:
+    """Check a prepared folder against the contract; return its meta. Raises DataError on any mismatch.
+
+    ``check_files``: every file against the checksums prepare recorded (cheap); ``check_digests``: also every
+    sample against its manifest checksum (slower: it decodes the arrays)."""
     import pandas as pd
 
     root = Path(root)
     meta = read_meta(root)
+    if check_files:
+        verify_checksums(root)
     arrays = {s: open_split(root, s, meta) for s in SPLITS}
     path = root / "manifest.parquet"
     try:

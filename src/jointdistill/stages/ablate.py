@@ -63,7 +63,7 @@ def parse_mode(mode: str) -> tuple[str, dict]:
 
 def _done(folder: Path, digest: str) -> bool:
     try:
-        return json.loads((folder / "metrics.json").read_text()).get("params_digest") == digest
+        return json.loads((folder / "report.json").read_text()).get("params_digest") == digest
     except (OSError, ValueError):
         return False
 
@@ -76,7 +76,7 @@ def teacher_key(params: Params) -> str:
 
 
 def _teacher_done(folder: Path, params: Params) -> bool:
-    if _done(folder, params.digest()):
+    if _done(folder, params.digest("teacher", folder.name)):
         return True
     try:
         return (folder.parent / f"{folder.name}.key").read_text().strip() == teacher_key(params) and (
@@ -121,7 +121,7 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
                 log.info("ablate: seed %d, %s teacher", seed, task)
                 teacher.run(base, task, data, folder, root / "checkpoints" / f"teacher-{task}", resume=True)
                 atomic_write_text(folder.parent / f"{task}.key", teacher_key(base) + "\n")
-        tm = {t: json.loads((root / "teachers" / t / "metrics.json").read_text())["test"] for t in ("seg", "depth")}
+        tm = {t: json.loads((root / "teachers" / t / "report.json").read_text())["test"] for t in ("seg", "depth")}
         reference = {"miou": tm["seg"]["miou"], "pixacc": tm["seg"]["pixacc"], "abs_err": tm["depth"]["abs_err"],
                      "rel_err": tm["depth"]["rel_err"]}
         for mode in modes:
@@ -131,7 +131,7 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
             name, changes = parse_mode(mode)
             p = _with(base, **{"distill.mode": name, **changes})
             folder = root / mode
-            if not _done(folder, p.digest()):
+            if not _done(folder, p.digest("distill")):
                 log.info("ablate: seed %d, mode %s", seed, mode)
                 teachers = None if name == "mtl" else (root / "teachers" / "seg", root / "teachers" / "depth")
                 distill.run(p, data, teachers, folder, root / "checkpoints" / mode, resume=True,

@@ -6,8 +6,9 @@ trajectory loss: JointDistill). Before training: the teachers are checked agains
 normalisation) and their own val scores r^T are measured, and (KD modes) the connector is warmed up alone on
 the teachers' features. Then the engine trains (checkpoints, exact resume, AMP, DDP) with validation every
 timeframe (``distill.timeframe_steps`` steps), where ω is updated, the connector is scored on val and both
-trajectories are recorded on a fixed set of train probe images. Outputs: ``student.pt``, ``metrics.json``,
-``weights.csv``, ``trajectory.parquet``, ``dvclive/``.
+trajectories are recorded on a fixed set of train probe images. Outputs: ``student.pt``, ``report.json``,
+``weights.csv``, ``trajectory.parquet``, ``lineage.json``; in the metrics folder ``metrics.json``, ``run.json`` and
+``dvclive/`` (see `records`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import csv
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import lineage
+from .. import codeid, lineage, records
 from ..config import DistillParams, Params
 from ..data.contract import verify_prepared
 from ..data.prepared import PreparedDataset
@@ -40,7 +40,6 @@ from ..errors import ConfigError, DataError, ModelError
 from ..io import atomic_dir, write_json
 from ..models import DenseNet, build_student, load_model, model_flops, save_model
 from ..tasks import make_task
-from .teacher import code_digest
 
 log = logging.getLogger(__name__)
 MODES = ("mtl", "static_kd", "adaptive", "full")
@@ -161,12 +160,13 @@ def write_trajectory(path: Path, task: StudentTask) -> int:
 
 # ----------------------------------------------------------------------------- the stage
 def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path] | None, out: str | Path,
-        checkpoints: str | Path | None = None, resume: bool = False, teacher_cache: str | Path | None = None) -> dict:
+        checkpoints: str | Path | None = None, resume: bool = False, teacher_cache: str | Path | None = None,
+        metrics_dir: str | Path | None = None) -> dict:
     """Distil the student on ``data`` from ``teachers`` = (seg folder, depth folder) into ``out``.
 
     With ``distill.teacher_cache`` the teachers' features come from a cache in ``teacher_cache`` (default: the
     checkpoint folder's ``teacher_cache/``), built there first unless a matching one exists.
-    Returns metrics.json's content. Every input is checked before any training starts.
+    Returns the full report (rank 0). Every input is checked before any training starts.
     """
     cfg = params.distill
     data, out = Path(data), Path(out)
@@ -224,7 +224,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     digest = hashlib.sha256(json.dumps({
         "distill": cfg.model_dump(mode="json"), "student": params.student.model_dump(mode="json"),
         "augment": params.augment.model_dump(mode="json"), "seed": params.seed,
-        "data": meta.get("source_checksum"), "code": code_digest(),
+        "data": meta.get("source_checksum"), "code": codeid.source_digest(__name__),
         "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
     }, sort_keys=True).encode()).hexdigest()[:16]
     train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed,
@@ -284,23 +284,25 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "world_size": world,
         "model": {"backbone": params.student.backbone, "head": params.student.head,
                   "parameters": sum(p.numel() for p in student.parameters())},
-        "params_digest": params.digest(),
+        "params_digest": params.digest("distill"),
     }
     if rank == 0:
         with atomic_dir(out) as tmp:
             save_model(tmp / "student.pt", student, best, task="multi", mode=cfg.mode, classes=meta["classes"],
                        palette=meta["palette"], normalization=meta["normalization"], resolution=meta["resolution"],
-                       ignore_index=ignore, data_checksum=meta.get("source_checksum"), params_digest=params.digest(),
+                       ignore_index=ignore, data_checksum=meta.get("source_checksum"),
+                       params_digest=params.digest("distill"),
                        best_epoch=result.best_epoch, val=result.best_metrics,
                        teachers={t: i["file_digest"] for t, i in (teacher_info or {}).items()})
             write_weights_csv(tmp / "weights.csv", job)
             n_rows = write_trajectory(tmp / "trajectory.parquet", job)
             report["trajectory"] = _trajectory_report(job, model, tmp / "trajectory.parquet", n_rows, train_seconds)
-            write_json(tmp / "metrics.json", report)
+            content, run_facts = records.split(report)
+            write_json(tmp / records.REPORT, content)
             parents = {"prepared": data, **dict(zip(("teacher_seg", "teacher_depth"), teachers or ()))}
-            lineage.write(tmp, lineage.record("distill", params, parents))
-            if (checkpoints / "dvclive").is_dir():
-                shutil.copytree(checkpoints / "dvclive", tmp / "dvclive")
+            lineage.write(tmp, lineage.record("distill", params.digest("distill"), parents, module=__name__))
+            with records.folder(tmp, metrics_dir) as mdir:
+                records.write(mdir, curated(report), run_facts, checkpoints / "dvclive")
         log.info("distill-%s: best epoch %d, val mIoU %.4f AbsErr %.3f, test mIoU %.4f AbsErr %.3f → %s", cfg.mode,
                  result.best_epoch, result.best_metrics["miou"], result.best_metrics["abs_err"], test["miou"],
                  test["abs_err"], out)
@@ -308,6 +310,12 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         dist.barrier()
         dist.destroy_process_group()
     return report
+
+
+def curated(report: dict) -> dict:
+    """The student's few numbers for metrics.json: test metrics and training time (the rest is in report.json)."""
+    return {**{k: report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1")},
+            "seconds": report["train_seconds"]}
 
 
 def _short(metrics: dict) -> dict:

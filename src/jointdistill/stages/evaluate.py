@@ -1,8 +1,10 @@
 """The `evaluate` stage: the student and both teachers (and, if given, an MTL baseline) on one split, with the
 engine's exact metrics and Δm; plot data for `dvc plots`, pictures, and a report (Markdown + one HTML file).
 
-Outputs (``out``): ``metrics.json`` ({model: {split: metrics}}; Δm in the student's), ``report.md``,
-``report.html`` (self-contained) and ``plots/`` (CSV for `dvc plots show`, PNG for people).
+Outputs (``out``): ``report.json`` ({model: {split: metrics}}; Δm in the student's), ``report.md``,
+``report.html`` (self-contained) and ``plots/`` (CSV for `dvc plots show`, PNG for people); in the metrics folder
+``metrics.json`` (the student's test metrics, Δm, cost ratios, latency) and ``run.json`` (see `records`). The report
+holds no timings, so the output is the same for the same inputs; latency is in metrics.json.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .. import lineage, plots
+from .. import lineage, plots, records
 from .. import report as rp
 from ..config import Params
 from ..data.contract import open_split, verify_prepared
@@ -60,7 +62,7 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 
 
 def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path], student: str | Path,
-        out: str | Path, mtl: str | Path | None = None) -> dict:
+        out: str | Path, mtl: str | Path | None = None, metrics_dir: str | Path | None = None) -> dict:
     cfg = params.evaluate
     data, out, student = Path(data), Path(out), Path(student)
     t_start = time.perf_counter()
@@ -105,22 +107,28 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     metrics["cost"] = inference_cost({"student": s_model, "teacher_seg": t_seg, "teacher_depth": t_depth},
                                      tuple(meta["resolution"]), device)
 
-    s_info = _read_json(student / "metrics.json") or {}
+    s_info = _read_json(student / "report.json") or {}
     weights_rows = _read_rows(student / "weights.csv")
     trajectory = _read_trajectory(student / "trajectory.parquet")
 
     with atomic_dir(out) as tmp:
-        lineage.write(tmp, lineage.record("evaluate", params, {"prepared": data, "teacher_seg": teachers[0],
-                                                                "teacher_depth": teachers[1], "student": student}))
+        parents = {"prepared": data, "teacher_seg": teachers[0], "teacher_depth": teachers[1], "student": student}
+        lineage.write(tmp, lineage.record("evaluate", params.digest("evaluate"), parents, module=__name__))
         pdir = tmp / "plots"
         pdir.mkdir()
         # --- plot data for `dvc plots show`
-        iou_rows = [{"class": c, "model": name, "iou": r.metrics["per_class_iou"][i] or 0.0}
-                    for name, r in res.items() if "per_class_iou" in r.metrics for i, c in enumerate(classes)]
-        _write_csv(pdir / "per_class_iou.csv", iou_rows, ["class", "model", "iou"])
-        depth_rows = [{"model": name, **row} for name, r in res.items() if r.depth_bins for row in r.depth_bins]
-        _write_csv(pdir / "depth_error.csv", depth_rows,
-                   ["model", "distance_m", "from_m", "to_m", "pixels", "abs_err", "rel_err"])
+        # One file per model: DVC draws one colour (bars side by side, one line) per file, where rows of several
+        # models in one file would be stacked into one bar or joined into one zig-zag line.
+        (pdir / "per_class_iou").mkdir()
+        (pdir / "depth_error").mkdir()
+        for name, r in res.items():
+            if "per_class_iou" in r.metrics:
+                _write_csv(pdir / "per_class_iou" / f"{name}.csv",
+                           [{"class": c, "iou": r.metrics["per_class_iou"][i] or 0.0} for i, c in enumerate(classes)],
+                           ["class", "iou"])
+            if r.depth_bins:
+                _write_csv(pdir / "depth_error" / f"{name}.csv", r.depth_bins,
+                           ["distance_m", "from_m", "to_m", "pixels", "abs_err", "rel_err"])
         wide = _weights_wide(weights_rows)
         _write_csv(pdir / "weights.csv", wide, ["timeframe", "omega_seg", "omega_depth", "feedback_seg",
                                                 "feedback_depth"])
@@ -154,17 +162,31 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
                                                   pdir / "trajectory.png")
             figs["trajectory_image"] = image_id
 
-        seconds = round(time.perf_counter() - t_start, 2)
-        metrics["evaluate_seconds"] = seconds
-        write_json(tmp / "metrics.json", metrics)
-        blocks = _report_blocks(params, meta, data, res, metrics, split, reference, s_record, s_info, teachers,
+        metrics["evaluate_seconds"] = round(time.perf_counter() - t_start, 2)
+        content, run_facts = records.split(metrics)
+        write_json(tmp / records.REPORT, content)
+        blocks = _report_blocks(params, meta, data, res, content, split, reference, s_record, s_info, teachers,
                                 figs, weights_rows, tmp)
         title = "jointdistill — evaluation report"
         (tmp / "report.md").write_text(rp.to_markdown(title, blocks, tmp))
         (tmp / "report.html").write_text(rp.to_html(title, blocks))
+        with records.folder(tmp, metrics_dir) as mdir:
+            records.write(mdir, curated(metrics), run_facts)
     log.info("evaluate: student Δm %+.2f %% vs the teachers on %s → %s", metrics["student"][split]["delta_m"], split,
              out)
     return metrics
+
+
+def curated(metrics: dict) -> dict:
+    """The evaluation's few numbers for metrics.json: the student on the split, Δm, its cost against the
+    teachers'; with an MTL baseline, Δm against it and the gate's margins."""
+    split = next(iter(metrics["student"]))
+    s, cost = metrics["student"][split], metrics["cost"]
+    out = {k: s[k] for k in (*SHOWN, "delta_m")}
+    out.update(flops_ratio=cost["student_flops_vs_teachers"], latency_ratio=cost["student_latency_vs_teachers"])
+    if "delta_m_vs_mtl" in s:
+        out["delta_m_vs_mtl"] = s["delta_m_vs_mtl"]
+    return out
 
 
 def capacity_gate(teachers: dict, mtl: dict) -> dict:
@@ -287,9 +309,8 @@ def _report_blocks(params, meta, data, res, metrics, split, reference, s_record,
     cost = metrics["cost"]
     b.append(rp.text(f"Cost: the student needs {cost['flops']['student'] / 1e9:.2f} GFLOP per image, "
                      f"{100 * cost['student_flops_vs_teachers']:.0f} % of the two teachers' together "
-                     f"({cost['flops']['teacher_seg'] / 1e9:.2f} and {cost['flops']['teacher_depth'] / 1e9:.2f}); "
-                     f"PyTorch latency at batch 1 {cost['latency_ms']['student']:.1f} ms, "
-                     f"{100 * cost['student_latency_vs_teachers']:.0f} % of theirs."))
+                     f"({cost['flops']['teacher_seg'] / 1e9:.2f} and {cost['flops']['teacher_depth'] / 1e9:.2f}). "
+                     "Latency, measured on the machine that ran this, is in the stage's metrics.json."))
     b.append(rp.text(f"Δm = (1/4)·Σ_k (−1)^l_k·(M_k − M_ref,k)/M_ref,k·100 over {', '.join(DELTA_M_METRICS)}; "
                      "l_k = 1 where lower is better; the reference is the seg teacher's mIoU/pixAcc and the depth "
                      "teacher's AbsErr/RelErr. Exact metrics over the whole split (one confusion matrix, pixel sums)."))
@@ -331,15 +352,14 @@ def _report_blocks(params, meta, data, res, metrics, split, reference, s_record,
                      f"source checksum `{str(meta.get('source_checksum'))[:16]}`."))
     mrows = []
     for name, folder in (("seg teacher", teachers[0]), ("depth teacher", teachers[1])):
-        info = _read_json(Path(folder) / "metrics.json") or {}
+        info = _read_json(Path(folder) / "report.json") or {}
         mod = info.get("model", {})
         mrows.append([name, mod.get("backbone", "?"), mod.get("head", "?"), mod.get("parameters", "?"),
-                      rp.fmt(info.get("train_seconds"), 1), info.get("best_epoch", "?")])
+                      info.get("best_epoch", "?")])
     mod = s_info.get("model", {})
     mrows.append([f"student ({mode})", mod.get("backbone", "?"), mod.get("head", "?"), mod.get("parameters", "?"),
-                  rp.fmt(s_info.get("train_seconds"), 1), s_info.get("best_epoch", "?")])
-    b.append(rp.table(["model", "backbone", "head", "parameters", "train s", "best epoch"], mrows))
-    b.append(rp.text(f"Evaluation took {metrics['evaluate_seconds']:.1f} s."))
+                  s_info.get("best_epoch", "?")])
+    b.append(rp.table(["model", "backbone", "head", "parameters", "best epoch"], mrows))
     b.append(rp.heading("Params"))
-    b.append(rp.code(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), "yaml"))
+    b.append(rp.code(yaml.safe_dump(params.stage_params("evaluate"), sort_keys=False), "yaml"))
     return b

@@ -2,8 +2,10 @@
 
 Outputs (``out``): ``student.onnx`` (+ ``student.fp16.onnx``, ``student.int8.onnx`` when enabled),
 ``parity.json`` (onnxruntime vs eager: per output max/mean abs error, depth relative error, argmax agreement;
-on val images, random inputs, and other batch sizes and image sizes), ``metrics.json`` (test metrics of
-each file, latency) and ``MODEL_CARD.md``.
+on val images, random inputs, and other batch sizes and image sizes), ``report.json`` (test metrics of each
+file, sizes, FLOPs) and ``MODEL_CARD.md``; in the metrics folder ``metrics.json`` (test metrics, latency, size) and
+``run.json`` (latency of every file, the machine; see `records`). Latency depends on the machine, so it stays out of
+the output: the same inputs give the same files.
 
 If parity breaks ``export.depth_rel_tol`` or ``export.seg_agreement_min`` the stage fails, ``out`` is left
 as it was (no new .onnx anywhere), and the failing report is written beside it as ``OUT.parity-failed.json``.
@@ -13,15 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import __version__, lineage
+from .. import __version__, codeid, lineage, records
 from ..config import Params
 from ..data.contract import verify_prepared
 from ..data.prepared import PreparedDataset
@@ -46,22 +46,6 @@ from .evaluate import load_student
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("miou", "pixacc", "abs_err", "rel_err", "delta1")
-
-
-def machine() -> dict:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 def _batches(ds: PreparedDataset, n: int, batch_size: int):
@@ -106,7 +90,8 @@ def _latency(fn_for_batch, size: tuple[int, int], runs: int, rng: np.random.Gene
     return out
 
 
-def run(params: Params, data: str | Path, student: str | Path, out: str | Path) -> dict:
+def run(params: Params, data: str | Path, student: str | Path, out: str | Path,
+        metrics_dir: str | Path | None = None) -> dict:
     cfg = params.export
     data, student, out = Path(data), Path(student), Path(out)
     t_start = time.perf_counter()
@@ -124,18 +109,19 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path) 
         raise DataError(f"{data}: export needs at least 2 val images (parity and the example batch), found {len(val)}")
     n_parity = len(val) if cfg.parity_images == 0 else min(cfg.parity_images, len(val))
     rng = np.random.default_rng(params.seed)
-    commit = lineage.source_commit()
+    code = codeid.source_digest(__name__)
     failed_report = out.parent / f"{out.name}.parity-failed.json"
     tolerance = {"depth_rel_tol": cfg.depth_rel_tol, "seg_agreement_min": cfg.seg_agreement_min}
     torch.manual_seed(params.seed)
 
     with atomic_dir(out) as tmp:
-        lineage.write(tmp, lineage.record("export", params, {"prepared": data, "student": student}))
+        parents = {"prepared": data, "student": student}
+        lineage.write(tmp, lineage.record("export", params.digest("export"), parents, module=__name__))
         onnx_path = tmp / "student.onnx"
         t0 = time.perf_counter()
         example = torch.stack([val[0]["image"], val[1]["image"]])
         export_onnx(model, example, onnx_path, cfg.opset, multiple)
-        set_metadata(onnx_path, metadata_props(record, meta, multiple, cfg.opset, "fp32", commit))
+        set_metadata(onnx_path, metadata_props(record, meta, multiple, cfg.opset, "fp32", code))
         check_graph(onnx_path)
         export_seconds = time.perf_counter() - t0
         session = StudentSession(onnx_path, "cpu")
@@ -176,7 +162,7 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path) 
         for name, suffix, build in variants:
             path = tmp / f"student.{suffix}.onnx"
             build(path)
-            set_metadata(path, metadata_props(record, meta, multiple, cfg.opset, name, commit))
+            set_metadata(path, metadata_props(record, meta, multiple, cfg.opset, name, code))
             check_graph(path)
             vs = StudentSession(path, "cpu")
             parity["variants"][name] = {"file": path.name,
@@ -195,15 +181,17 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path) 
             "file_bytes": sizes,
             "export_seconds": round(export_seconds, 2),
             "seconds": round(time.perf_counter() - t_start, 2),
-            "machine": machine(),
             "opset": cfg.opset,
-            "source_commit": commit,
+            "code": code,
             "params_digest": record.get("params_digest"),
             "flops": _flops(model, student, size),
         }
         write_json(tmp / "parity.json", parity)
-        write_json(tmp / "metrics.json", report)
-        atomic_write_text(tmp / "MODEL_CARD.md", model_card(record, meta, parity, report, multiple))
+        content, run_facts = records.split(report)
+        write_json(tmp / records.REPORT, content)
+        atomic_write_text(tmp / "MODEL_CARD.md", model_card(record, meta, parity, content, multiple))
+        with records.folder(tmp, metrics_dir) as mdir:
+            records.write(mdir, curated(report), run_facts)
     failed_report.unlink(missing_ok=True)
     log.info("export: %s (%.1f MB), test mIoU %.4f AbsErr %.3f m via onnxruntime, in %.1f s", out / "student.onnx",
              sizes["fp32"] / 1e6, report["test"]["miou"], report["test"]["abs_err"], report["seconds"])
@@ -220,7 +208,7 @@ def _flops(model, student_dir: Path, size: tuple[int, int]) -> dict:
 
     info = {}
     try:
-        info = json.loads((Path(student_dir) / "metrics.json").read_text())
+        info = json.loads((Path(student_dir) / "report.json").read_text())
     except (OSError, ValueError):
         pass
     out = {"student": model_flops(model, *size)}
@@ -230,11 +218,16 @@ def _flops(model, student_dir: Path, size: tuple[int, int]) -> dict:
     return out
 
 
+def curated(report: dict) -> dict:
+    """The export's few numbers for metrics.json: the ONNX file's latency (batch 1, onnxruntime CPU) and size.
+    Its test metrics are in report.json; names differ from evaluate's, so DVC shows them without a file prefix."""
+    return {"latency_ms": report["latency_ms"]["onnx"]["batch1_ms"], "size_mb": report["file_bytes"]["fp32"] / 1e6}
+
+
 def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: int | None) -> str:
     h, w = parity["input_size"]
     norm = record.get("normalization") or meta["normalization"]
     config = record.get("config", {})
-    m = report["machine"]
     size_rule = (f"any height and width that are multiples of {multiple} (trained at {h}×{w}; best accuracy "
                  f"near it)" if multiple else f"exactly {h}×{w}")
     lines = [
@@ -263,7 +256,7 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
         f"- output `segmentation_logits`: float32 N×{len(meta['classes'])}×H×W; the class is the argmax over axis 1.",
         "- output `depth`: float32 N×1×H×W, metres, always > 0.",
         "- `metadata_props` hold all of the above (every value JSON): `classes`, `palette`, `input_size`, "
-        "`size_multiple`, `mean`, `std`, `depth_unit`, `params_digest`, `source_commit`, …",
+        "`size_multiple`, `mean`, `std`, `depth_unit`, `params_digest`, `code_digest`, …",
         "",
         "## Classes",
         "",
@@ -303,17 +296,12 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
                      f"depth max relative error {r['depth']['max_rel_err']:.2e} (not gated; see its test accuracy).")
     lines += [
         "",
-        f"## Latency on the exporting machine ({m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} "
-        f"CPU provider, torch {m['torch']})",
+        "## Latency",
         "",
-        f"Median of {report['latency_runs']} runs at {h}×{w}, preprocessing excluded.",
-        "",
-        "| runtime | batch 1 (ms) | batch 8 (ms) |",
-        "| --- | --- | --- |",
+        "Latency depends on the machine, so it is not written here: the export measured every file on its own "
+        "machine (`latency_ms` in the stage's metrics.json, per file and batch size in run.json), and "
+        "`jointdistill bench export` measures it on yours.",
     ]
-    for name, lat in report["latency_ms"].items():
-        label = {"pytorch": "PyTorch eager", "onnx": "onnxruntime fp32"}.get(name, f"onnxruntime {name}")
-        lines.append(f"| {label} | {lat['batch1_ms']:.1f} | {lat['batch8_ms']:.1f} |")
     flops = report.get("flops") or {}
     if flops:
         lines += ["", f"## Cost at {h}×{w}", "",
@@ -339,7 +327,7 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
         "## Lineage and limits",
         "",
         f"- params digest `{record.get('params_digest')}`, data checksum `{record.get('data_checksum')}`, "
-        f"source commit `{report.get('source_commit')}`, jointdistill {__version__}, opset {report['opset']}.",
+        f"code digest `{str(report.get('code'))[:23]}`, jointdistill {__version__}, opset {report['opset']}.",
         f"- Trained on `{meta['dataset']}` at {h}×{w}; accuracy on other domains, or far from that size, is "
         "unmeasured.",
         "- Depth is metric only for cameras like the training camera (focal length, height).",

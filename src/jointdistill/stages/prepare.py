@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .. import __version__, lineage
+from .. import __version__, lineage, records
 from ..config import Params
 from ..data.base import SampleRef, Source, make_source
-from ..data.contract import SPLITS, sample_digest
+from ..data.contract import SPLITS, sample_digest, write_checksums
 from ..data.resize import resize_sample
 from ..data.sensor import degrade
 from ..data.split import assign_splits
@@ -105,8 +105,10 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
     return rows
 
 
-def run(params: Params, out: str | Path, data_lineage: dict | None = None) -> dict:
-    """Prepare the configured source into ``out``. Returns meta.json's content.
+def run(params: Params, out: str | Path, data_lineage: dict | None = None, metrics_dir: str | Path | None = None
+        ) -> dict:
+    """Prepare the configured source into ``out``; metrics.json (split sizes) and run.json (time, machine) go to
+    ``metrics_dir`` (default: ``out``). Returns meta.json's content.
 
     ``data_lineage``: what the source is (e.g. a DVC-pinned fetch's provenance) for ``lineage.json``; by default
     the embedded generator, or ``prepare.root`` looked up in its DVC project."""
@@ -175,12 +177,12 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None) -> di
             "train_targets": ({"sensor": p.sensor.model_dump()} if p.sensor.enabled and source.name == "synthetic"
                               else "as the source gives them"),
             "source_checksum": _manifest_digest(manifest),
-            "params_digest": params.digest(),
+            "params_digest": params.digest("prepare"),
             "jointdistill_version": __version__,
         }
         write_json(tmp / "meta.json", meta)
         data = data_lineage or lineage.local_data(None if p.dataset == "synthetic" else p.root)
-        lineage.write(tmp, lineage.record("prepare", params, data=data))
+        lineage.write(tmp, lineage.record("prepare", params.digest("prepare"), data=data, module=__name__))
 
         if p.gallery_images:
             k = p.gallery_images
@@ -188,7 +190,10 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None) -> di
             pic = gallery(arrays["images"], arrays["labels"], arrays["depth"], source.palette, p.max_depth,
                           source.classes)
             save_png(pic, tmp / "gallery.png")
-    seconds = time.perf_counter() - t0
+        write_checksums(tmp)  # last: every later stage checks the files against it before reading them
+        seconds = time.perf_counter() - t0
+        with records.folder(tmp, metrics_dir) as mdir:
+            records.write(mdir, dict(meta["counts"]), {"seconds": round(seconds, 2)})
     log.info(
         "prepared %s: train=%d val=%d test=%d at %dx%d in %.1fs → %s",
         source.name, *(len(splits[s]) for s in SPLITS), p.height, p.width, seconds, out,
@@ -223,7 +228,8 @@ def run_from_source(params: Params, source: str | Path, data_lineage: dict | Non
                 if item.name == lineage.LINEAGE:
                     continue
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            lineage.write(tmp, lineage.record("prepare", params, data=data_lineage))
+            lineage.write(tmp, lineage.record("prepare", params.digest("prepare"), data=data_lineage, module=__name__))
+            write_checksums(tmp)
         return meta
     if params.prepare.dataset == "synthetic":
         raise DataError(f"{source}: a pinned raw dataset needs prepare.dataset set to its format "

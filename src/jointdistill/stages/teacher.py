@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import __version__, lineage
+from .. import codeid, lineage, records
 from ..config import Params
 from ..data.contract import open_split, verify_prepared
 from ..data.prepared import PreparedDataset
@@ -33,14 +32,11 @@ log = logging.getLogger(__name__)
 TASKS = ("seg", "depth")
 
 
-def code_digest() -> str:
-    """A hash of the package's source, so that a checkpoint made by other code is never resumed."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256(__version__.encode())
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+def curated(report: dict) -> dict:
+    """The teacher's few numbers for metrics.json (test metrics and training time; the rest is in report.json).
+    Every stage uses the same few names, so that `dvc metrics show` stays one narrow table."""
+    keys = ("miou", "pixacc") if report["task"] == "seg" else ("abs_err", "rel_err", "delta1")
+    return {**{k: report["test"][k] for k in keys}, "seconds": report["train_seconds"]}
 
 
 def trivial_baseline(data_dir: Path, task: str, meta: dict, split: str = "test") -> dict:
@@ -67,8 +63,9 @@ def trivial_baseline(data_dir: Path, task: str, meta: dict, split: str = "test")
 
 
 def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoints: str | Path | None = None,
-        resume: bool = False) -> dict:
-    """Train the ``task`` teacher on ``data`` into ``out``. Returns metrics.json's content (rank 0)."""
+        resume: bool = False, metrics_dir: str | Path | None = None) -> dict:
+    """Train the ``task`` teacher on ``data`` into ``out`` (model.pt, report.json, lineage.json); metrics.json,
+    run.json and dvclive/ go to ``metrics_dir`` (default: ``out``). Returns the full report (rank 0)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     data, out = Path(data), Path(out)
@@ -78,7 +75,7 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
     checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
     digest = hashlib.sha256(json.dumps({
         "task": task, "spec": spec.model_dump(mode="json"), "augment": params.augment.model_dump(mode="json"),
-        "seed": params.seed, "data": meta.get("source_checksum"), "code": code_digest(),
+        "seed": params.seed, "data": meta.get("source_checksum"), "code": codeid.source_digest(__name__),
     }, sort_keys=True).encode()).hexdigest()[:16]
 
     seed_everything(params.seed)
@@ -115,18 +112,21 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
         "model": {"backbone": spec.backbone, "head": spec.head,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "flops": model_flops(model, h, w)},  # one image at the training size
-        "params_digest": params.digest(),
+        "params_digest": params.digest("teacher", task),
     }
     if rank == 0:
         with atomic_dir(out) as tmp:
             save_model(tmp / "model.pt", model, result.best_state, task=task, classes=meta["classes"],
                        palette=meta["palette"], normalization=meta["normalization"], resolution=meta["resolution"],
                        ignore_index=meta["ignore_index"], data_checksum=meta.get("source_checksum"),
-                       params_digest=params.digest(), best_epoch=result.best_epoch, val=result.best_metrics)
-            write_json(tmp / "metrics.json", report)
-            lineage.write(tmp, lineage.record(f"train-teacher-{task}", params, {"prepared": data}))
-            if (checkpoints / "dvclive").is_dir():
-                shutil.copytree(checkpoints / "dvclive", tmp / "dvclive")
+                       params_digest=params.digest("teacher", task), best_epoch=result.best_epoch,
+                       val=result.best_metrics)
+            content, run_facts = records.split(report)
+            write_json(tmp / records.REPORT, content)
+            lineage.write(tmp, lineage.record(f"train-teacher-{task}", params.digest("teacher", task),
+                                              {"prepared": data}, module=__name__))
+            with records.folder(tmp, metrics_dir) as mdir:
+                records.write(mdir, curated(report), run_facts, checkpoints / "dvclive")
         log.info("teacher-%s: best epoch %d, val %s=%.4f, test %s=%.4f → %s", task, result.best_epoch, job.monitor,
                  result.best_metrics[job.monitor], job.monitor, test[job.monitor], out)
     if dist.is_initialized():
