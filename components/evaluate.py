@@ -1,12 +1,14 @@
 """KFP component for the `evaluate` stage: the student against both teachers; the report is an HTML artifact."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
 def evaluate(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], teacher_depth: Input[Model],
-             student: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
-    """Evaluate on test into the ``evaluation`` folder; expose Δm and the metrics, and the report as HTML."""
+             student: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML],
+             confusion: Output[ClassificationMetrics], class_iou: Output[Metrics]):
+    """Evaluate on test into the ``evaluation`` folder; expose Δm and the metrics, the student's confusion matrix
+    (with class names: the run page's confusion-matrix widget), its IoU per class, and the report as HTML."""
     import shutil
 
     from jointdistill import lineage
@@ -19,8 +21,14 @@ def evaluate(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], 
     for model, by_split in result.items():
         if isinstance(by_split, dict) and split in by_split:
             for name, value in by_split[split].items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     metrics.log_metric(f"{model}/{name}", value)
+    student_split = result["student"][split]
+    classes = list(student_split["per_class_iou"])
+    confusion.log_confusion_matrix(classes, student_split["confusion_matrix"])
+    for name, iou in student_split["per_class_iou"].items():
+        if iou is not None:  # a class absent from the split has no IoU
+            class_iou.log_metric(f"iou/{name}", iou)
     evaluation.metadata["lineage"] = lineage.read(evaluation.path)
     evaluation.metadata["source_commit"] = lineage.source_commit() or ""
     evaluation.metadata.update({"split": split, "delta_m": result["student"][split]["delta_m"]})

@@ -43,6 +43,8 @@ class PipelineOutputs(NamedTuple):
     student: dsl.Model
     evaluation: dsl.Dataset
     onnx_model: dsl.Model
+    confusion: dsl.ClassificationMetrics  # the student's test confusion matrix, with class names
+    class_iou: dsl.Metrics  # the student's test IoU per class
 
 
 def pipeline_params(params: Params) -> dict:
@@ -134,7 +136,8 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
             configure(pushed, StepResources(cpu="1", memory="4G", cache=False), cfg, "push-results")
         return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
                                teachers["depth"].outputs["teacher"], student.outputs["student"],
-                               evaluation.outputs["evaluation"], exported.outputs["onnx_model"])
+                               evaluation.outputs["evaluation"], exported.outputs["onnx_model"],
+                               evaluation.outputs["confusion"], evaluation.outputs["class_iou"])
 
     return jointdistill
 
@@ -174,6 +177,12 @@ def submit(params: Params, host: str | None, experiment: str = "jointdistill", r
 def run_local(params: Params, root: str | Path, enable_caching: bool = False, **arguments: str) -> dict[str, str]:
     """Execute the pipeline with kfp.local in this Python environment; return output artifact paths.
     ``arguments``: the pipeline's string parameters (data_repo, data_rev, data_path, results_remote, …)."""
+    return {name: artifact.path for name, artifact in run_local_artifacts(params, root, enable_caching,
+                                                                         **arguments).items()}
+
+
+def run_local_artifacts(params: Params, root: str | Path, enable_caching: bool = False, **arguments: str) -> dict:
+    """As `run_local`, returning the output artifacts themselves (path, uri and metadata)."""
     from kfp import local
 
     root = Path(root).absolute()
@@ -184,7 +193,8 @@ def run_local(params: Params, root: str | Path, enable_caching: bool = False, **
     )
     pipeline = build(params)
     task = pipeline(params=pipeline_params(params), **arguments)
-    return {name: artifact.path for name, artifact in task.outputs.items()}
+    return dict(task.outputs)
 
 
-__all__ = ["build", "compile_pipeline", "submit", "run_local", "pipeline_params", "DEFAULT_IMAGE", "PIPELINE_NAME"]
+__all__ = ["build", "compile_pipeline", "submit", "run_local", "run_local_artifacts", "pipeline_params",
+           "DEFAULT_IMAGE", "PIPELINE_NAME"]

@@ -45,3 +45,38 @@ def test_bad_param_is_one_line_without_traceback(tmp_path):
 def test_params_command_prints_defaults():
     r = cli("params", "--set", "seed=4")
     assert r.returncode == 0 and '"seed": 4' in r.stdout and '"val_fraction": 0.15' in r.stdout
+
+
+def _commands(group, prefix=()):
+    """Every command path of the CLI, sub-groups included, e.g. ("pipeline", "compile")."""
+    import typer.main
+
+    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, cmd in click_group.commands.items():
+        if hasattr(cmd, "commands") and cmd.commands:
+            yield from _commands(cmd, (*prefix, name))
+            yield (*prefix, name)
+        else:
+            yield (*prefix, name)
+
+
+def test_help_of_every_command_reads_as_sentences():
+    """--help renders for every command: whole sentences (no line broken where the source wrapped), no Python
+    type names or <bool> on flags, nothing pointing at a document outside the repo."""
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    paths = list(_commands(app))
+    assert ("distill",) in paths and ("pipeline", "compile") in paths and ("serve", "manifest") in paths
+    for path in paths:
+        r = CliRunner().invoke(app, [*path, "--help"], terminal_width=200, env={"COLUMNS": "200"})
+        assert r.exit_code == 0, (path, r.output[-2000:])
+        text = r.output
+        for bad in ("<bool>", "<str>", "<path>", "<int>", "list[", "DESIGN", "Traceback"):
+            assert bad not in text, (path, bad)
+    # At 200 columns the distill description's first paragraph of detail is one piece: the sentence that the
+    # source wrapped after "feedback-driven" continues on the same line.
+    r = CliRunner().invoke(app, ["distill", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert "adaptive (+ feedback-driven teacher weights ω)" in " ".join(r.output.split())
+    assert "feedback-driven teacher" in r.output

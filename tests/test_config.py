@@ -109,3 +109,29 @@ def test_bare_on_off_in_yaml_mean_the_words():
     p = params_from_dict(raw)
     assert (p.teacher.compile, p.teacher.channels_last, p.teacher.amp, p.distill.compile) == ("on", "off", "off", "on")
     assert p.teacher.for_task("seg").compile == "off" and p.teacher.for_task("depth").compile == "on"
+
+
+def test_an_error_blames_the_set_that_gave_the_value(tmp_path):
+    """A value given with --set is named as such, not as a value in the params file."""
+    from jointdistill.config import load_params
+
+    with pytest.raises(ConfigError) as err:
+        load_params(REPO / "params.yaml", ["pipeline.teacher.accelerator_limit=1"])
+    message = str(err.value)
+    assert message.startswith("--set pipeline.teacher.accelerator_limit=1: pipeline.teacher:") and "params.yaml" \
+        not in message
+    with pytest.raises(ConfigError, match=r"p\.yaml: prepare\.height"):
+        path = tmp_path / "p.yaml"
+        path.write_text("prepare:\n  height: -3\n")
+        load_params(path, ["distill.lr=0.1"])
+
+
+def test_brief_never_cuts_a_sentence():
+    from jointdistill.errors import brief
+
+    assert brief("short\nsecond line") == "short"
+    long = "The first sentence is here. " + "word " * 100
+    assert brief(long, 80) == "The first sentence is here. …"
+    words = "word " * 100
+    cut = brief(words, 50)
+    assert cut.endswith(" …") and len(cut) <= 52 and not cut.removesuffix(" …").endswith("wor")

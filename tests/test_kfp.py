@@ -49,8 +49,13 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
         ("data_repo", "data_rev", "data_path"), "")
     assert tasks["source"]["inputs"]["parameters"]["repo"]["componentInputParameter"] == "data_repo"
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["distill", "prepare", "train-teacher", "train-teacher-2"]
-    assert ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]["report"]["artifactType"][
-        "schemaTitle"] == "system.HTML"
+    eval_outs = ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert eval_outs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    # The run page's confusion-matrix widget and per-class IoU: typed outputs, and pipeline outputs too.
+    assert eval_outs["confusion"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
+    assert eval_outs["class_iou"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    pipeline_outs = ir["root"]["outputDefinitions"]["artifacts"]
+    assert pipeline_outs["confusion"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
     # export is the last step: it takes the student and runs once the evaluation has.
     assert sorted(tasks["export"]["dependentTasks"]) == ["distill", "evaluate", "prepare"]
     assert tasks["export"]["inputs"]["artifacts"]["student"]["taskOutputArtifact"]["producerTask"] == "distill"
@@ -113,7 +118,16 @@ def test_kfp_local_run(tmp_path):
 
     p = load_params(REPO / "params.yaml", [*TINY, "teacher.epochs=1", "teacher.batch_size=4", "distill.epochs=2",
                                            "distill.batch_size=4", "distill.probe_images=3", "distill.top_k=4"])
-    outputs = kfp_pipeline.run_local(p, tmp_path / "root")
+    artifacts = kfp_pipeline.run_local_artifacts(p, tmp_path / "root")
+    outputs = {name: a.path for name, a in artifacts.items()}
+    # The confusion matrix as Kubeflow shows it: class names, rows of pixel counts that sum to the test pixels.
+    matrix = artifacts["confusion"].metadata["confusionMatrix"]
+    classes = [c["displayName"] for c in matrix["annotationSpecs"]]
+    assert classes == ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
+    assert [r["row"] for r in matrix["rows"]] and all(len(r["row"]) == 7 for r in matrix["rows"])
+    assert sum(map(sum, (r["row"] for r in matrix["rows"]))) > 0
+    ious = artifacts["class_iou"].metadata
+    assert set(ious) <= {f"iou/{c}" for c in classes} and ious and all(0 <= v <= 1 for v in ious.values())
     meta = verify_prepared(outputs["prepared"], check_digests=True)
     assert meta["resolution"] == [48, 96] and sum(meta["counts"].values()) == 40
     assert meta["params_digest"] == p.digest("prepare")

@@ -71,7 +71,13 @@ def stop_server(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    proc.log.seek(0)
+    proc.text = proc.log.read().decode(errors="replace")  # what the server logged, for the tests that read it
     proc.log.close()
+
+
+def _read_log(proc) -> str:
+    return proc.text
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +253,73 @@ def test_images_of_different_sizes_in_one_request(server):
     status, text, _ = post(server, *serve.encode_request(images=files))
     assert status == 400 and b"different sizes" in text
     infer(server, images=files[:1])
+
+
+# ----------------------------------------------------------------------------- the standard client
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
+def test_tritonclient_in_both_modes_with_compression(server, model, binary, compression):
+    """tritonclient.http, as users call any Open Inference Protocol server: binary or JSON tensors (JSON without a
+    Content-Type header), optionally gzip/deflate-compressed; outputs equal onnxruntime's."""
+    import tritonclient.http as triton
+
+    session = StudentSession(model, "cpu")
+    x = _batch(session, 2, seed=7)
+    seg, depth = session.run(x)
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    inp = triton.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    result = client.infer("student", [inp], request_compression_algorithm=compression)
+    _same({n: result.as_numpy(n) for n in ("segmentation", "depth")}, seg.argmax(axis=1).astype(np.int32),
+          depth[:, 0])
+    client.close()
+
+
+def test_tritonclient_output_selection(server, model):
+    """Only the outputs asked for come back, each binary or JSON as asked."""
+    import tritonclient.http as triton
+
+    session = StudentSession(model, "cpu")
+    x = _batch(session, 1, seed=3)
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    inp = triton.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+
+    def got(outputs):
+        r = client.infer("student", [inp], outputs=outputs)
+        return {o["name"]: "binary_data_size" in (o.get("parameters") or {}) for o in r.get_response()["outputs"]}
+
+    assert got([triton.InferRequestedOutput("depth", binary_data=True)]) == {"depth": True}
+    assert got([triton.InferRequestedOutput("depth", binary_data=False)]) == {"depth": False}
+    assert got([triton.InferRequestedOutput("segmentation", binary_data=False),
+                triton.InferRequestedOutput("depth", binary_data=True)]) == {"segmentation": False, "depth": True}
+    assert got(None) == {"segmentation": True, "depth": True}  # tritonclient asks for binary_data_output
+    with pytest.raises(triton.InferenceServerException, match="unknown output 'logits'"):
+        got([triton.InferRequestedOutput("logits")])
+    client.close()
+
+
+def test_unknown_model_and_bad_encoding_get_one_log_line_each(model):
+    """An unknown model is a 404 without a traceback; every request is one line in the server's log."""
+    proc, url = start_server(model, "--name", "student")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/v2/models/nope/infer", data=b"{}"))
+        assert err.value.code == 404
+        body, headers = serve.encode_request(tensor=np.zeros((1, 3, 48, 96), np.float32))
+        status, text, _ = post(url, body, {**headers, "Content-Encoding": "br"})
+        assert status == 400 and "Content-Encoding 'br' is not supported" in json.loads(text)["error"]
+        status, text, _ = post(url, b"not gzip at all", {**headers, "Content-Encoding": "gzip"})
+        assert status == 400 and "not valid gzip data" in json.loads(text)["error"]
+        infer(url, tensor=np.zeros((1, 3, 48, 96), np.float32))
+    finally:
+        stop_server(proc)
+    log = _read_log(proc)
+    lines = [ln for ln in log.splitlines() if "/v2/models/" in ln]
+    assert len(lines) == 4, log
+    assert "Traceback" not in log and "kserve.trace" not in log
+    assert "404" in lines[0] and "Model with name nope does not exist" in lines[0]
+    assert " 200 " in lines[-1]
 
 
 def test_a_payload_over_the_limit_gets_400(server, model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import sys
@@ -14,7 +15,7 @@ import typer
 import typer.core
 
 from . import __version__
-from .errors import ConfigError, JointDistillError
+from .errors import ConfigError, JointDistillError, brief
 
 app = typer.Typer(
     name="jointdistill",
@@ -53,16 +54,25 @@ StagedTeachersOpt = Annotated[
 ]
 CheckpointsOpt = Annotated[
     Path | None,
-    typer.Option(help="folder for the resumable checkpoint and live logs [default: OUT's hidden sibling]"),
+    typer.Option(help="folder for the resumable checkpoint and live logs (default: OUT's hidden sibling)"),
 ]
 MetricsOpt = Annotated[
     Path | None,
     typer.Option("--metrics", help="folder for metrics.json (the numbers DVC and Kubeflow show), run.json (times, "
-                 "machine) and training curves; keeps OUT free of run-dependent files [default: OUT]"),
+                 "machine) and training curves; keeps OUT free of run-dependent files (default: OUT)"),
 ]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
 ]
+
+
+def _unwrap(doc: str | None) -> str | None:
+    """A docstring as help text: each paragraph on one line (the terminal wraps it at its own width, where the
+    source's line breaks would cut sentences mid-phrase), paragraphs apart."""
+    if not doc:
+        return doc
+    text = inspect.cleandoc(doc)
+    return "\n\n".join(" ".join(line.strip() for line in para.splitlines()) for para in text.split("\n\n"))
 
 
 def _friendly(fn):
@@ -76,7 +86,32 @@ def _friendly(fn):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
+    wrapper.__doc__ = _unwrap(fn.__doc__)
     return wrapper
+
+
+def _plain_metavar(display_type_rich):
+    """Typer shows each option's Python type (``<bool>``, ``<list[str]>``); users read a value's kind (TEXT, PATH,
+    INTEGER), and a flag takes no value at all."""
+    names = {"str": "TEXT", "path": "PATH", "int": "INTEGER", "float": "NUMBER"}
+
+    def show(self, ctx):
+        shown = display_type_rich(self, ctx)
+        if shown is None or not shown.startswith("<"):
+            return shown  # a metavar we set, or choices (seg|depth)
+        inner, dots = shown.removesuffix("...")[1:].rstrip(">"), shown.endswith("...")
+        if inner == "bool":
+            return None
+        if "|" in inner:
+            return inner + ("..." if dots else "")  # choices, as they are typed
+        inner = inner.removeprefix("list[").removesuffix("]")
+        return " ".join(names.get(part, part.upper()) for part in inner.split(",")) + ("..." if dots else "")
+
+    return show
+
+
+typer.core.TyperOption.display_type_rich = _plain_metavar(typer.core.TyperOption.display_type_rich)
+typer.core.TyperArgument.display_type_rich = _plain_metavar(typer.core.TyperArgument.display_type_rich)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -155,7 +190,7 @@ class TeacherTask(StrEnum):
 def train_teacher(
     task: Annotated[TeacherTask, typer.Option("--task", "-t", help="which teacher: seg or depth")],
     data: StagedDataOpt = "data/prepared",
-    out: Annotated[str | None, typer.Option("--out", "-o", help="output folder [default: data/teachers/TASK]" + _GS)
+    out: Annotated[str | None, typer.Option("--out", "-o", help="output folder (default: data/teachers/TASK)" + _GS)
                    ] = None,
     checkpoints: CheckpointsOpt = None,
     resume: ResumeOpt = False,
@@ -196,7 +231,7 @@ def distill(
     teacher_cache: Annotated[
         Path | None,
         typer.Option(help="with distill.teacher_cache: the cache folder, reused when it matches the teachers and "
-                     "data [default: CHECKPOINTS/teacher_cache]"),
+                     "data (default: CHECKPOINTS/teacher_cache)"),
     ] = None,
     metrics: MetricsOpt = None,
     params: StagedParamsOpt = "params.yaml",
@@ -362,7 +397,7 @@ def serve_run(
     device: Annotated[Device, typer.Option(help="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")] = (
         Device.auto),
     max_payload_mb: Annotated[float, typer.Option(min=0.001, help="larger request bodies get HTTP 400")] = 64.0,
-    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads [default: all cores]")
+    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores)")
                        ] = None,
 ) -> None:
     """Serve the ONNX student over the Open Inference Protocol v2 (KServe model server) until stopped.
@@ -384,7 +419,7 @@ def serve_manifest(
     storage_uri: Annotated[str, typer.Option(help="the published model: gs://BUCKET/PREFIX/VERSION")],
     image: Annotated[str | None, typer.Option(help="our image, for the jointdistill predictor")] = None,
     name: Annotated[str, typer.Option(help="InferenceService name (also the model name)")] = "jointdistill-student",
-    namespace: Annotated[str | None, typer.Option(help="namespace [default: none in the YAML]")] = None,
+    namespace: Annotated[str | None, typer.Option(help="namespace (default: none in the YAML)")] = None,
     gpu: Annotated[bool, typer.Option(help="request one NVIDIA GPU per replica")] = False,
     cpu: Annotated[str, typer.Option(help="CPU request and limit per replica")] = "2",
     memory: Annotated[str, typer.Option(help="memory request and limit per replica")] = "4Gi",
@@ -406,15 +441,15 @@ def serve_manifest(
 @app.command("publish")
 @_friendly
 def publish(
-    url: Annotated[str, typer.Argument(help="gs://BUCKET[/PREFIX]; the version goes below it")],
+    url: Annotated[str, typer.Argument(help="gs://BUCKET or gs://BUCKET/PREFIX; the version goes below it")],
     export_dir: Annotated[Path, typer.Option("--export", help="the export folder (output of export)")] = Path(
         "data/export"),
-    version: Annotated[str | None, typer.Option(help="[default: <params digest>-<sha256 of student.onnx, 8 hex>]")] = (
+    version: Annotated[str | None, typer.Option(help="(default: <params digest>-<sha256 of student.onnx, 8 hex>)")] = (
         None),
     triton: Annotated[bool, typer.Option(help="also lay out VERSION/triton/, a Triton model repository of the "
                                          "student (for `serve manifest`'s Triton InferenceService)")] = True,
 ) -> None:
-    """Upload an export (ONNX files, parity.json, MODEL_CARD.md, metrics.json) to gs://BUCKET/PREFIX/VERSION/.
+    """Upload an export (ONNX files, parity.json, MODEL_CARD.md, report.json) to gs://BUCKET/PREFIX/VERSION/.
 
     Each object is checked against the local file's md5 and crc32c after upload; manifest.json (sha256 of
     every file) is written last. A published version is never overwritten; an interrupted publish can be re-run.
@@ -613,13 +648,13 @@ def pipeline_compile(
 
 
 DataRepoOpt = Annotated[str, typer.Option(help="DVC project (git URL or path) to take the data from "
-                                           "[default: the embedded synthetic generator]")]
+                                           "(default: the embedded synthetic generator)")]
 DataRevOpt = Annotated[str, typer.Option(help="its revision: tag, branch or commit")]
 DataPathOpt = Annotated[str, typer.Option(help="DVC-tracked path in it: a raw dataset (read as prepare.dataset "
                                           "says) or a prepared one (data/prepared)")]
 ResultsRemoteOpt = Annotated[str, typer.Option(help="push the run's outputs to this DVC remote (e.g. your "
-                                               "project's gs://bucket/dvc) as a last step [default: off]")]
-ResultsPrefixOpt = Annotated[str, typer.Option(help="where the .dvc pointers sit [default: runs/<run name>]")]
+                                               "project's gs://bucket/dvc) as a last step (default: off)")]
+ResultsPrefixOpt = Annotated[str, typer.Option(help="where the .dvc pointers sit (default: runs/<run name>)")]
 ResultsGitRepoOpt = Annotated[str, typer.Option(help="also commit the pointers to this git repository…")]
 ResultsGitBranchOpt = Annotated[str, typer.Option(help="…on this branch")]
 
@@ -644,7 +679,7 @@ class JobStage(StrEnum):
 def pipeline_trainjob(
     stage: Annotated[JobStage, typer.Argument(help="which training step")],
     root: Annotated[str, typer.Option(help="gs:// folder the job reads its inputs from and writes its output to")],
-    image: Annotated[str | None, typer.Option(help="container image [default: the pipeline's]")] = None,
+    image: Annotated[str | None, typer.Option(help="container image (default: the pipeline's)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -677,7 +712,7 @@ def pipeline_submit(
                                       help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline")],
     experiment: Annotated[str, typer.Option(help="experiment to file the run under (created if missing)")] = (
         "jointdistill"),
-    run_name: Annotated[str | None, typer.Option(help="[default: jointdistill-<params digest>]")] = None,
+    run_name: Annotated[str | None, typer.Option(help="(default: jointdistill-<params digest>)")] = None,
     image: Annotated[str | None, typer.Option(help="container image for every step")] = None,
     cache: Annotated[bool | None, typer.Option("--cache/--no-cache",
                                                help="override every step's caching for this run")] = None,
@@ -711,7 +746,7 @@ def pipeline_submit(
     except Exception as exc:  # kfp_server_api.ApiException and urllib3 errors: the server said no
         status = getattr(exc, "status", None)
         raise OutputError(f"submit to {host}: {'HTTP ' + str(status) + ': ' if status else ''}"
-                          f"{getattr(exc, 'reason', None) or str(exc).splitlines()[0][:300]}") from None
+                          f"{getattr(exc, 'reason', None) or brief(exc)}") from None
     typer.echo(f"submitted run {run['run_id']} ({run['run_name']}) in experiment {run['experiment']}: {run['url']}")
 
 

@@ -435,8 +435,11 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _explain(exc: ValidationError, source: str) -> ConfigError:
-    lines = []
+def _explain(exc: ValidationError, source: str, overrides: list[str] | None = None) -> ConfigError:
+    """One error naming every bad key, each blamed on where its value came from: the params file, or the
+    ``--set`` that gave it (or a key inside the section it checks)."""
+    sets = {o.split("=", 1)[0].strip(): o for o in overrides or []}
+    groups: dict[str, list[str]] = {}
     for err in exc.errors():
         loc = tuple(p for p in err["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
@@ -445,16 +448,19 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
             known = sorted(parent.model_fields) if parent else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
-            lines.append(f"{key}: unknown key{hint} (known: {', '.join(known)})")
+            line = f"{key}: unknown key{hint} (known: {', '.join(known)})"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            lines.append(f"{key}: {msg}{shown}")
-    return ConfigError(f"{source}: " + "; ".join(lines))
+            line = f"{key}: {msg}{shown}"
+        given = [o for k, o in sets.items() if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
+        where = f"--set {', --set '.join(given)}" if given else source
+        groups.setdefault(where, []).append(line)
+    return ConfigError("; ".join(f"{where}: " + "; ".join(lines) for where, lines in groups.items()))
 
 
-def params_from_dict(data: dict | None, source: str = "params") -> Params:
+def params_from_dict(data: dict | None, source: str = "params", overrides: list[str] | None = None) -> Params:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -462,7 +468,7 @@ def params_from_dict(data: dict | None, source: str = "params") -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        raise _explain(exc, source) from None
+        raise _explain(exc, source, overrides) from None
 
 
 def read_params_file(path: str | Path) -> dict:
@@ -487,4 +493,4 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     data = read_params_file(path) if path is not None else {}
     if overrides:
         data = apply_overrides(data, overrides)
-    return params_from_dict(data, source=str(path) if path is not None else "params")
+    return params_from_dict(data, source=str(path) if path is not None else "params", overrides=overrides)

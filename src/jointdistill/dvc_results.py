@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, brief
 from .io import atomic_dir
 
 FORMAT = "jointdistill.results/1"
@@ -104,7 +104,7 @@ def _push(folders: dict[str, Path], remote: str, prefix: str, work: Path) -> dic
         except Exception as exc:  # noqa: BLE001 - DVC's errors for a bad remote are many; one message for all
             cause = exc.__cause__ or exc
             raise DataError(f"push-results: could not push to the DVC remote {remote} ({type(exc).__name__}: "
-                            f"{str(exc)[:200]}; {type(cause).__name__}: {str(cause)[:200]}); is it reachable, "
+                            f"{brief(exc, 200)}; {type(cause).__name__}: {brief(cause, 200)}); is it reachable, "
                             "and do this environment's credentials allow writing to it?") from None
         if missing:
             raise DataError(f"push-results: after the push, the remote {remote} still lacks {sorted(missing)}")

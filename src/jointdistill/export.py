@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ModelError
+from .errors import ModelError, brief
 from .infer import INPUT_NAME, ONNX_FORMAT, OUTPUT_NAMES, StudentSession
 from .metrics import ConfusionMatrix, DepthMeter
 
@@ -67,7 +67,7 @@ def export_onnx(student: nn.Module, example: torch.Tensor, path: str | Path, ops
                 output_names=list(OUTPUT_NAMES), dynamic_shapes={"image": axes}, verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; the first line names the failing op
-        raise ModelError(f"ONNX export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
+        raise ModelError(f"ONNX export failed: {brief(exc)}") from exc
     # The exporter notes its symbolic shape constraints on the graph, printed from a set whose order changes
     # between processes: dropped, so that the same student always gives the same file (and DVC the same hash).
     model = program.model_proto
@@ -127,7 +127,7 @@ def check_graph(path: str | Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError
-        raise ModelError(f"{path}: the exported graph fails onnx.checker ({str(exc).splitlines()[0][:300]})") from exc
+        raise ModelError(f"{path}: the exported graph fails onnx.checker ({brief(exc)})") from exc
 
 
 def fp16_variant(src: str | Path, dst: str | Path) -> None:

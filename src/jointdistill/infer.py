@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError, ModelError, OutputError
+from .errors import DataError, ModelError, OutputError, brief
 from .io import atomic_write_bytes
 from .viz import colorize_depth
 
@@ -90,7 +90,7 @@ class StudentSession:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-            raise ModelError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+            raise ModelError(f"{self.path}: not a loadable ONNX model ({brief(exc, 200)})") from None
         self.provider = self.session.get_providers()[0]
         if providers[0] == CUDA and self.provider != CUDA:
             if device == "cuda":

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, brief
 from .io import atomic_write_bytes
 
 
@@ -31,7 +31,7 @@ def load_safe(path: str | Path, what: str, fmt: str | None = None, map_location=
         raise ModelError(f"{what} {path}: unreadable (not a torch file, or it holds more than tensors and "
                          "plain containers)") from None
     except Exception as exc:  # truncated or corrupt archives raise from zipfile or torch itself
-        raise ModelError(f"{what} {path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise ModelError(f"{what} {path}: unreadable ({type(exc).__name__}: {brief(exc, 200)})") from None
     if fmt is not None and (not isinstance(obj, dict) or obj.get("format") != fmt):
         raise ModelError(f"{what} {path}: not a jointdistill {what} file (format {fmt})")
     return obj

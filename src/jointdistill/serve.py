@@ -12,10 +12,13 @@ A ``kserve.Model`` over one onnxruntime session (CUDA when onnxruntime-gpu sees 
   ``image``: FP32 N×3×H×W, normalised as the ONNX contract says (H, W the model takes), or
   ``image_bytes``: BYTES [N], PNG/JPEG files (base64 strings in JSON, or raw with the binary-data extension),
   decoded, normalised and resized here; outputs come back at each image's own size (one size per request).
-  Outputs: ``segmentation`` INT32 N×H×W class ids, ``depth`` FP32 N×H×W metres.
+  Outputs: ``segmentation`` INT32 N×H×W class ids, ``depth`` FP32 N×H×W metres; a request that names
+  ``outputs`` gets those only, each in JSON or binary as it asks (``binary_data``).
 
-A bad request gets HTTP 400 with a message naming the problem, and the server keeps serving. Nothing here
-imports torch.
+Requests come as the standard clients send them (`tritonclient.http` included): JSON with or without a
+``Content-Type``, the binary-data extension, and gzip- or deflate-compressed bodies (``Content-Encoding``).
+A bad request gets HTTP 400 with a message naming the problem, and the server keeps serving. Each request is one
+line in the server's log (method, path, status, time, and a client error's message). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import base64
 import binascii
 import io as _io
 import logging
+import time
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +153,10 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
                                f"or '{IMAGE_BYTES}' (BYTES, encoded images)")
             if len(inputs) != 1:
                 raise _invalid(f"send exactly one input, '{IMAGE}' or '{IMAGE_BYTES}' (got {len(inputs)})")
+            wrong = sorted({o.name for o in payload.request_outputs or []} - set(OUTPUTS))
+            if wrong:
+                raise _invalid(f"unknown output {', '.join(map(repr, wrong))}; the outputs are "
+                               f"{', '.join(map(repr, OUTPUTS))}")
             loop = asyncio.get_running_loop()
             if IMAGE in inputs:
                 x = self._tensor(inputs[IMAGE])
@@ -157,16 +166,18 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
                 results = await loop.run_in_executor(None, self.session.predict, images)
                 labels = np.stack([lb for lb, _ in results]).astype(np.int32)
                 depth = np.stack([d for _, d in results]).astype(np.float32)
-            binary = bool(payload.request_outputs) and any(
-                (o.parameters or {}).get("binary_data") for o in payload.request_outputs)
+            # Only the outputs asked for, each binary or JSON as its request says; with none named, all of them,
+            # binary if the request's ``binary_data_output`` parameter says so (tritonclient's default).
+            requested = payload.request_outputs or None
+            all_binary = bool((payload.parameters or {}).get("binary_data_output")) and requested is None
             outputs = []
             for out_name, arr in (("segmentation", labels), ("depth", depth)):
                 out = InferOutput(name=out_name, shape=list(arr.shape),
                                   datatype="INT32" if arr.dtype == np.int32 else "FP32")
-                out.set_data_from_numpy(arr, binary_data=binary)
+                out.set_data_from_numpy(arr, binary_data=False)
                 outputs.append(out)
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
-                                 infer_outputs=outputs, use_binary_outputs=binary)
+                                 infer_outputs=outputs, requested_outputs=requested, use_binary_outputs=all_binary)
 
     return _Student()
 
@@ -313,6 +324,22 @@ def _decode_binary(body: bytes, json_length: int, model_name: str):
                         infer_inputs=inputs, request_outputs=outputs)
 
 
+def _decode_json(body: bytes, model_name: str):
+    """A v2 JSON request that arrived as bytes: FastAPI parses JSON only under ``Content-Type: application/json``,
+    which tritonclient does not send."""
+    from kserve.protocol.infer_type import InferRequest
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest
+    from pydantic import ValidationError
+
+    try:
+        request = InferenceRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "unreadable"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise _invalid(f"malformed inference request: {where + ': ' if where else ''}{first['msg']}") from None
+    return InferRequest.from_inference_request(request, model_name)
+
+
 def _fast_binary_decoding(dataplane) -> None:
     original = dataplane.decode_inference_request
 
@@ -320,22 +347,127 @@ def _fast_binary_decoding(dataplane) -> None:
         length = (headers or {}).get(HEADER_LENGTH.lower())
         if isinstance(body, bytes) and length is not None and length.isdigit():
             return _decode_binary(body, int(length), model_name)
+        if isinstance(body, bytes):
+            return _decode_json(body, model_name)
         return original(body, headers, model_name)
 
     dataplane.decode_inference_request = decode
 
 
-class _OneLineBadRequests(logging.Filter):
-    """KServe logs every 400 with its traceback; a client's mistake is one warning line in the server's log."""
+class _NoClientErrors(logging.Filter):
+    """KServe logs a bad request (400) or an unknown model (404) with its traceback; `RequestLog` already says
+    what the client got wrong, in the request's one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from kserve.errors import InvalidInput
+        from kserve.errors import InvalidInput, ModelNotFound
 
-        if record.exc_info and isinstance(record.exc_info[1], InvalidInput):
-            record.msg, record.args = "bad request: %s", (record.exc_info[1],)
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
+        return not (record.exc_info and isinstance(record.exc_info[1], (InvalidInput, ModelNotFound)))
+
+
+class RequestLog:
+    """ASGI middleware: one log line per request (method, path, status, milliseconds; for a 4xx, the message the
+    client got). It replaces uvicorn's access line and KServe's latency lines."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status, body = time.perf_counter(), 500, b""
+
+        async def sending(message):
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400 and len(body) < 4096:
+                body += message.get("body", b"")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            line = f"{scope.get('method')} {scope.get('path')} {status} {1000 * (time.perf_counter() - t0):.1f} ms"
+            if 400 <= status < 500:
+                try:
+                    import json
+
+                    line += f": {json.loads(body)['error']}"
+                except (ValueError, KeyError, TypeError):
+                    pass
+            log.log(logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR, line)
+
+
+class Decompress:
+    """ASGI middleware: a request body sent with ``Content-Encoding: gzip`` or ``deflate`` (tritonclient's
+    ``request_compression_algorithm``) is decompressed before anything reads it, within ``limit`` bytes; another
+    encoding gets 400 naming it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        if encoding in ("", "identity"):
+            return await self.app(scope, receive, send)
+        if encoding not in ("gzip", "deflate"):
+            return await _answer(send, 400, f"Content-Encoding {encoding!r} is not supported (send gzip, deflate "
+                                            "or an uncompressed body)")
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        # gzip: a gzip header; deflate: zlib-wrapped (RFC 9110), or raw deflate from clients that send that.
+        wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+        data = b"".join(chunks)
+        try:
+            body = _inflate(data, wbits, self.limit)
+        except zlib.error:
+            try:
+                body = _inflate(data, -zlib.MAX_WBITS, self.limit) if encoding == "deflate" else None
+            except zlib.error:
+                body = None
+            if body is None:
+                return await _answer(send, 400, f"the request body is not valid {encoding} data")
+        if len(body) > self.limit:
+            return await _answer(send, 400, f"the decompressed request is over the server's limit of {self.limit} "
+                                            "bytes (serve --max-payload-mb)")
+        kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+        scope = {**scope, "headers": [*kept, (b"content-length", str(len(body)).encode())]}
+        sent = False
+
+        async def inflated():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, inflated, send)
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    """Decompress at most ``limit`` + 1 bytes (a small body must not expand without bound)."""
+    d = zlib.decompressobj(wbits)
+    out = d.decompress(data, limit + 1)
+    if not d.eof and len(out) <= limit:
+        raise zlib.error("truncated")
+    return out
+
+
+async def _answer(send, status: int, message: str) -> None:
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _malformed(request, exc):
@@ -380,12 +512,19 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8080, name: str = "s
     from kserve.logging import logger as kserve_logger
     from kserve.model_server import app
 
-    kserve_logger.addFilter(_OneLineBadRequests())
+    kserve_logger.addFilter(_NoClientErrors())
+    for quiet in ("uvicorn.access", "kserve.trace"):  # RequestLog writes the request's one line instead
+        logging.getLogger(quiet).addFilter(lambda record: False)
     model = make_model(resolve_model(source), name=name, device=device, threads=threads)
     log.info("serving %s as %r on %s:%d (%s)", source, name, host, port, model.session.device_note)
     _metadata_route(app, model)
     app.add_exception_handler(RequestValidationError, _malformed)
-    app.add_middleware(PayloadLimit, limit=int(max_payload_mb * 1024 * 1024))
+    limit = int(max_payload_mb * 1024 * 1024)
+    # Starlette runs the last added first: the request log sees every answer, the payload limit applies to the
+    # compressed body as it arrives, and decompression to what it expands to.
+    app.add_middleware(Decompress, limit=limit)
+    app.add_middleware(PayloadLimit, limit=limit)
+    app.add_middleware(RequestLog)
 
     class _Server(kserve.ModelServer):
         async def _serve(self):
@@ -394,7 +533,8 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8080, name: str = "s
                 self._rest_server.config.host = host
             await super()._serve()
 
-    server = _Server(http_port=port, enable_grpc=False, workers=1, enable_docs_url=False)
+    server = _Server(http_port=port, enable_grpc=False, workers=1, enable_docs_url=False,
+                     enable_latency_logging=False)
     _fast_binary_decoding(server.dataplane)
     server.start([model])
 
@@ -459,5 +599,5 @@ def decode_response(body: bytes, headers) -> dict[str, np.ndarray]:
     return out
 
 
-__all__ = ["make_model", "serve", "resolve_model", "PayloadLimit", "encode_request", "decode_response", "IMAGE",
-           "IMAGE_BYTES", "OUTPUTS"]
+__all__ = ["make_model", "serve", "resolve_model", "PayloadLimit", "Decompress", "RequestLog", "encode_request",
+           "decode_response", "IMAGE", "IMAGE_BYTES", "OUTPUTS"]

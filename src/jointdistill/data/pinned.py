@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, brief
 from ..io import atomic_dir
 
 
@@ -28,7 +28,7 @@ def _md5(path: Path) -> str:
 def _unreachable(where: str, exc: Exception) -> DataError:
     cause = exc.__cause__ or exc
     return DataError(f"{where}: could not be downloaded from the project's remote ({type(exc).__name__}: "
-                     f"{str(exc)[:200]}; {type(cause).__name__}: {str(cause)[:200]}); was it `dvc push`ed, and "
+                     f"{brief(exc, 200)}; {type(cause).__name__}: {brief(cause, 200)}); was it `dvc push`ed, and "
                      "can this machine reach the remote?")
 
 

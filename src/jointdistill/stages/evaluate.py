@@ -97,6 +97,8 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         m = {k: v for k, v in r.metrics.items() if k != "per_class_iou"}
         if "per_class_iou" in r.metrics:
             m["per_class_iou"] = dict(zip(classes, r.metrics["per_class_iou"], strict=True))
+        if r.confusion is not None:  # pixel counts, rows: ground truth, columns: prediction (Kubeflow's widget)
+            m["confusion_matrix"] = np.asarray(r.confusion).astype(int).tolist()
         if name in ("student", "mtl"):
             m["delta_m"] = delta_m(r.metrics, reference)
         metrics[name] = {split: m}
