@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import ablation, data, ddp, distill, export, gpu, pipeline, serve, teachers
+from . import ablation, data, ddp, distill, export, gpu, openvino, pipeline, serve, teachers
 from .common import machine_info, write_results
 
 SUITES = {
@@ -26,8 +26,11 @@ SUITES = {
     "export-gpu": lambda quick, params: export.rows(quick, params, ("default", "paper"), device="cuda"),
     # Training throughput of the paper configuration on a CUDA GPU: AMP, channels_last, compile, MFU, loader.
     "gpu": gpu.rows,
+    # A second runtime (optional extra): OpenVINO at f32 and at its CPU default, against onnxruntime.
+    "openvino": openvino.rows,
 }
-SLOW = ("pipeline", "ddp", "ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu", "gpu")
+SLOW = ("pipeline", "ddp", "ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu", "gpu",
+        "openvino")
 DEFAULT = [name for name in SUITES if name not in SLOW]
 
 

@@ -36,10 +36,10 @@ def _run(args: list[str], nproc: int, tmp: str) -> None:
         raise RuntimeError(f"{' '.join(launcher + args)} failed:\n{r.stderr[-3000:]}")
 
 
-def _throughput(metrics: Path) -> float:
-    """Train images/s of the whole job: the stage reports one process's (mean over epochs)."""
-    report = json.loads(metrics.read_text())
-    return report["train_images_per_second"] * report["world_size"]
+def _throughput(out: Path) -> float:
+    """Train images/s of the whole job: the stage reports one process's (mean over epochs) in run.json."""
+    run = json.loads((out / "run.json").read_text())
+    return run["train_images_per_second"] * json.loads((out / "report.json").read_text())["world_size"]
 
 
 def rows(quick: bool, params: str, nprocs: int = 2) -> list[dict]:
@@ -60,7 +60,7 @@ def rows(quick: bool, params: str, nprocs: int = 2) -> list[dict]:
             for n in (1, nprocs):
                 folder = f"out-{len(out)}-{n}"
                 _run([*args, "--out", folder, "--checkpoints", folder + "-ck"], n, tmp)
-                ips[n] = _throughput(Path(tmp) / folder / "metrics.json")
+                ips[n] = _throughput(Path(tmp) / folder)
             eff = ips[nprocs] / (nprocs * ips[1])
             out.append({"name": f"{name}: 1 process, 1 thread", "unit": "images/s", **summary([ips[1]])})
             out.append({"name": f"{name}: torchrun {nprocs} processes × 1 thread", "unit": "images/s",

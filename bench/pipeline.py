@@ -56,7 +56,7 @@ def repro_rows(quick: bool, params: str) -> list[dict]:
         # The largest single process among everything dvc ran (all waited for, so all counted here).
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         stages = re.findall(r"Running stage '([^']+)'", r.stdout)
-        metrics = json.loads((project / "data" / "eval" / "metrics.json").read_text())
+        metrics = json.loads((project / "data" / "eval" / "report.json").read_text())
     student = metrics["student"]["test"]
     return [
         {"name": "dvc repro, default pipeline from scratch" + (" (quick params)" if quick else ""), "unit": "s",

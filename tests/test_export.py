@@ -80,6 +80,7 @@ def test_outputs_pass_the_checker_and_parity(exported, prepared):
     assert metrics["file_bytes"]["int8-static"] < metrics["file_bytes"]["fp32"] / 2
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("segmentation_logits", "vehicle", "multiples of 8", f"{onnx_m['miou']:.4f}", "Latency",
+                   "`INFERENCE_PRECISION_HINT` set to `f32`",
                    "argmax agreement", "int8-static"):
         assert needle in card, needle
 

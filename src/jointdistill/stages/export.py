@@ -296,6 +296,16 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
                      f"depth max relative error {r['depth']['max_rel_err']:.2e} (not gated; see its test accuracy).")
     lines += [
         "",
+        "## Other runtimes",
+        "",
+        "- OpenVINO (CPU plugin): compile with `INFERENCE_PRECISION_HINT` set to `f32` to reproduce the parity "
+        "above. Its default on a CPU with bf16 instructions (AVX512-BF16, AMX) computes in bf16: faster on such "
+        "CPUs, but depth moves by centimetres to metres and some pixels change class. `python -m bench --only "
+        "openvino` measures both hints against onnxruntime on this model's test split (accuracy, largest depth "
+        "change, label agreement, latency).",
+    ]
+    lines += [
+        "",
         "## Latency",
         "",
         "Latency depends on the machine, so it is not written here: the export measured every file on its own "
