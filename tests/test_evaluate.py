@@ -72,7 +72,7 @@ def test_metrics_file_and_delta_m(evaluated):
     assert on_disk == json.loads(json.dumps(records.split(metrics)[0]))
     curated = json.loads((root / "eval" / "metrics.json").read_text())  # numbers only, for DVC and Kubeflow
     assert set(curated) == {"miou", "pixacc", "abs_err", "rel_err", "delta1", "delta_m", "delta_m_vs_mtl",
-                            "flops_ratio", "latency_ratio"}
+                            "flops_ratio"}
     assert curated["delta_m"] == pytest.approx(metrics["student"]["test"]["delta_m"], abs=1e-6)
     assert " ms" not in (root / "eval" / "report.md").read_text()  # timings stay out of the stage's output
     s, seg, dep = metrics["student"]["test"], metrics["teacher_seg"]["test"], metrics["teacher_depth"]["test"]

@@ -74,9 +74,8 @@ def test_outputs_pass_the_checker_and_parity(exported, prepared):
     assert set(metrics["test_by_model"]) == {"pytorch", "onnx", "fp16", "int8-static"}
     run = json.loads((out / "run.json").read_text())  # latency depends on the machine: beside the content
     assert set(run["latency_ms"]["onnx"]) == {"batch1_ms", "batch8_ms"} and "latency_ms" not in metrics
-    curated = json.loads((out / "metrics.json").read_text())
-    assert curated["latency_ms"] == pytest.approx(run["latency_ms"]["onnx"]["batch1_ms"], rel=1e-5)
-    assert set(curated) == {"latency_ms", "size_mb"}
+    curated = json.loads((out / "metrics.json").read_text())  # what the inputs determine only
+    assert set(curated) == {"size_mb"} and curated["size_mb"] == pytest.approx(metrics["file_bytes"]["fp32"] / 1e6)
     assert metrics["file_bytes"]["int8-static"] < metrics["file_bytes"]["fp32"] / 2
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("segmentation_logits", "vehicle", "multiples of 8", f"{onnx_m['miou']:.4f}", "Latency",

@@ -3,8 +3,8 @@ engine's exact metrics and Δm; plot data for `dvc plots`, pictures, and a repor
 
 Outputs (``out``): ``report.json`` ({model: {split: metrics}}; Δm in the student's), ``report.md``,
 ``report.html`` (self-contained) and ``plots/`` (CSV for `dvc plots show`, PNG for people); in the metrics folder
-``metrics.json`` (the student's test metrics, Δm, cost ratios, latency) and ``run.json`` (see `records`). The report
-holds no timings, so the output is the same for the same inputs; latency is in metrics.json.
+``metrics.json`` (the student's test metrics, Δm, FLOPs ratio) and ``run.json`` (latency; see `records`). Neither the
+report nor metrics.json holds a timing, so both are the same for the same inputs.
 """
 
 from __future__ import annotations
@@ -180,12 +180,13 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
 
 
 def curated(metrics: dict) -> dict:
-    """The evaluation's few numbers for metrics.json: the student on the split, Δm, its cost against the
-    teachers'; with an MTL baseline, Δm against it and the gate's margins."""
+    """The evaluation's few numbers for metrics.json: the student on the split, Δm, its FLOPs against the
+    teachers'; with an MTL baseline, Δm against it. Only numbers the inputs determine: DVC restores a stage from
+    its run cache only when this file, an uncached out, equals the cached run's (latency is in run.json)."""
     split = next(iter(metrics["student"]))
     s, cost = metrics["student"][split], metrics["cost"]
     out = {k: s[k] for k in (*SHOWN, "delta_m")}
-    out.update(flops_ratio=cost["student_flops_vs_teachers"], latency_ratio=cost["student_latency_vs_teachers"])
+    out["flops_ratio"] = cost["student_flops_vs_teachers"]
     if "delta_m_vs_mtl" in s:
         out["delta_m_vs_mtl"] = s["delta_m_vs_mtl"]
     return out
@@ -312,7 +313,7 @@ def _report_blocks(params, meta, data, res, metrics, split, reference, s_record,
     b.append(rp.text(f"Cost: the student needs {cost['flops']['student'] / 1e9:.2f} GFLOP per image, "
                      f"{100 * cost['student_flops_vs_teachers']:.0f} % of the two teachers' together "
                      f"({cost['flops']['teacher_seg'] / 1e9:.2f} and {cost['flops']['teacher_depth'] / 1e9:.2f}). "
-                     "Latency, measured on the machine that ran this, is in the stage's metrics.json."))
+                     "Latency, measured on the machine that ran this, is in the stage's run.json."))
     b.append(rp.text(f"Δm = (1/4)·Σ_k (−1)^l_k·(M_k − M_ref,k)/M_ref,k·100 over {', '.join(DELTA_M_METRICS)}; "
                      "l_k = 1 where lower is better; the reference is the seg teacher's mIoU/pixAcc and the depth "
                      "teacher's AbsErr/RelErr. Exact metrics over the whole split (one confusion matrix, pixel sums)."))
