@@ -141,6 +141,19 @@ def test_trajectory_loss_only_in_full_mode(runs):
     assert (root / "static_kd" / "dvclive" / "plots" / "metrics" / "train" / "kd_seg.tsv").exists()
 
 
+def test_static_kd_from_the_teachers_trains_no_connector(runs):
+    """kd_target: teachers (the default) leaves the connector out of static_kd: no warm-up, no scoring, no connector
+    trajectory; the KD terms still act on the encoder. full keeps it (the trajectory reads its fused map)."""
+    root, reports = runs
+    kd, full = reports["static_kd"], reports["full"]
+    assert kd["connector"] == {"warmup": None, "history": []} and full["connector"]["history"]
+    assert {"kd_seg", "kd_depth"} <= set(kd["gradients"]["mean_norm"])
+    sources = set(pq.read_table(root / "static_kd" / "trajectory.parquet").column("source").to_pylist())
+    assert sources == {"student"}
+    assert set(pq.read_table(root / "full" / "trajectory.parquet").column("source").to_pylist()) == {
+        "student", "connector"}
+
+
 def test_mtl_never_runs_the_teachers(runs, prepared, tiny_teachers, tmp_path, monkeypatch):
     root, reports = runs
     mtl = reports["mtl"]

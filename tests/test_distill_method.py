@@ -12,13 +12,14 @@ from scipy import stats
 
 from jointdistill.config import load_params
 from jointdistill.distill.connector import Connector
-from jointdistill.distill.losses import kd_depth
+from jointdistill.distill.losses import kd_depth, kd_seg
 from jointdistill.distill.model import DistillModel
 from jointdistill.distill.task import StudentTask
 from jointdistill.distill.trajectory import top_k_points
 from jointdistill.metrics import depth_loss
 from jointdistill.models import build_student, build_teacher, model_flops
 from jointdistill.stages import ablate, distill
+from jointdistill.stages.distill import needs_connector
 
 from .conftest import REPO, TINY
 
@@ -73,7 +74,6 @@ def test_gradient_norms_on_the_encoder_match_autograd():
     job.loss(out, batch)
     (row,) = job.grad_norms
     cfg, s, c = job.cfg, out["student"], out["connector"]
-    from jointdistill.distill.losses import kd_seg
     from jointdistill.metrics import seg_loss
 
     seg = cfg.lambda_seg * seg_loss(s["seg"], batch["label"])
@@ -256,10 +256,44 @@ def test_kd_target_teachers_are_the_teachers_own_predictions():
     batch = {"image": x, "label": torch.randint(0, 3, (2, 32, 48)), "depth": torch.rand(2, 1, 32, 48) + 1}
     out = live(x)
     _, parts = job.loss(out, batch)
-    from jointdistill.distill.losses import kd_seg
-
     assert parts["kd_seg"] == pytest.approx(kd_seg(out["student"]["seg"], expected["seg"], batch["label"]).item())
     assert "targets" not in DistillModel(student, con, teachers).train()(x)  # kd_target: connector
+
+
+def test_static_kd_and_adaptive_from_the_teachers_train_no_connector():
+    """With kd_target=teachers the connector only serves the trajectory (full): static_kd and adaptive leave it out,
+    and their KD term still reads the teachers' predictions, live or from the cache."""
+    assert [needs_connector(params(f"distill.mode={m}", "distill.kd_target=teachers").distill)
+            for m in ("mtl", "static_kd", "adaptive", "full")] == [False, False, False, True]
+    assert needs_connector(params("distill.mode=static_kd", "distill.kd_target=connector").distill)
+    torch.manual_seed(0)
+    student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
+    teachers = [build_teacher(t, "tiny", "light", 3, tiny_widths=(8, 8, 16, 16)).eval() for t in ("seg", "depth")]
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        expected = {"seg": teachers[0](x)["seg"], "depth": teachers[1](x)["depth"]}
+    batch = {"image": x, "label": torch.randint(0, 3, (2, 32, 48)), "depth": torch.rand(2, 1, 32, 48) + 1}
+    live = DistillModel(student, None, teachers, target_teachers=teachers).train()
+    cached = DistillModel(student, None, None, target_teachers=teachers).train()
+    for mode in ("static_kd", "adaptive"):
+        cfg = params(f"distill.mode={mode}", "distill.kd_target=teachers").distill
+        for model, kwargs in ((live, {}), (cached, {"target_seg": expected["seg"], "target_depth": expected["depth"]})):
+            job = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
+            assert job.model_inputs == (() if model is live else ("target_seg", "target_depth"))
+            out = model(x, **kwargs)
+            assert "connector" not in out and model.clip_groups() == [list(student.parameters())]
+            for task in ("seg", "depth"):
+                torch.testing.assert_close(out["targets"][task], expected[task])
+            total, parts = job.loss(out, batch)
+            assert parts["kd_seg"] == pytest.approx(kd_seg(out["student"]["seg"], expected["seg"],
+                                                           batch["label"]).item())
+            assert parts["kd_depth"] == pytest.approx(kd_depth(out["student"]["depth"], expected["depth"],
+                                                               batch["depth"], "log_l1").item())
+            assert "connector_seg_ce" not in parts and torch.isfinite(total)
+    # mtl: no targets, no KD term.
+    mtl = StudentTask(DistillModel(student), params("distill.mode=mtl").distill, 3, 255, None, [])
+    _, parts = mtl.loss(DistillModel(student).train()(x), batch)
+    assert "kd_seg" not in parts
 
 
 def test_ablation_reuses_teachers_across_distill_changes():

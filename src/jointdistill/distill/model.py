@@ -1,5 +1,7 @@
-"""What the engine trains in the `distill` stage: the student and (in the KD modes) the connector, with the
-frozen teachers alongside.
+"""What the engine trains in the `distill` stage: the student and (where it has a role) the connector, with
+the frozen teachers alongside. The connector trains when its outputs are the soft targets (``kd_target:
+connector``) or when the trajectory reads its fused map (``full``); otherwise (``static_kd`` and ``adaptive``
+with ``kd_target: teachers``) it is left out, and a KD step costs about what an mtl step does.
 
 The teachers are held outside the module tree, so they are in neither ``parameters()`` (the optimiser and
 DDP never see them) nor ``state_dict()`` (checkpoints hold only what is trained), yet ``.to()`` moves them.
@@ -53,10 +55,8 @@ class DistillModel(nn.Module):
                  probes: torch.Tensor | None = None, traj_every: int = 1, traj_batch: int = 4,
                  probe_teacher_features: torch.Tensor | None = None, target_teachers: list[DenseNet] | None = None):
         super().__init__()
-        cached = probe_teacher_features is not None
-        if (connector is None) != (not teachers and not cached):
-            raise ValueError("the connector and the teachers (or their cache) come together (KD modes) or not at "
-                             "all (mtl)")
+        if connector is not None and not teachers and probe_teacher_features is None:
+            raise ValueError("the connector needs the teachers, or their cached features for the probe set")
         # The probe set's teacher feature maps when they come from the cache (then no teacher is held).
         self._probe_teacher = probe_teacher_features
         self.student = student
@@ -123,15 +123,20 @@ class DistillModel(nn.Module):
         if not self.training:
             return self.student(x)
         out = {"student": self.student(x)}
+        feats = None
         if self.connector is not None:
             if teacher_features is None and not self._teachers:
                 raise ValueError("no teachers here: a batch must bring its cached teacher_features")
             feats = [teacher_features.to(x.dtype)] if teacher_features is not None else self.teacher_features(x)
             out["connector"] = rescale_depth(self.connector(feats, x.shape[-2:]), feature_scale)
-            if target_seg is not None and target_depth is not None:
-                out["targets"] = {"seg": target_seg, "depth": target_depth}
-            elif self._target_teachers:
-                out["targets"] = rescale_depth(self.teacher_targets(feats, x.shape[-2:]), feature_scale)
+        if target_seg is not None and target_depth is not None:
+            out["targets"] = {"seg": target_seg, "depth": target_depth}
+        elif self._target_teachers:
+            if feats is None:  # no connector (static_kd, adaptive): the teachers run for their targets alone
+                if teacher_features is None and not self._teachers:
+                    raise ValueError("no teachers here: a batch must bring its cached teacher predictions")
+                feats = [teacher_features.to(x.dtype)] if teacher_features is not None else self.teacher_features(x)
+            out["targets"] = rescale_depth(self.teacher_targets(feats, x.shape[-2:]), feature_scale)
         step = int(self.steps)
         if self.trajectory_on and step % self.traj_every == 0:
             idx = self.probe_slice(step)

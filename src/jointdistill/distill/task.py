@@ -7,7 +7,7 @@ depth, so that depth does not drown segmentation on the shared encoder):
     L   = λ_seg·CE(S_seg, y) + λ_depth·L_depth(S_depth, d)                              (every mode)
         + λ_KD·Σ_i ω_i·D_i(S_i, C_i)   (C_i: the connector's, or with kd_target=teachers T_i's)  (KD modes)
         + s_traj·L_traj                                                                 (full, once the buffer fills)
-    L_C = Σ_i L_task,i(C_i, y_i)                                                        (the connector, on labels)
+    L_C = Σ_i L_task,i(C_i, y_i)                                        (the connector, on labels, where it trains)
 
 ω weights what the student takes from each teacher, never the connector's own label loss. s_traj is λ_traj, or,
 with ``traj_share``, a scale calibrated every ``grad_log_every`` steps so that the trajectory term's gradient
@@ -84,8 +84,9 @@ class StudentTask:
         self._last_step: int | None = None
         self.traj_scale: float | None = None if cfg.traj_share else cfg.lambda_traj
         self.model_inputs: tuple[str, ...] = ()
-        if model.connector is not None and not model.teachers:  # the teacher cache brings what the teachers gave
-            self.model_inputs = ("teacher_features", "feature_scale")
+        if self.kd and not model.teachers:  # the teacher cache brings what the teachers gave
+            if model.connector is not None:
+                self.model_inputs = ("teacher_features", "feature_scale")
             if cfg.kd_target == "teachers":
                 self.model_inputs += ("target_seg", "target_depth")
 
@@ -102,18 +103,20 @@ class StudentTask:
         parts = {"seg_ce": ce.detach(), f"depth_{cfg.depth_loss}": dl.detach()}
         connector_loss = None
         if "connector" in outputs:
-            c, w = outputs["connector"], self.omega()
+            c = outputs["connector"]
             c_ce = seg_loss(c["seg"].float(), label, self.ignore_index)
             c_dl = depth_loss(c["depth"].float(), depth, cfg.depth_loss)
-            soft = outputs.get("targets", c)  # the connector's outputs, or the teachers' own (kd_target)
+            connector_loss = c_ce + c_dl
+            parts.update(connector_seg_ce=c_ce.detach(), connector_depth=c_dl.detach())
+        soft = outputs.get("targets", outputs.get("connector"))  # the teachers' own (kd_target), or the connector's
+        if self.kd and soft is not None:
+            w = self.omega()
             d_seg = kd_seg(s["seg"], soft["seg"], label, cfg.temperature, self.ignore_index)
             d_depth = kd_depth(s["depth"], soft["depth"], depth if cfg.kd_depth_pixels == "valid" else None,
                                cfg.depth_loss)
-            connector_loss = c_ce + c_dl
             terms["kd_seg"] = cfg.lambda_kd * w["seg"] * d_seg
             terms["kd_depth"] = cfg.lambda_kd * w["depth"] * d_depth
-            parts.update(connector_seg_ce=c_ce.detach(), connector_depth=c_dl.detach(),
-                         kd_seg=d_seg.detach(), kd_depth=d_depth.detach())
+            parts.update(kd_seg=d_seg.detach(), kd_depth=d_depth.detach())
         traj = None
         if "probe" in outputs:
             att = resize_attention(attention_map(outputs["probe"]["features"]), self.grid)

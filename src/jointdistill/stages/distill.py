@@ -1,14 +1,14 @@
 """The `distill` stage: the multi-task student, trained from the two frozen teachers with JointDistill.
 
-Modes (``distill.mode``): ``mtl`` (task losses only; the teachers are never loaded), ``static_kd``
-(+ distillation from the connector with ω = 1), ``adaptive`` (+ feedback-driven ω), ``full`` (+ the knowledge
+Modes (``distill.mode``): ``mtl`` (task losses only; the teachers are never loaded), ``static_kd`` (+ distillation
+with ω = 1, from the teachers or the connector), ``adaptive`` (+ feedback-driven ω), ``full`` (+ the knowledge
 trajectory loss: JointDistill). Before training: the teachers are checked against the data (task, classes,
-normalisation) and their own val scores r^T are measured, and (KD modes) the connector is warmed up alone on
-the teachers' features. Then the engine trains (checkpoints, exact resume, AMP, DDP) with validation every
-timeframe (``distill.timeframe_steps`` steps), where ω is updated, the connector is scored on val and both
-trajectories are recorded on a fixed set of train probe images. Outputs: ``student.pt``, ``report.json``,
-``weights.csv``, ``trajectory.parquet``, ``lineage.json``; in the metrics folder ``metrics.json``, ``run.json`` and
-``dvclive/`` (see `records`).
+normalisation) and their own val scores r^T are measured, and the connector, where it has a role (see
+`needs_connector`), is warmed up alone on the teachers' features. Then the engine trains (checkpoints, exact
+resume, AMP, DDP) with validation every timeframe (``distill.timeframe_steps`` steps), where ω is updated, the
+connector is scored on val and the trajectories are recorded on a fixed set of train probe images. Outputs:
+``student.pt``, ``report.json``, ``weights.csv``, ``trajectory.parquet``, ``lineage.json``; in the metrics folder
+``metrics.json``, ``run.json`` and ``dvclive/`` (see `records`).
 """
 
 from __future__ import annotations
@@ -80,6 +80,14 @@ def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[DenseNet, dic
                     record["data_checksum"], meta.get("source_checksum"))
     return model, {"path": str(path), "file_digest": _file_digest(file), "backbone": model.config.backbone,
                    "head": model.config.head, "feature_channels": model.feature_channels}
+
+
+def needs_connector(cfg: DistillParams) -> bool:
+    """Whether the connector has a role: its outputs are the soft targets (``kd_target: connector``), or the
+    trajectory reads its fused map (``full``). Without one, static_kd and adaptive distil from the teachers'
+    own predictions and skip its training, warm-up and per-timeframe scoring (a KD run then costs about what an
+    mtl run does)."""
+    return cfg.mode != "mtl" and (cfg.kd_target == "connector" or cfg.mode == "full")
 
 
 def probe_indices(n_train: int, count: int, seed: int) -> list[int]:
@@ -197,7 +205,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
 
     connector = None
     target_teachers = list(teacher_models)  # kept for kd_target=teachers even when the cache replaces them
-    if kd:
+    if needs_connector(cfg):
         connector = Connector([t.feature_channels for t in teacher_models], num_classes, cfg.connector_channels)
     probes = torch.stack([plain_train[i]["image"] for i in probe_ids])
     cache, cache_report, probe_feats = None, None, None
@@ -205,7 +213,8 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         folder = Path(teacher_cache) if teacher_cache else checkpoints / "teacher_cache"
         key = tcache.cache_key({t: i["file_digest"] for t, i in teacher_info.items()}, meta)
         cache, reused = tcache.ensure(folder, teacher_models, key, data, device, cfg.batch_size)
-        probe_feats = torch.from_numpy(np.asarray(cache["train"][probe_ids])).float()
+        if connector is not None:
+            probe_feats = torch.from_numpy(np.asarray(cache["train"][probe_ids])).float()
         cache_report = {"path": str(folder), "reused": reused, **{k: cache["meta"][k] for k in (
             "channels", "grid", "bytes", "build_seconds", "teacher_forward_images")}}
         teacher_models = []  # from here on no teacher runs: their features come from the cache
@@ -213,7 +222,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
                          probe_teacher_features=probe_feats,
                          target_teachers=target_teachers if cfg.kd_target == "teachers" else None)
     connector_val = None
-    if kd:
+    if connector is not None:
         val_c = PreparedDataset(data, "val", features=cache["val"] if cache is not None else None)
 
         def connector_val() -> dict:
@@ -228,13 +237,13 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
     }, sort_keys=True).encode()).hexdigest()[:16]
     train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed,
-                               features=cache["train"] if cache is not None else None,
+                               features=cache["train"] if cache is not None and connector is not None else None,
                                targets=cache["train_targets"] if cache is not None and cfg.kd_target == "teachers"
                                else None,
                                feature_stride=DenseNet.feature_stride)
     t0 = time.perf_counter()
     warmup_report = None
-    if kd and cfg.connector_warmup:
+    if connector is not None and cfg.connector_warmup:
         before = _short(connector_val())
         warmup_report = warm_up(model, train_ds, cfg, params.seed, device, ignore,
                                 checkpoints / "connector-warmup.pt", digest, resume)
