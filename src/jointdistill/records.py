@@ -72,21 +72,28 @@ def numbers(metrics: dict, where: str = "metrics") -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform module knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def machine() -> dict:
     """Where the run happened: CPU model, usable cores, library versions (and the GPU, if torch sees one)."""
     import sys
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "python": platform.python_version()}
+    info = {"cpu": cpu_model(), "cores": usable_cores(), "python": platform.python_version()}
     for package in ("torch", "onnxruntime", "numpy"):
         try:
             info[package] = metadata.version(package)
