@@ -191,7 +191,10 @@ def test_t_interval_matches_scipy():
     mean, low, high = ablate.t_interval(diffs)
     ref = stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / 5, scale=stats.sem(diffs))
     assert (low, high) == pytest.approx(ref) and mean == pytest.approx(0.26)
-    assert ablate.t_interval([0.5]) == (0.5, 0.5, 0.5)
+    assert ablate.t_interval([0.5]) == (0.5, None, None)  # one seed resolves nothing
+    (one,) = ablate.paired(_results([0.02]), ["single", "mtl", "full"])
+    md = ablate.markdown(ablate.summarise(_results([0.02]), ["single", "mtl", "full"]), [0], [one])
+    assert "| full − mtl | +2.00 [no interval] (1/1)" in md and md.rstrip().endswith("| no: one seed |")
 
 
 def test_paired_differences_and_sign_counts():

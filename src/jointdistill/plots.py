@@ -165,8 +165,9 @@ def paired_differences(pairs: list[dict], metrics: list[str], path: str | Path) 
         scale = 100.0 if key == "miou" else 1.0
         ys = list(range(len(pairs)))[::-1]
         means = [scale * p[key]["mean"] for p in pairs]
-        err = [[scale * (p[key]["mean"] - p[key]["low"]) for p in pairs],
-               [scale * (p[key]["high"] - p[key]["mean"]) for p in pairs]]
+        # One seed has no interval: its point is drawn without a bar.
+        err = [[scale * (p[key]["mean"] - p[key]["low"]) if p[key]["low"] is not None else 0.0 for p in pairs],
+               [scale * (p[key]["high"] - p[key]["mean"]) if p[key]["high"] is not None else 0.0 for p in pairs]]
         ax.errorbar(means, ys, xerr=err, fmt="o", capsize=3)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(ys, names if key == metrics[0] else [""] * len(names), fontsize=8)

@@ -148,13 +148,14 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
     return table
 
 
-def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of a two-sided Student-t interval of the mean (low = high = mean for one value)."""
+def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of a two-sided Student-t interval of the mean. One value has no interval (low and high
+    None): a single seed can never resolve a difference."""
     from scipy import stats
 
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
-        return mean, mean, mean
+        return mean, None, None
     half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return mean, mean - half, mean + half
 
@@ -234,10 +235,11 @@ def markdown(table: list[dict], seeds, pairs: list[dict] | None = None, checks: 
             for key in PAIR_METRICS:
                 f = 100.0 if key == "miou" else 1.0
                 d = p[key]
-                cells.append(f"{f * d['mean']:+.2f} [{f * d['low']:+.2f}, {f * d['high']:+.2f}] "
-                             f"({d['better']}/{p['seeds']})")
+                interval = "no interval" if d["low"] is None else f"{f * d['low']:+.2f}, {f * d['high']:+.2f}"
+                cells.append(f"{f * d['mean']:+.2f} [{interval}] ({d['better']}/{p['seeds']})")
             dm = p["delta_m"]
-            verdict = ("yes: better" if dm["low"] > 0 else "yes: worse" if dm["high"] < 0 else "no")
+            verdict = ("no: one seed" if dm["low"] is None else "yes: better" if dm["low"] > 0
+                       else "yes: worse" if dm["high"] < 0 else "no")
             lines.append(f"| {p['a']} − {p['b']} | " + " | ".join(cells) + f" | {verdict} |")
     if checks and checks["seeds"]:
         lines += ["", f"Gate ({checks['rule']}): **{'passed' if checks['passed'] else 'FAILED'}**"
