@@ -38,7 +38,8 @@ lock: setup
 bench: setup
 	$(BIN)/python -m bench
 
-## ablation: the five modes over 5 seeds on the default benchmark (several hours on 2 cores; never part of `make test`).
+## ablation: the five modes over 5 seeds on the default benchmark (about 2 h 45 min on 2 cores, half of it the
+## teachers; never part of `make test`).
 ## Runs land in data/ablation/ (a killed run resumes); the tables are copied to bench/results/ablation/.
 ABLATION_MODES ?= single,mtl,static_kd,adaptive,full
 ABLATION_SEEDS ?= 0,1,2,3,4
