@@ -125,17 +125,12 @@ class DistillModel(nn.Module):
         out = {"student": self.student(x)}
         feats = None
         if self.connector is not None:
-            if teacher_features is None and not self._teachers:
-                raise ValueError("no teachers here: a batch must bring its cached teacher_features")
-            feats = [teacher_features.to(x.dtype)] if teacher_features is not None else self.teacher_features(x)
+            feats = self._features(x, teacher_features)
             out["connector"] = rescale_depth(self.connector(feats, x.shape[-2:]), feature_scale)
         if target_seg is not None and target_depth is not None:
             out["targets"] = {"seg": target_seg, "depth": target_depth}
-        elif self._target_teachers:
-            if feats is None:  # no connector (static_kd, adaptive): the teachers run for their targets alone
-                if teacher_features is None and not self._teachers:
-                    raise ValueError("no teachers here: a batch must bring its cached teacher predictions")
-                feats = [teacher_features.to(x.dtype)] if teacher_features is not None else self.teacher_features(x)
+        elif self._target_teachers:  # without a connector (static_kd, adaptive) the teachers run for these alone
+            feats = feats if feats is not None else self._features(x, teacher_features)
             out["targets"] = rescale_depth(self.teacher_targets(feats, x.shape[-2:]), feature_scale)
         step = int(self.steps)
         if self.trajectory_on and step % self.traj_every == 0:
@@ -146,6 +141,14 @@ class DistillModel(nn.Module):
             out["probe"] = {"features": feats, "index": idx}
         self.steps += 1
         return out
+
+    def _features(self, x: torch.Tensor, cached: torch.Tensor | None) -> list[torch.Tensor]:
+        """The teachers' feature maps of the batch: its cached ones, or the held teachers run on it."""
+        if cached is not None:
+            return [cached.to(x.dtype)]
+        if not self._teachers:
+            raise ValueError("no teachers here: a batch must bring its cached teacher_features")
+        return self.teacher_features(x)
 
     @torch.no_grad()
     def teacher_targets(self, feats: list[torch.Tensor], size) -> dict[str, torch.Tensor]:
