@@ -40,16 +40,21 @@ bench: setup
 
 ## ablation: the five modes over 5 seeds on the default benchmark (about 2 h 45 min on 2 cores, half of it the
 ## teachers; never part of `make test`).
-## Runs land in data/ablation/ (a killed run resumes); the tables are copied to bench/results/ablation/.
+## Runs land in $(ABLATION_DIR) (a killed run resumes); the tables are copied to $(ABLATION_RESULTS).
+## ABLATION_SET: params changes for both commands, e.g. ABLATION_SET="prepare.labelled_fraction=0.05" (a label budget).
 ABLATION_MODES ?= single,mtl,static_kd,adaptive,full
 ABLATION_SEEDS ?= 0,1,2,3,4
+ABLATION_SET ?=
+ABLATION_DIR ?= data/ablation
+ABLATION_RESULTS ?= bench/results/ablation
+ABLATION_SETS := $(foreach s,$(ABLATION_SET),--set $(s))
 ablation: setup
-	$(BIN)/jointdistill prepare --params $(PARAMS) --out data/ablation/prepared
-	$(BIN)/jointdistill ablate --params $(PARAMS) --data data/ablation/prepared --out data/ablation \
+	$(BIN)/jointdistill prepare --params $(PARAMS) $(ABLATION_SETS) --out $(ABLATION_DIR)/prepared
+	$(BIN)/jointdistill ablate --params $(PARAMS) $(ABLATION_SETS) --data $(ABLATION_DIR)/prepared --out $(ABLATION_DIR) \
 		--modes $(ABLATION_MODES) --seeds $(ABLATION_SEEDS)
-	mkdir -p bench/results/ablation
-	cp data/ablation/ablation.md data/ablation/ablation.csv data/ablation/ablation.json data/ablation/ablation.png \
-		data/ablation/paired.png data/ablation/runs.csv bench/results/ablation/
+	mkdir -p $(ABLATION_RESULTS)
+	cp $(ABLATION_DIR)/ablation.md $(ABLATION_DIR)/ablation.csv $(ABLATION_DIR)/ablation.json $(ABLATION_DIR)/ablation.png \
+		$(ABLATION_DIR)/paired.png $(ABLATION_DIR)/runs.csv $(ABLATION_RESULTS)/
 
 ## pipeline: compile the Kubeflow pipeline to jointdistill.yaml
 pipeline: setup

@@ -226,6 +226,12 @@ def test_gate_per_seed():
     assert bad["seeds"][1]["miou_points"] == pytest.approx(2.0)
     md = ablate.markdown(ablate.summarise(rows, ["single", "mtl"]), range(3), [], bad)
     assert "**FAILED**: this benchmark cannot show distillation" in md
+    # Under a label budget the KD students also learn from unlabelled frames: a failed gate does not bound them.
+    pooled = ablate.gate(rows, unlabelled=827)
+    assert not pooled["passed"] and pooled["unlabelled"] == 827
+    md = ablate.markdown(ablate.summarise(rows, ["single", "mtl"]), range(3), [], pooled)
+    assert "**FAILED**; it does not bound distillation here" in md and "827 unlabelled frames" in md
+    assert "cannot show distillation" not in md
 
 
 def test_modes_with_variants():

@@ -256,6 +256,26 @@ def test_kd_depth_on_valid_pixels():
     assert kd_depth(s, c, torch.zeros_like(gt)).item() == 0.0
 
 
+def test_kd_pixels_cover_every_pixel_of_an_unlabelled_image_only():
+    from jointdistill.distill.task import kd_pixels
+
+    label = torch.tensor([[[0, 255], [2, 1]], [[255, 255], [255, 255]]])  # a labelled image, an unlabelled one
+    depth = torch.tensor([[[[0.0, 3.0], [4.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    kd_label, kd_gt = kd_pixels(label, depth, 255)
+    assert kd_label[0].tolist() == label[0].tolist()  # the labelled image keeps its ignored pixel out of KD
+    assert (kd_label[1] != 255).all()
+    assert kd_gt[0].tolist() == depth[0].tolist()
+    assert (kd_gt[1] > 0).all()
+    s = torch.zeros(2, 3, 2, 2)
+    p = torch.randn(2, 3, 2, 2)
+    from jointdistill.distill.losses import kd_depth, kd_seg
+    # The unlabelled image alone: its KD terms are the plain means over all its pixels.
+    assert kd_seg(s[1:], p[1:], kd_label[1:]).item() == pytest.approx(kd_seg(s[1:], p[1:]).item())
+    sd, td = torch.full((1, 1, 2, 2), 2.0), torch.tensor([[[[1.0, 2.0], [4.0, 2.0]]]])
+    assert kd_depth(sd, td, kd_gt[1:]).item() == pytest.approx(kd_depth(sd, td).item())
+    assert kd_depth(sd, td, depth[1:]).item() == 0.0  # what the unmodified mask gave: no signal at all
+
+
 def test_distill_model_hides_teachers_and_cycles_probes():
     from jointdistill.distill.model import DistillModel
     from jointdistill.models import build_student

@@ -23,7 +23,7 @@ def test_contract(prepared, tiny_params):
     assert meta["resolution"] == [48, 96]
     assert len(meta["normalization"]["mean"]) == 3 and len(meta["normalization"]["std"]) == 3
     counts = meta["counts"]
-    assert sum(counts.values()) == 40 and min(counts.values()) >= 1
+    assert sum(counts.values()) == 40 and min(counts[s] for s in SPLITS) >= 1 and counts["unlabelled"] == 0
     for split in SPLITS:
         n = counts[split]
         images = np.load(prepared / split / "images.npy")

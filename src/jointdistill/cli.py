@@ -175,8 +175,9 @@ def prepare(
     meta = stage.run(cfg, out, metrics_dir=metrics)
     counts = meta["counts"]
     typer.echo(
-        f"prepared {meta['dataset']} → {out}  (train {counts['train']}, val {counts['val']}, test {counts['test']}; "
-        f"gallery: {out / 'gallery.png'})"
+        f"prepared {meta['dataset']} → {out}  (train {counts['train']}, val {counts['val']}, test {counts['test']}"
+        + (f", unlabelled {counts['unlabelled']}" if counts.get("unlabelled") else "")
+        + f"; gallery: {out / 'gallery.png'})"
     )
 
 
@@ -587,7 +588,8 @@ def summary(
     c = meta["counts"]
     h, w = meta["resolution"]
     typer.echo(f"prepared data : {prepared.resolve()}  ({meta['dataset']}, {h}×{w}; "
-               f"train {c['train']}, val {c['val']}, test {c['test']})")
+               f"train {c['train']}, val {c['val']}, test {c['test']}"
+               + (f", unlabelled {c['unlabelled']}" if c.get("unlabelled") else "") + ")")
     if (prepared / "gallery.png").exists():
         typer.echo(f"gallery       : {(prepared / 'gallery.png').resolve()}")
     for task in ("seg", "depth"):

@@ -61,6 +61,10 @@ class PrepareParams(_Section):
     test_fraction: float = Field(
         0.15, gt=0.0, lt=1.0, description="share of synthetic frames in its own test split (real sources have theirs)"
     )
+    labelled_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of the train split that keeps its labels (picked by a seeded hash); "
+        "the rest is the unlabelled split, whose images the teachers label for the student"
+    )
     max_depth: float = Field(100.0, gt=0.0, description="depth beyond this (metres) is invalid (0)")
     invalid_depth: Literal["mask", "error"] = Field(
         "mask", description="NaN/inf/negative depth pixels: mask them (set 0, count in meta.json) or fail"
@@ -223,6 +227,10 @@ class DistillParams(OptimParams):
     kd_depth_pixels: Literal["valid", "all"] = Field(
         "valid", description="where the depth KD term applies: pixels with valid ground truth, or every pixel (the "
         "teacher's depth also fills the ground truth's holes)")
+    unlabelled_batch: int = Field(
+        8, ge=0, description="unlabelled images each KD step adds to its batch_size labelled ones, where the prepared "
+        "data has an unlabelled split (prepare.labelled_fraction < 1); the teachers' predictions are their only "
+        "targets (0: not used). mtl cannot use them; every mode takes the same steps")
     connector_warmup: int = Field(
         300, ge=0, description="steps that train the connector alone on the frozen teachers' features before the "
         "student starts (KD modes; 0: none)")

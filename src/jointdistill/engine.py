@@ -103,38 +103,67 @@ def resolve_device(spec: str) -> torch.device:
 class EpochSampler(Sampler[int]):
     """A permutation fixed by (seed, epoch), sharded across ranks, optionally skipping batches already done.
 
-    Training drops the last incomplete global batch so every rank runs the same number of steps.
+    Training drops the last incomplete global batch so every rank runs the same number of steps. ``length``
+    (default ``n``) is how many indices an epoch draws: more than ``n`` chains further permutations, so a
+    smaller dataset can take as many steps per epoch as a larger one (`fit`'s ``epoch_samples``).
+
+    ``pool``/``pool_batch``: the dataset's items ``n .. n + pool - 1`` are an unlabelled pool, and every step
+    adds ``pool_batch`` of them (their own chained permutations) to its ``batch_size`` labelled items, so the
+    labelled part of a step, and so the weight of the labels, is the same with or without the pool.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, length: int | None = None, pool: int = 0, pool_batch: int = 0):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.length = n if length is None else length
+        self.pool, self.pool_batch = (pool, pool_batch) if pool and pool_batch else (0, 0)
         self.epoch, self.skip_batches = 0, 0
+
+    @property
+    def step_size(self) -> int:
+        """Items per step and process: the loader's batch size."""
+        return self.batch_size + self.pool_batch
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
 
+    def _chain(self, n: int, length: int, salt: int = 0) -> list[int]:
+        order: list[int] = []
+        for cycle in range(math.ceil(length / n) if n else 0):
+            if self.shuffle:  # cycle 0 is the epoch's one permutation whenever length == n
+                g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + cycle * 1_000_003 + salt)
+                order += torch.randperm(n, generator=g).tolist()
+            else:
+                order += range(n)
+        return order[:length]
+
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = self._chain(self.n, self.length)
         if self.drop_last:
             per_step = self.batch_size * self.world
             order = order[: len(order) // per_step * per_step]
-        return order[self.rank :: self.world]
+        if not self.pool:
+            return order[self.rank :: self.world]
+        # Step by step: this rank's share of the step's labelled items, then of its pool items.
+        steps = len(order) // (self.batch_size * self.world)
+        k, u = self.batch_size * self.world, self.pool_batch * self.world
+        pool = [self.n + i for i in self._chain(self.pool, steps * u, salt=7)]
+        mixed: list[int] = []
+        for s in range(steps):
+            mixed += order[s * k : (s + 1) * k][self.rank :: self.world]
+            mixed += pool[s * u : (s + 1) * u][self.rank :: self.world]
+        return mixed
 
     def batches_per_epoch(self) -> int:
         n = len(self._indices())
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return n // self.step_size if self.drop_last else math.ceil(n / self.step_size)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip_batches * self.batch_size :])
+        return iter(self._indices()[self.skip_batches * self.step_size :])
 
     def __len__(self) -> int:
-        return max(0, len(self._indices()) - self.skip_batches * self.batch_size)
+        return max(0, len(self._indices()) - self.skip_batches * self.step_size)
 
 
 def make_loader(ds: Dataset, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device,
@@ -408,6 +437,8 @@ def fit(
     resume: bool = False,
     log_name: str = "train",
     eval_every: int | None = None,
+    epoch_samples: int | None = None,
+    pool: tuple[int, int] = (0, 0),
 ) -> FitResult:
     """Train with validation after every epoch, or every ``eval_every`` steps (and after the last step); keep
     the best validated weights by ``task.monitor``. A validation is a *timeframe* for tasks that have
@@ -415,7 +446,9 @@ def fit(
 
     ``run_dir`` holds ``last.pt`` (the resumable checkpoint) and ``dvclive/``; it outlives failed runs.
     ``digest`` identifies everything that determines the result: a checkpoint with another digest is
-    never resumed from.
+    never resumed from. ``epoch_samples``: labelled samples an epoch draws (default: one pass over them).
+    ``pool`` = (size, per step): the last ``size`` items of ``train_ds`` are unlabelled images, and every step
+    adds ``per step`` of them to its ``spec.batch_size`` labelled ones (see `EpochSampler`).
     """
     device = resolve_device(spec.device)
     ddp = init_distributed(device)
@@ -429,12 +462,14 @@ def fit(
     if use_compile(spec, device):
         compile_networks(model)
 
-    train_sampler = EpochSampler(len(train_ds), spec.batch_size, seed, True, ddp.rank, ddp.world)
+    train_sampler = EpochSampler(len(train_ds) - pool[0], spec.batch_size, seed, True, ddp.rank, ddp.world,
+                                 length=epoch_samples, pool=pool[0], pool_batch=pool[1])
     val_sampler = EpochSampler(len(val_ds), spec.batch_size, seed, False, ddp.rank, ddp.world, drop_last=False)
     steps_per_epoch = train_sampler.batches_per_epoch()
     if steps_per_epoch == 0:
         raise ModelError(
-            f"train has {len(train_ds)} samples: fewer than one batch of {spec.batch_size} × {ddp.world} processes"
+            f"train has {len(train_ds) - pool[0]} labelled samples: fewer than one batch of {spec.batch_size} × "
+            f"{ddp.world} processes"
         )
 
     opt = build_optimizer(model, spec)
@@ -543,7 +578,7 @@ def fit(
         train_sampler.set_epoch(state.epoch, skip_batches=state.step_in_epoch)
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(state.epoch)
-        train_loader = make_loader(train_ds, train_sampler, spec.batch_size, spec.num_workers, device, True)
+        train_loader = make_loader(train_ds, train_sampler, train_sampler.step_size, spec.num_workers, device, True)
         train_one_epoch(model, task, train_loader, opt, sched, scaler, spec, device, state, amp, channels_last,
                         on_step, show, steps_per_epoch)
         if not eval_every:

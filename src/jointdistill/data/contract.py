@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import DataError
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # labelled
+UNLABELLED = "unlabelled"  # images only (prepare.labelled_fraction < 1); absent from older prepared folders
 ARRAYS = {"images": (np.uint8, 4), "labels": (np.uint8, 3), "depth": (np.float32, 3)}
 CHECKSUMS = "checksums.json"
 CHECKSUMS_FORMAT = "jointdistill.checksums/1"
@@ -40,12 +41,14 @@ def open_split(root: str | Path, split: str, meta: dict | None = None) -> dict[s
     """Memory-map one split's arrays and check them against meta.json."""
     root = Path(root)
     meta = meta or read_meta(root)
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    if split not in (*SPLITS, UNLABELLED):
+        raise DataError(f"unknown split {split!r} (expected one of {', '.join((*SPLITS, UNLABELLED))})")
     h, w = meta["resolution"]
-    n = meta["counts"][split]
+    n = split_count(meta, split)
     arrays = {}
     for name, (dtype, ndim) in ARRAYS.items():
+        if split == UNLABELLED and name != "images":
+            continue
         path = root / split / f"{name}.npy"
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -62,10 +65,17 @@ def open_split(root: str | Path, split: str, meta: dict | None = None) -> dict[s
     return arrays
 
 
-def sample_digest(image: np.ndarray, label: np.ndarray, depth: np.ndarray) -> str:
+def split_count(meta: dict, split: str) -> int:
+    """Samples in ``split`` (0 for an unlabelled split that a folder prepared before it existed lacks)."""
+    return int(meta["counts"].get(split, 0)) if split == UNLABELLED else int(meta["counts"][split])
+
+
+def sample_digest(image: np.ndarray, label: np.ndarray | None = None, depth: np.ndarray | None = None) -> str:
+    """sha256 of a sample's arrays (an unlabelled sample: its image alone)."""
     h = hashlib.sha256()
     for a in (image, label, depth):
-        h.update(np.ascontiguousarray(a).tobytes())
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
@@ -115,7 +125,8 @@ def verify_prepared(root: str | Path, check_digests: bool = False, check_files: 
     meta = read_meta(root)
     if check_files:
         verify_checksums(root)
-    arrays = {s: open_split(root, s, meta) for s in SPLITS}
+    splits = (*SPLITS, UNLABELLED) if split_count(meta, UNLABELLED) else SPLITS
+    arrays = {s: open_split(root, s, meta) for s in splits}
     path = root / "manifest.parquet"
     try:
         manifest = pd.read_parquet(path)
@@ -123,13 +134,13 @@ def verify_prepared(root: str | Path, check_digests: bool = False, check_files: 
         raise DataError(f"{path}: missing") from None
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: unreadable ({exc})") from None
-    for split in SPLITS:
+    for split in splits:
         rows = manifest[manifest["split"] == split].sort_values("index")
-        if len(rows) != meta["counts"][split] or list(rows["index"]) != list(range(len(rows))):
-            raise DataError(f"{path}: rows for {split} do not match meta.json counts ({meta['counts'][split]})")
+        if len(rows) != split_count(meta, split) or list(rows["index"]) != list(range(len(rows))):
+            raise DataError(f"{path}: rows for {split} do not match meta.json counts ({split_count(meta, split)})")
         if check_digests:
             a = arrays[split]
             for i, digest in zip(rows["index"], rows["sha256"]):
-                if sample_digest(a["images"][i], a["labels"][i], a["depth"][i]) != digest:
+                if sample_digest(*(a[k][i] for k in ("images", "labels", "depth") if k in a)) != digest:
                     raise DataError(f"{root / split}: sample {i} does not match its manifest checksum")
     return meta

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .contract import open_split, read_meta
+from .contract import UNLABELLED, open_split, read_meta
 from .transforms import JointTransform
 
 
@@ -22,6 +22,9 @@ class PreparedDataset(Dataset):
     float32, warped by the same augmentation as the image, and ``feature_scale`` (the zoom it was warped by). With
     ``targets`` (an array (N, K + 1, H, W) of the teachers' cached predictions: K seg logits, then depth), also
     ``target_seg`` (K, H, W) and ``target_depth`` (1, H, W), augmented exactly like the labels and the depth.
+
+    The ``unlabelled`` split has images only: its items carry a label of ignore_index everywhere and no valid
+    depth, so the task losses skip them and only the distillation terms read them.
 
     With a ``transform`` the random augmentation of item i in epoch e is fixed by (seed, e, i), so a run
     resumed mid-training, or spread over several loader workers, sees exactly the same batches.
@@ -51,24 +54,28 @@ class PreparedDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return int(self.arrays["labels"].shape[0])
+        return int(self.arrays["images"].shape[0])
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
         image = torch.from_numpy(np.array(self.arrays["images"][i])).permute(2, 0, 1).float().div_(255)
         image = (image - self.mean) / self.std
-        label = torch.from_numpy(np.array(self.arrays["labels"][i])).long()
-        depth = torch.from_numpy(np.array(self.arrays["depth"][i])).unsqueeze(0)
+        if "labels" in self.arrays:
+            label = torch.from_numpy(np.array(self.arrays["labels"][i])).long()
+            depth = torch.from_numpy(np.array(self.arrays["depth"][i])).unsqueeze(0)
+        else:  # the unlabelled split: no label anywhere, no valid depth (the task losses skip such pixels)
+            label = torch.full(image.shape[-2:], self.ignore_index, dtype=torch.long)
+            depth = torch.zeros(1, *image.shape[-2:])
         item = {"index": i}
         feats = None if self.features is None else torch.from_numpy(np.array(self.features[i]))
         preds = None if self.targets is None else torch.from_numpy(np.array(self.targets[i])).float()
         if preds is not None:
             item["target_seg"], item["target_depth"] = preds[:-1], preds[-1:]
         if self.transform is not None:
-            g = torch.Generator().manual_seed(
-                int.from_bytes(hashlib.sha256(f"{self.seed}:{self.epoch}:{i}".encode()).digest()[:8], "big") >> 1
-            )
+            key = f"{self.seed}:{self.epoch}:{i}"
+            key = key if self.split != UNLABELLED else f"{UNLABELLED}:{key}"  # its own draws, not train's item i's
+            g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1)
             draw = self.transform.draw(image.shape[1], image.shape[2], g)
             image, label, depth = self.transform.apply(draw, image, label, depth, self.ignore_index)
             if feats is not None:
@@ -83,3 +90,25 @@ class PreparedDataset(Dataset):
             # must be divided by it like the depth labels (see DistillModel.forward).
             item["feature_scale"] = torch.tensor(draw.s if self.transform is not None else 1.0, dtype=torch.float32)
         return {"image": image, "label": label, "depth": depth, **item}
+
+
+class TrainingSet(Dataset):
+    """train followed by the unlabelled split, as one dataset (``distill.unlabelled``): item i < len(train) is
+    train's, the rest the unlabelled split's. ``set_epoch`` reaches both."""
+
+    def __init__(self, *parts: PreparedDataset):
+        self.parts = parts
+        self.offsets = np.cumsum([0, *(len(p) for p in parts)])
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k][i - int(self.offsets[k])]

@@ -50,6 +50,19 @@ from .weights import TeacherWeights, task_score
 TASKS = ("seg", "depth")
 
 
+def kd_pixels(label: torch.Tensor, depth: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label and depth maps that say where the KD terms apply: where the image is labelled, and on an image
+    with no label at all (an image of the unlabelled split, `prepare.labelled_fraction`) on every pixel: there the
+    teachers' targets are the only supervision. Likewise for depth."""
+    no_label = (label == ignore_index).flatten(1).all(1)
+    if no_label.any():
+        label = torch.where(no_label[:, None, None], torch.zeros_like(label), label)
+    no_depth = (depth <= 0).flatten(1).all(1)
+    if no_depth.any():
+        depth = torch.where(no_depth[:, None, None, None], torch.ones_like(depth), depth)
+    return label, depth
+
+
 def mt_score(metrics: dict) -> float:
     """The number that picks the student's best epoch, the same in every mode: mean of mIoU and δ<1.25
     (both higher-is-better in [0, 1]; no teacher needed, so mtl is selected by the same rule)."""
@@ -111,8 +124,9 @@ class StudentTask:
         soft = outputs.get("targets", outputs.get("connector"))  # the teachers' own (kd_target), or the connector's
         if self.kd and soft is not None:
             w = self.omega()
-            d_seg = kd_seg(s["seg"], soft["seg"], label, cfg.temperature, self.ignore_index)
-            d_depth = kd_depth(s["depth"], soft["depth"], depth if cfg.kd_depth_pixels == "valid" else None,
+            kd_label, kd_gt = kd_pixels(label, depth, self.ignore_index)
+            d_seg = kd_seg(s["seg"], soft["seg"], kd_label, cfg.temperature, self.ignore_index)
+            d_depth = kd_depth(s["depth"], soft["depth"], kd_gt if cfg.kd_depth_pixels == "valid" else None,
                                cfg.depth_loss)
             terms["kd_seg"] = cfg.lambda_kd * w["seg"] * d_seg
             terms["kd_depth"] = cfg.lambda_kd * w["depth"] * d_depth

@@ -1,7 +1,8 @@
-"""The teacher-output cache (``distill.teacher_cache``): the frozen teachers run once over train and val, and
-what distillation reads from them — their encoder feature maps, which the connector fuses — is stored as
-float16 ``.npy`` arrays that training memory-maps. Distillation then never runs a teacher per step; the
-loader warps each cached map with the sample's augmentation (`JointTransform.warp_features`).
+"""The teacher-output cache (``distill.teacher_cache``): the frozen teachers run once over train and val (and the
+unlabelled split, where there is one), and what distillation reads from them — their encoder feature maps, which
+the connector fuses — is stored as float16 ``.npy`` arrays that training memory-maps. Distillation then never runs
+a teacher per step; the loader warps each cached map with the sample's augmentation
+(`JointTransform.warp_features`).
 
 The teachers' own predictions are stored too, at full resolution (``distill.kd_target: teachers``). Predictions
 made from warped stride-8 maps are not the teachers' predictions: measured on the default preset, the seg
@@ -17,6 +18,7 @@ matches, and rebuilt (atomically) otherwise.
       train.npy  val.npy                 (N, C_seg + C_depth, ⌈H/8⌉, ⌈W/8⌉) float16 feature maps
       train_targets.npy val_targets.npy  (N, K + 1, H, W) float16: the seg teacher's K logits, the depth teacher's
                                          depth (metres), in the split's sample order
+      unlabelled.npy  unlabelled_targets.npy  the same for the unlabelled split, where the data has one
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.contract import UNLABELLED, split_count
 from ..data.prepared import PreparedDataset
 from ..io import NpyStream, atomic_dir, write_json
 from ..models import DenseNet
@@ -42,8 +45,10 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def cache_key(teacher_digests: dict[str, str], meta: dict) -> dict:
+    """What a cache depends on; its ``splits``: train, val, and the unlabelled split where the data has one."""
+    splits = [*SPLITS, UNLABELLED] if split_count(meta, UNLABELLED) else list(SPLITS)
     return {"format": FORMAT, "teachers": dict(teacher_digests), "data_checksum": meta.get("source_checksum"),
-            "resolution": list(meta["resolution"])}
+            "resolution": list(meta["resolution"]), "splits": splits}
 
 
 def open_cache(folder: Path, key: dict) -> dict | None:
@@ -55,7 +60,7 @@ def open_cache(folder: Path, key: dict) -> dict | None:
     if info.get("key") != key:
         return None
     arrays = {}
-    for split in SPLITS:
+    for split in key["splits"]:
         for name in (split, f"{split}_targets"):
             try:
                 arr = np.load(folder / f"{name}.npy", mmap_mode="r")
@@ -76,7 +81,7 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
         t.eval().to(device)
     shapes, images = {}, 0
     with atomic_dir(folder) as tmp:
-        for split in SPLITS:
+        for split in key["splits"]:
             ds = PreparedDataset(data, split)
             with contextlib.ExitStack() as stack:
                 out = preds = None

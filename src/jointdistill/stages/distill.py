@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from .. import codeid, lineage, records
 from ..config import DistillParams, Params
-from ..data.contract import verify_prepared
-from ..data.prepared import PreparedDataset
+from ..data.contract import UNLABELLED, split_count, verify_prepared
+from ..data.prepared import PreparedDataset, TrainingSet
 from ..data.transforms import JointTransform
 from ..distill import teacher_cache as tcache
 from ..distill.connector import Connector
@@ -236,11 +236,22 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "data": meta.get("source_checksum"), "code": codeid.source_digest(__name__),
         "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
     }, sort_keys=True).encode()).hexdigest()[:16]
-    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed,
-                               features=cache["train"] if cache is not None and connector is not None else None,
-                               targets=cache["train_targets"] if cache is not None and cfg.kd_target == "teachers"
+    def training_split(split: str) -> PreparedDataset:
+        return PreparedDataset(data, split, JointTransform.from_params(params.augment, h, w), seed=params.seed,
+                               features=cache[split] if cache is not None and connector is not None else None,
+                               targets=cache[f"{split}_targets"] if cache is not None and cfg.kd_target == "teachers"
                                else None,
                                feature_stride=DenseNet.feature_stride)
+
+    train_ds = training_split("train")
+    # Under a label budget the KD modes also learn from the teachers' predictions on the unlabelled split: each
+    # step adds `unlabelled_batch` of its images to `batch_size` labelled ones, so the labels weigh as much as in
+    # mtl. An epoch draws as many labelled samples as the whole train split had, in every mode: a budget takes
+    # labels away, not optimiser steps.
+    pool = split_count(meta, UNLABELLED)
+    pool_batch = cfg.unlabelled_batch if pool and kd else 0
+    train_set = TrainingSet(train_ds, training_split(UNLABELLED)) if pool_batch else train_ds
+    epoch_samples = len(train_ds) + pool if pool else None
     t0 = time.perf_counter()
     warmup_report = None
     if connector is not None and cfg.connector_warmup:
@@ -250,8 +261,9 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         warmup_report["val_before"], warmup_report["val"] = before, _short(connector_val())
         log.info("distill: connector after warm-up: val %s", warmup_report["val"])
         seed_everything(params.seed)  # the student's run draws the same numbers whether or not it warmed up here
-    result = fit(model, job, train_ds, val_ds, cfg, params.seed, checkpoints, digest, resume=resume,
-                 log_name=f"distill-{cfg.mode}", eval_every=cfg.timeframe_steps or None)
+    result = fit(model, job, train_set, val_ds, cfg, params.seed, checkpoints, digest, resume=resume,
+                 log_name=f"distill-{cfg.mode}", eval_every=cfg.timeframe_steps or None, epoch_samples=epoch_samples,
+                 pool=(pool if pool_batch else 0, pool_batch))
     train_seconds = time.perf_counter() - t0
 
     best = {k.removeprefix("student."): v for k, v in result.best_state.items() if k.startswith("student.")}
@@ -272,6 +284,10 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "best_epoch": result.best_epoch,
         "best_step": result.best_step,
         "epochs": cfg.epochs,
+        # Labelled images, the unlabelled split's size and how many of them each step adds (KD modes), and the
+        # labelled samples an epoch draws.
+        "data": {"train": len(train_ds), "unlabelled": pool if pool_batch else 0, "unlabelled_batch": pool_batch,
+                 "epoch_samples": epoch_samples or len(train_ds)},
         "timeframes": len(result.history),
         "train_seconds": round(train_seconds, 2),
         # Validation, the ω update, connector scoring and trajectory records: the price of the timeframes.
@@ -282,7 +298,7 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "gradients": job.gradient_summary(),
         "flops": {"student": model_flops(student, h, w)},
         # Training loop only (data, forward, backward, step), per process; validation excluded.
-        "seconds_per_step": round(cfg.batch_size / ips, 5) if ips else None,
+        "seconds_per_step": round((cfg.batch_size + pool_batch) / ips, 5) if ips else None,
         "train_images_per_second": round(ips, 2) if ips else None,
         # Images the teachers ran on in this process: per step without the cache, once when it was built.
         "teacher_forward_images": model.teacher_images + (

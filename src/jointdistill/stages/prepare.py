@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .. import __version__, lineage, records
 from ..config import Params
 from ..data.base import SampleRef, Source, make_source
-from ..data.contract import SPLITS, sample_digest, write_checksums
+from ..data.contract import SPLITS, UNLABELLED, sample_digest, write_checksums
 from ..data.resize import resize_sample
 from ..data.sensor import degrade
 from ..data.split import assign_splits
@@ -105,6 +105,27 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
     return rows
 
 
+def _write_unlabelled(source, refs, tmp, params, progress):
+    """The unlabelled split: each sample checked like any other, then its image alone is kept."""
+    p = params.prepare
+    (tmp / UNLABELLED).mkdir()
+    rows = []
+    with NpyStream(tmp / UNLABELLED / "images.npy", (len(refs), p.height, p.width, 3), np.uint8) as images:
+        for i, ref in enumerate(refs):
+            sample = source.load(ref)
+            if sample.sample_id != ref.sample_id:
+                raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
+            sample, _ = validate_sample(sample, len(source.classes), source.ignore_index, p.max_depth,
+                                        p.invalid_depth)
+            sample = resize_sample(sample, p.height, p.width)
+            images.append(sample.image)
+            rows.append({"sample_id": ref.sample_id, "split": UNLABELLED, "index": i,
+                         "source_split": ref.source_split, "source_paths": "|".join(ref.paths),
+                         "sha256": sample_digest(sample.image)})
+            progress.update(1)
+    return rows
+
+
 def run(params: Params, out: str | Path, data_lineage: dict | None = None, metrics_dir: str | Path | None = None
         ) -> dict:
     """Prepare the configured source into ``out``; metrics.json (split sizes) and run.json (time, machine) go to
@@ -117,7 +138,7 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
     source = make_source(p, params.seed)
     refs = source.list()
     _check_listing(source, refs)
-    splits = assign_splits(refs, p.val_fraction, params.seed)
+    splits = assign_splits(refs, p.val_fraction, params.seed, p.labelled_fraction)
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
         sizes = ", ".join(f"{s}={len(splits[s])}" for s in SPLITS)
@@ -143,6 +164,8 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
         with tqdm(total=len(refs), desc=f"prepare {source.name}", unit="frame", disable=None) as bar:
             for split in SPLITS:
                 rows += _write_split(source, splits[split], split, tmp, params, stats, bar)
+            if splits[UNLABELLED]:
+                rows += _write_unlabelled(source, splits[UNLABELLED], tmp, params, bar)
         # Through pyarrow without pandas' schema metadata: the file's bytes (and so DVC's hash) must not depend on
         # which pandas wrote it.
         manifest = pd.DataFrame(rows)
@@ -166,7 +189,8 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
             "depth_observed_max": stats["depth_max"],
             "resolution": [p.height, p.width],
             "normalization": norm,
-            "counts": {s: len(splits[s]) for s in SPLITS},
+            "counts": {s: len(splits[s]) for s in (*SPLITS, UNLABELLED)},
+            "labelled_fraction": p.labelled_fraction,
             "val_fraction": p.val_fraction,
             "seed": params.seed,
             "class_pixels": {s: stats["class_pixels"][s].tolist() for s in SPLITS},
@@ -195,8 +219,8 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
         with records.folder(tmp, metrics_dir) as mdir:
             records.write(mdir, dict(meta["counts"]), {"seconds": round(seconds, 2)})
     log.info(
-        "prepared %s: train=%d val=%d test=%d at %dx%d in %.1fs → %s",
-        source.name, *(len(splits[s]) for s in SPLITS), p.height, p.width, seconds, out,
+        "prepared %s: train=%d val=%d test=%d unlabelled=%d at %dx%d in %.1fs → %s",
+        source.name, *(len(splits[s]) for s in (*SPLITS, UNLABELLED)), p.height, p.width, seconds, out,
     )
     return meta
 

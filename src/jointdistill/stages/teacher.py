@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .. import codeid, lineage, records
 from ..config import Params
-from ..data.contract import open_split, verify_prepared
+from ..data.contract import UNLABELLED, open_split, split_count, verify_prepared
 from ..data.prepared import PreparedDataset
 from ..data.transforms import JointTransform
 from ..engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
@@ -86,9 +86,13 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
     val_ds = PreparedDataset(data, "val")
     test_ds = PreparedDataset(data, "test")
     job = make_task(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
+    # Under a label budget (`prepare.labelled_fraction`) an epoch still draws as many samples as the whole train
+    # split had, from the labelled ones: a budget takes labels away, not optimiser steps.
+    pool = split_count(meta, UNLABELLED)
+    epoch_samples = len(train_ds) + pool if pool else None
     t0 = time.perf_counter()
     result = fit(model, job, train_ds, val_ds, spec, params.seed, checkpoints, digest, resume=resume,
-                 log_name=f"teacher-{task}")
+                 log_name=f"teacher-{task}", epoch_samples=epoch_samples)
 
     # Test metrics of the best epoch, evaluated on every rank's shard and reduced.
     model.load_state_dict(result.best_state)
@@ -104,6 +108,7 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
         "baseline": {"test": trivial_baseline(data, task, meta)},
         "best_epoch": result.best_epoch,
         "epochs": spec.epochs,
+        "data": {"train": len(train_ds), "epoch_samples": epoch_samples or len(train_ds)},
         "train_seconds": round(time.perf_counter() - t0, 2),
         "train_images_per_second": round(float(np.mean([e["train/images_per_second"] for e in result.history])), 2)
         if result.history else None,
