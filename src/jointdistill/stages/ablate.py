@@ -145,7 +145,7 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
                             "delta_m": delta_m(m, reference)})
     table = summarise(results, modes)
     pairs = paired(results, modes)
-    kd_pool = verify_prepared(data)["counts"].get("unlabelled", 0) if params.distill.unlabelled_batch else 0
+    kd_pool = meta["counts"].get("unlabelled", 0) if params.distill.unlabelled_batch else 0
     checks = gate(results, kd_pool)
     write_outputs(out, results, table, seeds, pairs, checks)
     return table

@@ -102,17 +102,16 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         if name in ("student", "mtl"):
             m["delta_m"] = delta_m(r.metrics, reference)
         metrics[name] = {split: m}
+    s_info = _read_json(student / "report.json") or {}
     if "mtl" in res:
         metrics["student"][split]["delta_m_vs_mtl"] = delta_m(res["student"].metrics, res["mtl"].metrics)
         metrics["gate"] = capacity_gate(reference, res["mtl"].metrics)
         # Unlabelled frames the student learnt from (a label budget): then the gate does not bound distillation.
-        metrics["gate"]["unlabelled"] = int(((_read_json(student / "report.json") or {}).get("data") or {})
-                                            .get("unlabelled", 0))
+        metrics["gate"]["unlabelled"] = int((s_info.get("data") or {}).get("unlabelled", 0))
     metrics["reference"] = {split: reference}
     metrics["cost"] = inference_cost({"student": s_model, "teacher_seg": t_seg, "teacher_depth": t_depth},
                                      tuple(meta["resolution"]), device)
 
-    s_info = _read_json(student / "report.json") or {}
     weights_rows = _read_rows(student / "weights.csv")
     trajectory = _read_trajectory(student / "trajectory.parquet")
 
