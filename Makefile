@@ -38,10 +38,10 @@ lock: setup
 bench: setup
 	$(BIN)/python -m bench
 
-## ablation: the five modes over 5 seeds on the default benchmark (about 2 h 45 min on 2 cores, half of it the
-## teachers; never part of `make test`).
+## ablation: the five modes over 5 seeds on the default benchmark (one seed took 93 min of one thread on a 2-core
+## Xeon under the label budget, 38 of them the teachers; never part of `make test`).
 ## Runs land in $(ABLATION_DIR) (a killed run resumes); the tables are copied to $(ABLATION_RESULTS).
-## ABLATION_SET: params changes for both commands, e.g. ABLATION_SET="prepare.labelled_fraction=0.05" (a label budget).
+## ABLATION_SET: params changes for both commands, e.g. ABLATION_SET="prepare.labelled_fraction=1.0" (every frame labelled).
 ABLATION_MODES ?= single,mtl,static_kd,adaptive,full
 ABLATION_SEEDS ?= 0,1,2,3,4
 ABLATION_SET ?=

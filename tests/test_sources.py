@@ -18,7 +18,7 @@ from .conftest import REPO
 
 
 def params(dataset, root, *extra):
-    return load_params(REPO / "params.yaml", [f"prepare.dataset={dataset}", f"prepare.root={root}",
+    return load_params(REPO / "params.yaml", [f"prepare.dataset={dataset}", f"prepare.root={root}", "prepare.labelled_fraction=1.0",
                                               "prepare.height=16", "prepare.width=24", "prepare.gallery_images=0",
                                               *extra])
 
@@ -114,6 +114,23 @@ def test_folder_without_a_test_split_takes_one_from_train(tmp_path):
     make_folder(tmp_path / "src", n_train=20, n_test=0)
     meta = prepare.run(params("folder", tmp_path / "src", "prepare.test_fraction=0.3"), tmp_path / "out")
     assert sum(meta["counts"].values()) == 20 and meta["counts"]["test"] >= 1
+
+
+def test_a_label_budget_on_a_real_source_is_warned_about(tmp_path, caplog):
+    # The shipped params.yaml runs the synthetic benchmark under a budget; a user's own data keeps every label
+    # unless they ask otherwise, and if the budget stays on they are told how many labels it drops.
+    make_folder(tmp_path / "src", n_train=20, n_test=3)
+    with caplog.at_level("WARNING", logger="jointdistill.stages.prepare"):
+        meta = prepare.run(params("folder", tmp_path / "src", "prepare.labelled_fraction=0.5"), tmp_path / "out")
+    kept, raw = meta["counts"]["train"], meta["counts"]["unlabelled"]
+    assert kept >= 1 and raw >= 1
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"keeps the labels of {kept} of {kept + raw} train samples" in warned[0]
+    assert "prepare.labelled_fraction=1.0" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jointdistill.stages.prepare"):
+        prepare.run(params("folder", tmp_path / "src"), tmp_path / "all")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def make_nyuv2(root, n_train=6, n_val=2, h=16, w=24):

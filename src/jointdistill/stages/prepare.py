@@ -146,6 +146,13 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
             f"dataset '{source.name}': split {'/'.join(empty)} would be empty ({sizes} of {len(refs)} samples); "
             "use more samples or larger fractions"
         )
+    if splits[UNLABELLED] and p.dataset != "synthetic":
+        # The shipped params.yaml runs the embedded benchmark under a label budget; on a user's own, fully
+        # labelled data that setting would quietly throw most labels away.
+        log.warning("prepare: %s keeps the labels of %d of %d train samples (prepare.labelled_fraction=%g); the "
+                    "others are used as unlabelled images. Set prepare.labelled_fraction=1.0 to train on every label",
+                    source.name, len(splits["train"]), len(splits["train"]) + len(splits[UNLABELLED]),
+                    p.labelled_fraction)
 
     n_classes = len(source.classes)
     stats = {
