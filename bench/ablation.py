@@ -26,7 +26,8 @@ print(json.dumps(ablate.run(p, tmp + "/prepared", tmp + "/ablation", {modes!r}, 
 """
 
 
-QUICK = ["prepare.labelled_fraction=1.0", "prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1", "teacher.batch_size=4",
+QUICK = ["prepare.labelled_fraction=1.0",
+         "prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1", "teacher.batch_size=4",
          "distill.epochs=1", "distill.batch_size=4", "distill.probe_images=4"]
 
 

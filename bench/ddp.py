@@ -43,7 +43,8 @@ def _throughput(out: Path) -> float:
 
 
 def rows(quick: bool, params: str, nprocs: int = 2) -> list[dict]:
-    sets = ["prepare.labelled_fraction=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96", "teacher.batch_size=4",
+    sets = ["prepare.labelled_fraction=1.0",
+            "prepare.num_samples=80", "prepare.height=48", "prepare.width=96", "teacher.batch_size=4",
             "distill.batch_size=4", "distill.probe_images=4"] if quick else []
     out = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,7 +46,8 @@ VARIANTS = [("mtl", "mtl", []), ("static_kd", "static_kd", LIVE), ("adaptive", "
             ("full + teacher cache", "full", CACHE)]
 # The paper's networks (DeepLabV3-ResNet-101 teachers, ResNet-50 + ASPP student) on this CPU at a small size:
 # step-time ratios only (teachers trained 1 epoch); where the teachers dominate a step, as on a GPU.
-PAPER = ["prepare.labelled_fraction=1.0", "prepare.num_samples=40", "prepare.height=64", "prepare.width=128", "teacher.backbone=resnet101",
+PAPER = ["prepare.labelled_fraction=1.0",
+         "prepare.num_samples=40", "prepare.height=64", "prepare.width=128", "teacher.backbone=resnet101",
          "teacher.head=aspp", "student.backbone=resnet50", "student.head=aspp", "teacher.batch_size=2",
          "distill.batch_size=2", "distill.probe_images=4", "distill.traj_batch=2"]
 PAPER_VARIANTS = [("mtl", "mtl", []), ("full", "full", LIVE), ("full + teacher cache", "full", CACHE)]
@@ -86,7 +87,8 @@ def paper_rows(quick: bool, params: str) -> list[dict]:
 
 
 def rows(quick: bool, params: str) -> list[dict]:
-    sets = ["prepare.labelled_fraction=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96", "teacher.batch_size=4",
+    sets = ["prepare.labelled_fraction=1.0",
+            "prepare.num_samples=80", "prepare.height=48", "prepare.width=96", "teacher.batch_size=4",
             "distill.batch_size=4", "distill.probe_images=4"] if quick else []
     # Read once: editing params.yaml while the benchmark runs cannot change it half-way.
     data = json.dumps(yaml.safe_load(Path(params).read_text()))

@@ -304,7 +304,8 @@ def run(quick: bool, params_file: str) -> dict:
     arch = PAPER if gpu else {"teacher_backbone": "tiny", "student_backbone": "tiny", "head": "light"}
     raw = yaml.safe_load(Path(params_file).read_text())
     params = params_from_dict(apply_overrides(raw, [
-        "prepare.labelled_fraction=1.0", f"prepare.num_samples={640 if gpu else 24}", f"prepare.height={h}", f"prepare.width={w}", "seed=0"]))
+        "prepare.labelled_fraction=1.0",
+        f"prepare.num_samples={640 if gpu else 24}", f"prepare.height={h}", f"prepare.width={w}", "seed=0"]))
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "resolution": [h, w], "batch": bs, "arch": arch}
     if device.type == "cuda":

@@ -24,7 +24,8 @@ print(json.dumps(out))
 
 
 def rows(quick: bool, params: str) -> list[dict]:
-    sets = ["prepare.labelled_fraction=1.0", "prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1",
+    sets = ["prepare.labelled_fraction=1.0",
+            "prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1",
             "teacher.batch_size=4"] if quick else []
     with tempfile.TemporaryDirectory() as tmp:
         res = run_json(TRAIN.format(params=params, sets=sets, tmp=tmp), one_core=False, timeout=3600)

@@ -25,7 +25,8 @@ sys.meta_path.insert(0, _NoTorch())
 # Tiny data, and runs shaped for it: teachers narrower than the default preset's (still 2x the student), a few
 # connector warm-up steps, one timeframe per epoch (a tiny epoch is a few steps), live teachers (tests of the
 # teacher cache turn it on themselves).
-TINY = ["prepare.labelled_fraction=1.0", "prepare.num_samples=40", "prepare.height=48", "prepare.width=96", "prepare.gallery_images=2",
+TINY = ["prepare.labelled_fraction=1.0",
+        "prepare.num_samples=40", "prepare.height=48", "prepare.width=96", "prepare.gallery_images=2",
         "teacher.widths=[16,32,64,96]", "teacher.head_channels=32",
         "distill.connector_warmup=4", "distill.timeframe_steps=0", "distill.grad_log_every=2",
         "distill.teacher_cache=false"]

@@ -18,9 +18,9 @@ from .conftest import REPO
 
 
 def params(dataset, root, *extra):
-    return load_params(REPO / "params.yaml", [f"prepare.dataset={dataset}", f"prepare.root={root}", "prepare.labelled_fraction=1.0",
-                                              "prepare.height=16", "prepare.width=24", "prepare.gallery_images=0",
-                                              *extra])
+    return load_params(REPO / "params.yaml", [f"prepare.dataset={dataset}", f"prepare.root={root}",
+                                              "prepare.labelled_fraction=1.0", "prepare.height=16", "prepare.width=24",
+                                              "prepare.gallery_images=0", *extra])
 
 
 def _scene(i, h=16, w=24):
