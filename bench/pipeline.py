@@ -20,8 +20,8 @@ import yaml
 from .common import run_json, summary
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = {"prepare": {"labelled_fraction": 1.0,
-                     "num_samples": 40, "height": 48, "width": 96}, "teacher": {"epochs": 1, "batch_size": 4},
+QUICK = {"prepare": {"labelled_fraction": 1.0, "num_samples": 40, "height": 48, "width": 96},
+         "teacher": {"epochs": 1, "batch_size": 4},
          "distill": {"epochs": 1, "batch_size": 4, "probe_images": 2, "traj_batch": 2}}
 
 

@@ -217,8 +217,7 @@ def test_kfp_source_and_prepare_steps_pinned_to_two_revisions(image_project, tmp
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     source_op, prepare_op = source_component.component("unused"), prepare_component.component("unused")
     p = load_params(REPO / "params.yaml", ["prepare.dataset=folder", "prepare.labelled_fraction=1.0",
-                                                                     "prepare.height=48", "prepare.width=96",
-                                           "prepare.gallery_images=0"])
+                                           "prepare.height=48", "prepare.width=96", "prepare.gallery_images=0"])
 
     @dsl.pipeline(name="pinned-data")  # the first two steps of the pipeline, wired as it wires them
     def first_steps(params: dict, data_repo: str, data_rev: str, data_path: str) -> dsl.Dataset:
@@ -301,8 +300,8 @@ def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_proj
     from .conftest import REPO
 
     p = load_params(REPO / "params.yaml", [
-        "prepare.dataset=folder", "prepare.labelled_fraction=1.0",
-                                  "prepare.height=48", "prepare.width=96", "prepare.gallery_images=0",
+        "prepare.dataset=folder", "prepare.labelled_fraction=1.0", "prepare.height=48", "prepare.width=96",
+        "prepare.gallery_images=0",
         "teacher.epochs=1", "teacher.batch_size=4", "distill.epochs=1", "distill.batch_size=4",
         "distill.probe_images=2", "distill.top_k=4"])
     url = image_project.as_uri()
