@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from jointdistill.metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
+from jointdistill.metrics import ConfusionMatrix, DepthMeter, class_ids, depth_loss, seg_loss
 
 
 def test_confusion_matrix_hand_computed():
@@ -28,6 +28,16 @@ def test_absent_classes_do_not_count_and_logits_work():
     cm.update(logits, torch.tensor([[[1, 0]]]))
     m = cm.compute()
     assert m["miou"] == 1.0 and m["per_class_iou"][2] is None and m["per_class_iou"][3] is None
+
+
+def test_class_ids_equal_argmax_and_break_ties_to_the_first_class():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 9, 11, generator=g)
+    logits[:, 4] = logits[:, 2]  # exact ties between classes 2 and 4
+    logits[0, :, 0, 0] = 1.0  # a pixel where every class ties
+    ids = class_ids(logits)
+    assert torch.equal(ids, logits.argmax(1)) and ids.dtype == torch.int64
+    assert ids[0, 0, 0] == 0 and not (ids == 4).any()  # 4 never beats the equal 2 before it
 
 
 def test_accumulation_is_exact_across_batches():

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import HIGHER_IS_BETTER, ConfusionMatrix, DepthMeter
+from .metrics import HIGHER_IS_BETTER, ConfusionMatrix, DepthMeter, class_ids
 
 DELTA_M_METRICS = ("miou", "pixacc", "abs_err", "rel_err")
 
@@ -106,7 +106,7 @@ def evaluate_model(model: nn.Module, tasks: tuple[str, ...], dataset, num_classe
         room = keep - start
         if room > 0:
             if "seg" in tasks:
-                samples["seg"].extend(out["seg"].argmax(1).cpu().numpy().astype(np.uint8)[:room])
+                samples["seg"].extend(class_ids(out["seg"]).cpu().numpy().astype(np.uint8)[:room])
             if "depth" in tasks:
                 samples["depth"].extend(out["depth"][:, 0].float().cpu().numpy()[:room])
     metrics = {}
