@@ -45,13 +45,14 @@ bench: setup
 ABLATION_MODES ?= single,mtl,static_kd,adaptive,full
 ABLATION_SEEDS ?= 0,1,2,3,4
 ABLATION_SET ?=
+ABLATION_JOBS ?= 2
 ABLATION_DIR ?= data/ablation
 ABLATION_RESULTS ?= bench/results/ablation
 ABLATION_SETS := $(foreach s,$(ABLATION_SET),--set $(s))
 ablation: setup
 	$(BIN)/jointdistill prepare --params $(PARAMS) $(ABLATION_SETS) --out $(ABLATION_DIR)/prepared
 	$(BIN)/jointdistill ablate --params $(PARAMS) $(ABLATION_SETS) --data $(ABLATION_DIR)/prepared --out $(ABLATION_DIR) \
-		--modes $(ABLATION_MODES) --seeds $(ABLATION_SEEDS)
+		--modes $(ABLATION_MODES) --seeds $(ABLATION_SEEDS) --jobs $(ABLATION_JOBS)
 	mkdir -p $(ABLATION_RESULTS)
 	cp $(ABLATION_DIR)/ablation.md $(ABLATION_DIR)/ablation.csv $(ABLATION_DIR)/ablation.json $(ABLATION_DIR)/ablation.png \
 		$(ABLATION_DIR)/paired.png $(ABLATION_DIR)/runs.csv $(ABLATION_RESULTS)/
