@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .. import plots
 from ..config import Params, params_from_dict
-from ..data.contract import read_meta, verify_prepared
+from ..data.contract import verify_prepared
 from ..data.prepared import PreparedDataset
 from ..engine import resolve_device
 from ..errors import ConfigError
@@ -117,9 +117,9 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
     meta = verify_prepared(data)
     jobs = min(jobs, len(seeds))
     if jobs == 1:
-        per_seed = [run_seed(params, data, out, modes, seed) for seed in seeds]
+        per_seed = [run_seed(params, data, out, modes, seed, meta) for seed in seeds]
     else:
-        per_seed = _in_parallel(params, data, out, modes, seeds, jobs)
+        per_seed = _in_parallel(params, data, out, modes, seeds, jobs, meta)
     results = [row for rows in per_seed for row in rows]
     table = summarise(results, modes)
     pairs = paired(results, modes)
@@ -129,13 +129,12 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
     return table
 
 
-def run_seed(params: Params, data: Path, out: Path, modes, seed: int) -> list[dict]:
+def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict) -> list[dict]:
     """One seed of the ablation: its two teachers (once), then one student per mode, each evaluated on test.
     Returns that seed's rows. Every run is a resumable stage output under ``out/runs/seed-S/``.
 
     Results are deterministic for a given machine and thread count: torch's CPU kernels split their reductions
     by thread, so a run at one thread and a run at two differ in the last bits, and from there in training."""
-    meta = read_meta(data)
     test = PreparedDataset(data, "test")
     device = resolve_device(params.evaluate.device)
     n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
@@ -176,26 +175,27 @@ def _worker_init(threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _seed_job(params: dict, data: str, out: str, modes: list[str], seed: int) -> list[dict]:
-    return run_seed(params_from_dict(params), Path(data), Path(out), modes, seed)
+def _seed_job(params: dict, data: str, out: str, modes: list[str], seed: int, meta: dict) -> list[dict]:
+    return run_seed(params_from_dict(params), Path(data), Path(out), modes, seed, meta)
 
 
-def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int) -> list[list[dict]]:
+def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int, meta: dict) -> list[list[dict]]:
     """Seeds in ``jobs`` spawned processes (not forked: torch's thread pools do not survive a fork), each with
     1/jobs of the threads; the rows come back in seed order. On a 2-core CPU, two seeds at one thread each train
     faster than one seed at two threads after another: the small networks' kernels do not scale to both cores
     (measured: 33 s against 43 s per teacher epoch)."""
     import multiprocessing as mp
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                  // jobs)
+    from ..records import usable_cores
+
+    threads = max(1, usable_cores() // jobs)
     log.info("ablate: %d seeds in %d processes, %d thread(s) each", len(seeds), jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads, level)) as pool:
-        futures = [pool.submit(_seed_job, params.model_dump(mode="json"), str(data), str(out), list(modes), seed)
+        futures = [pool.submit(_seed_job, params.model_dump(mode="json"), str(data), str(out), list(modes), seed,
+                               meta)
                    for seed in seeds]
         return [f.result() for f in futures]
 
