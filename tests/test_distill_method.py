@@ -16,7 +16,7 @@ from jointdistill.distill.losses import kd_depth, kd_seg
 from jointdistill.distill.model import DistillModel
 from jointdistill.distill.task import StudentTask
 from jointdistill.distill.trajectory import top_k_points
-from jointdistill.metrics import depth_loss
+from jointdistill.metrics import depth_loss, seg_loss
 from jointdistill.models import build_student, build_teacher, model_flops
 from jointdistill.stages import ablate, distill
 from jointdistill.stages.distill import needs_connector
@@ -74,8 +74,6 @@ def test_gradient_norms_on_the_encoder_match_autograd():
     job.loss(out, batch)
     (row,) = job.grad_norms
     cfg, s, c = job.cfg, out["student"], out["connector"]
-    from jointdistill.metrics import seg_loss
-
     seg = cfg.lambda_seg * seg_loss(s["seg"], batch["label"])
     dep = cfg.lambda_depth * depth_loss(s["depth"], batch["depth"], cfg.depth_loss)
     kds = cfg.lambda_kd * kd_seg(s["seg"], c["seg"], batch["label"])
@@ -369,3 +367,44 @@ def test_prepared_items_carry_the_zoom_their_cached_maps_were_warped_by(prepared
                                                                 np.float16))
     assert float(plain[0]["feature_scale"]) == 1.0
     assert "feature_scale" not in PreparedDataset(prepared, "val")[0]
+
+
+def test_connector_runs_on_the_labelled_rows_alone_where_its_outputs_are_not_soft_targets():
+    """kd_target=teachers: the connector's only loss is on labels, so the rows of the unlabelled split are left
+    out of its forward; every row is still distilled from the teachers. With kd_target=connector it sees them all."""
+    torch.manual_seed(0)
+    student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
+    teachers = [build_teacher(t, "tiny", "light", 3, tiny_widths=(8, 8, 16, 16)).eval() for t in ("seg", "depth")]
+    con = Connector([16, 16], 3, hidden=8)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 32, 48, generator=g)
+    label = torch.randint(0, 3, (4, 32, 48), generator=g)
+    depth = torch.rand(4, 1, 32, 48, generator=g) * 20 + 1
+    label[[1, 3]], depth[[1, 3]] = 255, 0.0  # rows 1 and 3: the unlabelled split
+    batch = {"image": x, "label": label, "depth": depth}
+    model = DistillModel(student, con, teachers, target_teachers=teachers, connector_on_labelled=True).train()
+    cfg = params("distill.mode=full", "distill.kd_target=teachers", "distill.grad_log_every=0").distill
+    job = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
+    assert job.model_inputs == ("label",)
+    out = model(x, label=label)
+    c = out["connector"]
+    assert c["rows"].tolist() == [0, 2] and c["seg"].shape[0] == 2 and c["depth"].shape[0] == 2
+    assert out["student"]["seg"].shape[0] == 4 and out["targets"]["seg"].shape[0] == 4  # KD still on every row
+    with torch.no_grad():
+        feats = [t.encode(x[[0, 2]]) for t in teachers]
+    by_hand = Connector([16, 16], 3, hidden=8)
+    by_hand.load_state_dict(con.state_dict())
+    expected = by_hand.train()(feats, (32, 48))
+    torch.testing.assert_close(c["seg"], expected["seg"])
+    _, parts = job.loss(out, batch)
+    assert parts["connector_seg_ce"] == pytest.approx(seg_loss(expected["seg"], label[[0, 2]]).item(), rel=1e-5)
+    assert parts["connector_depth"] == pytest.approx(
+        depth_loss(expected["depth"], depth[[0, 2]], cfg.depth_loss).item(), rel=1e-5)
+    # Every row labelled (no budget): nothing to leave out, the connector sees the whole batch.
+    assert "rows" not in model(x[[0, 2]], label=label[[0, 2]])["connector"]
+    # kd_target=connector: its outputs are the soft targets of every row.
+    full_rows = DistillModel(student, con, teachers).train()
+    job = StudentTask(full_rows, params("distill.mode=full", "distill.kd_target=connector").distill, 3, 255,
+                      {"seg": 0.5, "depth": 0.2}, [])
+    assert "label" not in job.model_inputs
+    assert full_rows(x)["connector"]["seg"].shape[0] == 4

@@ -102,6 +102,8 @@ class StudentTask:
                 self.model_inputs = ("teacher_features", "feature_scale")
             if cfg.kd_target == "teachers":
                 self.model_inputs += ("target_seg", "target_depth")
+        if model.connector is not None and model.connector_on_labelled:
+            self.model_inputs += ("label",)
 
     # ------------------------------------------------------------------ training
     def omega(self) -> dict[str, float]:
@@ -117,8 +119,10 @@ class StudentTask:
         connector_loss = None
         if "connector" in outputs:
             c = outputs["connector"]
-            c_ce = seg_loss(c["seg"].float(), label, self.ignore_index)
-            c_dl = depth_loss(c["depth"].float(), depth, cfg.depth_loss)
+            rows = c.get("rows")  # the labelled rows alone (DistillModel.connector_on_labelled)
+            c_label, c_depth = (label, depth) if rows is None else (label[rows], depth[rows])
+            c_ce = seg_loss(c["seg"].float(), c_label, self.ignore_index)
+            c_dl = depth_loss(c["depth"].float(), c_depth, cfg.depth_loss)
             connector_loss = c_ce + c_dl
             parts.update(connector_seg_ce=c_ce.detach(), connector_depth=c_dl.detach())
         soft = outputs.get("targets", outputs.get("connector"))  # the teachers' own (kd_target), or the connector's

@@ -220,7 +220,8 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         teacher_models = []  # from here on no teacher runs: their features come from the cache
     model = DistillModel(student, connector, teacher_models, probes, cfg.traj_every, cfg.traj_batch,
                          probe_teacher_features=probe_feats,
-                         target_teachers=target_teachers if cfg.kd_target == "teachers" else None)
+                         target_teachers=target_teachers if cfg.kd_target == "teachers" else None,
+                         connector_on_labelled=cfg.kd_target == "teachers", ignore_index=ignore)
     connector_val = None
     if connector is not None:
         val_c = PreparedDataset(data, "val", features=cache["val"] if cache is not None else None)
