@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
     ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated suites ({', '.join(SUITES)}; "
                     "default: all but ablation, which trains 15 models and takes about an hour on 2 cores; "
-                    "teacher-cache (8 models, about 30 minutes); pipeline (a whole dvc repro, about 12 minutes); "
+                    "teacher-cache (8 models, about 30 minutes); "
+                    "pipeline (a whole dvc repro, about 20 minutes on 2 cores); "
                     "ddp (torchrun scaling, about 10 minutes); "
                     "distill-paper and export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and "
                     "export-gpu and gpu, for a CUDA machine)")
