@@ -9,8 +9,9 @@ from . import ablation, data, ddp, distill, export, gpu, openvino, pipeline, ser
 from .common import machine_info, write_results
 
 SUITES = {
-    "data": lambda quick, params: (data.generator_rows(quick) + data.prepare_rows(quick, params)
-                                   + data.cityscapes_rows(quick, params)),
+    "data": lambda quick, params: (
+        data.generator_rows(quick) + data.prepare_rows(quick, params) + data.cityscapes_rows(quick, params)
+    ),
     "teachers": teachers.rows,
     "distill": distill.rows,
     "export": export.rows,
@@ -29,21 +30,34 @@ SUITES = {
     # A second runtime (optional extra): OpenVINO at f32 and at its CPU default, against onnxruntime.
     "openvino": openvino.rows,
 }
-SLOW = ("pipeline", "ddp", "ablation", "teacher-cache", "distill-paper", "export-paper", "export-gpu", "gpu",
-        "openvino")
+SLOW = (
+    "pipeline",
+    "ddp",
+    "ablation",
+    "teacher-cache",
+    "distill-paper",
+    "export-paper",
+    "export-gpu",
+    "gpu",
+    "openvino",
+)
 DEFAULT = [name for name in SUITES if name not in SLOW]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
-    ap.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated suites ({', '.join(SUITES)}; "
-                    "default: all but ablation, which trains 15 models and takes about an hour on 2 cores; "
-                    "teacher-cache (8 models, about 30 minutes); "
-                    "pipeline (a whole dvc repro, about 20 minutes on 2 cores); "
-                    "ddp (torchrun scaling, about 10 minutes); "
-                    "distill-paper and export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and "
-                    "export-gpu and gpu, for a CUDA machine)")
+    ap.add_argument(
+        "--only",
+        default=",".join(DEFAULT),
+        help=f"comma-separated suites ({', '.join(SUITES)}; "
+        "default: all but ablation, which trains 15 models and takes about an hour on 2 cores; "
+        "teacher-cache (8 models, about 30 minutes); "
+        "pipeline (a whole dvc repro, about 20 minutes on 2 cores); "
+        "ddp (torchrun scaling, about 10 minutes); "
+        "distill-paper and export-paper, the paper's ResNet-101/ResNet-50 models on the CPU; and "
+        "export-gpu and gpu, for a CUDA machine)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     args = ap.parse_args(argv)

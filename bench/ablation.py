@@ -26,9 +26,17 @@ print(json.dumps(ablate.run(p, tmp + "/prepared", tmp + "/ablation", {modes!r}, 
 """
 
 
-QUICK = ["prepare.labelled_fraction=1.0",
-         "prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1", "teacher.batch_size=4",
-         "distill.epochs=1", "distill.batch_size=4", "distill.probe_images=4"]
+QUICK = [
+    "prepare.labelled_fraction=1.0",
+    "prepare.num_samples=60",
+    "prepare.height=48",
+    "prepare.width=96",
+    "teacher.epochs=1",
+    "teacher.batch_size=4",
+    "distill.epochs=1",
+    "distill.batch_size=4",
+    "distill.probe_images=4",
+]
 
 
 def cache_rows(quick: bool, params: str) -> list[dict]:
@@ -44,14 +52,22 @@ def rows(quick: bool, params: str, modes=None, seeds=None, label: str = "ablatio
     seeds = seeds or ([0] if quick else [0, 1, 2, 3, 4])
     data = json.dumps(yaml.safe_load(Path(params).read_text()))
     with tempfile.TemporaryDirectory() as tmp:
-        table = run_json(RUN.format(tmp=tmp, data=data, sets=sets, modes=modes, seeds=seeds), one_core=False,
-                         timeout=4 * 3600)
+        table = run_json(
+            RUN.format(tmp=tmp, data=data, sets=sets, modes=modes, seeds=seeds), one_core=False, timeout=4 * 3600
+        )
     out = []
     for r in table:
         m, s = r["delta_m_mean"], r["delta_m_std"]
-        out.append({"name": f"{label}: {r['mode']} (Δm vs teachers, {r['seeds']} seeds)", "unit": "Δm %",
-                    "median": m, "min": m - s, "max": m + s,
-                    "note": f"mIoU {r['miou_mean']:.4f} ± {r['miou_std']:.4f}, pixAcc {r['pixacc_mean']:.4f} ± "
-                            f"{r['pixacc_std']:.4f}, AbsErr {r['abs_err_mean']:.3f} ± {r['abs_err_std']:.3f} m, "
-                            f"RelErr {r['rel_err_mean']:.4f} ± {r['rel_err_std']:.4f}"})
+        out.append(
+            {
+                "name": f"{label}: {r['mode']} (Δm vs teachers, {r['seeds']} seeds)",
+                "unit": "Δm %",
+                "median": m,
+                "min": m - s,
+                "max": m + s,
+                "note": f"mIoU {r['miou_mean']:.4f} ± {r['miou_std']:.4f}, pixAcc {r['pixacc_mean']:.4f} ± "
+                f"{r['pixacc_std']:.4f}, AbsErr {r['abs_err_mean']:.3f} ± {r['abs_err_std']:.3f} m, "
+                f"RelErr {r['rel_err_mean']:.4f} ± {r['rel_err_std']:.4f}",
+            }
+        )
     return out

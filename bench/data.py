@@ -74,8 +74,12 @@ def prepare_rows(quick: bool, params: str) -> list[dict]:
         peaks.append(r["peak_rss_mb"])
     return [
         {"name": f"prepare {n} synthetic frames (128×256, default params)", "unit": "s", **summary(times)},
-        {"name": "prepare peak RSS", "unit": "MB", **summary(peaks),
-         "note": json.dumps({"frames": n}) + " — peak resident memory of the whole process"},
+        {
+            "name": "prepare peak RSS",
+            "unit": "MB",
+            **summary(peaks),
+            "note": json.dumps({"frames": n}) + " — peak resident memory of the whole process",
+        },
     ]
 
 
@@ -107,13 +111,16 @@ def write_cityscapes_frames(root: Path, n_train: int, n_val: int, h: int = 1024,
     Image.fromarray(image).save(proto / "leftImg8bit.png", compress_level=1)
     Image.fromarray(ids).save(proto / "gtFine_labelIds.png")
     Image.fromarray(disparity).save(proto / "disparity.png")
-    (proto / "camera.json").write_text(json.dumps({"extrinsic": {"baseline": 0.209313},
-                                                   "intrinsic": {"fx": 2262.52}}))
+    (proto / "camera.json").write_text(json.dumps({"extrinsic": {"baseline": 0.209313}, "intrinsic": {"fx": 2262.52}}))
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             stem = f"bench_{i:06d}_000019"
-            for sub, name in (("leftImg8bit", "leftImg8bit.png"), ("gtFine", "gtFine_labelIds.png"),
-                              ("disparity", "disparity.png"), ("camera", "camera.json")):
+            for sub, name in (
+                ("leftImg8bit", "leftImg8bit.png"),
+                ("gtFine", "gtFine_labelIds.png"),
+                ("disparity", "disparity.png"),
+                ("camera", "camera.json"),
+            ):
                 folder = root / sub / split / "bench"
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(proto / name, folder / f"{stem}_{name}")
@@ -127,13 +134,30 @@ def cityscapes_rows(quick: bool, params: str) -> list[dict]:
             write_cityscapes_frames(Path(tmp) / "cs", n, max(2, n // 10))
             r = run_json(CITYSCAPES.format(params=params, root=f"{tmp}/cs", out=f"{tmp}/prepared"), one_core=False)
         peaks[n] = r["peak_rss_mb"]
-        rows.append({"name": f"prepare {r['frames']} Cityscapes-format frames 1024×2048 → 256×512",
-                     "unit": "s/frame", **summary([r["seconds"] / r["frames"]])})
-        rows.append({"name": f"prepare {r['frames']} Cityscapes-format frames: peak RSS", "unit": "MB",
-                     **summary([r["peak_rss_mb"]])})
+        rows.append(
+            {
+                "name": f"prepare {r['frames']} Cityscapes-format frames 1024×2048 → 256×512",
+                "unit": "s/frame",
+                **summary([r["seconds"] / r["frames"]]),
+            }
+        )
+        rows.append(
+            {
+                "name": f"prepare {r['frames']} Cityscapes-format frames: peak RSS",
+                "unit": "MB",
+                **summary([r["peak_rss_mb"]]),
+            }
+        )
     small, large = sizes
     growth = peaks[large] / peaks[small]
-    rows.append({"name": f"peak RSS growth, {large} vs {small} train frames", "unit": "×", **summary([growth]),
-                 "target": "≤ 1.1 (streaming)", "ok": growth <= 1.1,
-                 "note": "one frame in memory at a time: a 2975-frame train split needs the same memory"})
+    rows.append(
+        {
+            "name": f"peak RSS growth, {large} vs {small} train frames",
+            "unit": "×",
+            **summary([growth]),
+            "target": "≤ 1.1 (streaming)",
+            "ok": growth <= 1.1,
+            "note": "one frame in memory at a time: a 2975-frame train split needs the same memory",
+        }
+    )
     return rows

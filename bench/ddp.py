@@ -28,9 +28,20 @@ print(json.dumps({{}}))
 
 def _run(args: list[str], nproc: int, tmp: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JOINTDISTILL_PROGRESS": "off"}
-    launcher = [sys.executable, "-m", "jointdistill"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
-        "jointdistill"]
+    launcher = (
+        [sys.executable, "-m", "jointdistill"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "jointdistill",
+        ]
+    )
     r = subprocess.run(launcher + args, cwd=tmp, env=env, capture_output=True, text=True, timeout=3 * 3600)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(launcher + args)} failed:\n{r.stderr[-3000:]}")
@@ -43,18 +54,45 @@ def _throughput(out: Path) -> float:
 
 
 def rows(quick: bool, params: str, nprocs: int = 2) -> list[dict]:
-    sets = ["prepare.labelled_fraction=1.0",
-            "prepare.num_samples=80", "prepare.height=48", "prepare.width=96", "teacher.batch_size=4",
-            "distill.batch_size=4", "distill.probe_images=4"] if quick else []
+    sets = (
+        [
+            "prepare.labelled_fraction=1.0",
+            "prepare.num_samples=80",
+            "prepare.height=48",
+            "prepare.width=96",
+            "teacher.batch_size=4",
+            "distill.batch_size=4",
+            "distill.probe_images=4",
+        ]
+        if quick
+        else []
+    )
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         run_json(PREPARE.format(params=params, sets=sets, tmp=tmp), one_core=False, timeout=3600)
         common = ["--params", str(Path(params).resolve()), *[a for s in sets for a in ("--set", s)]]
         jobs = {
-            "train-teacher --task seg": ["train-teacher", "--task", "seg", "--data", "prepared",
-                                         "--set", "teacher.epochs=2", *common],
-            "distill (full)": ["distill", "--data", "prepared", "--teachers", "teacher-seg", "teacher-depth",
-                               "--set", "distill.epochs=2", *common],
+            "train-teacher --task seg": [
+                "train-teacher",
+                "--task",
+                "seg",
+                "--data",
+                "prepared",
+                "--set",
+                "teacher.epochs=2",
+                *common,
+            ],
+            "distill (full)": [
+                "distill",
+                "--data",
+                "prepared",
+                "--teachers",
+                "teacher-seg",
+                "teacher-depth",
+                "--set",
+                "distill.epochs=2",
+                *common,
+            ],
         }
         for name, args in jobs.items():
             ips = {}
@@ -64,7 +102,12 @@ def rows(quick: bool, params: str, nprocs: int = 2) -> list[dict]:
                 ips[n] = _throughput(Path(tmp) / folder)
             eff = ips[nprocs] / (nprocs * ips[1])
             out.append({"name": f"{name}: 1 process, 1 thread", "unit": "images/s", **summary([ips[1]])})
-            out.append({"name": f"{name}: torchrun {nprocs} processes × 1 thread", "unit": "images/s",
-                        **summary([ips[nprocs]]), "note": f"scaling efficiency {eff:.0%} "
-                        f"({ips[nprocs] / ips[1]:.2f}× on {nprocs}× the cores)"})
+            out.append(
+                {
+                    "name": f"{name}: torchrun {nprocs} processes × 1 thread",
+                    "unit": "images/s",
+                    **summary([ips[nprocs]]),
+                    "note": f"scaling efficiency {eff:.0%} ({ips[nprocs] / ips[1]:.2f}× on {nprocs}× the cores)",
+                }
+            )
     return out

@@ -41,15 +41,30 @@ print(json.dumps(out))
 
 CACHE = ["distill.teacher_cache=true"]
 LIVE = ["distill.teacher_cache=false"]
-VARIANTS = [("mtl", "mtl", []), ("static_kd", "static_kd", LIVE), ("adaptive", "adaptive", LIVE),
-            ("full", "full", LIVE), ("static_kd + teacher cache", "static_kd", CACHE),
-            ("full + teacher cache", "full", CACHE)]
+VARIANTS = [
+    ("mtl", "mtl", []),
+    ("static_kd", "static_kd", LIVE),
+    ("adaptive", "adaptive", LIVE),
+    ("full", "full", LIVE),
+    ("static_kd + teacher cache", "static_kd", CACHE),
+    ("full + teacher cache", "full", CACHE),
+]
 # The paper's networks (DeepLabV3-ResNet-101 teachers, ResNet-50 + ASPP student) on this CPU at a small size:
 # step-time ratios only (teachers trained 1 epoch); where the teachers dominate a step, as on a GPU.
-PAPER = ["prepare.labelled_fraction=1.0",
-         "prepare.num_samples=40", "prepare.height=64", "prepare.width=128", "teacher.backbone=resnet101",
-         "teacher.head=aspp", "student.backbone=resnet50", "student.head=aspp", "teacher.batch_size=2",
-         "distill.batch_size=2", "distill.probe_images=4", "distill.traj_batch=2"]
+PAPER = [
+    "prepare.labelled_fraction=1.0",
+    "prepare.num_samples=40",
+    "prepare.height=64",
+    "prepare.width=128",
+    "teacher.backbone=resnet101",
+    "teacher.head=aspp",
+    "student.backbone=resnet50",
+    "student.head=aspp",
+    "teacher.batch_size=2",
+    "distill.batch_size=2",
+    "distill.probe_images=4",
+    "distill.traj_batch=2",
+]
 PAPER_VARIANTS = [("mtl", "mtl", []), ("full", "full", LIVE), ("full + teacher cache", "full", CACHE)]
 
 
@@ -64,15 +79,22 @@ def _step_rows(res: dict, label: str = "") -> list[dict]:
     out = []
     for mode, steps in per_step.items():
         mean = sum(steps) / len(steps)
-        row = {"name": f"distill step{label}, {mode} (epoch 2)", "unit": "s/step", "median": mean,
-               "min": min(steps), "max": max(steps), "ratio_vs_mtl": mean / mtl_step,
-               "note": f"{mean / mtl_step:.2f}× mtl"}
+        row = {
+            "name": f"distill step{label}, {mode} (epoch 2)",
+            "unit": "s/step",
+            "median": mean,
+            "min": min(steps),
+            "max": max(steps),
+            "ratio_vs_mtl": mean / mtl_step,
+            "note": f"{mean / mtl_step:.2f}× mtl",
+        }
         if "teacher cache" in mode:
             row.update(target="≤ 1.25× mtl", ok=mean / mtl_step <= 1.25)
             cache = res[mode]["teacher_cache"]
             if not cache["reused"]:
-                row["note"] += (f"; cache built once in {cache['build_seconds']:.1f} s "
-                                f"({cache['bytes'] / 1e6:.0f} MB float16)")
+                row["note"] += (
+                    f"; cache built once in {cache['build_seconds']:.1f} s ({cache['bytes'] / 1e6:.0f} MB float16)"
+                )
         out.append(row)
     return out
 
@@ -81,15 +103,24 @@ def paper_rows(quick: bool, params: str) -> list[dict]:
     sets = PAPER + (["prepare.height=32", "prepare.width=64"] if quick else [])
     data = json.dumps(yaml.safe_load(Path(params).read_text()))
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_json(RUN.format(data=data, sets=sets, tmp=tmp, variants=PAPER_VARIANTS), one_core=False,
-                       timeout=7200)
+        res = run_json(RUN.format(data=data, sets=sets, tmp=tmp, variants=PAPER_VARIANTS), one_core=False, timeout=7200)
     return _step_rows(res, " (paper nets, 64×128, batch 2)" if not quick else " (paper nets, 32×64)")
 
 
 def rows(quick: bool, params: str) -> list[dict]:
-    sets = ["prepare.labelled_fraction=1.0",
-            "prepare.num_samples=80", "prepare.height=48", "prepare.width=96", "teacher.batch_size=4",
-            "distill.batch_size=4", "distill.probe_images=4"] if quick else []
+    sets = (
+        [
+            "prepare.labelled_fraction=1.0",
+            "prepare.num_samples=80",
+            "prepare.height=48",
+            "prepare.width=96",
+            "teacher.batch_size=4",
+            "distill.batch_size=4",
+            "distill.probe_images=4",
+        ]
+        if quick
+        else []
+    )
     # Read once: editing params.yaml while the benchmark runs cannot change it half-way.
     data = json.dumps(yaml.safe_load(Path(params).read_text()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,13 +128,30 @@ def rows(quick: bool, params: str) -> list[dict]:
     out = _step_rows(res)
     traj = res["full"]["trajectory"]
     share = traj["logging_share"]
-    out.append({"name": "trajectory logging time (full)", "unit": "% of train time",
-                "median": 100 * share, "min": 100 * share, "max": 100 * share, "target": "≤ 3 %",
-                "ok": share <= 0.03,
-                "note": f"{traj['logging_seconds']:.2f} s of {res['full']['train_seconds']:.0f} s"})
+    out.append(
+        {
+            "name": "trajectory logging time (full)",
+            "unit": "% of train time",
+            "median": 100 * share,
+            "min": 100 * share,
+            "max": 100 * share,
+            "target": "≤ 3 %",
+            "ok": share <= 0.03,
+            "note": f"{traj['logging_seconds']:.2f} s of {res['full']['train_seconds']:.0f} s",
+        }
+    )
     ratio = traj["storage_ratio"]
-    out.append({"name": "trajectory storage vs full fused maps of the probe set", "unit": "% of full maps",
-                "median": 100 * ratio, "min": 100 * ratio, "max": 100 * ratio, "target": "≤ 1 %", "ok": ratio <= 0.01,
-                "note": f"{traj['bytes']} B parquet vs {traj['full_maps_bytes']} B float32 maps "
-                        f"({traj['timeframes']} timeframes × {traj['probe_images']} images, top-{traj['top_k']})"})
+    out.append(
+        {
+            "name": "trajectory storage vs full fused maps of the probe set",
+            "unit": "% of full maps",
+            "median": 100 * ratio,
+            "min": 100 * ratio,
+            "max": 100 * ratio,
+            "target": "≤ 1 %",
+            "ok": ratio <= 0.01,
+            "note": f"{traj['bytes']} B parquet vs {traj['full_maps_bytes']} B float32 maps "
+            f"({traj['timeframes']} timeframes × {traj['probe_images']} images, top-{traj['top_k']})",
+        }
+    )
     return out

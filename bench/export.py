@@ -82,8 +82,14 @@ for batch in (1, 8):
 print(json.dumps(out))
 """
 
-PAPER = ["teacher.backbone=resnet101", "teacher.head=aspp", "teacher.head_channels=256",
-         "student.backbone=resnet50", "student.head=aspp", "student.head_channels=256"]
+PAPER = [
+    "teacher.backbone=resnet101",
+    "teacher.head=aspp",
+    "teacher.head_channels=256",
+    "student.backbone=resnet50",
+    "student.head=aspp",
+    "student.head_channels=256",
+]
 
 
 def preset_rows(preset: str, sets: list[str], params: str, runs: int, device: str = "cpu") -> list[dict]:
@@ -92,34 +98,59 @@ def preset_rows(preset: str, sets: list[str], params: str, runs: int, device: st
     res = {}
     for runtime in ("onnx", "eager"):
         with tempfile.TemporaryDirectory() as tmp:
-            got = run_json(LATENCY.format(params=params, sets=sets, tmp=tmp, runs=runs, runtime=runtime,
-                                          device=device),
-                           one_core=False, timeout=3600)
+            got = run_json(
+                LATENCY.format(params=params, sets=sets, tmp=tmp, runs=runs, runtime=runtime, device=device),
+                one_core=False,
+                timeout=3600,
+            )
         res.update({k: v for k, v in got.items() if k in ("params", "size")})
         for batch in ("1", "8"):
             res.setdefault(batch, {}).update({f"{name}_{runtime}": v for name, v in got[batch].items()})
     h, w = res["size"]
     ep = "CUDA" if device == "cuda" else "CPU"
-    size = (f"{h}×{w}, student {res['params']['student'] / 1e6:.2f} M params, teachers "
-            f"{(res['params']['teacher_seg'] + res['params']['teacher_depth']) / 1e6:.2f} M")
+    size = (
+        f"{h}×{w}, student {res['params']['student'] / 1e6:.2f} M params, teachers "
+        f"{(res['params']['teacher_seg'] + res['params']['teacher_depth']) / 1e6:.2f} M"
+    )
     rows = []
     for batch in ("1", "8"):
         r = res[batch]
 
         def row(name, key, r=r, batch=batch, **extra):
             med, lo, hi = r[key]
-            return {"name": f"[{preset}] batch {batch}: {name}", "unit": "ms", "median": med, "min": lo, "max": hi,
-                    **extra}
+            return {
+                "name": f"[{preset}] batch {batch}: {name}",
+                "unit": "ms",
+                "median": med,
+                "min": lo,
+                "max": hi,
+                **extra,
+            }
 
         s_onnx, s_eager = r["student_onnx"][0], r["student_eager"][0]
         t_onnx, t_eager = r["teachers_onnx"][0], r["teachers_eager"][0]
         rows += [
-            row(f"student, onnxruntime {ep}", "student_onnx", target="≤ 0.8× student eager",
-                ok=s_onnx <= 0.8 * s_eager, note=f"{s_onnx / s_eager:.2f}× eager; {size}"),
-            row("student, PyTorch eager", "student_eager", target="≤ 0.5× both teachers eager",
-                ok=s_eager <= 0.5 * t_eager, note=f"{s_eager / t_eager:.2f}× the teachers (eager)"),
-            row(f"both teachers, onnxruntime {ep}", "teachers_onnx", target="student onnx ≤ 0.5× this",
-                ok=s_onnx <= 0.5 * t_onnx, note=f"student onnx / teachers onnx = {s_onnx / t_onnx:.2f}×"),
+            row(
+                f"student, onnxruntime {ep}",
+                "student_onnx",
+                target="≤ 0.8× student eager",
+                ok=s_onnx <= 0.8 * s_eager,
+                note=f"{s_onnx / s_eager:.2f}× eager; {size}",
+            ),
+            row(
+                "student, PyTorch eager",
+                "student_eager",
+                target="≤ 0.5× both teachers eager",
+                ok=s_eager <= 0.5 * t_eager,
+                note=f"{s_eager / t_eager:.2f}× the teachers (eager)",
+            ),
+            row(
+                f"both teachers, onnxruntime {ep}",
+                "teachers_onnx",
+                target="student onnx ≤ 0.5× this",
+                ok=s_onnx <= 0.5 * t_onnx,
+                note=f"student onnx / teachers onnx = {s_onnx / t_onnx:.2f}×",
+            ),
             row("both teachers, PyTorch eager", "teachers_eager"),
         ]
     return rows
@@ -131,6 +162,11 @@ def rows(quick: bool, params: str, presets: tuple[str, ...] = ("default",), devi
     out = []
     for preset in presets:
         runs = 5 if preset == "paper" and device == "cpu" else 30
-        out += preset_rows(preset if device == "cpu" else f"{preset}, {device}", PAPER if preset == "paper" else [],
-                           params, runs, device)
+        out += preset_rows(
+            preset if device == "cpu" else f"{preset}, {device}",
+            PAPER if preset == "paper" else [],
+            params,
+            runs,
+            device,
+        )
     return out

@@ -101,9 +101,15 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
     mode = {"distill-mtl": "mtl", "distill-full": "full", "distill-full-cache": "full"}[kind]
     # The training step as such: no gradient-norm measurements (an extra backward per term every
     # grad_log_every steps) and a fixed trajectory weight instead of its calibration.
-    cfg = params.distill.model_copy(update={"mode": mode, "probe_images": probes.shape[0],
-                                            "traj_batch": min(params.distill.traj_batch, probes.shape[0]),
-                                            "grad_log_every": 0, "traj_share": 0.0})
+    cfg = params.distill.model_copy(
+        update={
+            "mode": mode,
+            "probe_images": probes.shape[0],
+            "traj_batch": min(params.distill.traj_batch, probes.shape[0]),
+            "grad_log_every": 0,
+            "traj_share": 0.0,
+        }
+    )
     student = build_student(arch["student_backbone"], arch["head"], classes)
     if mode == "mtl":
         model = DistillModel(student, probes=probes)
@@ -115,9 +121,16 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
     if cached:
         with torch.no_grad():  # batch statistics: see _batch
             probe_feats = torch.cat([t.train().encode(probes) for t in teachers], 1).half().float()
-    model = DistillModel(student, connector, [] if cached else teachers, probes, cfg.traj_every, cfg.traj_batch,
-                         probe_teacher_features=probe_feats,
-                         target_teachers=teachers if cfg.kd_target == "teachers" and not cached else None)
+    model = DistillModel(
+        student,
+        connector,
+        [] if cached else teachers,
+        probes,
+        cfg.traj_every,
+        cfg.traj_batch,
+        probe_teacher_features=probe_feats,
+        target_teachers=teachers if cfg.kd_target == "teachers" and not cached else None,
+    )
     task = StudentTask(model, cfg, classes, 255, {"seg": 0.5, "depth": 0.5}, list(range(probes.shape[0])))
     return model, task, teachers if cached else False
 
@@ -161,8 +174,9 @@ def _setup(kind: str, variant: dict, probes, params, arch: dict, device, **spec_
     from jointdistill import engine
 
     model, task, teachers = _build(kind, 7, probes, params, arch)
-    spec = (params.teacher if kind.startswith("teacher-") else params.distill).model_copy(update={
-        "amp": variant["amp"], "channels_last": variant["cl"], "compile": variant["compile"], **spec_update})
+    spec = (params.teacher if kind.startswith("teacher-") else params.distill).model_copy(
+        update={"amp": variant["amp"], "channels_last": variant["cl"], "compile": variant["compile"], **spec_update}
+    )
     channels_last = spec.channels_last == "on"
     amp = engine.amp_dtype(spec, device)
     model = model.to(device)
@@ -171,12 +185,22 @@ def _setup(kind: str, variant: dict, probes, params, arch: dict, device, **spec_
     opt = engine.build_optimizer(model, spec)  # AdamW's state is made at its first step: nothing allocated here
     sched = engine.build_scheduler(opt, spec, 10_000)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    return SimpleNamespace(model=model, task=task, teachers=teachers, spec=spec, channels_last=channels_last,
-                           amp=amp, opt=opt, sched=sched, scaler=scaler)
+    return SimpleNamespace(
+        model=model,
+        task=task,
+        teachers=teachers,
+        spec=spec,
+        channels_last=channels_last,
+        amp=amp,
+        opt=opt,
+        sched=sched,
+        scaler=scaler,
+    )
 
 
-def measure(kind: str, variant: dict, ds, probes, params, arch: dict, bs: int, device, steps: int, warm: int,
-            flops: dict) -> dict:
+def measure(
+    kind: str, variant: dict, ds, probes, params, arch: dict, bs: int, device, steps: int, warm: int, flops: dict
+) -> dict:
     """One configuration × one precision/layout/compile variant: step time, images/s, memory, MFU."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -218,10 +242,20 @@ def measure(kind: str, variant: dict, ds, probes, params, arch: dict, bs: int, d
         times.append(time.perf_counter() - t0)
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     med = statistics.median(times)
-    row = {"config": kind, "variant": variant["name"], "batch": bs, "step_s": med, "min_s": min(times),
-           "max_s": max(times), "images_per_s": bs / med, "first_step_s": first, "compiled_modules": compiled,
-           "flops_per_step": flops[kind], "peak_gpu_bytes": mem,
-           "parameters": sum(p.numel() for p in model.parameters())}
+    row = {
+        "config": kind,
+        "variant": variant["name"],
+        "batch": bs,
+        "step_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "images_per_s": bs / med,
+        "first_step_s": first,
+        "compiled_modules": compiled,
+        "flops_per_step": flops[kind],
+        "peak_gpu_bytes": mem,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     return row
 
 
@@ -231,21 +265,38 @@ VARIANTS = {
     "bf16+cl": {"name": "bf16 + channels_last", "amp": "bf16", "cl": "on", "compile": "off"},
     "bf16+cl+compile": {"name": "bf16 + channels_last + compile", "amp": "bf16", "cl": "on", "compile": "on"},
     # cuDNN timing its kernels for the fixed training shapes: `fit` leaves it off (this row says whether it pays).
-    "bf16+cl+cudnn-bench": {"name": "bf16 + channels_last, cudnn.benchmark on", "amp": "bf16", "cl": "on",
-                            "compile": "off", "cudnn_benchmark": True},
+    "bf16+cl+cudnn-bench": {
+        "name": "bf16 + channels_last, cudnn.benchmark on",
+        "amp": "bf16",
+        "cl": "on",
+        "compile": "off",
+        "cudnn_benchmark": True,
+    },
 }
 # Eager runs first, compiled last (the most device time), most important configurations first in each.
 PLAN = [
-    ("teacher-seg", "fp32"), ("teacher-seg", "bf16"), ("teacher-seg", "bf16+cl"),
+    ("teacher-seg", "fp32"),
+    ("teacher-seg", "bf16"),
+    ("teacher-seg", "bf16+cl"),
     ("teacher-seg", "bf16+cl+cudnn-bench"),
     ("teacher-depth", "bf16+cl"),
-    ("distill-mtl", "bf16+cl"), ("distill-full", "fp32"), ("distill-full", "bf16+cl"),
+    ("distill-mtl", "bf16+cl"),
+    ("distill-full", "fp32"),
+    ("distill-full", "bf16+cl"),
     ("distill-full-cache", "bf16+cl"),
-    ("teacher-seg", "bf16+cl+compile"), ("distill-full", "bf16+cl+compile"), ("distill-mtl", "bf16+cl+compile"),
+    ("teacher-seg", "bf16+cl+compile"),
+    ("distill-full", "bf16+cl+compile"),
+    ("distill-mtl", "bf16+cl+compile"),
     ("distill-full-cache", "bf16+cl+compile"),
 ]
-QUICK_PLAN = [("teacher-seg", "fp32"), ("teacher-seg", "bf16+cl"), ("teacher-depth", "bf16+cl"),
-              ("distill-mtl", "fp32"), ("distill-full", "fp32"), ("distill-full-cache", "fp32")]
+QUICK_PLAN = [
+    ("teacher-seg", "fp32"),
+    ("teacher-seg", "bf16+cl"),
+    ("teacher-depth", "bf16+cl"),
+    ("distill-mtl", "fp32"),
+    ("distill-full", "fp32"),
+    ("distill-full-cache", "fp32"),
+]
 
 
 def loader_rows(ds, bs: int, device, workers: list[int], epochs: int) -> list[dict]:
@@ -282,11 +333,29 @@ def epoch_row(ds, params, arch: dict, bs: int, device, workers: int, variant: di
         loader = engine.make_loader(ds, sampler, bs, workers, device, True)
         state = engine.RunState(epoch=epoch)
         t0 = time.perf_counter()
-        engine.train_one_epoch(r.model, r.task, loader, r.opt, r.sched, r.scaler, r.spec, device, state,
-                               r.amp, r.channels_last, lambda: None, False, sampler.batches_per_epoch())
+        engine.train_one_epoch(
+            r.model,
+            r.task,
+            loader,
+            r.opt,
+            r.sched,
+            r.scaler,
+            r.spec,
+            device,
+            state,
+            r.amp,
+            r.channels_last,
+            lambda: None,
+            False,
+            sampler.batches_per_epoch(),
+        )
         res.append(state.epoch_seen / (time.perf_counter() - t0))
-    return {"variant": variant["name"], "workers": workers, "images_per_s": res[-1],
-            "steps": sampler.batches_per_epoch()}
+    return {
+        "variant": variant["name"],
+        "workers": workers,
+        "images_per_s": res[-1],
+        "steps": sampler.batches_per_epoch(),
+    }
 
 
 def run(quick: bool, params_file: str) -> dict:
@@ -303,11 +372,25 @@ def run(quick: bool, params_file: str) -> dict:
     h, w, bs = (256, 512, 16) if gpu else (32, 64, 2)
     arch = PAPER if gpu else {"teacher_backbone": "tiny", "student_backbone": "tiny", "head": "light"}
     raw = yaml.safe_load(Path(params_file).read_text())
-    params = params_from_dict(apply_overrides(raw, [
-        "prepare.labelled_fraction=1.0",
-        f"prepare.num_samples={640 if gpu else 24}", f"prepare.height={h}", f"prepare.width={w}", "seed=0"]))
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "resolution": [h, w], "batch": bs, "arch": arch}
+    params = params_from_dict(
+        apply_overrides(
+            raw,
+            [
+                "prepare.labelled_fraction=1.0",
+                f"prepare.num_samples={640 if gpu else 24}",
+                f"prepare.height={h}",
+                f"prepare.width={w}",
+                "seed=0",
+            ],
+        )
+    )
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "resolution": [h, w],
+        "batch": bs,
+        "arch": arch,
+    }
     if device.type == "cuda":
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     info.update(ceilings(device, not gpu))
@@ -339,8 +422,9 @@ def run(quick: bool, params_file: str) -> dict:
                 torch.cuda.empty_cache()
         ok = [r for r in rows if r["config"] == "teacher-seg" and "error" not in r]
         best = min(ok, key=lambda r: r["step_s"]) if ok else None
-        variant = next(v for v in VARIANTS.values() if best and v["name"] == best["variant"]) if best else \
-            VARIANTS["fp32"]
+        variant = (
+            next(v for v in VARIANTS.values() if best and v["name"] == best["variant"]) if best else VARIANTS["fp32"]
+        )
         epoch = epoch_row(ds, params, arch, bs, device, 8 if gpu else 0, variant, probes)
         _log({"epoch": epoch})
     return {"info": info, "steps": rows, "loader": loader, "epoch": epoch}
@@ -350,60 +434,124 @@ def table_rows(res: dict) -> list[dict]:
     """The suite's rows for bench/results (JSON + markdown)."""
     info = res["info"]
     peak = info["bf16_flops"]
-    out = [{"name": f"card: bf16 matrix product {info['matmul_n']}³ (measured)", "unit": "TFLOP/s",
-            "median": peak / 1e12, "min": peak / 1e12, "max": peak / 1e12},
-           {"name": "card: device-to-device copy (read + write, measured)", "unit": "GB/s",
-            "median": info["copy_bytes_per_s"] / 1e9, "min": info["copy_bytes_per_s"] / 1e9,
-            "max": info["copy_bytes_per_s"] / 1e9}]
+    out = [
+        {
+            "name": f"card: bf16 matrix product {info['matmul_n']}³ (measured)",
+            "unit": "TFLOP/s",
+            "median": peak / 1e12,
+            "min": peak / 1e12,
+            "max": peak / 1e12,
+        },
+        {
+            "name": "card: device-to-device copy (read + write, measured)",
+            "unit": "GB/s",
+            "median": info["copy_bytes_per_s"] / 1e9,
+            "min": info["copy_bytes_per_s"] / 1e9,
+            "max": info["copy_bytes_per_s"] / 1e9,
+        },
+    ]
     eager = {}
     for r in res["steps"]:
         name = f"{r['config']} step, {r['variant']}"
         if "error" in r:
-            out.append({"name": name, "unit": "images/s", "median": 0.0, "min": 0.0, "max": 0.0,
-                        "note": "failed: " + r["error"]})
+            out.append(
+                {
+                    "name": name,
+                    "unit": "images/s",
+                    "median": 0.0,
+                    "min": 0.0,
+                    "max": 0.0,
+                    "note": "failed: " + r["error"],
+                }
+            )
             continue
         ips = r["images_per_s"]
         limit = peak * r["batch"] / r["flops_per_step"]  # images/s if every FLOP ran at the measured bf16 rate
         mfu = r["flops_per_step"] / r["step_s"] / peak
         if r["variant"] == VARIANTS["bf16+cl"]["name"]:
             eager[r["config"]] = r
-        note = (f"{r['step_s'] * 1e3:.1f} ms/step (batch {r['batch']}); {r['flops_per_step'] / 1e9:.0f} GFLOP/step; "
-                f"FLOP-bound limit {limit:.0f} images/s; MFU {100 * mfu:.1f} %")
+        note = (
+            f"{r['step_s'] * 1e3:.1f} ms/step (batch {r['batch']}); {r['flops_per_step'] / 1e9:.0f} GFLOP/step; "
+            f"FLOP-bound limit {limit:.0f} images/s; MFU {100 * mfu:.1f} %"
+        )
         if r.get("peak_gpu_bytes"):
             note += f"; peak GPU memory {r['peak_gpu_bytes'] / 2**30:.1f} GiB"
         if r["compiled_modules"]:
             note += f"; first step (compile) {r['first_step_s']:.0f} s"
-        out.append({"name": name, "unit": "images/s", "median": ips, "min": r["batch"] / r["max_s"],
-                    "max": r["batch"] / r["min_s"], "mfu": mfu, "flop_limit_images_per_s": limit, "note": note})
+        out.append(
+            {
+                "name": name,
+                "unit": "images/s",
+                "median": ips,
+                "min": r["batch"] / r["max_s"],
+                "max": r["batch"] / r["min_s"],
+                "mfu": mfu,
+                "flop_limit_images_per_s": limit,
+                "note": note,
+            }
+        )
     for r in res["steps"]:
         if "error" in r or r["variant"] != VARIANTS["bf16+cl+compile"]["name"] or r["config"] not in eager:
             continue
         gain = eager[r["config"]]["step_s"] / r["step_s"]
-        out.append({"name": f"{r['config']}: compile speed-up over bf16 + channels_last eager", "unit": "×",
-                    "median": gain, "min": gain, "max": gain})
+        out.append(
+            {
+                "name": f"{r['config']}: compile speed-up over bf16 + channels_last eager",
+                "unit": "×",
+                "median": gain,
+                "min": gain,
+                "max": gain,
+            }
+        )
     by = {(r["config"], r["variant"]): r for r in res["steps"] if "error" not in r}
     for v in ("bf16 + channels_last", "bf16 + channels_last + compile"):
         mtl = by.get(("distill-mtl", v))
         for cfg in ("distill-full", "distill-full-cache"):
             if mtl and (cfg, v) in by:
                 ratio = by[(cfg, v)]["step_s"] / mtl["step_s"]
-                out.append({"name": f"{cfg} step / distill-mtl step, {v}", "unit": "×", "median": ratio,
-                            "min": ratio, "max": ratio, "target": "≤ 1.25×", "ok": ratio <= 1.25})
-    fastest = min((r for r in res["steps"] if "error" not in r and r["config"].startswith("teacher-")),
-                  key=lambda r: r["step_s"], default=None)
+                out.append(
+                    {
+                        "name": f"{cfg} step / distill-mtl step, {v}",
+                        "unit": "×",
+                        "median": ratio,
+                        "min": ratio,
+                        "max": ratio,
+                        "target": "≤ 1.25×",
+                        "ok": ratio <= 1.25,
+                    }
+                )
+    fastest = min(
+        (r for r in res["steps"] if "error" not in r and r["config"].startswith("teacher-")),
+        key=lambda r: r["step_s"],
+        default=None,
+    )
     for r in res["loader"]:
         per_epoch = r["images"] // r["epochs"]
-        row = {"name": f"loader, {r['workers']} workers, pinned memory ({r['epochs']} epochs of {per_epoch} images, "
-                       "fresh workers each)", "unit": "images/s",
-               "median": r["images_per_s"], "min": r["images_per_s"], "max": r["images_per_s"]}
+        row = {
+            "name": f"loader, {r['workers']} workers, pinned memory ({r['epochs']} epochs of {per_epoch} images, "
+            "fresh workers each)",
+            "unit": "images/s",
+            "median": r["images_per_s"],
+            "min": r["images_per_s"],
+            "max": r["images_per_s"],
+        }
         if fastest:
-            row.update(target=f"≥ fastest teacher step ({fastest['images_per_s']:.0f} images/s)",
-                       ok=r["images_per_s"] >= fastest["images_per_s"])
+            row.update(
+                target=f"≥ fastest teacher step ({fastest['images_per_s']:.0f} images/s)",
+                ok=r["images_per_s"] >= fastest["images_per_s"],
+            )
         out.append(row)
     e = res["epoch"]
-    out.append({"name": f"teacher-seg epoch through train_one_epoch ({e['variant']}, {e['workers']} workers)",
-                "unit": "images/s", "median": e["images_per_s"], "min": e["images_per_s"], "max": e["images_per_s"],
-                "note": f"{e['steps']} steps, second epoch (loader, transfer, step, one host sync per step)"})
+    out.append(
+        {
+            "name": f"teacher-seg epoch through train_one_epoch ({e['variant']}, {e['workers']} workers)",
+            "unit": "images/s",
+            "median": e["images_per_s"],
+            "min": e["images_per_s"],
+            "max": e["images_per_s"],
+            "note": f"{e['steps']} steps, second epoch (loader, transfer, step, one host sync per step)",
+        }
+    )
     return out
 
 

@@ -82,15 +82,31 @@ def rows(quick: bool, params: str, model: str | Path | None = None, data: str | 
             dm.update(torch.from_numpy(np.ascontiguousarray(depth)), torch.stack([it["depth"] for it in items]))
         h, w = meta["resolution"]
         x1 = np.random.default_rng(0).standard_normal((1, 3, h, w), dtype=np.float32)
-        results[name] = {"miou": cm.compute()["miou"], "abs_err": dm.compute()["abs_err"], "max_depth_diff": max_diff,
-                         "agreement": agree / pixels, "ms": _median_ms(run, x1, 20 if quick else 200)}
+        results[name] = {
+            "miou": cm.compute()["miou"],
+            "abs_err": dm.compute()["abs_err"],
+            "max_depth_diff": max_diff,
+            "agreement": agree / pixels,
+            "ms": _median_ms(run, x1, 20 if quick else 200),
+        }
     out = []
     base = results["onnxruntime"]
     for name, r in results.items():
         hint = f"precision {precision[name]}; " if name in precision else ""
-        note = (f"{hint}test mIoU {r['miou']:.4f} (onnxruntime {base['miou']:.4f}), AbsErr {r['abs_err']:.3f} m "
-                f"({base['abs_err']:.3f}); vs onnxruntime: depth max |Δ| {r['max_depth_diff']:.3g} m, argmax "
-                f"agreement {100 * r['agreement']:.3f} % over {n} test images")
-        out.append({"name": f"student, {name}, batch 1", "unit": "ms", "median": r["ms"], "min": r["ms"],
-                    "max": r["ms"], "runs": 1, "note": note})
+        note = (
+            f"{hint}test mIoU {r['miou']:.4f} (onnxruntime {base['miou']:.4f}), AbsErr {r['abs_err']:.3f} m "
+            f"({base['abs_err']:.3f}); vs onnxruntime: depth max |Δ| {r['max_depth_diff']:.3g} m, argmax "
+            f"agreement {100 * r['agreement']:.3f} % over {n} test images"
+        )
+        out.append(
+            {
+                "name": f"student, {name}, batch 1",
+                "unit": "ms",
+                "median": r["ms"],
+                "min": r["ms"],
+                "max": r["ms"],
+                "runs": 1,
+                "note": note,
+            }
+        )
     return out

@@ -20,14 +20,17 @@ import yaml
 from .common import run_json, summary
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = {"prepare": {"labelled_fraction": 1.0, "num_samples": 40, "height": 48, "width": 96},
-         "teacher": {"epochs": 1, "batch_size": 4},
-         "distill": {"epochs": 1, "batch_size": 4, "probe_images": 2, "traj_batch": 2}}
+QUICK = {
+    "prepare": {"labelled_fraction": 1.0, "num_samples": 40, "height": 48, "width": 96},
+    "teacher": {"epochs": 1, "batch_size": 4},
+    "distill": {"epochs": 1, "batch_size": 4, "probe_images": 2, "traj_batch": 2},
+}
 
 
 def _project_copy(dst: Path, params: str, overrides: dict) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for rel in files:
         if (REPO / rel).is_file() and not rel.startswith(("data/", "dvc.lock", "bench/results")):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +39,13 @@ def _project_copy(dst: Path, params: str, overrides: dict) -> None:
     for section, values in overrides.items():
         data[section].update(values)
     (dst / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@invalid",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@invalid"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@invalid",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@invalid",
+    }
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench copy"]):
         subprocess.run(cmd, cwd=dst, check=True, env=env, capture_output=True)
 
@@ -47,8 +55,12 @@ def repro_rows(quick: bool, params: str) -> list[dict]:
         project = Path(tmp) / "project"
         project.mkdir()
         _project_copy(project, params, QUICK if quick else {})
-        env = {**os.environ, "DVC_NO_ANALYTICS": "1", "JOINTDISTILL_PROGRESS": "off",
-               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        env = {
+            **os.environ,
+            "DVC_NO_ANALYTICS": "1",
+            "JOINTDISTILL_PROGRESS": "off",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        }
         t0 = time.perf_counter()
         r = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=4 * 3600)
         seconds = time.perf_counter() - t0
@@ -58,14 +70,20 @@ def repro_rows(quick: bool, params: str) -> list[dict]:
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         stages = re.findall(r"Running stage '([^']+)'", r.stdout)
         metrics = json.loads((project / "data" / "eval" / "report.json").read_text())
-        train = {name: json.loads((project / "metrics" / name / "run.json").read_text())["train_seconds"]
-                 for name in ("teacher-seg", "teacher-depth", "distill")}
+        train = {
+            name: json.loads((project / "metrics" / name / "run.json").read_text())["train_seconds"]
+            for name in ("teacher-seg", "teacher-depth", "distill")
+        }
     student = metrics["student"]["test"]
-    row = {"name": "dvc repro, default pipeline from scratch" + (" (quick params)" if quick else ""), "unit": "s",
-           **summary([seconds]), "note": f"{len(stages)} stages: {', '.join(stages)}; training loops "
-                                         + ", ".join(f"{k} {v:.0f} s" for k, v in train.items())
-                                         + f"; student test mIoU {student['miou']:.4f}, AbsErr "
-                                           f"{student['abs_err']:.3f} m"}
+    row = {
+        "name": "dvc repro, default pipeline from scratch" + (" (quick params)" if quick else ""),
+        "unit": "s",
+        **summary([seconds]),
+        "note": f"{len(stages)} stages: {', '.join(stages)}; training loops "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in train.items())
+        + f"; student test mIoU {student['miou']:.4f}, AbsErr "
+        f"{student['abs_err']:.3f} m",
+    }
     if not quick:  # what `make run` costs on the default params
         row.update(target="≤ 720 (12 min)", ok=seconds <= 720)
     return [
@@ -124,16 +142,33 @@ print(json.dumps(out))
 
 
 def loader_rows(quick: bool, params: str) -> list[dict]:
-    sets = ["prepare.labelled_fraction=1.0",
-            "prepare.num_samples=80", "prepare.height=48", "prepare.width=96"] if quick else []
+    sets = (
+        ["prepare.labelled_fraction=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96"]
+        if quick
+        else []
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_json(LOADER.format(params=params, sets=sets, tmp=tmp, batches=5 if quick else 50,
-                                     steps=3 if quick else 20), one_core=False)
+        res = run_json(
+            LOADER.format(params=params, sets=sets, tmp=tmp, batches=5 if quick else 50, steps=3 if quick else 20),
+            one_core=False,
+        )
     step = res.pop("student step")
-    rows = [{"name": "student training step (mtl, default student, batch of distill.batch_size)", "unit": "s/batch",
-             **summary([step])}]
+    rows = [
+        {
+            "name": "student training step (mtl, default student, batch of distill.batch_size)",
+            "unit": "s/batch",
+            **summary([step]),
+        }
+    ]
     for name, seconds in res.items():
-        rows.append({"name": f"{name}: one batch", "unit": "s/batch", **summary([seconds]),
-                     "target": "≤ 0.2× a step (not the bottleneck)", "ok": seconds <= 0.2 * step,
-                     "note": f"{seconds / step:.1%} of a training step"})
+        rows.append(
+            {
+                "name": f"{name}: one batch",
+                "unit": "s/batch",
+                **summary([seconds]),
+                "target": "≤ 0.2× a step (not the bottleneck)",
+                "ok": seconds <= 0.2 * step,
+                "note": f"{seconds / step:.1%} of a training step",
+            }
+        )
     return rows

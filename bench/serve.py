@@ -51,6 +51,7 @@ for scale in {scales!r}:
 print(json.dumps(out))
 """
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,8 +68,11 @@ def rss_mb(pid: int) -> float:
 def start(model: Path, threads: int) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     log = open(os.devnull, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "jointdistill", "serve", str(model), "--port", str(port),
-                             "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jointdistill", "serve", str(model), "--port", str(port), "--threads", str(threads)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -109,8 +113,9 @@ def level(port: int, body: bytes, headers: dict, concurrency: int, seconds: floa
     errors: list[int] = []
     _client(port, body, headers, time.perf_counter() + 0.5, [], [])  # warm the connection path
     until = time.perf_counter() + seconds
-    threads = [threading.Thread(target=_client, args=(port, body, headers, until, lat, errors))
-               for _ in range(concurrency)]
+    threads = [
+        threading.Thread(target=_client, args=(port, body, headers, until, lat, errors)) for _ in range(concurrency)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -118,9 +123,16 @@ def level(port: int, body: bytes, headers: dict, concurrency: int, seconds: floa
         t.join()
     wall = time.perf_counter() - t0
     q = np.percentile(lat, [50, 95, 99]) if lat else [float("nan")] * 3
-    return {"rps": len(lat) / wall, "p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]),
-            "errors": len(errors), "requests": len(lat), "min": min(lat, default=float("nan")),
-            "max": max(lat, default=float("nan"))}
+    return {
+        "rps": len(lat) / wall,
+        "p50": float(q[0]),
+        "p95": float(q[1]),
+        "p99": float(q[2]),
+        "errors": len(errors),
+        "requests": len(lat),
+        "min": min(lat, default=float("nan")),
+        "max": max(lat, default=float("nan")),
+    }
 
 
 def rows(quick: bool, params: str, model: str | Path | None = None) -> list[dict]:
@@ -138,8 +150,9 @@ def rows(quick: bool, params: str, model: str | Path | None = None) -> list[dict
     # The export's own size, and twice each side where the model takes other sizes: the overhead per request
     # is mostly fixed plus the transfer, so its share shrinks as the model's work grows.
     scales = [1, 2] if session.meta.get("size_multiple") else [1]
-    direct = run_json(DIRECT.format(model=str(model), threads=threads, seconds=min(seconds, 10.0), scales=scales),
-                      one_core=False)
+    direct = run_json(
+        DIRECT.format(model=str(model), threads=threads, seconds=min(seconds, 10.0), scales=scales), one_core=False
+    )
     h, w = direct[0]["size"]
     rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     tensors = []
@@ -175,25 +188,67 @@ def rows(quick: bool, params: str, model: str | Path | None = None) -> list[dict
     for d, r in zip(direct, single):
         size = f"{d['size'][0]}×{d['size'][1]}"
         overhead = r["p50"] / d["median"] - 1
-        out.append({"name": f"onnxruntime direct, batch 1, {size}", "unit": "ms", "median": d["median"],
-                    "min": d["min"], "max": d["max"], "note": f"{d['n']} runs, {threads} threads"})
-        out.append({"name": f"server latency, tensor {size}, concurrency 1", "unit": "ms", "median": r["p50"],
-                    "min": r["min"], "max": r["max"], "target": "p50 ≤ 1.2× onnxruntime direct",
-                    "ok": overhead <= 0.20, "overhead": overhead,
-                    "note": f"server overhead {overhead * 100:+.1f} % ({r['p50'] - d['median']:+.1f} ms) vs "
-                            f"onnxruntime direct; {r['rps']:.1f} req/s; p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms; "
-                            f"{r['requests']} requests, {r['errors']} errors"})
+        out.append(
+            {
+                "name": f"onnxruntime direct, batch 1, {size}",
+                "unit": "ms",
+                "median": d["median"],
+                "min": d["min"],
+                "max": d["max"],
+                "note": f"{d['n']} runs, {threads} threads",
+            }
+        )
+        out.append(
+            {
+                "name": f"server latency, tensor {size}, concurrency 1",
+                "unit": "ms",
+                "median": r["p50"],
+                "min": r["min"],
+                "max": r["max"],
+                "target": "p50 ≤ 1.2× onnxruntime direct",
+                "ok": overhead <= 0.20,
+                "overhead": overhead,
+                "note": f"server overhead {overhead * 100:+.1f} % ({r['p50'] - d['median']:+.1f} ms) vs "
+                f"onnxruntime direct; {r['rps']:.1f} req/s; p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms; "
+                f"{r['requests']} requests, {r['errors']} errors",
+            }
+        )
     for key in (4, 16, "png"):
         r = results[key]
         what = f"PNG {h}×{w} (image_bytes), concurrency 1" if key == "png" else f"tensor {h}×{w}, concurrency {key}"
-        out.append({"name": f"server latency, {what}", "unit": "ms", "median": r["p50"], "min": r["min"],
-                    "max": r["max"],
-                    "note": f"{r['rps']:.1f} req/s; p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms; "
-                            f"{r['requests']} requests, {r['errors']} errors"})
-    out.append({"name": "server errors over all levels", "unit": "count", "median": total_errors,
-                "min": total_errors, "max": total_errors, "target": "0", "ok": total_errors == 0})
-    out.append({"name": "server RSS growth over the run", "unit": "%", "median": growth * 100,
-                "min": growth * 100, "max": growth * 100, "target": "≤ 10 %", "ok": growth <= 0.10,
-                "note": f"{rss_cold:.0f} MB when ready, {rss_start:.0f} MB after warm-up → {rss_end:.0f} MB at the end "
-                        f"({sum(r['requests'] for r in (*results.values(), *single[1:]))} requests)"})
+        out.append(
+            {
+                "name": f"server latency, {what}",
+                "unit": "ms",
+                "median": r["p50"],
+                "min": r["min"],
+                "max": r["max"],
+                "note": f"{r['rps']:.1f} req/s; p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms; "
+                f"{r['requests']} requests, {r['errors']} errors",
+            }
+        )
+    out.append(
+        {
+            "name": "server errors over all levels",
+            "unit": "count",
+            "median": total_errors,
+            "min": total_errors,
+            "max": total_errors,
+            "target": "0",
+            "ok": total_errors == 0,
+        }
+    )
+    out.append(
+        {
+            "name": "server RSS growth over the run",
+            "unit": "%",
+            "median": growth * 100,
+            "min": growth * 100,
+            "max": growth * 100,
+            "target": "≤ 10 %",
+            "ok": growth <= 0.10,
+            "note": f"{rss_cold:.0f} MB when ready, {rss_start:.0f} MB after warm-up → {rss_end:.0f} MB at the end "
+            f"({sum(r['requests'] for r in (*results.values(), *single[1:]))} requests)",
+        }
+    )
     return out

@@ -52,9 +52,11 @@ def measure(labels: Path, exact: Path, cache: Path, every: int = 3) -> dict:
     return {
         "images": len(images),
         "seg_pixel_accuracy": {"labels": sums["seg_label"] / n["seg"], "teachers": sums["seg_teacher"] / n["seg"]},
-        "depth_abs_log_error": {"labels": sums["depth_label"] / n["depth"],
-                                "teachers": sums["depth_teacher"] / n["depth"],
-                                "teachers_in_label_holes": sums["depth_teacher_holes"] / max(n["holes"], 1)},
+        "depth_abs_log_error": {
+            "labels": sums["depth_label"] / n["depth"],
+            "teachers": sums["depth_teacher"] / n["depth"],
+            "teachers_in_label_holes": sums["depth_teacher_holes"] / max(n["holes"], 1),
+        },
         "label_holes_share_of_valid": n["holes"] / max(n["valid"], 1),
     }
 

@@ -24,9 +24,18 @@ print(json.dumps(out))
 
 
 def rows(quick: bool, params: str) -> list[dict]:
-    sets = ["prepare.labelled_fraction=1.0",
-            "prepare.num_samples=60", "prepare.height=48", "prepare.width=96", "teacher.epochs=1",
-            "teacher.batch_size=4"] if quick else []
+    sets = (
+        [
+            "prepare.labelled_fraction=1.0",
+            "prepare.num_samples=60",
+            "prepare.height=48",
+            "prepare.width=96",
+            "teacher.epochs=1",
+            "teacher.batch_size=4",
+        ]
+        if quick
+        else []
+    )
     with tempfile.TemporaryDirectory() as tmp:
         res = run_json(TRAIN.format(params=params, sets=sets, tmp=tmp), one_core=False, timeout=3600)
     out = []
@@ -35,14 +44,25 @@ def rows(quick: bool, params: str) -> list[dict]:
         for key in keys:
             value, base = r["test"][key], r["baseline"]["test"][key]
             higher = key not in ("abs_err", "rel_err")
-            out.append({
-                "name": f"{task} teacher test {key} (baseline: {r['baseline']['test']['predict']})",
-                "unit": key, "median": value, "min": value, "max": value,
-                "target": f"{'>' if higher else '<'} baseline {base:.4g}",
-                "ok": value > base if higher else value < base,
-            })
-        out.append({"name": f"{task} teacher training ({r['epochs']} epochs, {r['model']['backbone']})",
-                    "unit": "s", "median": res[task]["seconds"], "min": res[task]["seconds"],
-                    "max": res[task]["seconds"],
-                    "note": f"{r['train_images_per_second']} train images/s, best epoch {r['best_epoch']}"})
+            out.append(
+                {
+                    "name": f"{task} teacher test {key} (baseline: {r['baseline']['test']['predict']})",
+                    "unit": key,
+                    "median": value,
+                    "min": value,
+                    "max": value,
+                    "target": f"{'>' if higher else '<'} baseline {base:.4g}",
+                    "ok": value > base if higher else value < base,
+                }
+            )
+        out.append(
+            {
+                "name": f"{task} teacher training ({r['epochs']} epochs, {r['model']['backbone']})",
+                "unit": "s",
+                "median": res[task]["seconds"],
+                "min": res[task]["seconds"],
+                "max": res[task]["seconds"],
+                "note": f"{r['train_images_per_second']} train images/s, best epoch {r['best_epoch']}",
+            }
+        )
     return out

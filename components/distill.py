@@ -15,9 +15,15 @@ def record(report: dict, student, metrics) -> None:
     student.metadata["lineage"] = lineage.read(student.path)
 
     student.metadata["source_commit"] = lineage.source_commit() or ""
-    student.metadata.update({"mode": report["mode"], "best_epoch": report["best_epoch"],
-                             "final_weights": report["weights"]["final"], "params_digest": report["params_digest"],
-                             **{f"test_{k}": report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err")}})
+    student.metadata.update(
+        {
+            "mode": report["mode"],
+            "best_epoch": report["best_epoch"],
+            "final_weights": report["weights"]["final"],
+            "params_digest": report["params_digest"],
+            **{f"test_{k}": report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err")},
+        }
+    )
     for split in ("val", "test"):
         for name, value in report[split].items():
             if isinstance(value, (int, float)):
@@ -26,8 +32,14 @@ def record(report: dict, student, metrics) -> None:
         metrics.log_metric(f"omega/{task}", w)
 
 
-def distill(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], teacher_depth: Input[Model],
-            student: Output[Model], metrics: Output[Metrics]):
+def distill(
+    params: dict,
+    prepared: Input[Dataset],
+    teacher_seg: Input[Model],
+    teacher_depth: Input[Model],
+    student: Output[Model],
+    metrics: Output[Metrics],
+):
     """Train the multi-task student (distill.mode) into the output artifact's directory."""
     from jointdistill.components.distill import record
 
@@ -40,8 +52,15 @@ def distill(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], t
     record(report, student, metrics)
 
 
-def distill_job(params: dict, image: str, prepared: Input[Dataset], teacher_seg: Input[Model],
-                teacher_depth: Input[Model], student: Output[Model], metrics: Output[Metrics]):
+def distill_job(
+    params: dict,
+    image: str,
+    prepared: Input[Dataset],
+    teacher_seg: Input[Model],
+    teacher_depth: Input[Model],
+    student: Output[Model],
+    metrics: Output[Metrics],
+):
     """Train the student in a Kubeflow Trainer job (N nodes × M GPUs) and wait for it."""
     from jointdistill.components.distill import record
 

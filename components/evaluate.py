@@ -4,9 +4,18 @@ from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
-def evaluate(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], teacher_depth: Input[Model],
-             student: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML],
-             confusion: Output[ClassificationMetrics], class_iou: Output[Metrics]):
+def evaluate(
+    params: dict,
+    prepared: Input[Dataset],
+    teacher_seg: Input[Model],
+    teacher_depth: Input[Model],
+    student: Input[Model],
+    evaluation: Output[Dataset],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    confusion: Output[ClassificationMetrics],
+    class_iou: Output[Metrics],
+):
     """Evaluate on test into the ``evaluation`` folder; expose Δm and the metrics, the student's confusion matrix
     (with class names: the run page's confusion-matrix widget), its IoU per class, and the report as HTML."""
     import shutil

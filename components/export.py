@@ -4,8 +4,14 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def export(params: dict, prepared: Input[Dataset], student: Input[Model], onnx_model: Output[Model],
-           metrics: Output[Metrics], model_card: Output[Markdown]):
+def export(
+    params: dict,
+    prepared: Input[Dataset],
+    student: Input[Model],
+    onnx_model: Output[Model],
+    metrics: Output[Metrics],
+    model_card: Output[Markdown],
+):
     """Export into the ``onnx_model`` folder (student.onnx, parity.json, metrics.json, MODEL_CARD.md, variants);
     the step fails if onnxruntime does not match PyTorch within export.depth_rel_tol / seg_agreement_min."""
     import shutil
@@ -19,12 +25,17 @@ def export(params: dict, prepared: Input[Dataset], student: Input[Model], onnx_m
     val = report["parity"]["fp32"]["val"]
     onnx_model.metadata["lineage"] = lineage.read(onnx_model.path)
     onnx_model.metadata["source_commit"] = lineage.source_commit() or ""
-    onnx_model.metadata.update({
-        "framework": "onnx", "file": "student.onnx", "opset": report["opset"],
-        "variants": sorted(report["file_bytes"]), "params_digest": report["params_digest"],
-        "parity_seg_argmax_agreement": val["segmentation_logits"]["argmax_agreement"],
-        "parity_depth_max_rel_err": val["depth"]["max_rel_err"],
-    })
+    onnx_model.metadata.update(
+        {
+            "framework": "onnx",
+            "file": "student.onnx",
+            "opset": report["opset"],
+            "variants": sorted(report["file_bytes"]),
+            "params_digest": report["params_digest"],
+            "parity_seg_argmax_agreement": val["segmentation_logits"]["argmax_agreement"],
+            "parity_depth_max_rel_err": val["depth"]["max_rel_err"],
+        }
+    )
     for model, values in report["test_by_model"].items():
         for name, value in values.items():
             metrics.log_metric(f"test/{model}/{name}", value)

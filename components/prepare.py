@@ -12,8 +12,9 @@ def prepare(params: dict, source: Input[Dataset], prepared: Output[Dataset]):
     from jointdistill.stages import prepare as stage
 
     data = (source.metadata.get("lineage") or {}).get("data")
-    meta = stage.run_from_source(params_from_dict(params, "pipeline parameter 'params'"), source.path, data,
-                                 prepared.path)
+    meta = stage.run_from_source(
+        params_from_dict(params, "pipeline parameter 'params'"), source.path, data, prepared.path
+    )
     prepared.metadata["lineage"] = lineage.read(prepared.path)
     prepared.metadata["source_commit"] = lineage.source_commit() or ""
     prepared.metadata.update(

@@ -13,20 +13,43 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 
-def push_results(params: dict, prepared: Input[Dataset], teacher_seg: Input[Model], teacher_depth: Input[Model],
-                 student: Input[Model], evaluation: Input[Dataset], onnx_model: Input[Model], remote: str,
-                 prefix: str, git_repo: str, git_branch: str, run_name: str, pointers: Output[Artifact]):
+def push_results(
+    params: dict,
+    prepared: Input[Dataset],
+    teacher_seg: Input[Model],
+    teacher_depth: Input[Model],
+    student: Input[Model],
+    evaluation: Input[Dataset],
+    onnx_model: Input[Model],
+    remote: str,
+    prefix: str,
+    git_repo: str,
+    git_branch: str,
+    run_name: str,
+    pointers: Output[Artifact],
+):
     """Push the six outputs to ``remote``; the pointers (and RESULTS.json) go to ``pointers``, under ``prefix``
     (default ``runs/<the KFP run's name>``)."""
     from jointdistill import dvc_results
 
     prefix = prefix or f"runs/{run_name}"
-    outputs = {"prepared": prepared.path, "teacher_seg": teacher_seg.path, "teacher_depth": teacher_depth.path,
-               "student": student.path, "evaluation": evaluation.path, "export": onnx_model.path}
+    outputs = {
+        "prepared": prepared.path,
+        "teacher_seg": teacher_seg.path,
+        "teacher_depth": teacher_depth.path,
+        "student": student.path,
+        "evaluation": evaluation.path,
+        "export": onnx_model.path,
+    }
     record = dvc_results.push(outputs, remote, pointers.path, prefix, git_repo, git_branch, params=params)
-    pointers.metadata.update({"remote": remote, "prefix": prefix,
-                              "md5": {name: o["md5"] for name, o in record["outputs"].items()},
-                              **({"git": record["git"]} if "git" in record else {})})
+    pointers.metadata.update(
+        {
+            "remote": remote,
+            "prefix": prefix,
+            "md5": {name: o["md5"] for name, o in record["outputs"].items()},
+            **({"git": record["git"]} if "git" in record else {}),
+        }
+    )
 
 
 def component(image: str):

@@ -15,8 +15,16 @@ def record(report: dict, task: str, teacher, metrics) -> None:
     key = report["monitor"]
     teacher.metadata["lineage"] = lineage.read(teacher.path)
     teacher.metadata["source_commit"] = lineage.source_commit() or ""
-    teacher.metadata.update({"task": task, "monitor": key, "val": report["val"][key], "test": report["test"][key],
-                             "best_epoch": report["best_epoch"], "params_digest": report["params_digest"]})
+    teacher.metadata.update(
+        {
+            "task": task,
+            "monitor": key,
+            "val": report["val"][key],
+            "test": report["test"][key],
+            "best_epoch": report["best_epoch"],
+            "params_digest": report["params_digest"],
+        }
+    )
     for split in ("val", "test"):
         for name, value in report[split].items():
             if isinstance(value, (int, float)):
@@ -34,8 +42,9 @@ def train_teacher(params: dict, task: str, prepared: Input[Dataset], teacher: Ou
     record(report, task, teacher, metrics)
 
 
-def train_teacher_job(params: dict, task: str, image: str, prepared: Input[Dataset], teacher: Output[Model],
-                      metrics: Output[Metrics]):
+def train_teacher_job(
+    params: dict, task: str, image: str, prepared: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]
+):
     """Train the `task` teacher in a Kubeflow Trainer job (N nodes × M GPUs) and wait for it."""
     from jointdistill.components.teacher import record
 

@@ -10,7 +10,6 @@ turn on the last step that pushes the outputs back into DVC (``results_remote``,
 ``results_git_repo``, ``results_git_branch``).
 """
 
-
 import functools
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +29,8 @@ from ..config import Params, StepResources
 PIPELINE_NAME = "jointdistill"
 # The project image (one for every step; see the Dockerfile). Its kfp is the version pinned in pyproject.
 DEFAULT_IMAGE = f"jointdistill:{__version__}"
+
+
 # A training step that only launches a Kubeflow Trainer job and waits for it is small,
 # no training placement (the job's nodes get that).
 def _launcher(step: StepResources) -> StepResources:
@@ -96,48 +97,80 @@ def build(params: Params, image: str = DEFAULT_IMAGE):
         name=PIPELINE_NAME,
         description="JointDistill: data source → prepare → teachers → distill → evaluate → export [→ DVC]",
     )
-    def jointdistill(params: dict = defaults, data_repo: str = "", data_rev: str = "", data_path: str = "",
-                     results_remote: str = "", results_prefix: str = "", results_git_repo: str = "",
-                     results_git_branch: str = "") -> PipelineOutputs:
+    def jointdistill(
+        params: dict = defaults,
+        data_repo: str = "",
+        data_rev: str = "",
+        data_path: str = "",
+        results_remote: str = "",
+        results_prefix: str = "",
+        results_git_repo: str = "",
+        results_git_branch: str = "",
+    ) -> PipelineOutputs:
         # The data: a version of a DVC project (git URL or path, revision, DVC-tracked path), or with data_repo
         # empty the embedded synthetic generator. A bad pin fails in this first step.
         # A pinned revision may be a branch that moves: never reuse a cached fetch.
-        src = configure(source_op(repo=data_repo, rev=data_rev, path=data_path),
-                        StepResources(cpu="1", memory="2G", cache=False), cfg, "data-source")
+        src = configure(
+            source_op(repo=data_repo, rev=data_rev, path=data_path),
+            StepResources(cpu="1", memory="2G", cache=False),
+            cfg,
+            "data-source",
+        )
         # Deterministic for a given params value: prepare and the teachers reuse cached results by default.
         prepare = configure(prepare_op(params=params, source=src.outputs["data"]), res.prepare, cfg, "prepare")
         teachers = {}
         for task in ("seg", "depth"):  # independent: they run in parallel
             t = teacher_op(params=params, task=task, prepared=prepare.outputs["prepared"])
-            teachers[task] = configure(t, _launcher(res.teacher) if jobs else res.teacher, cfg, f"train-teacher-{task}",
-                                       training=not jobs)
-        student = distill_op(params=params, prepared=prepare.outputs["prepared"],
-                             teacher_seg=teachers["seg"].outputs["teacher"],
-                             teacher_depth=teachers["depth"].outputs["teacher"])
+            teachers[task] = configure(
+                t, _launcher(res.teacher) if jobs else res.teacher, cfg, f"train-teacher-{task}", training=not jobs
+            )
+        student = distill_op(
+            params=params,
+            prepared=prepare.outputs["prepared"],
+            teacher_seg=teachers["seg"].outputs["teacher"],
+            teacher_depth=teachers["depth"].outputs["teacher"],
+        )
         configure(student, _launcher(res.distill) if jobs else res.distill, cfg, "distill", training=not jobs)
-        evaluation = evaluate_op(params=params, prepared=prepare.outputs["prepared"],
-                                 teacher_seg=teachers["seg"].outputs["teacher"],
-                                 teacher_depth=teachers["depth"].outputs["teacher"],
-                                 student=student.outputs["student"])
+        evaluation = evaluate_op(
+            params=params,
+            prepared=prepare.outputs["prepared"],
+            teacher_seg=teachers["seg"].outputs["teacher"],
+            teacher_depth=teachers["depth"].outputs["teacher"],
+            student=student.outputs["student"],
+        )
         configure(evaluation, res.evaluate, cfg, "evaluate")
         # After evaluate, so a model is only exported once its evaluation has run.
-        exported = export_op(params=params, prepared=prepare.outputs["prepared"],
-                             student=student.outputs["student"]).after(evaluation)
+        exported = export_op(
+            params=params, prepared=prepare.outputs["prepared"], student=student.outputs["student"]
+        ).after(evaluation)
         configure(exported, res.export, cfg, "export")
         # Optional: the run's outputs back into DVC (pushed to the project's remote, .dvc pointers written).
         with dsl.If(results_remote != "", name="results-to-dvc"):
-            pushed = results_op(params=params, prepared=prepare.outputs["prepared"],
-                                teacher_seg=teachers["seg"].outputs["teacher"],
-                                teacher_depth=teachers["depth"].outputs["teacher"],
-                                student=student.outputs["student"], evaluation=evaluation.outputs["evaluation"],
-                                onnx_model=exported.outputs["onnx_model"], remote=results_remote,
-                                prefix=results_prefix, git_repo=results_git_repo, git_branch=results_git_branch,
-                                run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            pushed = results_op(
+                params=params,
+                prepared=prepare.outputs["prepared"],
+                teacher_seg=teachers["seg"].outputs["teacher"],
+                teacher_depth=teachers["depth"].outputs["teacher"],
+                student=student.outputs["student"],
+                evaluation=evaluation.outputs["evaluation"],
+                onnx_model=exported.outputs["onnx_model"],
+                remote=results_remote,
+                prefix=results_prefix,
+                git_repo=results_git_repo,
+                git_branch=results_git_branch,
+                run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            )
             configure(pushed, StepResources(cpu="1", memory="4G", cache=False), cfg, "push-results")
-        return PipelineOutputs(prepare.outputs["prepared"], teachers["seg"].outputs["teacher"],
-                               teachers["depth"].outputs["teacher"], student.outputs["student"],
-                               evaluation.outputs["evaluation"], exported.outputs["onnx_model"],
-                               evaluation.outputs["confusion"], evaluation.outputs["class_iou"])
+        return PipelineOutputs(
+            prepare.outputs["prepared"],
+            teachers["seg"].outputs["teacher"],
+            teachers["depth"].outputs["teacher"],
+            student.outputs["student"],
+            evaluation.outputs["evaluation"],
+            exported.outputs["onnx_model"],
+            evaluation.outputs["confusion"],
+            evaluation.outputs["class_iou"],
+        )
 
     return jointdistill
 
@@ -149,9 +182,16 @@ def compile_pipeline(output: str | Path, params: Params, image: str | None = Non
     return output
 
 
-def submit(params: Params, host: str | None, experiment: str = "jointdistill", run_name: str | None = None,
-           image: str | None = None, enable_caching: bool | None = None, token: str | None = None,
-           arguments: dict[str, str] | None = None) -> dict:
+def submit(
+    params: Params,
+    host: str | None,
+    experiment: str = "jointdistill",
+    run_name: str | None = None,
+    image: str | None = None,
+    enable_caching: bool | None = None,
+    token: str | None = None,
+    arguments: dict[str, str] | None = None,
+) -> dict:
     """Compile and start a run on a Kubeflow Pipelines API server (kfp.Client); return its id and URL.
 
     ``enable_caching`` None keeps each step's own setting (``pipeline.<step>.cache``); True/False overrides all
@@ -168,17 +208,24 @@ def submit(params: Params, host: str | None, experiment: str = "jointdistill", r
             str(package),
             arguments={"params": pipeline_params(params), **{k: v for k, v in (arguments or {}).items() if v}},
             run_name=run_name,
-            experiment_name=experiment, enable_caching=enable_caching)
+            experiment_name=experiment,
+            enable_caching=enable_caching,
+        )
     base = (host or "").rstrip("/")
-    return {"run_id": run.run_id, "run_name": run_name, "experiment": experiment,
-            "url": f"{base}/#/runs/details/{run.run_id}"}
+    return {
+        "run_id": run.run_id,
+        "run_name": run_name,
+        "experiment": experiment,
+        "url": f"{base}/#/runs/details/{run.run_id}",
+    }
 
 
 def run_local(params: Params, root: str | Path, enable_caching: bool = False, **arguments: str) -> dict[str, str]:
     """Execute the pipeline with kfp.local in this Python environment; return output artifact paths.
     ``arguments``: the pipeline's string parameters (data_repo, data_rev, data_path, results_remote, …)."""
-    return {name: artifact.path for name, artifact in run_local_artifacts(params, root, enable_caching,
-                                                                         **arguments).items()}
+    return {
+        name: artifact.path for name, artifact in run_local_artifacts(params, root, enable_caching, **arguments).items()
+    }
 
 
 def run_local_artifacts(params: Params, root: str | Path, enable_caching: bool = False, **arguments: str) -> dict:
@@ -196,5 +243,13 @@ def run_local_artifacts(params: Params, root: str | Path, enable_caching: bool =
     return dict(task.outputs)
 
 
-__all__ = ["build", "compile_pipeline", "submit", "run_local", "run_local_artifacts", "pipeline_params",
-           "DEFAULT_IMAGE", "PIPELINE_NAME"]
+__all__ = [
+    "build",
+    "compile_pipeline",
+    "submit",
+    "run_local",
+    "run_local_artifacts",
+    "pipeline_params",
+    "DEFAULT_IMAGE",
+    "PIPELINE_NAME",
+]

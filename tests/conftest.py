@@ -25,11 +25,19 @@ sys.meta_path.insert(0, _NoTorch())
 # Tiny data, and runs shaped for it: teachers narrower than the default preset's (still 2x the student), a few
 # connector warm-up steps, one timeframe per epoch (a tiny epoch is a few steps), live teachers (tests of the
 # teacher cache turn it on themselves).
-TINY = ["prepare.labelled_fraction=1.0",
-        "prepare.num_samples=40", "prepare.height=48", "prepare.width=96", "prepare.gallery_images=2",
-        "teacher.widths=[16,32,64,96]", "teacher.head_channels=32",
-        "distill.connector_warmup=4", "distill.timeframe_steps=0", "distill.grad_log_every=2",
-        "distill.teacher_cache=false"]
+TINY = [
+    "prepare.labelled_fraction=1.0",
+    "prepare.num_samples=40",
+    "prepare.height=48",
+    "prepare.width=96",
+    "prepare.gallery_images=2",
+    "teacher.widths=[16,32,64,96]",
+    "teacher.head_channels=32",
+    "distill.connector_warmup=4",
+    "distill.timeframe_steps=0",
+    "distill.grad_log_every=2",
+    "distill.teacher_cache=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +57,18 @@ def prepared(tiny_params, tmp_path_factory):
 
 TEACHERS = ["teacher.batch_size=4", "teacher.epochs=2"]
 # A tiny student (mtl, 1 epoch) exported with both variants: enough for the ONNX contract, predict and serve.
-EXPORT = [*TINY, "distill.mode=mtl", "distill.epochs=1", "distill.batch_size=4", "distill.probe_images=2",
-          "export.latency_runs=2", "export.parity_images=0", "export.fp16=true", "export.int8=static",
-          "export.calibration_images=8"]
+EXPORT = [
+    *TINY,
+    "distill.mode=mtl",
+    "distill.epochs=1",
+    "distill.batch_size=4",
+    "distill.probe_images=2",
+    "export.latency_runs=2",
+    "export.parity_images=0",
+    "export.fp16=true",
+    "export.int8=static",
+    "export.calibration_images=8",
+]
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +114,25 @@ def gcs_emulator(tmp_path_factory):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(root / "server.log", "wb")  # a pipe nobody reads would block the server once full
-    proc = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                             "-backend", "filesystem", "-filesystem-root", str(root / "data"), "-external-url", url],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-backend",
+            "filesystem",
+            "-filesystem-root",
+            str(root / "data"),
+            "-external-url",
+            url,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 20
     while True:
         try:

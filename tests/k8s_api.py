@@ -16,17 +16,37 @@ GROUP = "/apis/trainer.kubeflow.org/v1alpha1"
 def torch_runtime(name: str) -> dict:
     """The shape of Kubeflow Trainer's torch-distributed ClusterTrainingRuntime (what the SDK reads of it)."""
     return {
-        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "ClusterTrainingRuntime",
         "metadata": {"name": name, "labels": {"trainer.kubeflow.org/framework": "torch"}},
         "spec": {
             "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": "auto"}},
-            "template": {"spec": {"replicatedJobs": [{
-                "name": "node", "replicas": 1,
-                "template": {
-                    "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
-                    "spec": {"template": {"spec": {"containers": [
-                        {"name": "node", "image": "pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime",
-                         "command": ["/bin/bash", "-c", "echo"]}]}}}}}]}},
+            "template": {
+                "spec": {
+                    "replicatedJobs": [
+                        {
+                            "name": "node",
+                            "replicas": 1,
+                            "template": {
+                                "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                                "spec": {
+                                    "template": {
+                                        "spec": {
+                                            "containers": [
+                                                {
+                                                    "name": "node",
+                                                    "image": "pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime",
+                                                    "command": ["/bin/bash", "-c", "echo"],
+                                                }
+                                            ]
+                                        }
+                                    }
+                                },
+                            },
+                        }
+                    ]
+                }
+            },
         },
     }
 
@@ -55,17 +75,32 @@ class FakeTrainerApi:
                 self.wfile.write(data)
 
             def _not_found(self, what: str) -> None:
-                self._reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
-                                  "message": f"{what} not found", "code": 404})
+                self._reply(
+                    404,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "reason": "NotFound",
+                        "message": f"{what} not found",
+                        "code": 404,
+                    },
+                )
 
             def do_GET(self):
                 path = urlparse(self.path).path
                 api.requests.append({"method": "GET", "path": path})
                 ns = f"/namespaces/{api.namespace}"
                 if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
-                    return self._reply(200, {"kind": "ConfigMap", "apiVersion": "v1",
-                                             "metadata": {"name": "kubeflow-trainer-public"},
-                                             "data": {"kubeflow_trainer_version": "v2.1.0"}})
+                    return self._reply(
+                        200,
+                        {
+                            "kind": "ConfigMap",
+                            "apiVersion": "v1",
+                            "metadata": {"name": "kubeflow-trainer-public"},
+                            "data": {"kubeflow_trainer_version": "v2.1.0"},
+                        },
+                    )
                 if path.startswith(f"{GROUP}/clustertrainingruntimes/"):
                     return self._reply(200, torch_runtime(path.rsplit("/", 1)[1]))
                 if path.startswith(f"{GROUP}{ns}/trainingruntimes/"):
@@ -78,9 +113,17 @@ class FakeTrainerApi:
                     job = json.loads(json.dumps(api.jobs[name]))
                     outcome = api.results.get(name) if api.executor else api.outcome
                     if api.reads[name] >= 2 and outcome:
-                        job["status"] = {"conditions": [{
-                            "type": outcome, "status": "True", "reason": outcome, "message": "",
-                            "lastTransitionTime": "2026-11-26T00:00:00Z"}]}
+                        job["status"] = {
+                            "conditions": [
+                                {
+                                    "type": outcome,
+                                    "status": "True",
+                                    "reason": outcome,
+                                    "message": "",
+                                    "lastTransitionTime": "2026-11-26T00:00:00Z",
+                                }
+                            ]
+                        }
                     return self._reply(200, job)
                 if path == f"/api/v1{ns}/pods":
                     return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []})
@@ -92,9 +135,17 @@ class FakeTrainerApi:
                 api.requests.append({"method": "POST", "path": path, "body": body})
                 if path == f"{GROUP}/namespaces/{api.namespace}/trainjobs":
                     if body["metadata"]["name"] in api.jobs:
-                        return self._reply(409, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                                 "reason": "AlreadyExists", "code": 409,
-                                                 "message": f"trainjobs {body['metadata']['name']} already exists"})
+                        return self._reply(
+                            409,
+                            {
+                                "kind": "Status",
+                                "apiVersion": "v1",
+                                "status": "Failure",
+                                "reason": "AlreadyExists",
+                                "code": 409,
+                                "message": f"trainjobs {body['metadata']['name']} already exists",
+                            },
+                        )
                     body["metadata"].update(namespace=api.namespace, creationTimestamp="2026-11-26T00:00:00Z")
                     api.jobs[body["metadata"]["name"]] = body
                     if api.executor:

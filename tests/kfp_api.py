@@ -34,8 +34,15 @@ class FakeKfpApi:
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else {}
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                api.requests.append({"method": method, "path": url.path, "query": query, "body": body,
-                                     "authorization": self.headers.get("Authorization")})
+                api.requests.append(
+                    {
+                        "method": method,
+                        "path": url.path,
+                        "query": query,
+                        "body": body,
+                        "authorization": self.headers.get("Authorization"),
+                    }
+                )
                 return url.path, query, body
 
             def do_GET(self):
@@ -52,14 +59,18 @@ class FakeKfpApi:
             def do_POST(self):
                 path, _, body = self._record("POST")
                 if path == "/apis/v2beta1/experiments":
-                    exp = {"experiment_id": str(uuid.uuid4()), "display_name": body["display_name"],
-                           "storage_state": "AVAILABLE"}
+                    exp = {
+                        "experiment_id": str(uuid.uuid4()),
+                        "display_name": body["display_name"],
+                        "storage_state": "AVAILABLE",
+                    }
                     api.experiments[exp["experiment_id"]] = exp
                     return self._reply(200, exp)
                 if path == "/apis/v2beta1/runs":
                     if api.fail_runs_with:
-                        return self._reply(api.fail_runs_with, {"error": "refused by the fake server",
-                                                                "code": 3, "message": "refused"})
+                        return self._reply(
+                            api.fail_runs_with, {"error": "refused by the fake server", "code": 3, "message": "refused"}
+                        )
                     run = {**body, "run_id": str(uuid.uuid4()), "state": "PENDING"}
                     api.runs[run["run_id"]] = run
                     return self._reply(200, run)

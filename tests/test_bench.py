@@ -8,9 +8,22 @@ from .conftest import REPO
 
 
 def test_bench_quick_writes_results(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--only",
-                        "data,loader,teachers,distill,export,ablation"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--only",
+            "data,loader,teachers,distill,export,ablation",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "data.json").read_text())
     names = [row["name"] for row in data["results"]]
@@ -22,8 +35,7 @@ def test_bench_quick_writes_results(tmp_path):
     assert "| benchmark | median |" in table and "frames/s" in table
     loader = {r["name"]: r for r in json.loads((tmp_path / "loader.json").read_text())["results"]}
     step = loader.pop("student training step (mtl, default student, batch of distill.batch_size)")["median"]
-    assert len(loader) == 3 and all(0 < r["median"] and r["ok"] == (r["median"] <= 0.2 * step)
-                                    for r in loader.values())
+    assert len(loader) == 3 and all(0 < r["median"] and r["ok"] == (r["median"] <= 0.2 * step) for r in loader.values())
     teachers = json.loads((tmp_path / "teachers.json").read_text())["results"]
     assert any(r["name"].startswith("seg teacher test miou") and "target" in r for r in teachers)
     assert any(r["name"].startswith("depth teacher test abs_err") for r in teachers)
@@ -41,8 +53,11 @@ def test_bench_quick_writes_results(tmp_path):
     assert ablation[0]["median"] == 0.0  # the teachers are the reference
     latency = json.loads((tmp_path / "export.json").read_text())["results"]
     assert len(latency) == 8 and all(0 < r["min"] <= r["median"] <= r["max"] for r in latency)
-    assert {r["target"] for r in latency if "target" in r} == {"≤ 0.8× student eager", "≤ 0.5× both teachers eager",
-                                                                   "student onnx ≤ 0.5× this"}
+    assert {r["target"] for r in latency if "target" in r} == {
+        "≤ 0.8× student eager",
+        "≤ 0.5× both teachers eager",
+        "student onnx ≤ 0.5× this",
+    }
 
 
 def test_bench_serve_quick(tiny_export):
@@ -57,8 +72,11 @@ def test_bench_serve_quick(tiny_export):
     for r in single.values():
         assert r["target"] == "p50 ≤ 1.2× onnxruntime direct" and r["ok"] == (r["overhead"] <= 0.20)
         assert 0 < r["min"] <= r["median"] <= r["max"]
-    for key in ("tensor 48×96, concurrency 4", "tensor 48×96, concurrency 16",
-                "PNG 48×96 (image_bytes), concurrency 1"):
+    for key in (
+        "tensor 48×96, concurrency 4",
+        "tensor 48×96, concurrency 16",
+        "PNG 48×96 (image_bytes), concurrency 1",
+    ):
         assert "0 errors" in rows[f"server latency, {key}"]["note"]
     growth = rows["server RSS growth over the run"]
     assert growth["ok"] == (growth["median"] <= 10) and "MB when ready" in growth["note"]
@@ -71,7 +89,8 @@ def test_bench_gpu_suite_runs_on_cpu():
 
     res = gpu.run(True, str(REPO / "params.yaml"))
     assert [(r["config"], r["variant"]) for r in res["steps"]] == [
-        (k, gpu.VARIANTS[v]["name"]) for k, v in gpu.QUICK_PLAN]
+        (k, gpu.VARIANTS[v]["name"]) for k, v in gpu.QUICK_PLAN
+    ]
     assert all("error" not in r and r["flops_per_step"] > 0 and r["images_per_s"] > 0 for r in res["steps"])
     flops = {r["config"]: r["flops_per_step"] for r in res["steps"]}
     # The teachers' forward is what the cache saves; the trajectory pass is what it does not.

@@ -7,8 +7,9 @@ from .conftest import REPO, TINY
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "jointdistill", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jointdistill", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_prepare_help_explains_every_option():

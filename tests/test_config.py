@@ -103,8 +103,9 @@ def test_a_real_dataset_without_a_root_fails_when_prepare_starts(tmp_path):
 
 def test_bare_on_off_in_yaml_mean_the_words():
     """YAML reads `compile: on` as true: the switches take it as "on" (also in a per-teacher override)."""
-    raw = yaml.safe_load("teacher: {compile: on, channels_last: off, amp: off, seg: {compile: off}}\n"
-                         "distill: {compile: on}\n")
+    raw = yaml.safe_load(
+        "teacher: {compile: on, channels_last: off, amp: off, seg: {compile: off}}\ndistill: {compile: on}\n"
+    )
     assert raw["teacher"]["compile"] is True  # what YAML gives us
     p = params_from_dict(raw)
     assert (p.teacher.compile, p.teacher.channels_last, p.teacher.amp, p.distill.compile) == ("on", "off", "off", "on")
@@ -118,8 +119,10 @@ def test_an_error_blames_the_set_that_gave_the_value(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_params(REPO / "params.yaml", ["pipeline.teacher.accelerator_limit=1"])
     message = str(err.value)
-    assert message.startswith("--set pipeline.teacher.accelerator_limit=1: pipeline.teacher:") and "params.yaml" \
-        not in message
+    assert (
+        message.startswith("--set pipeline.teacher.accelerator_limit=1: pipeline.teacher:")
+        and "params.yaml" not in message
+    )
     with pytest.raises(ConfigError, match=r"p\.yaml: prepare\.height"):
         path = tmp_path / "p.yaml"
         path.write_text("prepare:\n  height: -3\n")

@@ -23,8 +23,16 @@ from jointdistill.stages import distill
 from .conftest import REPO, TINY
 
 K, PROBES, EPOCHS = 5, 4, 3
-FAST = [*TINY, "distill.batch_size=4", f"distill.epochs={EPOCHS}", f"distill.probe_images={PROBES}",
-        f"distill.top_k={K}", "distill.traj_batch=2", "distill.checkpoint_every=4", "distill.trajectory_length=2"]
+FAST = [
+    *TINY,
+    "distill.batch_size=4",
+    f"distill.epochs={EPOCHS}",
+    f"distill.probe_images={PROBES}",
+    f"distill.top_k={K}",
+    "distill.traj_batch=2",
+    "distill.checkpoint_every=4",
+    "distill.trajectory_length=2",
+]
 ENV = {**os.environ, "JOINTDISTILL_PROGRESS": "off", "OMP_NUM_THREADS": "1"}
 
 
@@ -151,7 +159,9 @@ def test_static_kd_from_the_teachers_trains_no_connector(runs):
     sources = set(pq.read_table(root / "static_kd" / "trajectory.parquet").column("source").to_pylist())
     assert sources == {"student"}
     assert set(pq.read_table(root / "full" / "trajectory.parquet").column("source").to_pylist()) == {
-        "student", "connector"}
+        "student",
+        "connector",
+    }
 
 
 def test_mtl_never_runs_the_teachers(runs, prepared, tiny_teachers, tmp_path, monkeypatch):
@@ -178,8 +188,9 @@ def test_every_mode_learns(runs):
         assert r["test"]["miou"] > 0.15 and r["test"]["abs_err"] < 15, mode
 
 
-@pytest.mark.parametrize("case", ["swapped", "student_as_teacher", "architecture", "classes", "missing", "none",
-                                  "probes", "top_k"])
+@pytest.mark.parametrize(
+    "case", ["swapped", "student_as_teacher", "architecture", "classes", "missing", "none", "probes", "top_k"]
+)
 def test_bad_inputs_fail_before_training(case, prepared, tiny_teachers, tmp_path):
     seg, depth = tiny_teachers
     teachers, extra = (seg, depth), []
@@ -228,8 +239,13 @@ def test_unknown_distill_key_and_weight_bounds():
 
 # ----------------------------------------------------------------------------- CLI, resume, DDP
 def cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "jointdistill", *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jointdistill", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def sets(*extra):
@@ -280,10 +296,28 @@ def test_resume_after_sigkill_reproduces_the_run(prepared, tiny_teachers, tmp_pa
 def test_ddp_two_gloo_processes(prepared, tiny_teachers, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jointdistill",
-         "distill", "--data", str(prepared), "--teachers", *map(str, tiny_teachers), "--out", str(out),
-         *sets("distill.epochs=2")],
-        env=ENV, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "jointdistill",
+            "distill",
+            "--data",
+            str(prepared),
+            "--teachers",
+            *map(str, tiny_teachers),
+            "--out",
+            str(out),
+            *sets("distill.epochs=2"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -294,15 +328,29 @@ def test_ddp_two_gloo_processes(prepared, tiny_teachers, tmp_path):
 
 
 def test_cli_help_and_errors(tiny_teachers, prepared):
-    r = subprocess.run([sys.executable, "-m", "jointdistill", "distill", "--help"], env=ENV, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "jointdistill", "distill", "--help"], env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 0
-    for word in ("--data", "--teachers", "--out", "--checkpoints", "--resume", "distill.mode", "distill.alpha",
-                 "torchrun"):
+    for word in (
+        "--data",
+        "--teachers",
+        "--out",
+        "--checkpoints",
+        "--resume",
+        "distill.mode",
+        "distill.alpha",
+        "torchrun",
+    ):
         assert word in r.stdout, word
     seg, depth = map(str, tiny_teachers)
-    r = subprocess.run([sys.executable, "-m", "jointdistill", "distill", "--data", str(prepared), "--teachers", depth,
-                        seg, *sets()], env=ENV, capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "jointdistill", "distill", "--data", str(prepared), "--teachers", depth, seg, *sets()],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: seg teacher") and "Traceback" not in r.stderr
 
 

@@ -23,8 +23,15 @@ from jointdistill.stages.distill import needs_connector
 
 from .conftest import REPO, TINY
 
-FAST = [*TINY, "distill.batch_size=4", "distill.epochs=2", "distill.probe_images=4", "distill.top_k=5",
-        "distill.traj_batch=2", "distill.trajectory_length=2"]
+FAST = [
+    *TINY,
+    "distill.batch_size=4",
+    "distill.epochs=2",
+    "distill.probe_images=4",
+    "distill.top_k=5",
+    "distill.traj_batch=2",
+    "distill.trajectory_length=2",
+]
 
 
 def params(*extra):
@@ -57,8 +64,11 @@ def _task(mode="full", **over):
     model = DistillModel(student, con, teachers, probes, traj_every=1, traj_batch=2).train()
     job = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [0, 1, 2, 3])
     g = torch.Generator().manual_seed(1)
-    batch = {"image": torch.randn(2, 3, 32, 48, generator=g), "label": torch.randint(0, 3, (2, 32, 48), generator=g),
-             "depth": torch.rand(2, 1, 32, 48, generator=g) * 20 + 1}
+    batch = {
+        "image": torch.randn(2, 3, 32, 48, generator=g),
+        "label": torch.randint(0, 3, (2, 32, 48), generator=g),
+        "depth": torch.rand(2, 1, 32, 48, generator=g) * 20 + 1,
+    }
     return model, job, batch
 
 
@@ -121,8 +131,12 @@ def test_trajectory_share_is_calibrated_and_omega_leaves_the_connector_loss_alon
 def stepped(prepared, tiny_teachers, tmp_path_factory):
     """A full run with timeframes every 3 steps and a 20-step connector warm-up, from the teachers' cache."""
     root = tmp_path_factory.mktemp("stepped")
-    p = params("distill.timeframe_steps=3", "distill.connector_warmup=20", "distill.teacher_cache=true",
-               "distill.grad_log_every=2")
+    p = params(
+        "distill.timeframe_steps=3",
+        "distill.connector_warmup=20",
+        "distill.teacher_cache=true",
+        "distill.grad_log_every=2",
+    )
     report = distill.run(p, prepared, tiny_teachers, root / "out", root / "ck")
     return root, p, report
 
@@ -179,8 +193,17 @@ def _results(diffs, base=0.6):
     rows = []
     for seed, d in enumerate(diffs):
         for mode, shift in (("single", 0.1), ("mtl", 0.0), ("full", d)):
-            rows.append({"seed": seed, "mode": mode, "miou": base + shift, "pixacc": 0.9,
-                         "abs_err": 2.5 - 10 * shift, "rel_err": 0.1, "delta_m": 100 * shift})
+            rows.append(
+                {
+                    "seed": seed,
+                    "mode": mode,
+                    "miou": base + shift,
+                    "pixacc": 0.9,
+                    "abs_err": 2.5 - 10 * shift,
+                    "rel_err": 0.1,
+                    "delta_m": 100 * shift,
+                }
+            )
     return rows
 
 
@@ -202,13 +225,17 @@ def test_paired_differences_and_sign_counts():
     assert pair["miou"]["mean"] == pytest.approx(0.01) and pair["miou"]["better"] == 4
     assert pair["abs_err"]["mean"] == pytest.approx(-0.1) and pair["abs_err"]["better"] == 4  # lower is better
     assert pair["delta_m"]["low"] < pair["delta_m"]["mean"] < pair["delta_m"]["high"]
-    md = ablate.markdown(ablate.summarise(results, ["single", "mtl", "full"]), range(5), [pair],
-                         ablate.gate(results))
+    md = ablate.markdown(ablate.summarise(results, ["single", "mtl", "full"]), range(5), [pair], ablate.gate(results))
     assert "| full − mtl | +1.00 [" in md and "(4/5)" in md
     # Variants pair with their own kind: full+deficit − adaptive+deficit, and with mtl.
-    names = [(p["a"], p["b"]) for p in ablate.paired(
-        [{**r, "mode": m} for r in results if r["mode"] == "full" for m in ("full+deficit", "adaptive+deficit")]
-        + [r for r in results if r["mode"] == "mtl"], ["mtl", "adaptive+deficit", "full+deficit"])]
+    names = [
+        (p["a"], p["b"])
+        for p in ablate.paired(
+            [{**r, "mode": m} for r in results if r["mode"] == "full" for m in ("full+deficit", "adaptive+deficit")]
+            + [r for r in results if r["mode"] == "mtl"],
+            ["mtl", "adaptive+deficit", "full+deficit"],
+        )
+    ]
     assert names == [("full+deficit", "adaptive+deficit"), ("full+deficit", "mtl")]
 
 
@@ -235,7 +262,9 @@ def test_gate_per_seed():
 def test_modes_with_variants():
     assert ablate.parse_mode("full+deficit") == ("full", {"distill.feedback": "deficit"})
     assert ablate.parse_mode("adaptive+live+progress") == (
-        "adaptive", {"distill.teacher_cache": False, "distill.feedback": "progress"})
+        "adaptive",
+        {"distill.teacher_cache": False, "distill.feedback": "progress"},
+    )
     for bad in ("mtl+cache", "single+deficit", "full+sideways", "eata"):
         with pytest.raises(Exception, match="unknown mode"):
             ablate.parse_mode(bad)
@@ -270,8 +299,10 @@ def test_kd_target_teachers_are_the_teachers_own_predictions():
 def test_static_kd_and_adaptive_from_the_teachers_train_no_connector():
     """With kd_target=teachers the connector only serves the trajectory (full): static_kd and adaptive leave it out,
     and their KD term still reads the teachers' predictions, live or from the cache."""
-    assert [needs_connector(params(f"distill.mode={m}", "distill.kd_target=teachers").distill)
-            for m in ("mtl", "static_kd", "adaptive", "full")] == [False, False, False, True]
+    assert [
+        needs_connector(params(f"distill.mode={m}", "distill.kd_target=teachers").distill)
+        for m in ("mtl", "static_kd", "adaptive", "full")
+    ] == [False, False, False, True]
     assert needs_connector(params("distill.mode=static_kd", "distill.kd_target=connector").distill)
     torch.manual_seed(0)
     student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
@@ -292,10 +323,12 @@ def test_static_kd_and_adaptive_from_the_teachers_train_no_connector():
             for task in ("seg", "depth"):
                 torch.testing.assert_close(out["targets"][task], expected[task])
             total, parts = job.loss(out, batch)
-            assert parts["kd_seg"] == pytest.approx(kd_seg(out["student"]["seg"], expected["seg"],
-                                                           batch["label"]).item())
-            assert parts["kd_depth"] == pytest.approx(kd_depth(out["student"]["depth"], expected["depth"],
-                                                               batch["depth"], "log_l1").item())
+            assert parts["kd_seg"] == pytest.approx(
+                kd_seg(out["student"]["seg"], expected["seg"], batch["label"]).item()
+            )
+            assert parts["kd_depth"] == pytest.approx(
+                kd_depth(out["student"]["depth"], expected["depth"], batch["depth"], "log_l1").item()
+            )
             assert "connector_seg_ce" not in parts and torch.isfinite(total)
     # mtl: no targets, no KD term.
     mtl = StudentTask(DistillModel(student), params("distill.mode=mtl").distill, 3, 255, None, [])
@@ -325,8 +358,9 @@ def test_kd_depth_pixels_all_fills_the_ground_truths_holes():
     out["targets"]["depth"] = torch.rand(2, 1, 32, 48) * 20 + 1  # untrained heads all say 10 m
     s, t = out["student"]["depth"], out["targets"]["depth"]
     for pixels, gt in (("valid", depth), ("all", None)):
-        cfg = params("distill.mode=static_kd", "distill.kd_target=teachers",
-                     f"distill.kd_depth_pixels={pixels}").distill
+        cfg = params(
+            "distill.mode=static_kd", "distill.kd_target=teachers", f"distill.kd_depth_pixels={pixels}"
+        ).distill
         _, parts = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, []).loss(out, batch)
         assert parts["kd_depth"] == pytest.approx(kd_depth(s, t, gt, "log_l1").item(), rel=1e-6)
     assert kd_depth(s, t, depth, "log_l1").item() != pytest.approx(kd_depth(s, t, None, "log_l1").item())
@@ -363,8 +397,9 @@ def test_prepared_items_carry_the_zoom_their_cached_maps_were_warped_by(prepared
     aug = PreparedDataset(prepared, "train", JointTransform((h, w), (0.5, 2.0), True), seed=0, features=feats)
     scales = [float(aug[i]["feature_scale"]) for i in range(min(n, 8))]
     assert all(0.5 <= s <= 2.0 for s in scales) and len(set(scales)) > 1
-    plain = PreparedDataset(prepared, "val", features=np.zeros((len(PreparedDataset(prepared, "val")), 4, 6, 12),
-                                                                np.float16))
+    plain = PreparedDataset(
+        prepared, "val", features=np.zeros((len(PreparedDataset(prepared, "val")), 4, 6, 12), np.float16)
+    )
     assert float(plain[0]["feature_scale"]) == 1.0
     assert "feature_scale" not in PreparedDataset(prepared, "val")[0]
 
@@ -399,12 +434,19 @@ def test_connector_runs_on_the_labelled_rows_alone_where_its_outputs_are_not_sof
     _, parts = job.loss(out, batch)
     assert parts["connector_seg_ce"] == pytest.approx(seg_loss(expected["seg"], label[[0, 2]]).item(), rel=1e-5)
     assert parts["connector_depth"] == pytest.approx(
-        depth_loss(expected["depth"], depth[[0, 2]], cfg.depth_loss).item(), rel=1e-5)
+        depth_loss(expected["depth"], depth[[0, 2]], cfg.depth_loss).item(), rel=1e-5
+    )
     # Every row labelled (no budget): nothing to leave out, the connector sees the whole batch.
     assert "rows" not in model(x[[0, 2]], label=label[[0, 2]])["connector"]
     # kd_target=connector: its outputs are the soft targets of every row.
     full_rows = DistillModel(student, con, teachers).train()
-    job = StudentTask(full_rows, params("distill.mode=full", "distill.kd_target=connector").distill, 3, 255,
-                      {"seg": 0.5, "depth": 0.2}, [])
+    job = StudentTask(
+        full_rows,
+        params("distill.mode=full", "distill.kd_target=connector").distill,
+        3,
+        255,
+        {"seg": 0.5, "depth": 0.2},
+        [],
+    )
     assert "label" not in job.model_inputs
     assert full_rows(x)["connector"]["seg"].shape[0] == 4

@@ -50,7 +50,8 @@ def test_deficit_direction_mirrors_progress():
     out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}, alpha=1.0, beta=0.5, direction="deficit")
     assert out == pytest.approx({"seg": 1.25 * 2 / 2.125, "depth": 0.875 * 2 / 2.125})
     assert targets({"seg": 1.0, "depth": 1.0}, {"seg": 0.5, "depth": 1.0}, 1.0, "deficit") == pytest.approx(
-        {"seg": 1.5, "depth": 0.75})
+        {"seg": 1.5, "depth": 0.75}
+    )
     with pytest.raises(ValueError, match="unknown feedback direction"):
         targets({"seg": 1.0}, {"seg": 1.0}, 1.0, "sideways")
 
@@ -109,8 +110,7 @@ def test_alpha_1_vs_2_by_hand():
 
 
 def test_clipping_then_renormalising():
-    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.25, "depth": 1.75}, alpha=1.0, beta=0.5, w_min=0.5,
-                 w_max=1.2)
+    out = update({"seg": 1.0, "depth": 1.0}, {"seg": 0.25, "depth": 1.75}, alpha=1.0, beta=0.5, w_min=0.5, w_max=1.2)
     # targets 0.25 and 1.75 → 0.625 and 1.375; clipped to 0.625 and 1.2; rescaled to sum 2
     assert out == pytest.approx({"seg": 0.625 * 2 / 1.825, "depth": 1.2 * 2 / 1.825})
 
@@ -121,8 +121,9 @@ def test_zero_scores_give_no_nan():
     a = feedback({"seg": 0.0, "depth": task_score("depth", {"abs_err": 0.0})}, {"seg": 0.0, "depth": 1.0})
     assert all(math.isfinite(v) for v in a.values())
     for direction in ("progress", "deficit"):
-        assert all(math.isfinite(v) for v in update({"seg": 1.0, "depth": 1.0}, a, 1.5, 0.5,
-                                                    direction=direction).values())
+        assert all(
+            math.isfinite(v) for v in update({"seg": 1.0, "depth": 1.0}, a, 1.5, 0.5, direction=direction).values()
+        )
 
 
 def test_teacher_weights_history_and_static_mode():
@@ -130,8 +131,9 @@ def test_teacher_weights_history_and_static_mode():
     w1 = tw.step(1, 100, {"seg": 0.3, "depth": 0.25})
     assert w1["seg"] < w1["depth"]
     assert [h["task"] for h in tw.history] == ["seg", "depth"]
-    assert tw.history[0] == pytest.approx({"timeframe": 1, "step": 100, "task": "seg", "feedback": 0.5,
-                                           "omega": w1["seg"]})
+    assert tw.history[0] == pytest.approx(
+        {"timeframe": 1, "step": 100, "task": "seg", "feedback": 0.5, "omega": w1["seg"]}
+    )
     static = TeacherWeights(("seg", "depth"), {"seg": 0.6, "depth": 0.25}, 1.5, 0.5, adaptive=False)
     assert static.step(1, 10, {"seg": 0.1, "depth": 0.9}) == {"seg": 1.0, "depth": 1.0}
     again = TeacherWeights(("seg", "depth"), {"seg": 0.6, "depth": 0.25}, 1.5, 0.5)
@@ -269,6 +271,7 @@ def test_kd_pixels_cover_every_pixel_of_an_unlabelled_image_only():
     s = torch.zeros(2, 3, 2, 2)
     p = torch.randn(2, 3, 2, 2)
     from jointdistill.distill.losses import kd_depth, kd_seg
+
     # The unlabelled image alone: its KD terms are the plain means over all its pixels.
     assert kd_seg(s[1:], p[1:], kd_label[1:]).item() == pytest.approx(kd_seg(s[1:], p[1:]).item())
     sd, td = torch.full((1, 1, 2, 2), 2.0), torch.tensor([[[[1.0, 2.0], [4.0, 2.0]]]])

@@ -29,17 +29,26 @@ def test_dockerfile_shape():
     assert "scripts/install.sh /opt/venv" in text and "JOINTDISTILL_INSTALL=package" in text
     assert re.search(r"^ARG VARIANT=cpu$", text, re.M) and "JOINTDISTILL_ORT_GPU" in text
     # Everything the package build needs passes .dockerignore and is copied.
-    allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.startswith("!")}
+    allowed = {
+        line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    }
     copied = set(re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M))
     copied = {p.rstrip("/") for line in copied for p in line.split()}
-    assert copied == allowed == {"pyproject.toml", "requirements.lock", "README.md", "scripts", "src", "components",
-                                 "pipelines"}
+    assert (
+        copied
+        == allowed
+        == {"pyproject.toml", "requirements.lock", "README.md", "scripts", "src", "components", "pipelines"}
+    )
 
 
 def test_install_script_rejects_an_unknown_mode(tmp_path):
-    r = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), str(tmp_path / "venv")], capture_output=True,
-                       text=True, env={**os.environ, "JOINTDISTILL_INSTALL": "docker"}, timeout=60)
+    r = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install.sh"), str(tmp_path / "venv")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JOINTDISTILL_INSTALL": "docker"},
+        timeout=60,
+    )
     assert r.returncode == 2 and "expected editable or package" in r.stderr
     assert not (tmp_path / "venv").exists()
 
@@ -48,20 +57,33 @@ def test_install_script_rejects_an_unknown_mode(tmp_path):
 def test_image_install_step_builds_a_working_venv(tmp_path):
     """The Dockerfile's RUN step: the locked set plus the project as a package (not editable)."""
     venv = tmp_path / "venv"
-    r = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), str(venv)], capture_output=True, text=True,
-                       env={**os.environ, "JOINTDISTILL_INSTALL": "package"}, timeout=900)
+    r = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install.sh"), str(venv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JOINTDISTILL_INSTALL": "package"},
+        timeout=900,
+    )
     try:
         assert r.returncode == 0, r.stdout + r.stderr
-        probe = ("import jointdistill, jointdistill.pipelines.pipeline as p, jointdistill.components.export; "
-                 "print(jointdistill.__file__)")
-        out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
-                             timeout=120, cwd=tmp_path)
+        probe = (
+            "import jointdistill, jointdistill.pipelines.pipeline as p, jointdistill.components.export; "
+            "print(jointdistill.__file__)"
+        )
+        out = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
         assert out.returncode == 0, out.stderr
         assert str(venv) in out.stdout  # installed into the venv, not pointing back at the checkout
         version = subprocess.run([str(venv / "bin" / "jointdistill"), "--version"], capture_output=True, text=True)
         assert version.stdout.strip() == "0.1.0"
-        again = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), str(venv)], capture_output=True,
-                               text=True, env={**os.environ, "JOINTDISTILL_INSTALL": "package"}, timeout=120)
+        again = subprocess.run(
+            ["bash", str(REPO / "scripts" / "install.sh"), str(venv)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "JOINTDISTILL_INSTALL": "package"},
+            timeout=120,
+        )
         assert "up to date" in again.stdout  # idempotent, as in `make`
     finally:
         shutil.rmtree(venv, ignore_errors=True)

@@ -15,8 +15,10 @@ from .conftest import REPO
 pytestmark = pytest.mark.slow
 
 GIT_ENV = {
-    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
 }
 
 
@@ -46,8 +48,9 @@ def ran(out):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     dst = tmp_path_factory.mktemp("dvcproject")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for rel in files:
         if (REPO / rel).is_file() and not rel.startswith(("data/prepared", "dvc.lock")):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -82,13 +85,14 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     plots = run(["dvc", "plots", "show", "--json"], project)
     assert "metrics/teacher-seg/dvclive/plots/metrics/val/miou.tsv" in plots and "abs_err" in plots
     assert {"per-class-iou", "teacher-weights-per-timeframe", "trajectory-loss", "depth-error-vs-distance"} <= set(
-        json.loads(plots)["data"])
+        json.loads(plots)["data"]
+    )
     assert not json.loads(plots).get("errors")
     values = json.loads(plots)["data"]["teacher-weights"][0]["content"]["data"]["values"]
     assert {v["filename::field"] for v in values} == {"seg.tsv::seg", "depth.tsv::depth"}
     assert abs(sum(float(v["dvc_inferred_y_value"]) for v in values if v["step"] == "0") - 2.0) < 1e-6
     exp = run(["dvc", "exp", "show", "--json"], project)
-    assert "miou" in exp and "abs_err" in exp and "\"lr\": 0.002" in exp
+    assert "miou" in exp and "abs_err" in exp and '"lr": 0.002' in exp
     # Per-class IoU: one file (one colour) per model; depth error: one line per model.
     per_class = json.loads(plots)["data"]["per-class-iou"][0]["content"]["data"]["values"]
     assert {v["filename"] for v in per_class} == {"student.csv", "teacher_seg.csv"}
@@ -112,8 +116,10 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     assert meta["resolution"] == [40, 80] and sum(meta["counts"].values()) == 30
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["prepare"]["params"]["params.yaml"]["prepare"]["height"] == 40
-    assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {"src/jointdistill/data/synthetic.py",
-                                                                       "src/jointdistill/stages/prepare.py"}
+    assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {
+        "src/jointdistill/data/synthetic.py",
+        "src/jointdistill/stages/prepare.py",
+    }
 
     stamp = (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns
     out = run(["dvc", "repro"], project)
@@ -233,7 +239,8 @@ def test_gcs_remote_push_then_repro_pull_elsewhere_runs_nothing(project, gcs_emu
     out = run(["dvc", "repro", "--pull"], clone)
     assert not ran(out), out
     assert (clone / "data" / "export" / "student.onnx").read_bytes() == (
-        project / "data" / "export" / "student.onnx").read_bytes()
+        project / "data" / "export" / "student.onnx"
+    ).read_bytes()
     assert "up to date" in run(["dvc", "status"], clone)
 
     # Without dvc.lock, only the run cache knows these stages already ran with these deps and params.

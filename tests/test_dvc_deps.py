@@ -12,8 +12,13 @@ from jointdistill.config import STAGE_PARAMS
 from .conftest import REPO
 
 SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-MODULES = {"prepare": "prepare", "train-teacher": "teacher", "distill": "distill", "evaluate": "evaluate",
-           "export": "export"}
+MODULES = {
+    "prepare": "prepare",
+    "train-teacher": "teacher",
+    "distill": "distill",
+    "evaluate": "evaluate",
+    "export": "export",
+}
 
 
 def _stage(name):
@@ -50,16 +55,26 @@ def test_each_stage_reads_only_its_sections():
     """Every ``params.<section>`` a stage module reads is one of its sections (an ast walk over the module)."""
     for module in set(MODULES.values()):
         tree = ast.parse((codeid.ROOT / "stages" / f"{module}.py").read_text())
-        read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name) and node.value.id == "params"}
+        read = {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params"
+        }
         sections = read - {"digest", "model_copy", "model_dump", "stage_params"}
         assert sections <= set(STAGE_PARAMS[module]), f"{module} reads {sections - set(STAGE_PARAMS[module])}"
 
 
 def test_closure_follows_relative_and_lazy_imports(tmp_path):
     closure = {p.relative_to(codeid.ROOT).as_posix() for p in codeid.closure("jointdistill.stages.export")}
-    assert {"stages/export.py", "export.py", "infer.py", "data/prepared.py", "__init__.py", "stages/__init__.py",
-            "models/__init__.py"} <= closure
+    assert {
+        "stages/export.py",
+        "export.py",
+        "infer.py",
+        "data/prepared.py",
+        "__init__.py",
+        "stages/__init__.py",
+        "models/__init__.py",
+    } <= closure
     assert "serve.py" not in closure and "cli.py" not in closure
 
 

@@ -16,8 +16,11 @@ from jointdistill.tasks import SegTask
 
 def _batch(n=2, h=32, w=48):
     g = torch.Generator().manual_seed(0)
-    return {"image": torch.randn(n, 3, h, w, generator=g), "label": torch.randint(0, 7, (n, h, w), generator=g),
-            "depth": torch.rand(n, h, w, generator=g) * 10 + 0.5}
+    return {
+        "image": torch.randn(n, 3, h, w, generator=g),
+        "label": torch.randint(0, 7, (n, h, w), generator=g),
+        "depth": torch.rand(n, h, w, generator=g) * 10 + 0.5,
+    }
 
 
 def _setup(**over):
@@ -67,6 +70,7 @@ def test_one_host_read_per_step(monkeypatch):
             caller = sys._getframe(1).f_code.co_filename
             calls[name] += "jointdistill" in caller
             return fn(self, *a, **k)
+
         return wrapped
 
     monkeypatch.setattr(torch.Tensor, "item", count("item", item))
@@ -83,16 +87,25 @@ def test_compile_networks_covers_every_network_and_keeps_state_dict_keys():
     keys = list(model.state_dict())
     # student: backbone + 2 heads; each teacher: backbone + 1 head; the connector
     assert engine.compile_networks(model) == 3 + 2 + 2 + 1
-    compiled = [m for m in (student.backbone, *student.heads.values(), con,
-                            *(x for t in teachers for x in (t.backbone, *t.heads.values())))]
+    compiled = [
+        m
+        for m in (
+            student.backbone,
+            *student.heads.values(),
+            con,
+            *(x for t in teachers for x in (t.backbone, *t.heads.values())),
+        )
+    ]
     assert all(m._compiled_call_impl is not None for m in compiled)
     assert model._compiled_call_impl is None  # the glue stays eager
     assert list(model.state_dict()) == keys
     assert torch._dynamo.config.cache_size_limit >= 32  # room for every situation an encoder is compiled in
 
 
-@pytest.mark.parametrize(("setting", "device", "expected"), [
-    ("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False)])
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False)],
+)
 def test_compile_setting(setting, device, expected):
     assert engine.use_compile(TeacherParams(compile=setting), torch.device(device)) is expected
 

@@ -18,8 +18,17 @@ from jointdistill.stages import ablate, distill, evaluate
 
 from .conftest import REPO, TINY
 
-FAST = [*TINY, "distill.batch_size=4", "distill.epochs=2", "distill.probe_images=4", "distill.top_k=5",
-        "teacher.batch_size=4", "teacher.epochs=1", "evaluate.qualitative_images=3", "evaluate.depth_bins=4"]
+FAST = [
+    *TINY,
+    "distill.batch_size=4",
+    "distill.epochs=2",
+    "distill.probe_images=4",
+    "distill.top_k=5",
+    "teacher.batch_size=4",
+    "teacher.epochs=1",
+    "evaluate.qualitative_images=3",
+    "evaluate.depth_bins=4",
+]
 
 
 def params(*extra):
@@ -71,8 +80,16 @@ def test_metrics_file_and_delta_m(evaluated):
     on_disk = json.loads((root / "eval" / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(records.split(metrics)[0]))
     curated = json.loads((root / "eval" / "metrics.json").read_text())  # numbers only, for DVC and Kubeflow
-    assert set(curated) == {"miou", "pixacc", "abs_err", "rel_err", "delta1", "delta_m", "delta_m_vs_mtl",
-                            "flops_ratio"}
+    assert set(curated) == {
+        "miou",
+        "pixacc",
+        "abs_err",
+        "rel_err",
+        "delta1",
+        "delta_m",
+        "delta_m_vs_mtl",
+        "flops_ratio",
+    }
     assert curated["delta_m"] == pytest.approx(metrics["student"]["test"]["delta_m"], abs=1e-6)
     assert " ms" not in (root / "eval" / "report.md").read_text()  # timings stay out of the stage's output
     s, seg, dep = metrics["student"]["test"], metrics["teacher_seg"]["test"], metrics["teacher_depth"]["test"]
@@ -97,7 +114,8 @@ def test_metrics_file_and_delta_m(evaluated):
     cost = metrics["cost"]
     assert set(cost["flops"]) == set(cost["latency_ms"]) == {"student", "teacher_seg", "teacher_depth"}
     assert cost["student_flops_vs_teachers"] == pytest.approx(
-        cost["flops"]["student"] / (cost["flops"]["teacher_seg"] + cost["flops"]["teacher_depth"]))
+        cost["flops"]["student"] / (cost["flops"]["teacher_seg"] + cost["flops"]["teacher_depth"])
+    )
     assert all(v > 0 for v in cost["latency_ms"].values())
 
 
@@ -156,7 +174,7 @@ def test_report_renders(evaluated):
     assert ("Gate passed" if gate["passed"] else "Gate failed") in md and "GFLOP per image" in md
     html = (root / "eval" / "report.html").read_text()
     assert html.startswith("<!doctype html>") and html.count("data:image/png;base64,") >= 6
-    assert "src=\"plots/" not in html and f"{s['delta_m']:+.2f} %" in html  # self-contained
+    assert 'src="plots/' not in html and f"{s['delta_m']:+.2f} %" in html  # self-contained
 
 
 def test_single_task_model_as_student_is_refused(prepared, tiny_teachers, tmp_path):
@@ -173,8 +191,13 @@ def test_dvc_metrics_show_reads_it(evaluated, tmp_path):
     (tmp_path / "dvc.yaml").write_text("metrics:\n  - eval/metrics.json\n")
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=tmp_path, capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dvc", "metrics", "show", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (workspace,) = json.loads(r.stdout).values()  # one revision: the workspace (no commit yet)
     shown = workspace["data"]["eval/metrics.json"]["data"]
     assert shown["delta_m"] == pytest.approx(metrics["student"]["test"]["delta_m"], abs=1e-6)
@@ -230,6 +253,10 @@ def test_ablation_table_is_mean_and_std_of_the_runs(prepared, tmp_path):
 
 
 def test_ablate_cli_rejects_unknown_mode(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jointdistill", "ablate", "--modes", "mtl,eata,mtl+cache", "--out",
-                        str(tmp_path / "a")], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "jointdistill", "ablate", "--modes", "mtl,eata,mtl+cache", "--out", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "unknown ['eata', 'mtl+cache']" in r.stderr

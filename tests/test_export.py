@@ -48,9 +48,17 @@ def session(path):
 def test_outputs_pass_the_checker_and_parity(exported, prepared):
     root, report = exported
     out = root / "export"
-    assert {p.name for p in out.iterdir()} == {"student.onnx", "student.fp16.onnx", "student.int8.onnx",
-                                              "parity.json", "report.json", "metrics.json", "run.json",
-                                              "MODEL_CARD.md", "lineage.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "student.onnx",
+        "student.fp16.onnx",
+        "student.int8.onnx",
+        "parity.json",
+        "report.json",
+        "metrics.json",
+        "run.json",
+        "MODEL_CARD.md",
+        "lineage.json",
+    }
     for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
         onnx.checker.check_model(str(out / name), full_check=True)
         model = onnx.load(str(out / name))
@@ -78,9 +86,16 @@ def test_outputs_pass_the_checker_and_parity(exported, prepared):
     assert set(curated) == {"size_mb"} and curated["size_mb"] == pytest.approx(metrics["file_bytes"]["fp32"] / 1e6)
     assert metrics["file_bytes"]["int8-static"] < metrics["file_bytes"]["fp32"] / 2
     card = (out / "MODEL_CARD.md").read_text()
-    for needle in ("segmentation_logits", "vehicle", "multiples of 8", f"{onnx_m['miou']:.4f}", "Latency",
-                   "`INFERENCE_PRECISION_HINT` set to `f32`",
-                   "argmax agreement", "int8-static"):
+    for needle in (
+        "segmentation_logits",
+        "vehicle",
+        "multiples of 8",
+        f"{onnx_m['miou']:.4f}",
+        "Latency",
+        "`INFERENCE_PRECISION_HINT` set to `f32`",
+        "argmax agreement",
+        "int8-static",
+    ):
         assert needle in card, needle
 
 
@@ -108,9 +123,13 @@ def test_dynamic_batch_and_size_on_random_and_real_inputs(exported, prepared):
     val = PreparedDataset(prepared, "val")
     real = torch.stack([val[i % len(val)]["image"] for i in range(3)]).numpy()
     rng = np.random.default_rng(0)
-    inputs = [real[:1], real, rng.standard_normal((3, 3, 48, 96), dtype=np.float32),
-              rng.standard_normal((1, 3, 32, 64), dtype=np.float32),  # sizes never traced
-              rng.standard_normal((2, 3, 72, 136), dtype=np.float32)]
+    inputs = [
+        real[:1],
+        real,
+        rng.standard_normal((3, 3, 48, 96), dtype=np.float32),
+        rng.standard_normal((1, 3, 32, 64), dtype=np.float32),  # sizes never traced
+        rng.standard_normal((2, 3, 72, 136), dtype=np.float32),
+    ]
     for x in inputs:
         seg, depth = s.run(None, {"image": x})
         ref_seg, ref_depth = eager(model, x)
@@ -147,18 +166,31 @@ def test_failed_parity_gate_writes_no_model_and_keeps_the_previous_export(export
     failed = json.loads((tmp_path / "export.parity-failed.json").read_text())
     assert not failed["passed"] and failed["problems"]
     assert not list(tmp_path.glob("**/.*.onnx")) and sorted(p.name for p in tmp_path.iterdir()) == [
-        "export", "export.parity-failed.json"]
+        "export",
+        "export.parity-failed.json",
+    ]
     # A later successful export removes the stale failure report.
     export.run(params("export.fp16=false", "export.int8=none"), prepared, root / "student", out)
     assert not (tmp_path / "export.parity-failed.json").exists()
-    assert {p.name for p in out.iterdir()} == {"student.onnx", "parity.json", "report.json", "metrics.json",
-                                               "run.json", "MODEL_CARD.md", "lineage.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "student.onnx",
+        "parity.json",
+        "report.json",
+        "metrics.json",
+        "run.json",
+        "MODEL_CARD.md",
+        "lineage.json",
+    }
 
 
 def test_fixed_size_export_says_so_and_refuses_other_sizes(exported, prepared, tmp_path):
     root, _ = exported
-    export.run(params("export.dynamic_size=false", "export.fp16=false", "export.int8=none"), prepared,
-               root / "student", tmp_path / "fixed")
+    export.run(
+        params("export.dynamic_size=false", "export.fp16=false", "export.int8=none"),
+        prepared,
+        root / "student",
+        tmp_path / "fixed",
+    )
     s = StudentSession(tmp_path / "fixed" / "student.onnx", "cpu")
     assert s.meta["size_multiple"] is None and s.meta["input_size"] == [48, 96]
     assert s.run(np.zeros((3, 3, 48, 96), np.float32))[0].shape == (3, 7, 48, 96)  # batch stays dynamic
@@ -184,13 +216,16 @@ def test_resnet_aspp_student_exports_with_dynamic_size(tmp_path):
 
 
 # ----------------------------------------------------------------------------- predict
-BLOCK_TORCH = NO_TORCH + """
+BLOCK_TORCH = (
+    NO_TORCH
+    + """
 from jointdistill.cli import app
 try:
     app(prog_name='jointdistill')
 finally:
     assert 'torch' not in sys.modules
 """
+)
 
 
 def _images(folder, prepared):
@@ -208,9 +243,23 @@ def test_predict_without_torch_on_a_folder_with_a_corrupt_file(exported, prepare
     root, _ = exported
     model = root / "export" / "student.onnx"
     images = _images(tmp_path / "in", prepared)
-    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "predict", str(model), str(tmp_path / "in"),
-                        "--out", str(tmp_path / "out"), "--batch-size", "2"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCK_TORCH,
+            "predict",
+            str(model),
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr
     assert "broken.png: not a readable image" in r.stderr
     assert r.stderr.count("running on the CPU") == 1

@@ -29,16 +29,30 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     assert "params" in loaded.component_spec.inputs
     ir = yaml.safe_load(compiled.read_text())
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"source", "prepare", "train-teacher", "train-teacher-2", "distill", "evaluate", "export",
-                          "condition-1"}
+    assert set(tasks) == {
+        "source",
+        "prepare",
+        "train-teacher",
+        "train-teacher-2",
+        "distill",
+        "evaluate",
+        "export",
+        "condition-1",
+    }
     # The optional last step: inside a condition on results_remote (empty by default = off), after everything,
     # with every output and the run's name; never cached (a push must happen each run).
     cond = tasks["condition-1"]
     assert cond["taskInfo"]["name"] == "results-to-dvc" and "results_remote" in cond["triggerPolicy"]["condition"]
     assert "!= ''" in cond["triggerPolicy"]["condition"] and root_params_default(ir, "results_remote") == ""
     push = ir["components"][cond["componentRef"]["name"]]["dag"]["tasks"]["push-results"]
-    assert set(push["inputs"]["artifacts"]) == {"prepared", "teacher_seg", "teacher_depth", "student", "evaluation",
-                                                "onnx_model"}
+    assert set(push["inputs"]["artifacts"]) == {
+        "prepared",
+        "teacher_seg",
+        "teacher_depth",
+        "student",
+        "evaluation",
+        "onnx_model",
+    }
     assert push["inputs"]["parameters"]["run_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
     assert not push["cachingOptions"].get("enableCache")
     # The data source comes first: prepare reads its Dataset; the pin is three run parameters, empty by default.
@@ -46,7 +60,8 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     assert tasks["prepare"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "source"
     root_params = ir["root"]["inputDefinitions"]["parameters"]
     assert {k: root_params[k].get("defaultValue") for k in ("data_repo", "data_rev", "data_path")} == dict.fromkeys(
-        ("data_repo", "data_rev", "data_path"), "")
+        ("data_repo", "data_rev", "data_path"), ""
+    )
     assert tasks["source"]["inputs"]["parameters"]["repo"]["componentInputParameter"] == "data_repo"
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["distill", "prepare", "train-teacher", "train-teacher-2"]
     eval_outs = ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
@@ -70,8 +85,11 @@ def test_compiled_ir_loads_back(compiled, tiny_params):
     resources = ir["deploymentSpec"]["executors"]["exec-train-teacher"]["container"]["resources"]
     assert resources["resourceCpuLimit"] == "4" and resources["resourceMemoryLimit"] == "16G"
     assert "accelerator" not in resources  # CPU by default
-    teacher_tasks = {t["inputs"]["parameters"]["task"]["runtimeValue"]["constant"]: t
-                     for n, t in tasks.items() if n.startswith("train-teacher")}
+    teacher_tasks = {
+        t["inputs"]["parameters"]["task"]["runtimeValue"]["constant"]: t
+        for n, t in tasks.items()
+        if n.startswith("train-teacher")
+    }
     assert set(teacher_tasks) == {"seg", "depth"}
     for t in teacher_tasks.values():
         assert t["dependentTasks"] == ["prepare"]  # both teachers wait for prepare only: they run in parallel
@@ -116,8 +134,18 @@ def test_kfp_local_run(tmp_path):
 
     from .conftest import REPO, TINY
 
-    p = load_params(REPO / "params.yaml", [*TINY, "teacher.epochs=1", "teacher.batch_size=4", "distill.epochs=2",
-                                           "distill.batch_size=4", "distill.probe_images=3", "distill.top_k=4"])
+    p = load_params(
+        REPO / "params.yaml",
+        [
+            *TINY,
+            "teacher.epochs=1",
+            "teacher.batch_size=4",
+            "distill.epochs=2",
+            "distill.batch_size=4",
+            "distill.probe_images=3",
+            "distill.top_k=4",
+        ],
+    )
     artifacts = kfp_pipeline.run_local_artifacts(p, tmp_path / "root")
     outputs = {name: a.path for name, a in artifacts.items()}
     # The confusion matrix as Kubeflow shows it: class names, rows of pixel counts that sum to the test pixels.
@@ -145,8 +173,14 @@ def test_kfp_local_run(tmp_path):
     # Lineage in every output: the embedded synthetic data, these params, and each parent's content digest.
     from jointdistill import lineage
 
-    stages = {"prepared": ("prepare",), "teacher_seg": ("teacher", "seg"), "teacher_depth": ("teacher", "depth"),
-              "student": ("distill",), "evaluation": ("evaluate",), "onnx_model": ("export",)}
+    stages = {
+        "prepared": ("prepare",),
+        "teacher_seg": ("teacher", "seg"),
+        "teacher_depth": ("teacher", "depth"),
+        "student": ("distill",),
+        "evaluation": ("evaluate",),
+        "onnx_model": ("export",),
+    }
     for name, stage in stages.items():
         lin = lineage.read(outputs[name])
         assert lin["data"] == {"kind": "synthetic"} and lin["params_digest"] == p.digest(*stage), name
@@ -154,7 +188,8 @@ def test_kfp_local_run(tmp_path):
         assert lin["code"]["version"] and lin["code"]["source"].startswith("sha256:") and "commit" not in lin["code"]
     assert lineage.read(outputs["teacher_seg"])["parents"] == {"prepared": lineage.folder_digest(outputs["prepared"])}
     assert lineage.read(outputs["student"])["parents"] == {
-        n: lineage.folder_digest(outputs[n]) for n in ("prepared", "teacher_seg", "teacher_depth")}
+        n: lineage.folder_digest(outputs[n]) for n in ("prepared", "teacher_seg", "teacher_depth")
+    }
     assert set(lineage.read(outputs["onnx_model"])["parents"]) == {"prepared", "student"}
     parity = json.loads(Path(outputs["onnx_model"], "parity.json").read_text())
     assert parity["passed"] and Path(outputs["onnx_model"], "MODEL_CARD.md").exists()
@@ -165,10 +200,14 @@ def test_kfp_local_run(tmp_path):
     assert seg.shape == (2, len(meta["classes"]), 48, 96) and depth.shape == (2, 1, 48, 96) and (depth > 0).all()
 
 
-GPU = ["pipeline.teacher.accelerator_type=nvidia.com/gpu", "pipeline.teacher.accelerator_limit=1",
-       "pipeline.distill.accelerator_type=nvidia.com/gpu", "pipeline.distill.accelerator_limit=2",
-       "pipeline.node_selector={cloud.google.com/gke-accelerator: nvidia-l4}",
-       "pipeline.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]"]
+GPU = [
+    "pipeline.teacher.accelerator_type=nvidia.com/gpu",
+    "pipeline.teacher.accelerator_limit=1",
+    "pipeline.distill.accelerator_type=nvidia.com/gpu",
+    "pipeline.distill.accelerator_limit=2",
+    "pipeline.node_selector={cloud.google.com/gke-accelerator: nvidia-l4}",
+    "pipeline.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+]
 
 
 def test_gpu_requests_and_placement_for_training_steps(tmp_path):
@@ -196,9 +235,19 @@ def test_compile_refuses_an_accelerator_limit_kfp_rejects(tmp_path):
 
     from jointdistill.cli import app
 
-    r = CliRunner().invoke(app, ["pipeline", "compile", "-o", str(tmp_path / "p.yaml"), "--set",
-                                 "pipeline.teacher.accelerator_limit=3", "--set",
-                                 "pipeline.teacher.accelerator_type=nvidia.com/gpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "pipeline",
+            "compile",
+            "-o",
+            str(tmp_path / "p.yaml"),
+            "--set",
+            "pipeline.teacher.accelerator_limit=3",
+            "--set",
+            "pipeline.teacher.accelerator_type=nvidia.com/gpu",
+        ],
+    )
     assert r.exit_code == 2 and "3 is not an accelerator limit KFP accepts (0, 1, 2, 4, 8, 16)" in r.output
     assert not (tmp_path / "p.yaml").exists()
 
@@ -214,13 +263,28 @@ def test_submit_speaks_the_kfp_api(monkeypatch):
 
     monkeypatch.setenv("KFP_TOKEN", "secret-token")
     with FakeKfpApi() as api:
-        args = ["pipeline", "submit", "--host", api.url, "--experiment", "nightly", "--run-name", "r1",
-                "--image", "registry.example/jointdistill:7", "--set", "distill.epochs=3"]
+        args = [
+            "pipeline",
+            "submit",
+            "--host",
+            api.url,
+            "--experiment",
+            "nightly",
+            "--run-name",
+            "r1",
+            "--image",
+            "registry.example/jointdistill:7",
+            "--set",
+            "distill.epochs=3",
+        ]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
         assert [(q["method"], q["path"]) for q in api.requests] == [
-            ("GET", "/apis/v2beta1/healthz"), ("GET", "/apis/v2beta1/experiments"),
-            ("POST", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/runs")]
+            ("GET", "/apis/v2beta1/healthz"),
+            ("GET", "/apis/v2beta1/experiments"),
+            ("POST", "/apis/v2beta1/experiments"),
+            ("POST", "/apis/v2beta1/runs"),
+        ]
         assert all(q["authorization"] == "Bearer secret-token" for q in api.requests)
         assert api.requests[2]["body"]["display_name"] == "nightly"
         run = api.requests[3]["body"]
@@ -230,7 +294,8 @@ def test_submit_speaks_the_kfp_api(monkeypatch):
         spec = run["pipeline_spec"]
         assert spec["pipelineInfo"]["name"] == "jointdistill"
         assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
-            "registry.example/jointdistill:7"}
+            "registry.example/jointdistill:7"
+        }
         run_id = next(iter(api.runs))
         assert f"submitted run {run_id} (r1) in experiment nightly: {api.url}/#/runs/details/{run_id}" in r.output
 
@@ -238,7 +303,10 @@ def test_submit_speaks_the_kfp_api(monkeypatch):
         r = CliRunner().invoke(app, [*args[:-2], "--no-cache"])
         assert r.exit_code == 0, r.output
         assert [(q["method"], q["path"]) for q in api.requests[4:]] == [
-            ("GET", "/apis/v2beta1/healthz"), ("GET", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/runs")]
+            ("GET", "/apis/v2beta1/healthz"),
+            ("GET", "/apis/v2beta1/experiments"),
+            ("POST", "/apis/v2beta1/runs"),
+        ]
         tasks = api.requests[-1]["body"]["pipeline_spec"]["root"]["dag"]["tasks"]
         assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
 

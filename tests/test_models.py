@@ -39,8 +39,10 @@ def test_student_has_shared_encoder_and_two_heads():
 def test_paper_teacher_is_torchvision_deeplabv3_resnet101():
     ours = build_teacher("seg", "resnet101", "aspp", num_classes=7)
     tv = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=7, aux_loss=False).eval()
-    mapped = {("heads.seg." + k[len("classifier."):]) if k.startswith("classifier.") else k: v
-              for k, v in tv.state_dict().items()}
+    mapped = {
+        ("heads.seg." + k[len("classifier.") :]) if k.startswith("classifier.") else k: v
+        for k, v in tv.state_dict().items()
+    }
     ours.load_state_dict(mapped)  # strict: same modules, same shapes
     ours.eval()
     x = torch.randn(1, 3, 64, 64)

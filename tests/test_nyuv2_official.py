@@ -45,10 +45,12 @@ def write_labeled_mat(path, n=N, h=H, w=W, label_max=894):
     depths = rng.uniform(0.7, 9.5, (n, h, w)).astype(np.float32)
     depths[:, 1, :2] = 0.0  # holes
     with h5py.File(path, "w", userblock_size=512) as f:
-        for name, arr, cls in (("images", images.transpose(0, 3, 2, 1), "uint8"),
-                               ("labels", labels.transpose(0, 2, 1), "uint16"),
-                               ("depths", depths.transpose(0, 2, 1), "single"),
-                               ("rawDepths", depths.transpose(0, 2, 1), "single")):
+        for name, arr, cls in (
+            ("images", images.transpose(0, 3, 2, 1), "uint8"),
+            ("labels", labels.transpose(0, 2, 1), "uint16"),
+            ("depths", depths.transpose(0, 2, 1), "single"),
+            ("rawDepths", depths.transpose(0, 2, 1), "single"),
+        ):
             ds = f.create_dataset(name, data=arr, chunks=(1,) + arr.shape[1:])
             ds.attrs["MATLAB_class"] = np.bytes_(cls)
         _cell_of_strings(f, "names", [f"raw{i}" for i in range(1, 895)])
@@ -116,8 +118,9 @@ def test_official_mat_value_by_value(tmp_path, official, root_is_file):
         assert (split == "test") == (i in TEST)
         np.testing.assert_array_equal(image, images[i - 1])  # axes put back: (H, W, 3), not transposed
         raw = labels[i - 1].astype(np.int64)
-        expected = np.where(raw == 0, 255, np.where(mapping[np.maximum(raw, 1) - 1] > 0,
-                                                    mapping[np.maximum(raw, 1) - 1] - 1, 255))
+        expected = np.where(
+            raw == 0, 255, np.where(mapping[np.maximum(raw, 1) - 1] > 0, mapping[np.maximum(raw, 1) - 1] - 1, 255)
+        )
         np.testing.assert_array_equal(label, expected.astype(np.uint8))
         np.testing.assert_array_equal(depth, depths[i - 1])
         assert (label[0] == 255).all() and (depth[1, :2] == 0).all()
@@ -130,8 +133,9 @@ def test_class_map_formats_agree(tmp_path):
     write_class_map_mat(tmp_path / "v73.mat", mapping, v73=True)
     np.save(tmp_path / "map.npy", mapping.astype(np.int64))
     np.savetxt(tmp_path / "map.txt", mapping, fmt="%d")
-    (tmp_path / "map.yaml").write_text(yaml.safe_dump(
-        {"classes": list(CLASSES_40), "map": {str(i + 1): int(v) for i, v in enumerate(mapping) if v}}))
+    (tmp_path / "map.yaml").write_text(
+        yaml.safe_dump({"classes": list(CLASSES_40), "map": {str(i + 1): int(v) for i, v in enumerate(mapping) if v}})
+    )
     expected = np.concatenate([[255], np.where(mapping > 0, mapping - 1, 255)]).astype(np.uint8)
     for name in ("v5.mat", "v73.mat", "map.npy", "map.txt", "map.yaml"):
         lookup, classes, palette = read_class_map(tmp_path / name)
@@ -149,8 +153,9 @@ def test_class_map_formats_agree(tmp_path):
 def test_splits_v73_and_a_yaml_class_map(tmp_path, official):
     root, (_, labels, _), _ = official
     write_splits(root / "splits.mat", train=[1, 2, 3, 4, 5], test=[6, 7], v73=True)
-    (tmp_path / "map.yaml").write_text(yaml.safe_dump(
-        {"classes": ["low", {"name": "high", "color": [1, 2, 3]}], "map": [1] * 447 + [2] * 447}))
+    (tmp_path / "map.yaml").write_text(
+        yaml.safe_dump({"classes": ["low", {"name": "high", "color": [1, 2, 3]}], "map": [1] * 447 + [2] * 447})
+    )
     meta = prepare.run(params("nyuv2", root, *_extra(tmp_path, "map.yaml")), tmp_path / "out")
     assert meta["classes"] == ["low", "high"] and meta["palette"][1] == [1, 2, 3]
     found = _prepared_by_id(tmp_path / "out", meta)

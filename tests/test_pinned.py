@@ -18,8 +18,9 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
 
 
 def run(cwd, *cmd):
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    r = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, "DVC_NO_ANALYTICS": "1"}
+    )
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
     return r.stdout.strip()
 
@@ -78,8 +79,12 @@ def test_two_revisions_fetch_their_own_data(project, tmp_path):
     b = fetch(str(root), "B", "data/raw", tmp_path / "b")
     assert (a["commit"], b["commit"]) == (commits["A"], commits["B"])
     assert a["md5"].endswith(".dir") and a["md5"] != b["md5"]
-    recorded = {tag: json.loads(json.dumps(__import__("yaml").safe_load(
-        run(root, "git", "show", f"{tag}:data/raw.dvc"))))["outs"][0]["md5"] for tag in ("A", "B")}
+    recorded = {
+        tag: json.loads(json.dumps(__import__("yaml").safe_load(run(root, "git", "show", f"{tag}:data/raw.dvc"))))[
+            "outs"
+        ][0]["md5"]
+        for tag in ("A", "B")
+    }
     assert (a["md5"], b["md5"]) == (recorded["A"], recorded["B"])  # the md5 the .dvc file holds at that rev
     ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert sorted(ta) == ["a.txt", "b.bin", "sub/c.txt"] and sorted(tb) == ["a.txt", "b.bin", "d.txt", "sub/c.txt"]
@@ -96,8 +101,21 @@ def test_a_single_tracked_file_and_the_cli(project, tmp_path):
     from jointdistill.cli import app
 
     root, commits = project
-    r = CliRunner().invoke(app, ["fetch-data", str(root), "--rev", "B", "--path", "data/raw/d.txt",
-                                 "--out", str(tmp_path / "one"), "--provenance", str(tmp_path / "prov.json")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "fetch-data",
+            str(root),
+            "--rev",
+            "B",
+            "--path",
+            "data/raw/d.txt",
+            "--out",
+            str(tmp_path / "one"),
+            "--provenance",
+            str(tmp_path / "prov.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     record = json.loads(r.output.strip().splitlines()[-1])
     assert record["commit"] == commits["B"] and record["type"] == "file" and record["files"] == 1
@@ -105,12 +123,15 @@ def test_a_single_tracked_file_and_the_cli(project, tmp_path):
     assert (tmp_path / "one" / "d.txt").read_text() == "delta\n"
 
 
-@pytest.mark.parametrize("rev, path, message", [
-    ("no-such-tag", "data/raw", "unknown revision"),
-    ("A", "data/nothing", "no 'data/nothing' in the project"),
-    ("A", "notes.txt", "is not tracked by DVC"),
-    ("C", "data/raw", "could not be downloaded from the project's remote"),
-])
+@pytest.mark.parametrize(
+    "rev, path, message",
+    [
+        ("no-such-tag", "data/raw", "unknown revision"),
+        ("A", "data/nothing", "no 'data/nothing' in the project"),
+        ("A", "notes.txt", "is not tracked by DVC"),
+        ("C", "data/raw", "could not be downloaded from the project's remote"),
+    ],
+)
 def test_bad_pins_are_one_clear_error_and_write_nothing(project, tmp_path, rev, path, message):
     root, _ = project
     (tmp_path / "keep").mkdir()
@@ -216,8 +237,16 @@ def test_kfp_source_and_prepare_steps_pinned_to_two_revisions(image_project, tmp
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     source_op, prepare_op = source_component.component("unused"), prepare_component.component("unused")
-    p = load_params(REPO / "params.yaml", ["prepare.dataset=folder", "prepare.labelled_fraction=1.0",
-                                           "prepare.height=48", "prepare.width=96", "prepare.gallery_images=0"])
+    p = load_params(
+        REPO / "params.yaml",
+        [
+            "prepare.dataset=folder",
+            "prepare.labelled_fraction=1.0",
+            "prepare.height=48",
+            "prepare.width=96",
+            "prepare.gallery_images=0",
+        ],
+    )
 
     @dsl.pipeline(name="pinned-data")  # the first two steps of the pipeline, wired as it wires them
     def first_steps(params: dict, data_repo: str, data_rev: str, data_path: str) -> dsl.Dataset:
@@ -299,15 +328,34 @@ def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_proj
 
     from .conftest import REPO
 
-    p = load_params(REPO / "params.yaml", [
-        "prepare.dataset=folder", "prepare.labelled_fraction=1.0", "prepare.height=48", "prepare.width=96",
-        "prepare.gallery_images=0",
-        "teacher.epochs=1", "teacher.batch_size=4", "distill.epochs=1", "distill.batch_size=4",
-        "distill.probe_images=2", "distill.top_k=4"])
+    p = load_params(
+        REPO / "params.yaml",
+        [
+            "prepare.dataset=folder",
+            "prepare.labelled_fraction=1.0",
+            "prepare.height=48",
+            "prepare.width=96",
+            "prepare.gallery_images=0",
+            "teacher.epochs=1",
+            "teacher.batch_size=4",
+            "distill.epochs=1",
+            "distill.batch_size=4",
+            "distill.probe_images=2",
+            "distill.top_k=4",
+        ],
+    )
     url = image_project.as_uri()
-    outputs = kfp_pipeline.run_local(p, tmp_path / "root", data_repo=url, data_rev="B", data_path="data/raw/street",
-                                     results_remote="gs://pinned-images/dvc", results_prefix="runs/b1",
-                                     results_git_repo=url, results_git_branch="results/b1")
+    outputs = kfp_pipeline.run_local(
+        p,
+        tmp_path / "root",
+        data_repo=url,
+        data_rev="B",
+        data_path="data/raw/street",
+        results_remote="gs://pinned-images/dvc",
+        results_prefix="runs/b1",
+        results_git_repo=url,
+        results_git_branch="results/b1",
+    )
     commit_b = run(image_project, "git", "rev-parse", "B")
     for name in ("prepared", "student", "onnx_model"):
         data = lineage.read(outputs[name])["data"]
@@ -315,8 +363,14 @@ def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_proj
     # The pointers: an artifact of the last step, and a commit on the project's branch.
     pointers = next(Path(tmp_path / "root").rglob("runs/b1/RESULTS.json"))
     record = json.loads(pointers.read_text())
-    names = {"prepared": "prepared", "teacher_seg": "teacher_seg", "teacher_depth": "teacher_depth",
-             "student": "student", "evaluation": "evaluation", "export": "onnx_model"}
+    names = {
+        "prepared": "prepared",
+        "teacher_seg": "teacher_seg",
+        "teacher_depth": "teacher_depth",
+        "student": "student",
+        "evaluation": "evaluation",
+        "export": "onnx_model",
+    }
     assert sorted(record["outputs"]) == sorted(names) and record["remote"] == "gs://pinned-images/dvc"
     assert record["outputs"]["student"]["lineage"]["data"]["rev"] == "B"
     assert run(image_project, "git", "log", "-1", "--format=%s", "results/b1") == "jointdistill results: runs/b1"
@@ -341,23 +395,41 @@ def test_push_results_errors_leave_nothing_behind(gcs_emulator, tmp_path):
     (tmp_path / "student" / "student.pt").write_bytes(b"weights")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.dvc").write_text("previous")
-    cases = [({"student": tmp_path / "student"}, "gs://no-such-bucket-jd/dvc", "runs/x", DataError,
-              "could not push to the DVC remote gs://no-such-bucket-jd/dvc"),
-             ({"student": tmp_path / "nothing"}, str(tmp_path / "remote"), "runs/x", DataError, "missing or empty"),
-             ({"student": tmp_path / "student"}, "", "runs/x", ConfigError, "give the DVC remote URL"),
-             ({"student": tmp_path / "student"}, str(tmp_path / "remote"), "../up", ConfigError, "relative path")]
+    cases = [
+        (
+            {"student": tmp_path / "student"},
+            "gs://no-such-bucket-jd/dvc",
+            "runs/x",
+            DataError,
+            "could not push to the DVC remote gs://no-such-bucket-jd/dvc",
+        ),
+        ({"student": tmp_path / "nothing"}, str(tmp_path / "remote"), "runs/x", DataError, "missing or empty"),
+        ({"student": tmp_path / "student"}, "", "runs/x", ConfigError, "give the DVC remote URL"),
+        ({"student": tmp_path / "student"}, str(tmp_path / "remote"), "../up", ConfigError, "relative path"),
+    ]
     for outputs, remote, prefix, exc, message in cases:
         with pytest.raises(exc, match=re.escape(message)):
             dvc_results.push(outputs, remote, tmp_path / "out", prefix)
         assert _files(tmp_path / "out") == {"old.dvc": b"previous"}
     # The data pushed, but the pointers cannot be committed: the step fails and the old pointers stay.
     with pytest.raises(DataError, match="push-results: git clone"):
-        dvc_results.push({"student": tmp_path / "student"}, str(tmp_path / "remote"), tmp_path / "out", "runs/x",
-                         git_repo=(tmp_path / "no-such-repo").as_uri(), git_branch="results/x")
+        dvc_results.push(
+            {"student": tmp_path / "student"},
+            str(tmp_path / "remote"),
+            tmp_path / "out",
+            "runs/x",
+            git_repo=(tmp_path / "no-such-repo").as_uri(),
+            git_branch="results/x",
+        )
     assert _files(tmp_path / "out") == {"old.dvc": b"previous"}
     with pytest.raises(ConfigError, match="needs --git-branch"):
-        dvc_results.push({"student": tmp_path / "student"}, str(tmp_path / "remote"), tmp_path / "out", "runs/x",
-                         git_repo="https://example.invalid/repo.git")
+        dvc_results.push(
+            {"student": tmp_path / "student"},
+            str(tmp_path / "remote"),
+            tmp_path / "out",
+            "runs/x",
+            git_repo="https://example.invalid/repo.git",
+        )
 
 
 def test_push_results_cli_to_a_local_remote(tmp_path):
@@ -369,8 +441,17 @@ def test_push_results_cli_to_a_local_remote(tmp_path):
     (tmp_path / "a" / "sub").mkdir(parents=True)
     (tmp_path / "a" / "x.txt").write_text("x\n")
     (tmp_path / "a" / "sub" / "y.txt").write_text("y\n")
-    args = ["push-results", "--remote", str(tmp_path / "remote"), "--output", f"student={tmp_path / 'a'}",
-            "--out", str(tmp_path / "ptr"), "--prefix", "runs/r1"]
+    args = [
+        "push-results",
+        "--remote",
+        str(tmp_path / "remote"),
+        "--output",
+        f"student={tmp_path / 'a'}",
+        "--out",
+        str(tmp_path / "ptr"),
+        "--prefix",
+        "runs/r1",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     pointer = __import__("yaml").safe_load((tmp_path / "ptr" / "runs" / "r1" / "student.dvc").read_text())
@@ -381,6 +462,7 @@ def test_push_results_cli_to_a_local_remote(tmp_path):
     assert (tmp_path / "ptr" / "runs" / "r1" / ".gitignore").read_text() == "/student\n"
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and (tmp_path / "ptr" / "runs" / "r1" / "student.dvc").read_text() == (
-        (tmp_path / "ptr" / "runs" / "r1" / "student.dvc").read_text())
+        (tmp_path / "ptr" / "runs" / "r1" / "student.dvc").read_text()
+    )
     bad = CliRunner().invoke(app, [*args[:3], "--output", "no-equals-sign", *args[5:]])
     assert bad.exit_code == 2 and "expected NAME=FOLDER" in bad.output

@@ -64,8 +64,9 @@ def test_deterministic(prepared, tiny_params, tmp_path):
     assert a["source_checksum"] == b["source_checksum"]
     for split in SPLITS:
         for name in ("images", "labels", "depth"):
-            np.testing.assert_array_equal(np.load(prepared / split / f"{name}.npy"),
-                                          np.load(again / split / f"{name}.npy"))
+            np.testing.assert_array_equal(
+                np.load(prepared / split / f"{name}.npy"), np.load(again / split / f"{name}.npy")
+            )
 
 
 def test_dataset_normalisation_is_measured_when_asked(tmp_path):
@@ -89,15 +90,20 @@ class CraftedSource:
         self.n, self.broken, self.nan_in, self.size = n, broken, nan_in, size
 
     def list(self):
-        return [SampleRef(f"c{i:03d}", "test" if i % 4 == 0 else "train", (f"/data/c{i:03d}.png",))
-                for i in range(self.n)]
+        return [
+            SampleRef(f"c{i:03d}", "test" if i % 4 == 0 else "train", (f"/data/c{i:03d}.png",)) for i in range(self.n)
+        ]
 
     def load(self, ref):
         i = int(ref.sample_id[1:])
         h, w = self.size
         rng = np.random.default_rng(i)
-        s = Sample(ref.sample_id, rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
-                   rng.integers(0, 7, (h, w)).astype(np.uint8), rng.uniform(1, 50, (h, w)).astype(np.float32))
+        s = Sample(
+            ref.sample_id,
+            rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+            rng.integers(0, 7, (h, w)).astype(np.uint8),
+            rng.uniform(1, 50, (h, w)).astype(np.float32),
+        )
         if self.nan_in is not None and i in self.nan_in:
             s.depth[:2, :3] = np.nan
         if self.broken is not None and i == self.broken:
@@ -190,9 +196,20 @@ def test_sigkill_mid_run_keeps_previous_output_and_next_run_recovers(prepared, t
     shutil.copytree(prepared, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jointdistill", "prepare", "--params", str(REPO / "params.yaml"),
-         "--set", "prepare.num_samples=20000", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "jointdistill",
+            "prepare",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--set",
+            "prepare.num_samples=20000",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp-*/train/images.npy")) and time.time() < deadline:

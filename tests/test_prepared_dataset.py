@@ -44,8 +44,11 @@ def test_crop_and_flip_are_joint():
         assert im.shape == (3, 24, 40) and lb.shape == (24, 40) and d.shape == (1, 24, 40)
         torch.testing.assert_close(im[0], lb.float() * 10)
         torch.testing.assert_close(d[0], lb.float() + 1)
-        flips += int(not torch.equal(im, t.__class__(crop=(24, 40), hflip=False)(
-            image, label, depth, torch.Generator().manual_seed(seed))[0]))
+        flips += int(
+            not torch.equal(
+                im, t.__class__(crop=(24, 40), hflip=False)(image, label, depth, torch.Generator().manual_seed(seed))[0]
+            )
+        )
     assert 3 < flips < 17
 
 

@@ -16,10 +16,10 @@ from .conftest import REPO, TINY
 
 def _scene(h=64, w=128):
     depth = np.full((h, w), 40.0, np.float32)
-    depth[:, w // 2:] = 10.0  # a near object on the right half: one vertical discontinuity
+    depth[:, w // 2 :] = 10.0  # a near object on the right half: one vertical discontinuity
     depth[:8] = 0.0  # sky: invalid
     label = np.zeros((h, w), np.uint8)
-    label[:, w // 2:] = 6
+    label[:, w // 2 :] = 6
     label[:8] = 4
     label[-2:] = 255
     return depth, label

@@ -25,10 +25,13 @@ from jointdistill.infer import StudentSession
 
 from .conftest import NO_TORCH, make_bucket
 
-NO_TORCH_SERVE = NO_TORCH + """
+NO_TORCH_SERVE = (
+    NO_TORCH
+    + """
 from jointdistill.cli import app
 app(prog_name='jointdistill')
 """
+)
 LIMIT_MB = 1.0
 
 
@@ -45,8 +48,11 @@ def start_server(model, *extra, timeout: float = 90.0):
     port = _free_port()
     # A file, not a pipe: nobody reads a pipe while tests run, and a full one would block the server's logging.
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_SERVE, "serve", str(model), "--port", str(port),
-                             "--threads", "1", *extra], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NO_TORCH_SERVE, "serve", str(model), "--port", str(port), "--threads", "1", *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -138,10 +144,14 @@ def test_health_and_metadata(server, model):
         meta = json.loads(r.read())
     session = StudentSession(model, "cpu")
     assert meta["name"] == "student" and meta["platform"] == "onnxruntime"
-    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, -1, -1]},
-                              {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}]
-    assert meta["outputs"] == [{"name": "segmentation", "datatype": "INT32", "shape": [-1, -1, -1]},
-                               {"name": "depth", "datatype": "FP32", "shape": [-1, -1, -1]}]
+    assert meta["inputs"] == [
+        {"name": "image", "datatype": "FP32", "shape": [-1, 3, -1, -1]},
+        {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]},
+    ]
+    assert meta["outputs"] == [
+        {"name": "segmentation", "datatype": "INT32", "shape": [-1, -1, -1]},
+        {"name": "depth", "datatype": "FP32", "shape": [-1, -1, -1]},
+    ]
     p = meta["parameters"]
     assert p["classes"] == session.classes and p["palette"] == session.meta["palette"]
     assert p["depth_unit"] == "m" and p["input_size"] == list(session.input_size)
@@ -191,27 +201,43 @@ def _bad(server, inputs: list[dict], raw: bytes | None = None) -> tuple[int, str
 
 def _tensor_input(shape, datatype="FP32", name="image", data=None):
     size = int(np.prod(shape)) if shape else 0
-    return {"name": name, "datatype": datatype, "shape": list(shape),
-            "data": data if data is not None else [0.0] * size}
+    return {
+        "name": name,
+        "datatype": datatype,
+        "shape": list(shape),
+        "data": data if data is not None else [0.0] * size,
+    }
 
 
 BAD = {
-    "wrong dtype": ([_tensor_input([1, 3, 48, 96], "INT64", data=[0] * (3 * 48 * 96))],
-                    "datatype INT64, expected FP32"),
+    "wrong dtype": (
+        [_tensor_input([1, 3, 48, 96], "INT64", data=[0] * (3 * 48 * 96))],
+        "datatype INT64, expected FP32",
+    ),
     "wrong rank": ([_tensor_input([3, 48, 96])], "rank 3, expected 4"),
     "channels": ([_tensor_input([1, 4, 48, 96])], "4 channels, expected 3"),
     "size the model cannot take": ([_tensor_input([1, 3, 50, 100])], "H×W 50×100 not accepted"),
     "empty tensor batch": ([_tensor_input([0, 3, 48, 96])], "empty batch"),
     "data does not fit the shape": ([_tensor_input([1, 3, 48, 96], data=[0.0] * 10)], "does not match shape"),
     "NaN": ([_tensor_input([1, 3, 8, 8], data=[float("nan")] + [0.0] * 191)], "NaN"),
-    "undecodable bytes": ([{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
-                            "data": [base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()]}],
-                          "[0]: not a decodable image"),
+    "undecodable bytes": (
+        [
+            {
+                "name": "image_bytes",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()],
+            }
+        ],
+        "[0]: not a decodable image",
+    ),
     "not base64": ([{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}], "not base64"),
     "empty image batch": ([{"name": "image_bytes", "datatype": "BYTES", "shape": [0], "data": []}], "empty batch"),
     "unknown input name": ([_tensor_input([1, 3, 48, 96], name="pixels")], "unknown input 'pixels'"),
-    "two inputs": ([_tensor_input([1, 3, 48, 96]), {"name": "image_bytes", "datatype": "BYTES", "shape": [1],
-                                                   "data": ["aGk="]}], "exactly one input"),
+    "two inputs": (
+        [_tensor_input([1, 3, 48, 96]), {"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}],
+        "exactly one input",
+    ),
 }
 
 
@@ -233,14 +259,22 @@ def test_bad_binary_requests(server, model):
     json_length = int(headers[serve.HEADER_LENGTH])
     cases = {
         "the tensor is cut short": (good[:-100], headers, "runs past the body"),
-        "the shape does not match the data": (good.replace(b"[1, 3, 48, 96]", b"[1, 3, 48, 88]", 1), headers,
-                                              "data does not match shape"),
-        "the header length is past the body": (good, {**headers, serve.HEADER_LENGTH: str(len(good) + 1)},
-                                               "does not fit a body"),
+        "the shape does not match the data": (
+            good.replace(b"[1, 3, 48, 96]", b"[1, 3, 48, 88]", 1),
+            headers,
+            "data does not match shape",
+        ),
+        "the header length is past the body": (
+            good,
+            {**headers, serve.HEADER_LENGTH: str(len(good) + 1)},
+            "does not fit a body",
+        ),
         "the header is not JSON": (b"x" * json_length + good[json_length:], headers, "is not JSON"),
         "binary_data_size runs past the body": (
-            good.replace(b'"binary_data_size": ', b'"binary_data_size": 9'), {**headers, serve.HEADER_LENGTH: str(
-                json_length + 1)}, "runs past the body"),
+            good.replace(b'"binary_data_size": ', b'"binary_data_size": 9'),
+            {**headers, serve.HEADER_LENGTH: str(json_length + 1)},
+            "runs past the body",
+        ),
     }
     for case, (body, hdrs, expected) in cases.items():
         status, text, _ = post(server, body, hdrs)
@@ -270,8 +304,7 @@ def test_tritonclient_in_both_modes_with_compression(server, model, binary, comp
     inp = triton.InferInput("image", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
     result = client.infer("student", [inp], request_compression_algorithm=compression)
-    _same({n: result.as_numpy(n) for n in ("segmentation", "depth")}, seg.argmax(axis=1).astype(np.int32),
-          depth[:, 0])
+    _same({n: result.as_numpy(n) for n in ("segmentation", "depth")}, seg.argmax(axis=1).astype(np.int32), depth[:, 0])
     client.close()
 
 
@@ -291,8 +324,12 @@ def test_tritonclient_output_selection(server, model):
 
     assert got([triton.InferRequestedOutput("depth", binary_data=True)]) == {"depth": True}
     assert got([triton.InferRequestedOutput("depth", binary_data=False)]) == {"depth": False}
-    assert got([triton.InferRequestedOutput("segmentation", binary_data=False),
-                triton.InferRequestedOutput("depth", binary_data=True)]) == {"segmentation": False, "depth": True}
+    assert got(
+        [
+            triton.InferRequestedOutput("segmentation", binary_data=False),
+            triton.InferRequestedOutput("depth", binary_data=True),
+        ]
+    ) == {"segmentation": False, "depth": True}
     assert got(None) == {"segmentation": True, "depth": True}  # tritonclient asks for binary_data_output
     with pytest.raises(triton.InferenceServerException, match="unknown output 'logits'"):
         got([triton.InferRequestedOutput("logits")])
@@ -337,7 +374,7 @@ def test_a_chunked_payload_over_the_limit_gets_400(server, model):
 
     body, headers = serve.encode_request(tensor=np.zeros((3, 3, 256, 512), np.float32), binary=True)
     conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
-    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
     conn.request("POST", "/v2/models/student/infer", body=chunks, headers=headers, encode_chunked=True)
     r = conn.getresponse()
     assert r.status == 400 and b"over the server's limit" in r.read()
@@ -365,17 +402,27 @@ def test_refuses_to_start_on_a_file_that_is_not_a_student(tiny_export, tmp_path)
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     other = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(other))
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not onnx at all")
-    for path, expected in ((other, "not a jointdistill export"), (garbage, "not a loadable ONNX model"),
-                           (tmp_path / "missing.onnx", "no such model file")):
-        r = subprocess.run([sys.executable, "-c", NO_TORCH_SERVE, "serve", str(path), "--port", str(_free_port())],
-                           capture_output=True, text=True, timeout=60)
+    for path, expected in (
+        (other, "not a jointdistill export"),
+        (garbage, "not a loadable ONNX model"),
+        (tmp_path / "missing.onnx", "no such model file"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-c", NO_TORCH_SERVE, "serve", str(path), "--port", str(_free_port())],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.strip().splitlines()[-1].startswith("error: ") and expected in r.stderr
 
@@ -384,7 +431,8 @@ def test_serves_a_published_model_from_gcs(gcs_emulator, tiny_export, tmp_path):
     root, _ = tiny_export
     make_bucket("served-models")
     manifest = __import__("jointdistill.storage", fromlist=["publish"]).publish(
-        root / "export", "gs://served-models/student", "v1")
+        root / "export", "gs://served-models/student", "v1"
+    )
     assert manifest["url"] == "gs://served-models/student/v1/"
     path = serve.resolve_model("gs://served-models/student/v1", tmp_path / "cache")
     assert path.read_bytes() == (root / "export" / "student.onnx").read_bytes()
@@ -397,8 +445,9 @@ IMAGE = "europe-docker.pkg.dev/proj/ml/jointdistill:0.1.0"
 
 
 def test_predictor_inference_service_field_by_field():
-    isvc = deploy.predictor_service(STORAGE, IMAGE, "road-scenes", "team-a", gpu=True, cpu="4", memory="8Gi",
-                                    service_account="kserve-gcs")
+    isvc = deploy.predictor_service(
+        STORAGE, IMAGE, "road-scenes", "team-a", gpu=True, cpu="4", memory="8Gi", service_account="kserve-gcs"
+    )
     d = deploy.to_dict(isvc)
     assert (d["apiVersion"], d["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     assert d["metadata"]["name"] == "road-scenes" and d["metadata"]["namespace"] == "team-a"
@@ -406,8 +455,16 @@ def test_predictor_inference_service_field_by_field():
     assert pred["serviceAccountName"] == "kserve-gcs" and pred["minReplicas"] == 1
     (c,) = pred["containers"]
     assert c["name"] == "kserve-container" and c["image"] == IMAGE
-    assert c["args"] == ["serve", "/mnt/models/student.onnx", "--host", "0.0.0.0", "--port", "8080",
-                         "--name", "road-scenes"]
+    assert c["args"] == [
+        "serve",
+        "/mnt/models/student.onnx",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--name",
+        "road-scenes",
+    ]
     assert c["env"] == [{"name": "STORAGE_URI", "value": STORAGE}]
     assert c["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
     assert c["resources"]["limits"] == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}
@@ -433,8 +490,21 @@ def test_triton_inference_service_field_by_field():
 
 
 def test_manifest_command_writes_both_services(tmp_path):
-    r = CliRunner().invoke(app, ["serve", "manifest", "--storage-uri", STORAGE, "--image", IMAGE,
-                                 "--name", "road-scenes", "--out", str(tmp_path)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "manifest",
+            "--storage-uri",
+            STORAGE,
+            "--image",
+            IMAGE,
+            "--name",
+            "road-scenes",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 0, r.output
     ours = yaml.safe_load((tmp_path / "road-scenes.yaml").read_text())
     triton = yaml.safe_load((tmp_path / "road-scenes-triton.yaml").read_text())

@@ -18,9 +18,18 @@ from .conftest import REPO
 
 
 def params(dataset, root, *extra):
-    return load_params(REPO / "params.yaml", [f"prepare.dataset={dataset}", f"prepare.root={root}",
-                                              "prepare.labelled_fraction=1.0", "prepare.height=16", "prepare.width=24",
-                                              "prepare.gallery_images=0", *extra])
+    return load_params(
+        REPO / "params.yaml",
+        [
+            f"prepare.dataset={dataset}",
+            f"prepare.root={root}",
+            "prepare.labelled_fraction=1.0",
+            "prepare.height=16",
+            "prepare.width=24",
+            "prepare.gallery_images=0",
+            *extra,
+        ],
+    )
 
 
 def _scene(i, h=16, w=24):
@@ -35,8 +44,9 @@ def _scene(i, h=16, w=24):
 
 def make_folder(root, n_train=8, n_test=3, npy_depth_for=()):
     root.mkdir(exist_ok=True)
-    (root / "classes.yaml").write_text(yaml.safe_dump(
-        {"classes": ["road", {"name": "car", "color": [0, 0, 142]}, "sky"], "ignore_index": 255}))
+    (root / "classes.yaml").write_text(
+        yaml.safe_dump({"classes": ["road", {"name": "car", "color": [0, 0, 142]}, "sky"], "ignore_index": 255})
+    )
     truth = {}
     for split, n in (("train", n_train), ("test", n_test)):
         if not n:
@@ -64,8 +74,12 @@ def _prepared_by_id(out, meta):
     for split in ("train", "val", "test"):
         arrays = open_split(out, split, meta)
         for row in manifest[manifest["split"] == split].itertuples():
-            found[row.sample_id] = (split, arrays["images"][row.index], arrays["labels"][row.index],
-                                    arrays["depth"][row.index])
+            found[row.sample_id] = (
+                split,
+                arrays["images"][row.index],
+                arrays["labels"][row.index],
+                arrays["depth"][row.index],
+            )
     return found
 
 
@@ -197,15 +211,23 @@ def make_cityscapes(root, n_train=5, n_val=2, h=16, w=24):
             ids = rng.integers(0, 34, (h, w)).astype(np.uint8)
             disparity = rng.integers(0, 30000, (h, w)).astype(np.uint16)
             disparity[0, :4] = [0, 1, 2, 257]  # invalid, invalid, tiny, exactly 1 px of disparity
-            for sub, name, data in (("leftImg8bit", "leftImg8bit.png", image), ("gtFine", "gtFine_labelIds.png", ids),
-                                    ("disparity", "disparity.png", disparity)):
+            for sub, name, data in (
+                ("leftImg8bit", "leftImg8bit.png", image),
+                ("gtFine", "gtFine_labelIds.png", ids),
+                ("disparity", "disparity.png", disparity),
+            ):
                 folder = root / sub / split / city
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(data).save(folder / f"{stem}_{name}")
             (root / "camera" / split / city).mkdir(parents=True, exist_ok=True)
-            (root / "camera" / split / city / f"{stem}_camera.json").write_text(json.dumps(
-                {"extrinsic": {"baseline": BASELINE, "pitch": 0.038, "x": 1.7, "y": 0.1, "z": 1.18},
-                 "intrinsic": {"fx": FX, "fy": 2225.5, "u0": 1096.98, "v0": 513.137}}))
+            (root / "camera" / split / city / f"{stem}_camera.json").write_text(
+                json.dumps(
+                    {
+                        "extrinsic": {"baseline": BASELINE, "pitch": 0.038, "x": 1.7, "y": 0.1, "z": 1.18},
+                        "intrinsic": {"fx": FX, "fy": 2225.5, "u0": 1096.98, "v0": 513.137},
+                    }
+                )
+            )
             truth[f"cityscapes/{split}/{stem}"] = (image, ids, disparity)
     return truth
 

@@ -50,12 +50,14 @@ def test_the_emulator_enforces_generation_preconditions(bucket):
 def test_publish_then_fetch_round_trip(export_dir, bucket, tmp_path):
     r = CliRunner().invoke(app, ["publish", f"gs://{bucket.name}/student", "--export", str(export_dir), "--no-triton"])
     assert r.exit_code == 0, r.output
-    version = "0123456789abcdef-" + __import__("hashlib").sha256(
-        (export_dir / "student.onnx").read_bytes()).hexdigest()[:8]
+    version = (
+        "0123456789abcdef-" + __import__("hashlib").sha256((export_dir / "student.onnx").read_bytes()).hexdigest()[:8]
+    )
     assert f"published 4 files → gs://{bucket.name}/student/{version}/" in r.output
     names = sorted(b.name for b in bucket.list_blobs(prefix=f"student/{version}/"))
-    assert names == sorted(f"student/{version}/{n}" for n in
-                           ("student.onnx", "parity.json", "MODEL_CARD.md", "report.json", MANIFEST))
+    assert names == sorted(
+        f"student/{version}/{n}" for n in ("student.onnx", "parity.json", "MODEL_CARD.md", "report.json", MANIFEST)
+    )
     out = tmp_path / "fetched"
     r = CliRunner().invoke(app, ["fetch-model", f"gs://{bucket.name}/student/{version}", "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -42,8 +42,7 @@ def test_outputs(trained):
         metrics = json.loads((out / "report.json").read_text())
         assert metrics == json.loads(json.dumps(records.split(reports[task])[0]))
         curated = json.loads((out / "metrics.json").read_text())
-        assert set(curated) == {*(("miou", "pixacc") if task == "seg" else ("abs_err", "rel_err", "delta1")),
-                                "seconds"}
+        assert set(curated) == {*(("miou", "pixacc") if task == "seg" else ("abs_err", "rel_err", "delta1")), "seconds"}
         assert json.loads((out / "run.json").read_text())["machine"]["cores"] >= 1
         assert metrics["monitor"] == key and 1 <= metrics["best_epoch"] <= 3
         assert {"val", "test", "baseline"} <= set(metrics)
@@ -63,13 +62,22 @@ def test_teachers_beat_trivial_baselines(trained):
 
 
 def cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "jointdistill", *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jointdistill", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def sets(*extra):
-    return [a for s in [*FAST, "teacher.epochs=4", "teacher.batch_size=2", "teacher.checkpoint_every=2", *extra]
-            for a in ("--set", s)]
+    return [
+        a
+        for s in [*FAST, "teacher.epochs=4", "teacher.batch_size=2", "teacher.checkpoint_every=2", *extra]
+        for a in ("--set", s)
+    ]
 
 
 @pytest.mark.slow
@@ -107,17 +115,37 @@ def test_resume_after_sigkill_reaches_the_same_weights(prepared, tmp_path):
     hist_ref = torch.load(tmp_path / "ref-ckpt" / "last.pt", weights_only=True)["run"]["history"]
     hist_run = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["run"]["history"]
     for a, b in zip(hist_ref, hist_run, strict=True):
-        assert {k: v for k, v in a.items() if "per_second" not in k} == \
-            pytest.approx({k: v for k, v in b.items() if "per_second" not in k})
+        assert {k: v for k, v in a.items() if "per_second" not in k} == pytest.approx(
+            {k: v for k, v in b.items() if "per_second" not in k}
+        )
 
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(prepared, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jointdistill",
-         "train-teacher", "--task", "depth", "--data", str(prepared), "--out", str(out), *sets("teacher.epochs=2")],
-        env=ENV, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "jointdistill",
+            "train-teacher",
+            "--task",
+            "depth",
+            "--data",
+            str(prepared),
+            "--out",
+            str(out),
+            *sets("teacher.epochs=2"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -129,12 +157,14 @@ def test_ddp_two_gloo_processes(prepared, tmp_path):
 def test_checkpoint_of_other_params_is_not_resumed(prepared, tmp_path, caplog):
     ckpt = tmp_path / "ckpt"
     teacher.run(params("teacher.epochs=1"), "seg", prepared, tmp_path / "a", ckpt)
-    report = teacher.run(params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "b", ckpt,
-                         resume=True)
+    report = teacher.run(
+        params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "b", ckpt, resume=True
+    )
     assert report["resumed_from_step"] is None
     assert "made with other params, data or code; starting afresh" in caplog.text
-    again = teacher.run(params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "c", ckpt,
-                        resume=True)
+    again = teacher.run(
+        params("teacher.epochs=1", "teacher.lr=0.01"), "seg", prepared, tmp_path / "c", ckpt, resume=True
+    )
     assert again["resumed_from_step"] is not None  # same params: the finished run is picked up, not redone
 
 
@@ -156,14 +186,25 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 
 def test_cli_bad_params_and_help():
-    r = subprocess.run([sys.executable, "-m", "jointdistill", "train-teacher", "--task", "seg", "--set",
-                        "teacher.seg.lr=-1"], env=ENV, capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "jointdistill", "train-teacher", "--task", "seg", "--set", "teacher.seg.lr=-1"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "teacher.seg.lr: Input should be greater than 0" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jointdistill", "train-teacher", "--task", "seg", "--set",
-                        "teacher.backbone=vgg"], env=ENV, capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "jointdistill", "train-teacher", "--task", "seg", "--set", "teacher.backbone=vgg"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "teacher.backbone: Input should be 'tiny'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jointdistill", "train-teacher", "--help"], env=ENV,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "jointdistill", "train-teacher", "--help"], env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 0
     for word in ("--task", "--data", "--out", "--checkpoints", "--resume", "teacher.epochs", "torchrun"):
         assert word in r.stdout, word

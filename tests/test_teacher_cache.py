@@ -20,8 +20,7 @@ from .test_distill import params
 
 
 def _smooth_image(h, w):
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     return torch.stack([yy / h, xx / w, torch.sin(xx / 40) * torch.cos(yy / 30)])
 
 
@@ -30,9 +29,16 @@ def _pool(x, stride=8):
     return F.avg_pool2d(x[None], stride, ceil_mode=True)[0]
 
 
-@pytest.mark.parametrize("draw", [Draw(64, 128, 1.0, 64, 128, 0, 0, False), Draw(64, 128, 1.0, 64, 128, 0, 0, True),
-                                  Draw(64, 128, 1.5, 96, 192, 16, 40, False), Draw(64, 128, 1.25, 80, 160, 8, 24, True),
-                                  Draw(64, 128, 0.75, 48, 96, 0, 0, True)])
+@pytest.mark.parametrize(
+    "draw",
+    [
+        Draw(64, 128, 1.0, 64, 128, 0, 0, False),
+        Draw(64, 128, 1.0, 64, 128, 0, 0, True),
+        Draw(64, 128, 1.5, 96, 192, 16, 40, False),
+        Draw(64, 128, 1.25, 80, 160, 8, 24, True),
+        Draw(64, 128, 0.75, 48, 96, 0, 0, True),
+    ],
+)
 def test_warped_cached_maps_match_the_encoder_on_the_augmented_crop(draw):
     t = JointTransform(crop=(64, 128), scale=(0.75, 1.5))
     image = _smooth_image(64, 128)
@@ -52,7 +58,7 @@ def test_warped_cached_maps_match_the_encoder_on_the_augmented_crop(draw):
     assert err < 0.02, err
     if draw.s < 1:  # beyond the scaled image the crop is padding: the warped map is zero there
         assert valid[1] + 1 < warped.shape[-1] and valid[0] + 1 < warped.shape[-2]
-        assert warped[:, :, valid[1] + 1:].abs().max() == 0 and warped[:, valid[0] + 1:].abs().max() == 0
+        assert warped[:, :, valid[1] + 1 :].abs().max() == 0 and warped[:, valid[0] + 1 :].abs().max() == 0
 
 
 def test_draw_apply_is_the_old_single_call():
@@ -83,12 +89,12 @@ def test_cache_holds_the_teachers_features_and_is_reused(tmp_path, prepared, tea
         for i in (0, len(train) - 1):
             x = train[i]["image"][None]
             ref = torch.cat([m.encode(x) for m in models], 1)[0]
-            torch.testing.assert_close(torch.from_numpy(np.array(cache["train"][i])).float(), ref,
-                                       rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(torch.from_numpy(np.array(cache["train"][i])).float(), ref, rtol=2e-3, atol=2e-3)
             # the teachers' own predictions at full size: seg logits, then depth
             pred = torch.cat([models[0](x)["seg"], models[1](x)["depth"]], 1)[0]
-            torch.testing.assert_close(torch.from_numpy(np.array(cache["train_targets"][i])).float(), pred,
-                                       rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(
+                torch.from_numpy(np.array(cache["train_targets"][i])).float(), pred, rtol=2e-3, atol=2e-3
+            )
     assert cache["meta"]["channels"] == [m.feature_channels for m in models]
 
     calls = []

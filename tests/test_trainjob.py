@@ -24,8 +24,12 @@ from .k8s_api import FakeTrainerApi
 
 IMAGE = "europe-docker.pkg.dev/proj/ml/jointdistill:0.1.0"
 ROOT = "gs://runs/pipeline-root/jointdistill/run-1"
-GPU = ["pipeline.trainjob.enabled=true", "pipeline.trainjob.num_nodes=2", "pipeline.trainjob.gpus_per_node=4",
-       "pipeline.trainjob.namespace=team-a"]
+GPU = [
+    "pipeline.trainjob.enabled=true",
+    "pipeline.trainjob.num_nodes=2",
+    "pipeline.trainjob.gpus_per_node=4",
+    "pipeline.trainjob.namespace=team-a",
+]
 
 
 def _params(*overrides):
@@ -33,8 +37,15 @@ def _params(*overrides):
 
 
 def _teacher_request(p, task="seg"):
-    return trainjob.request(p, "teacher", IMAGE, f"{ROOT}/teacher.params.json", f"{ROOT}/prepare/prepared",
-                            f"{ROOT}/train-teacher/teacher", task=task)
+    return trainjob.request(
+        p,
+        "teacher",
+        IMAGE,
+        f"{ROOT}/teacher.params.json",
+        f"{ROOT}/prepare/prepared",
+        f"{ROOT}/train-teacher/teacher",
+        task=task,
+    )
 
 
 def test_teacher_job_spec_from_the_sdk_models():
@@ -46,8 +57,10 @@ def test_teacher_job_spec_from_the_sdk_models():
     name = m["metadata"]["name"]
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
     assert m["metadata"]["namespace"] == "team-a"
-    assert m["metadata"]["labels"] == {"app.kubernetes.io/part-of": "jointdistill",
-                                       "jointdistill.io/stage": "teacher-seg"}
+    assert m["metadata"]["labels"] == {
+        "app.kubernetes.io/part-of": "jointdistill",
+        "jointdistill.io/stage": "teacher-seg",
+    }
     spec = m["spec"]
     assert spec["runtimeRef"] == {"name": "torch-distributed", "kind": "ClusterTrainingRuntime"}
     t = spec["trainer"]
@@ -55,9 +68,20 @@ def test_teacher_job_spec_from_the_sdk_models():
     assert t["resourcesPerNode"]["limits"] == {"cpu": "8", "memory": "32G", "nvidia.com/gpu": "4"}
     assert t["resourcesPerNode"]["requests"] == t["resourcesPerNode"]["limits"]
     assert t["command"] == ["torchrun"]
-    assert t["args"] == ["--nproc_per_node=4", "-m", "jointdistill", "train-teacher", "--task", "seg",
-                         "--params", f"{ROOT}/teacher.params.json", "--data", f"{ROOT}/prepare/prepared",
-                         "--out", f"{ROOT}/train-teacher/teacher.trainjob"]
+    assert t["args"] == [
+        "--nproc_per_node=4",
+        "-m",
+        "jointdistill",
+        "train-teacher",
+        "--task",
+        "seg",
+        "--params",
+        f"{ROOT}/teacher.params.json",
+        "--data",
+        f"{ROOT}/prepare/prepared",
+        "--out",
+        f"{ROOT}/train-teacher/teacher.trainjob",
+    ]
     env = {e["name"]: e["value"] for e in t["env"]}
     assert env["DVC_NO_ANALYTICS"] == "1" and "OMP_NUM_THREADS" not in env  # GPUs: torchrun's default
     assert spec["activeDeadlineSeconds"] == 86400
@@ -73,12 +97,24 @@ def test_cpu_job_and_distill_job():
     assert t["args"][0] == "--nproc_per_node=2"
     assert {e["name"]: e["value"] for e in t["env"]}["OMP_NUM_THREADS"] == "4"
     seg, depth = f"{ROOT}/t-seg/teacher", f"{ROOT}/t-depth/teacher"
-    d = trainjob.request(p, "distill", IMAGE, "gs://b/p.json", "gs://b/prepared", f"{ROOT}/distill/student",
-                         teacher_urls=(seg, depth))
-    assert d.args[3:] == ["distill", "--params", "gs://b/p.json", "--data", "gs://b/prepared",
-                          "--teachers", seg, depth, "--out", f"{ROOT}/distill/student.trainjob"]
-    mtl = trainjob.request(_params("distill.mode=mtl"), "distill", IMAGE, "gs://b/p.json", "gs://b/prepared",
-                           f"{ROOT}/distill/student")
+    d = trainjob.request(
+        p, "distill", IMAGE, "gs://b/p.json", "gs://b/prepared", f"{ROOT}/distill/student", teacher_urls=(seg, depth)
+    )
+    assert d.args[3:] == [
+        "distill",
+        "--params",
+        "gs://b/p.json",
+        "--data",
+        "gs://b/prepared",
+        "--teachers",
+        seg,
+        depth,
+        "--out",
+        f"{ROOT}/distill/student.trainjob",
+    ]
+    mtl = trainjob.request(
+        _params("distill.mode=mtl"), "distill", IMAGE, "gs://b/p.json", "gs://b/prepared", f"{ROOT}/distill/student"
+    )
     assert "--teachers" not in mtl.args
     with pytest.raises(ConfigError, match="gs:// pipeline root"):
         trainjob.request(p, "teacher", IMAGE, "gs://b/p", "gs://b/d", "/tmp/local/teacher", task="seg")
@@ -120,10 +156,16 @@ def _run_like_a_trainer_node(job: dict, tmp) -> bool:
     """Run a TrainJob's node-0 container here, as the torch runtime would: its command and args with the PET_*
     variables of a one-node job, the job's env, and the GCS emulator."""
     t = job["spec"]["trainer"]
-    env = {**os.environ, **{e["name"]: e["value"] for e in t.get("env", [])},
-           "PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "127.0.0.1",
-           "PET_MASTER_PORT": str(_free_port()),
-           "JOINTDISTILL_STAGE_DIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        **{e["name"]: e["value"] for e in t.get("env", [])},
+        "PET_NNODES": "1",
+        "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(_free_port()),
+        "JOINTDISTILL_STAGE_DIR": str(tmp),
+        "OMP_NUM_THREADS": "1",
+    }
     cmd = [os.path.join(os.path.dirname(sys.executable), t["command"][0]), *t["args"]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     (tmp / "node-0.log").write_text(proc.stdout + proc.stderr)
@@ -137,17 +179,36 @@ def test_teacher_step_runs_as_a_two_process_job_through_gcs(gcs_emulator, prepar
     artifact folder."""
     make_bucket("runs")
     storage.upload_tree(prepared, f"{ROOT}/prepare/prepared")
-    p = _params("pipeline.trainjob.enabled=true", "pipeline.trainjob.procs_per_node=2",
-                "pipeline.trainjob.poll_interval=1", "pipeline.trainjob.namespace=team-a",
-                "teacher.epochs=1", "teacher.batch_size=4")
+    p = _params(
+        "pipeline.trainjob.enabled=true",
+        "pipeline.trainjob.procs_per_node=2",
+        "pipeline.trainjob.poll_interval=1",
+        "pipeline.trainjob.namespace=team-a",
+        "teacher.epochs=1",
+        "teacher.batch_size=4",
+    )
     artifact = tmp_path / "artifact" / "teacher"
     with FakeTrainerApi(namespace="team-a", executor=lambda job: _run_like_a_trainer_node(job, tmp_path)) as api:
-        report = trainjob.run_step(p, "teacher", IMAGE, {"data": f"{ROOT}/prepare/prepared"},
-                                   f"{ROOT}/train-teacher/teacher", str(artifact), task="seg", client=api.client())
+        report = trainjob.run_step(
+            p,
+            "teacher",
+            IMAGE,
+            {"data": f"{ROOT}/prepare/prepared"},
+            f"{ROOT}/train-teacher/teacher",
+            str(artifact),
+            task="seg",
+            client=api.client(),
+        )
     log = (tmp_path / "node-0.log").read_text()
     assert report["task"] == "seg" and report["monitor"] == "miou", log
-    assert {p.name for p in artifact.iterdir()} == {"dvclive", "lineage.json", "report.json", "metrics.json",
-                                                    "run.json", "model.pt"}
+    assert {p.name for p in artifact.iterdir()} == {
+        "dvclive",
+        "lineage.json",
+        "report.json",
+        "metrics.json",
+        "run.json",
+        "model.pt",
+    }
     assert json.loads((artifact / "report.json").read_text()) == report
     assert report["world_size"] == 2  # torchrun really started the two processes the job asks for
     # The params the job read are the step's (uploaded beside the output), not the image's params.yaml.
@@ -158,13 +219,21 @@ def test_teacher_step_runs_as_a_two_process_job_through_gcs(gcs_emulator, prepar
 
 def test_a_job_that_completes_without_its_output_fails_the_step(gcs_emulator, tmp_path):
     make_bucket("runs")
-    p = _params("pipeline.trainjob.enabled=true", "pipeline.trainjob.poll_interval=1",
-                "pipeline.trainjob.namespace=team-a")
+    p = _params(
+        "pipeline.trainjob.enabled=true", "pipeline.trainjob.poll_interval=1", "pipeline.trainjob.namespace=team-a"
+    )
     with FakeTrainerApi(namespace="team-a", executor=lambda job: True) as api:  # "succeeds", uploads nothing
         with pytest.raises(OutputError, match=r"completed but .*teacher-x.trainjob is incomplete"):
-            trainjob.run_step(p, "teacher", IMAGE, {"data": f"{ROOT}/prepare/prepared"},
-                              f"{ROOT}/train-teacher/teacher-x", str(tmp_path / "artifact"), task="seg",
-                              client=api.client())
+            trainjob.run_step(
+                p,
+                "teacher",
+                IMAGE,
+                {"data": f"{ROOT}/prepare/prepared"},
+                f"{ROOT}/train-teacher/teacher-x",
+                str(tmp_path / "artifact"),
+                task="seg",
+                client=api.client(),
+            )
     assert not (tmp_path / "artifact").exists()
 
 
@@ -199,16 +268,35 @@ def test_cli_training_commands_take_gs_urls(gcs_emulator, prepared, tmp_path):
     make_bucket("cli-staging")
     storage.upload_tree(prepared, "gs://cli-staging/prepared")
     env = {**os.environ, "JOINTDISTILL_STAGE_DIR": str(tmp_path / "stage")}
-    base = [sys.executable, "-m", "jointdistill", "train-teacher", "--task", "depth", "--params",
-            str(REPO / "params.yaml"), *sum((["--set", s] for s in [*TINY, "teacher.epochs=1"]), [])]
-    ok = subprocess.run([*base, "--data", "gs://cli-staging/prepared", "--out", "gs://cli-staging/teacher-depth"],
-                        env=env, capture_output=True, text=True, timeout=300)
+    base = [
+        sys.executable,
+        "-m",
+        "jointdistill",
+        "train-teacher",
+        "--task",
+        "depth",
+        "--params",
+        str(REPO / "params.yaml"),
+        *sum((["--set", s] for s in [*TINY, "teacher.epochs=1"]), []),
+    ]
+    ok = subprocess.run(
+        [*base, "--data", "gs://cli-staging/prepared", "--out", "gs://cli-staging/teacher-depth"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     got = storage.download_tree("gs://cli-staging/teacher-depth", tmp_path / "teacher")
     assert (got / "model.pt").is_file() and json.loads((got / "report.json").read_text())["task"] == "depth"
     assert not any((tmp_path / "stage" / "jointdistill-stage").iterdir())  # local copies removed
-    bad = subprocess.run([*base, "--data", "gs://cli-staging/nothing-here", "--out", str(tmp_path / "out")],
-                         env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*base, "--data", "gs://cli-staging/nothing-here", "--out", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: gs://cli-staging/nothing")
     assert not (tmp_path / "out").exists()
 
@@ -242,13 +330,33 @@ def test_cli_prints_the_trainjob_of_a_step():
 
     from jointdistill.cli import app
 
-    r = CliRunner().invoke(app, ["pipeline", "trainjob", "distill", "--root", "gs://b/run/", "--image", IMAGE,
-                                 "--params", str(REPO / "params.yaml"), "--set", "pipeline.trainjob.num_nodes=3"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "pipeline",
+            "trainjob",
+            "distill",
+            "--root",
+            "gs://b/run/",
+            "--image",
+            IMAGE,
+            "--params",
+            str(REPO / "params.yaml"),
+            "--set",
+            "pipeline.trainjob.num_nodes=3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     job = models.TrainerV1alpha1TrainJob.from_dict(yaml.safe_load(r.output))
     assert job.spec.trainer.num_nodes == 3 and job.spec.trainer.image == IMAGE
-    assert job.spec.trainer.args[-5:] == ["--teachers", "gs://b/run/teacher-seg", "gs://b/run/teacher-depth",
-                                          "--out", "gs://b/run/distill.trainjob"]
-    bad = CliRunner().invoke(app, ["pipeline", "trainjob", "distill", "--root", "/local/run",
-                                   "--params", str(REPO / "params.yaml")])
+    assert job.spec.trainer.args[-5:] == [
+        "--teachers",
+        "gs://b/run/teacher-seg",
+        "gs://b/run/teacher-depth",
+        "--out",
+        "gs://b/run/distill.trainjob",
+    ]
+    bad = CliRunner().invoke(
+        app, ["pipeline", "trainjob", "distill", "--root", "/local/run", "--params", str(REPO / "params.yaml")]
+    )
     assert bad.exit_code == 2 and "gs:// pipeline root" in bad.output

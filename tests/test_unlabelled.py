@@ -19,8 +19,15 @@ from jointdistill.stages import distill, prepare
 
 from .conftest import REPO, TINY
 
-FAST = [*TINY, "distill.batch_size=4", "distill.epochs=2", "distill.probe_images=4", "distill.top_k=5",
-        "distill.traj_batch=2", "distill.trajectory_length=2"]
+FAST = [
+    *TINY,
+    "distill.batch_size=4",
+    "distill.epochs=2",
+    "distill.probe_images=4",
+    "distill.top_k=5",
+    "distill.traj_batch=2",
+    "distill.trajectory_length=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +46,9 @@ def test_the_unlabelled_split_is_the_rest_of_train_and_leaves_val_and_test_alone
     for split in ("val", "test"):
         assert c[split] == full["counts"][split]
         for name in ("images", "labels", "depth"):
-            np.testing.assert_array_equal(np.load(budget / split / f"{name}.npy"),
-                                          np.load(prepared / split / f"{name}.npy"))
+            np.testing.assert_array_equal(
+                np.load(budget / split / f"{name}.npy"), np.load(prepared / split / f"{name}.npy")
+            )
     assert sorted(p.name for p in (budget / UNLABELLED).iterdir()) == ["images.npy"]  # its labels are not kept
     manifest = pd.read_parquet(budget / "manifest.parquet")
     pool = manifest[manifest["split"] == UNLABELLED]
@@ -52,8 +60,10 @@ def test_the_unlabelled_split_is_the_rest_of_train_and_leaves_val_and_test_alone
     full_manifest = pd.read_parquet(prepared / "manifest.parquet")
     full_train = full_manifest[full_manifest["split"] == "train"].set_index("sample_id")["index"]
     images = np.load(prepared / "train" / "images.npy")
-    np.testing.assert_array_equal(np.load(budget / UNLABELLED / "images.npy"),
-                                  images[full_train[pool.sort_values("index")["sample_id"]].to_numpy()])
+    np.testing.assert_array_equal(
+        np.load(budget / UNLABELLED / "images.npy"),
+        images[full_train[pool.sort_values("index")["sample_id"]].to_numpy()],
+    )
 
 
 def test_a_damaged_unlabelled_split_is_one_clear_error(budget, tmp_path):
@@ -117,8 +127,9 @@ def test_a_pool_adds_its_own_items_to_every_step_and_keeps_the_labelled_part():
     mixed.set_epoch(0, skip_batches=4)  # resuming mid-epoch skips whole steps
     assert list(mixed) == order[4 * 5 :]
     # two processes: each takes its share of a step's labelled and pool items, together the single-process step
-    ranks = [EpochSampler(10, 2, seed=1, shuffle=True, rank=r, world=2, length=25, pool=7, pool_batch=3)
-             for r in (0, 1)]
+    ranks = [
+        EpochSampler(10, 2, seed=1, shuffle=True, rank=r, world=2, length=25, pool=7, pool_batch=3) for r in (0, 1)
+    ]
     a, b = (list(r) for r in ranks)
     assert ranks[0].step_size == 5 and len(a) == len(b) == 6 * 5
     both = EpochSampler(10, 4, seed=1, shuffle=True, length=25, pool=7, pool_batch=6)
@@ -131,12 +142,19 @@ def test_a_pool_adds_its_own_items_to_every_step_and_keeps_the_labelled_part():
 def budget_runs(budget, tiny_teachers, tmp_path_factory):
     root = tmp_path_factory.mktemp("budget-runs")
     out = {}
-    for name, mode, extra in (("mtl", "mtl", []), ("static_kd", "static_kd", ["distill.teacher_cache=true"]),
-                              ("static_kd-no-pool", "static_kd", ["distill.unlabelled_batch=0"])):
+    for name, mode, extra in (
+        ("mtl", "mtl", []),
+        ("static_kd", "static_kd", ["distill.teacher_cache=true"]),
+        ("static_kd-no-pool", "static_kd", ["distill.unlabelled_batch=0"]),
+    ):
         teachers = None if mode == "mtl" else tiny_teachers
-        out[name] = distill.run(load_params(REPO / "params.yaml", [*FAST, f"distill.mode={mode}",
-                                                                   "distill.unlabelled_batch=2", *extra]),
-                                budget, teachers, root / name, teacher_cache=root / "cache")
+        out[name] = distill.run(
+            load_params(REPO / "params.yaml", [*FAST, f"distill.mode={mode}", "distill.unlabelled_batch=2", *extra]),
+            budget,
+            teachers,
+            root / name,
+            teacher_cache=root / "cache",
+        )
     return root, out
 
 
@@ -153,7 +171,8 @@ def test_kd_learns_from_the_pool_and_every_mode_takes_the_same_steps(budget, bud
     # the cache holds the teachers' predictions for the pool, one per image
     cached = np.load(root / "cache" / f"{UNLABELLED}_targets.npy", mmap_mode="r")
     assert cached.shape[0] == c[UNLABELLED] and kd["teacher_cache"]["teacher_forward_images"] == sum(
-        c[s] for s in ("train", "val", UNLABELLED))
+        c[s] for s in ("train", "val", UNLABELLED)
+    )
     for r in runs.values():
         assert all(np.isfinite(e["train/loss"]) for e in r["history"])
 

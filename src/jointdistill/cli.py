@@ -38,8 +38,10 @@ SetOpt = Annotated[
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="prepared data folder (output of prepare)")]
 TeachersOpt = Annotated[
     tuple[Path, Path],
-    typer.Option(help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
-                 "distill in mode mtl does not read them"),
+    typer.Option(
+        help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
+        "distill in mode mtl does not read them"
+    ),
 ]
 TEACHERS = (Path("data/teachers/seg"), Path("data/teachers/depth"))
 # The training commands also take gs:// URLs (what a Kubeflow Trainer job passes them; see staging.py): plain
@@ -49,8 +51,10 @@ StagedParamsOpt = Annotated[str, typer.Option("--params", "-p", help="params fil
 StagedDataOpt = Annotated[str, typer.Option("--data", "-d", help="prepared data folder (output of prepare)" + _GS)]
 StagedTeachersOpt = Annotated[
     tuple[str, str],
-    typer.Option(help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
-                 "distill in mode mtl does not read them" + _GS),
+    typer.Option(
+        help="the seg teacher's folder, then the depth teacher's (outputs of train-teacher); "
+        "distill in mode mtl does not read them" + _GS
+    ),
 ]
 CheckpointsOpt = Annotated[
     Path | None,
@@ -58,8 +62,11 @@ CheckpointsOpt = Annotated[
 ]
 MetricsOpt = Annotated[
     Path | None,
-    typer.Option("--metrics", help="folder for metrics.json (the numbers DVC and Kubeflow show), run.json (times, "
-                 "machine) and training curves; keeps OUT free of run-dependent files (default: OUT)"),
+    typer.Option(
+        "--metrics",
+        help="folder for metrics.json (the numbers DVC and Kubeflow show), run.json (times, "
+        "machine) and training curves; keeps OUT free of run-dependent files (default: OUT)",
+    ),
 ]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="continue from the last checkpoint if it was made with these params")
@@ -191,8 +198,9 @@ class TeacherTask(StrEnum):
 def train_teacher(
     task: Annotated[TeacherTask, typer.Option("--task", "-t", help="which teacher: seg or depth")],
     data: StagedDataOpt = "data/prepared",
-    out: Annotated[str | None, typer.Option("--out", "-o", help="output folder (default: data/teachers/TASK)" + _GS)
-                   ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="output folder (default: data/teachers/TASK)" + _GS)
+    ] = None,
     checkpoints: CheckpointsOpt = None,
     resume: ResumeOpt = False,
     metrics: MetricsOpt = None,
@@ -231,8 +239,10 @@ def distill(
     resume: ResumeOpt = False,
     teacher_cache: Annotated[
         Path | None,
-        typer.Option(help="with distill.teacher_cache: the cache folder, reused when it matches the teachers and "
-                     "data (default: CHECKPOINTS/teacher_cache)"),
+        typer.Option(
+            help="with distill.teacher_cache: the cache folder, reused when it matches the teachers and "
+            "data (default: CHECKPOINTS/teacher_cache)"
+        ),
     ] = None,
     metrics: MetricsOpt = None,
     params: StagedParamsOpt = "params.yaml",
@@ -256,8 +266,9 @@ def distill(
     with staging() as paths:
         cfg = load_params(paths.input(params), set_)
         teacher_dirs = None if cfg.distill.mode == "mtl" else tuple(paths.input(t) for t in teachers)
-        report = stage.run(cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume,
-                           teacher_cache, metrics)
+        report = stage.run(
+            cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume, teacher_cache, metrics
+        )
     test = report["test"]
     omega = ", ".join(f"{k} {v:.3f}" for k, v in report["weights"]["final"].items())
     typer.echo(
@@ -292,8 +303,10 @@ def evaluate(
     cfg = load_params(params, set_)
     result = stage.run(cfg, data, teachers, student, out, mtl, metrics)
     m = result["student"][cfg.evaluate.split]
-    typer.echo(f"evaluation → {out}  (student Δm {m['delta_m']:+.2f} % vs teachers; mIoU {m['miou']:.4f}, "
-               f"AbsErr {m['abs_err']:.3f} m; report: {out / 'report.html'})")
+    typer.echo(
+        f"evaluation → {out}  (student Δm {m['delta_m']:+.2f} % vs teachers; mIoU {m['miou']:.4f}, "
+        f"AbsErr {m['abs_err']:.3f} m; report: {out / 'report.html'})"
+    )
 
 
 @app.command("export", epilog=_params_epilog("export"))
@@ -301,9 +314,7 @@ def evaluate(
 def export(
     data: DataOpt = Path("data/prepared"),
     student: Annotated[Path, typer.Option(help="the student's folder (output of distill)")] = Path("data/student"),
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path(
-        "data/export"
-    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (replaced atomically)")] = Path("data/export"),
     metrics: MetricsOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -323,12 +334,17 @@ def export(
     cfg = load_params(params, set_)
     report = stage.run(cfg, data, student, out, metrics)
     val = report["parity"]["fp32"]["val"]
-    extra = "".join(f", {name} mIoU {t['miou']:.4f}" for name, t in report["test_by_model"].items()
-                    if name not in ("pytorch", "onnx"))
-    typer.echo(f"exported → {out / 'student.onnx'}  (parity on {val['images']} val images: seg argmax agreement "
-               f"{100 * val['segmentation_logits']['argmax_agreement']:.3f} %, depth max rel err "
-               f"{val['depth']['max_rel_err']:.1e}; test mIoU {report['test']['miou']:.4f}, AbsErr "
-               f"{report['test']['abs_err']:.3f} m{extra}; card: {out / 'MODEL_CARD.md'})")
+    extra = "".join(
+        f", {name} mIoU {t['miou']:.4f}"
+        for name, t in report["test_by_model"].items()
+        if name not in ("pytorch", "onnx")
+    )
+    typer.echo(
+        f"exported → {out / 'student.onnx'}  (parity on {val['images']} val images: seg argmax agreement "
+        f"{100 * val['segmentation_logits']['argmax_agreement']:.3f} %, depth max rel err "
+        f"{val['depth']['max_rel_err']:.1e}; test mIoU {report['test']['miou']:.4f}, AbsErr "
+        f"{report['test']['abs_err']:.3f} m{extra}; card: {out / 'MODEL_CARD.md'})"
+    )
 
 
 class Device(StrEnum):
@@ -382,9 +398,12 @@ class _ServeGroup(typer.core.TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-serve_app = typer.Typer(cls=_ServeGroup, no_args_is_help=True,
-                        help="Serve the exported student (KServe, Open Inference Protocol v2): "
-                             "`serve MODEL.onnx|gs://…` runs the server, `serve manifest` writes InferenceServices.")
+serve_app = typer.Typer(
+    cls=_ServeGroup,
+    no_args_is_help=True,
+    help="Serve the exported student (KServe, Open Inference Protocol v2): "
+    "`serve MODEL.onnx|gs://…` runs the server, `serve manifest` writes InferenceServices.",
+)
 app.add_typer(serve_app, name="serve")
 
 
@@ -396,10 +415,12 @@ def serve_run(
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port")] = 8080,
     name: Annotated[str, typer.Option(help="model name in the /v2/models/<name> paths")] = "student",
     device: Annotated[Device, typer.Option(help="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")] = (
-        Device.auto),
+        Device.auto
+    ),
     max_payload_mb: Annotated[float, typer.Option(min=0.001, help="larger request bodies get HTTP 400")] = 64.0,
-    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores)")
-                       ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores)")
+    ] = None,
 ) -> None:
     """Serve the ONNX student over the Open Inference Protocol v2 (KServe model server) until stopped.
 
@@ -410,8 +431,7 @@ def serve_run(
     """
     from .serve import serve
 
-    serve(model, host=host, port=port, name=name, device=device.value, max_payload_mb=max_payload_mb,
-          threads=threads)
+    serve(model, host=host, port=port, name=name, device=device.value, max_payload_mb=max_payload_mb, threads=threads)
 
 
 @serve_app.command("manifest")
@@ -424,8 +444,7 @@ def serve_manifest(
     gpu: Annotated[bool, typer.Option(help="request one NVIDIA GPU per replica")] = False,
     cpu: Annotated[str, typer.Option(help="CPU request and limit per replica")] = "2",
     memory: Annotated[str, typer.Option(help="memory request and limit per replica")] = "4Gi",
-    service_account: Annotated[str | None, typer.Option(help="service account with read access to the bucket")
-                               ] = None,
+    service_account: Annotated[str | None, typer.Option(help="service account with read access to the bucket")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the YAML files")] = Path("deploy"),
 ) -> None:
     """Write KServe InferenceService YAML for a published model: OUT/NAME.yaml (our predictor: our image, the
@@ -433,8 +452,17 @@ def serve_manifest(
     Triton model repository `publish` lays out, no code of ours)."""
     from .deploy import write_manifests
 
-    paths = write_manifests(out, storage_uri=storage_uri, image=image, name=name, namespace=namespace, gpu=gpu,
-                            cpu=cpu, memory=memory, service_account=service_account)
+    paths = write_manifests(
+        out,
+        storage_uri=storage_uri,
+        image=image,
+        name=name,
+        namespace=namespace,
+        gpu=gpu,
+        cpu=cpu,
+        memory=memory,
+        service_account=service_account,
+    )
     for path in paths:
         typer.echo(f"wrote {path}")
 
@@ -444,11 +472,18 @@ def serve_manifest(
 def publish(
     url: Annotated[str, typer.Argument(help="gs://BUCKET or gs://BUCKET/PREFIX; the version goes below it")],
     export_dir: Annotated[Path, typer.Option("--export", help="the export folder (output of export)")] = Path(
-        "data/export"),
+        "data/export"
+    ),
     version: Annotated[str | None, typer.Option(help="(default: <params digest>-<sha256 of student.onnx, 8 hex>)")] = (
-        None),
-    triton: Annotated[bool, typer.Option(help="also lay out VERSION/triton/, a Triton model repository of the "
-                                         "student (for `serve manifest`'s Triton InferenceService)")] = True,
+        None
+    ),
+    triton: Annotated[
+        bool,
+        typer.Option(
+            help="also lay out VERSION/triton/, a Triton model repository of the "
+            "student (for `serve manifest`'s Triton InferenceService)"
+        ),
+    ] = True,
 ) -> None:
     """Upload an export (ONNX files, parity.json, MODEL_CARD.md, report.json) to gs://BUCKET/PREFIX/VERSION/.
 
@@ -518,29 +553,40 @@ def push_results(
     for name, o in record["outputs"].items():
         typer.echo(f"{name}: {o['md5']} ({o['nfiles']} files) → {out / prefix / (name + '.dvc')}")
     if "git" in record:
-        typer.echo(f"committed to {record['git']['repo']} branch {record['git']['branch']} "
-                   f"({record['git']['commit'][:12]})")
+        typer.echo(
+            f"committed to {record['git']['repo']} branch {record['git']['branch']} ({record['git']['commit'][:12]})"
+        )
 
 
 @app.command("ablate")
 @_friendly
 def ablate(
-    modes: Annotated[str, typer.Option(help="comma-separated: single, mtl, static_kd, adaptive, full. A KD mode "
-                                       "may add variants: +cache or +live (teacher cache on or off), +progress "
-                                       "or +deficit (feedback direction), +valid or +all (pixels of the depth KD "
-                                       "term), e.g. full+deficit.")] = (
-        "single,mtl,static_kd,adaptive,full"
-    ),
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: single, mtl, static_kd, adaptive, full. A KD mode "
+            "may add variants: +cache or +live (teacher cache on or off), +progress "
+            "or +deficit (feedback direction), +valid or +all (pixels of the depth KD "
+            "term), e.g. full+deficit."
+        ),
+    ] = ("single,mtl,static_kd,adaptive,full"),
     seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = (
-        "0,1,2,3,4"),
+        "0,1,2,3,4"
+    ),
     data: DataOpt = Path("data/prepared"),
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (runs/ and the table)")] = Path(
         "data/ablation"
     ),
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    jobs: Annotated[int, typer.Option(min=1, help="seeds trained at once, each in its own process with an equal "
-                                      "share of the CPU threads (2 on a 2-core CPU: faster than 1)")] = 1,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="seeds trained at once, each in its own process with an equal "
+            "share of the CPU threads (2 on a 2-core CPU: faster than 1)",
+        ),
+    ] = 1,
 ) -> None:
     """The ablation study: teachers and one student per mode for every seed, evaluated on test.
 
@@ -590,9 +636,12 @@ def summary(
     meta = read_meta(prepared)
     c = meta["counts"]
     h, w = meta["resolution"]
-    typer.echo(f"prepared data : {prepared.resolve()}  ({meta['dataset']}, {h}×{w}; "
-               f"train {c['train']}, val {c['val']}, test {c['test']}"
-               + (f", unlabelled {c['unlabelled']}" if c.get("unlabelled") else "") + ")")
+    typer.echo(
+        f"prepared data : {prepared.resolve()}  ({meta['dataset']}, {h}×{w}; "
+        f"train {c['train']}, val {c['val']}, test {c['test']}"
+        + (f", unlabelled {c['unlabelled']}" if c.get("unlabelled") else "")
+        + ")"
+    )
     if (prepared / "gallery.png").exists():
         typer.echo(f"gallery       : {(prepared / 'gallery.png').resolve()}")
     for task in ("seg", "depth"):
@@ -602,37 +651,49 @@ def summary(
         m = json.loads((folder / "report.json").read_text())
         test, base = m["test"], m["baseline"]["test"]
         if task == "seg":
-            figures = (f"test mIoU {test['miou']:.3f} (baseline {base['miou']:.3f}), "
-                       f"pixAcc {test['pixacc']:.3f} (baseline {base['pixacc']:.3f})")
+            figures = (
+                f"test mIoU {test['miou']:.3f} (baseline {base['miou']:.3f}), "
+                f"pixAcc {test['pixacc']:.3f} (baseline {base['pixacc']:.3f})"
+            )
         else:
-            figures = (f"test AbsErr {test['abs_err']:.2f} m (baseline {base['abs_err']:.2f}), "
-                       f"RelErr {test['rel_err']:.3f} (baseline {base['rel_err']:.3f})")
+            figures = (
+                f"test AbsErr {test['abs_err']:.2f} m (baseline {base['abs_err']:.2f}), "
+                f"RelErr {test['rel_err']:.3f} (baseline {base['rel_err']:.3f})"
+            )
         typer.echo(f"teacher {task:<6}: {folder.resolve()}  ({figures})")
     folder = data / "student"
     if (folder / "report.json").exists():
         m = json.loads((folder / "report.json").read_text())
         test = m["test"]
         omega = "/".join(f"{v:.2f}" for v in m["weights"]["final"].values())
-        typer.echo(f"student       : {folder.resolve()}  ({m['mode']}: test mIoU {test['miou']:.3f}, "
-                   f"pixAcc {test['pixacc']:.3f}, AbsErr {test['abs_err']:.2f} m, RelErr {test['rel_err']:.3f}; "
-                   f"final ω seg/depth {omega})")
+        typer.echo(
+            f"student       : {folder.resolve()}  ({m['mode']}: test mIoU {test['miou']:.3f}, "
+            f"pixAcc {test['pixacc']:.3f}, AbsErr {test['abs_err']:.2f} m, RelErr {test['rel_err']:.3f}; "
+            f"final ω seg/depth {omega})"
+        )
     folder = data / "eval"
     if (folder / "report.json").exists():
         m = json.loads((folder / "report.json").read_text())
         split = next(iter(m["student"]))
-        typer.echo(f"evaluation    : {(folder / 'report.html').resolve()}  (student Δm "
-                   f"{m['student'][split]['delta_m']:+.2f} % vs the teachers on {split})")
+        typer.echo(
+            f"evaluation    : {(folder / 'report.html').resolve()}  (student Δm "
+            f"{m['student'][split]['delta_m']:+.2f} % vs the teachers on {split})"
+        )
     folder = data / "export"
     if (folder / "report.json").exists():
         m = json.loads((folder / "report.json").read_text())
-        run = next((json.loads(f.read_text()) for f in (folder / "run.json", metrics / "export" / "run.json")
-                    if f.is_file()), {})
+        run = next(
+            (json.loads(f.read_text()) for f in (folder / "run.json", metrics / "export" / "run.json") if f.is_file()),
+            {},
+        )
         lat = (run.get("latency_ms") or {}).get("onnx", {}).get("batch1_ms")
         latency = f", {lat:.1f} ms/image at batch 1 on this CPU" if lat is not None else ""
-        typer.echo(f"ONNX student  : {(folder / 'student.onnx').resolve()}  (test mIoU {m['test']['miou']:.3f} in "
-                   f"onnxruntime{latency}; "
-                   f"variants: {', '.join(sorted(set(m['file_bytes']) - {'fp32'})) or 'none'}; "
-                   f"card: {folder / 'MODEL_CARD.md'})")
+        typer.echo(
+            f"ONNX student  : {(folder / 'student.onnx').resolve()}  (test mIoU {m['test']['miou']:.3f} in "
+            f"onnxruntime{latency}; "
+            f"variants: {', '.join(sorted(set(m['file_bytes']) - {'fp32'})) or 'none'}; "
+            f"card: {folder / 'MODEL_CARD.md'})"
+        )
 
 
 @pipeline_app.command("compile")
@@ -652,24 +713,44 @@ def pipeline_compile(
     typer.echo(f"compiled → {output}")
 
 
-DataRepoOpt = Annotated[str, typer.Option(help="DVC project (git URL or path) to take the data from "
-                                           "(default: the embedded synthetic generator)")]
+DataRepoOpt = Annotated[
+    str,
+    typer.Option(
+        help="DVC project (git URL or path) to take the data from (default: the embedded synthetic generator)"
+    ),
+]
 DataRevOpt = Annotated[str, typer.Option(help="its revision: tag, branch or commit")]
-DataPathOpt = Annotated[str, typer.Option(help="DVC-tracked path in it: a raw dataset (read as prepare.dataset "
-                                          "says) or a prepared one (data/prepared)")]
-ResultsRemoteOpt = Annotated[str, typer.Option(help="push the run's outputs to this DVC remote (e.g. your "
-                                               "project's gs://bucket/dvc) as a last step (default: off)")]
+DataPathOpt = Annotated[
+    str,
+    typer.Option(
+        help="DVC-tracked path in it: a raw dataset (read as prepare.dataset says) or a prepared one (data/prepared)"
+    ),
+]
+ResultsRemoteOpt = Annotated[
+    str,
+    typer.Option(
+        help="push the run's outputs to this DVC remote (e.g. your "
+        "project's gs://bucket/dvc) as a last step (default: off)"
+    ),
+]
 ResultsPrefixOpt = Annotated[str, typer.Option(help="where the .dvc pointers sit (default: runs/<run name>)")]
 ResultsGitRepoOpt = Annotated[str, typer.Option(help="also commit the pointers to this git repository…")]
 ResultsGitBranchOpt = Annotated[str, typer.Option(help="…on this branch")]
 
 
-def _run_arguments(data_repo, data_rev, data_path, results_remote, results_prefix, results_git_repo,
-                   results_git_branch) -> dict[str, str]:
+def _run_arguments(
+    data_repo, data_rev, data_path, results_remote, results_prefix, results_git_repo, results_git_branch
+) -> dict[str, str]:
     """The pipeline's string parameters given on the command line (unset ones keep their defaults)."""
-    args = {"data_repo": data_repo, "data_rev": data_rev, "data_path": data_path, "results_remote": results_remote,
-            "results_prefix": results_prefix, "results_git_repo": results_git_repo,
-            "results_git_branch": results_git_branch}
+    args = {
+        "data_repo": data_repo,
+        "data_rev": data_rev,
+        "data_path": data_path,
+        "results_remote": results_remote,
+        "results_prefix": results_prefix,
+        "results_git_repo": results_git_repo,
+        "results_git_branch": results_git_branch,
+    }
     return {k: v for k, v in args.items() if v}
 
 
@@ -705,22 +786,36 @@ def pipeline_trainjob(
     kind, _, task = stage.value.partition("-")
     out = f"{root}/{stage.value}"
     teachers = (f"{root}/teacher-seg", f"{root}/teacher-depth") if kind == "distill" else None
-    req = trainjob.request(cfg, kind, image or DEFAULT_IMAGE, f"{trainjob.staging_url(out)}.params.json",
-                           f"{root}/prepared", out, task or None, teachers)
+    req = trainjob.request(
+        cfg,
+        kind,
+        image or DEFAULT_IMAGE,
+        f"{trainjob.staging_url(out)}.params.json",
+        f"{root}/prepared",
+        out,
+        task or None,
+        teachers,
+    )
     typer.echo(yaml.safe_dump(trainjob.manifest(req), sort_keys=False).rstrip())
 
 
 @pipeline_app.command("submit")
 @_friendly
 def pipeline_submit(
-    host: Annotated[str, typer.Option(envvar="KF_PIPELINES_ENDPOINT",
-                                      help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline")],
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar="KF_PIPELINES_ENDPOINT", help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline"
+        ),
+    ],
     experiment: Annotated[str, typer.Option(help="experiment to file the run under (created if missing)")] = (
-        "jointdistill"),
+        "jointdistill"
+    ),
     run_name: Annotated[str | None, typer.Option(help="(default: jointdistill-<params digest>)")] = None,
     image: Annotated[str | None, typer.Option(help="container image for every step")] = None,
-    cache: Annotated[bool | None, typer.Option("--cache/--no-cache",
-                                               help="override every step's caching for this run")] = None,
+    cache: Annotated[
+        bool | None, typer.Option("--cache/--no-cache", help="override every step's caching for this run")
+    ] = None,
     data_repo: DataRepoOpt = "",
     data_rev: DataRevOpt = "",
     data_path: DataPathOpt = "",
@@ -743,15 +838,26 @@ def pipeline_submit(
 
     cfg = load_params(params, set_)
     try:
-        run = kfp_pipeline.submit(cfg, host, experiment, run_name, image, cache, os.environ.get("KFP_TOKEN"),
-                                  arguments=_run_arguments(data_repo, data_rev, data_path, results_remote,
-                                                           results_prefix, results_git_repo, results_git_branch))
+        run = kfp_pipeline.submit(
+            cfg,
+            host,
+            experiment,
+            run_name,
+            image,
+            cache,
+            os.environ.get("KFP_TOKEN"),
+            arguments=_run_arguments(
+                data_repo, data_rev, data_path, results_remote, results_prefix, results_git_repo, results_git_branch
+            ),
+        )
     except (OSError, ValueError) as exc:
         raise OutputError(f"submit to {host}: {exc}") from None
     except Exception as exc:  # kfp_server_api.ApiException and urllib3 errors: the server said no
         status = getattr(exc, "status", None)
-        raise OutputError(f"submit to {host}: {'HTTP ' + str(status) + ': ' if status else ''}"
-                          f"{getattr(exc, 'reason', None) or brief(exc)}") from None
+        raise OutputError(
+            f"submit to {host}: {'HTTP ' + str(status) + ': ' if status else ''}"
+            f"{getattr(exc, 'reason', None) or brief(exc)}"
+        ) from None
     typer.echo(f"submitted run {run['run_id']} ({run['run_name']}) in experiment {run['experiment']}: {run['url']}")
 
 
@@ -776,8 +882,13 @@ def pipeline_run_local(
     from .pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
-    outputs = kfp_pipeline.run_local(cfg, root, **_run_arguments(data_repo, data_rev, data_path, results_remote,
-                                                                 results_prefix, results_git_repo, results_git_branch))
+    outputs = kfp_pipeline.run_local(
+        cfg,
+        root,
+        **_run_arguments(
+            data_repo, data_rev, data_path, results_remote, results_prefix, results_git_repo, results_git_branch
+        ),
+    )
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
 

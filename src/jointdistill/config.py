@@ -40,8 +40,9 @@ class SensorParams(_Section):
     See jointdistill.data.sensor."""
 
     enabled: bool = Field(False, description="sensor-like depth and labels on the train split")
-    depth_noise: float = Field(0.05, ge=0.0, le=1.0, description="relative std of the depth noise at 50 m "
-                               "(grows linearly with distance)")
+    depth_noise: float = Field(
+        0.05, ge=0.0, le=1.0, description="relative std of the depth noise at 50 m (grows linearly with distance)"
+    )
     depth_holes: float = Field(0.1, ge=0.0, lt=1.0, description="share of valid depth pixels lost in blobs")
     edge_holes: int = Field(2, ge=0, le=16, description="pixels around depth discontinuities with no depth")
     label_jitter: int = Field(2, ge=0, le=16, description="largest shift of a label boundary, in pixels")
@@ -62,8 +63,11 @@ class PrepareParams(_Section):
         0.15, gt=0.0, lt=1.0, description="share of synthetic frames in its own test split (real sources have theirs)"
     )
     labelled_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="share of the train split that keeps its labels (picked by a seeded hash); "
-        "the rest is the unlabelled split, whose images the teachers label for the student"
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="share of the train split that keeps its labels (picked by a seeded hash); "
+        "the rest is the unlabelled split, whose images the teachers label for the student",
     )
     max_depth: float = Field(100.0, gt=0.0, description="depth beyond this (metres) is invalid (0)")
     invalid_depth: Literal["mask", "error"] = Field(
@@ -84,8 +88,7 @@ class PrepareParams(_Section):
         "imagenet", description="mean/std recorded in meta.json: ImageNet's, or measured on train"
     )
     gallery_images: int = Field(6, ge=0, le=64, description="rows in gallery.png (0: none)")
-    sensor: SensorParams = Field(default_factory=SensorParams, description="synthetic only: sensor-like train "
-                                 "targets")
+    sensor: SensorParams = Field(default_factory=SensorParams, description="synthetic only: sensor-like train targets")
 
     @model_validator(mode="after")
     def _check_source(self) -> PrepareParams:
@@ -121,7 +124,8 @@ class ModelParams(_Section):
     head: Literal["light", "aspp"] = Field("light", description="'aspp' = torchvision's DeepLabV3 head")
     head_channels: int = Field(64, ge=8, description="hidden channels of the light head")
     widths: tuple[int, int, int, int] = Field(
-        (24, 48, 96, 128), description="channels of the tiny encoder's four stages (tiny only)")
+        (24, 48, 96, 128), description="channels of the tiny encoder's four stages (tiny only)"
+    )
     pretrained_backbone: str | None = Field(
         None, description="local torchvision-format state dict for the encoder (never downloaded)"
     )
@@ -148,16 +152,19 @@ class OptimParams(_Section):
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
     amp: Annotated[Literal["auto", "off", "fp16", "bf16"], BeforeValidator(lambda v: "off" if v is False else v)] = (
-        Field("auto", description="auto: bf16 on CUDA, off on CPU"))
+        Field("auto", description="auto: bf16 on CUDA, off on CPU")
+    )
     channels_last: Switch = Field("auto", description="auto: on for CUDA")
     compile: Switch = Field(
-        "auto", description="torch.compile the encoders and heads; auto: on for CUDA (see bench/results/gpu.md)")
+        "auto", description="torch.compile the encoders and heads; auto: on for CUDA (see bench/results/gpu.md)"
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (also at each epoch end)")
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
     depth_loss: Literal["l1", "log_l1", "silog"] = Field(
-        "l1", description="depth loss on valid pixels: L1 in metres, L1 of log depth (scale-aware), or "
-        "scale-invariant log")
+        "l1",
+        description="depth loss on valid pixels: L1 in metres, L1 of log depth (scale-aware), or scale-invariant log",
+    )
 
 
 class TrainParams(ModelParams, OptimParams):
@@ -196,25 +203,41 @@ class DistillParams(OptimParams):
     """The ``distill`` stage: the method's knobs, then the student's optimisation (as for a teacher)."""
 
     mode: Literal["mtl", "static_kd", "adaptive", "full"] = Field(
-        "full", description="mtl: task losses only; static_kd: + KD with ω = 1; adaptive: + feedback ω; "
-        "full: + knowledge trajectory (JointDistill)")
-    alpha: float = Field(1.5, ge=0.0, description="α of the weight update: how strongly ω follows the feedback "
-                         "(0: static; paper: best between 1 and 2)")
+        "full",
+        description="mtl: task losses only; static_kd: + KD with ω = 1; adaptive: + feedback ω; "
+        "full: + knowledge trajectory (JointDistill)",
+    )
+    alpha: float = Field(
+        1.5,
+        ge=0.0,
+        description="α of the weight update: how strongly ω follows the feedback "
+        "(0: static; paper: best between 1 and 2)",
+    )
     beta: float = Field(0.5, gt=0.0, description="β, step size of the weight update")
     feedback: Literal["progress", "deficit"] = Field(
-        "progress", description="progress: more weight to the teacher whose task the student learns well; "
-        "deficit: more weight to the lagging task")
+        "progress",
+        description="progress: more weight to the teacher whose task the student learns well; "
+        "deficit: more weight to the lagging task",
+    )
     weight_min: float = Field(0.1, gt=0.0, description="lower clip of ω (then rescaled so Σω = N)")
     weight_max: float = Field(10.0, gt=0.0, description="upper clip of ω")
     temperature: float = Field(1.0, gt=0.0, description="τ of the segmentation KL distillation")
     lambda_seg: float = Field(1.0, ge=0.0, description="λ of the student's segmentation loss on labels")
     lambda_depth: float = Field(1.0, ge=0.0, description="λ of the student's depth loss on ground truth")
     lambda_kd: float = Field(1.0, ge=0.0, description="λ_KD of the distillation loss Σ ω_i D_i")
-    lambda_traj: float = Field(1.0, ge=0.0, description="λ_traj of the knowledge-trajectory loss (full mode; "
-                               "with traj_share set, the starting value of a scale that is then calibrated)")
+    lambda_traj: float = Field(
+        1.0,
+        ge=0.0,
+        description="λ_traj of the knowledge-trajectory loss (full mode; "
+        "with traj_share set, the starting value of a scale that is then calibrated)",
+    )
     traj_share: float = Field(
-        0.1, ge=0.0, le=1.0, description="full mode: the trajectory loss's gradient norm on the student's encoder "
-        "as a share of the task and KD terms' (recalibrated every grad_log_every steps; 0: λ_traj as it is)")
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="full mode: the trajectory loss's gradient norm on the student's encoder "
+        "as a share of the task and KD terms' (recalibrated every grad_log_every steps; 0: λ_traj as it is)",
+    )
     top_k: int = Field(10, ge=1, description="essential points per probe image and timeframe")
     trajectory_length: int = Field(5, ge=1, description="L: timeframes kept in the trajectory buffer")
     probe_images: int = Field(16, ge=1, description="train images the trajectory is read on (chosen by the seed)")
@@ -222,27 +245,43 @@ class DistillParams(OptimParams):
     traj_batch: int = Field(4, ge=1, description="probe images per trajectory-loss step, cycling through the set")
     connector_channels: int = Field(128, ge=8, description="width of the connector's fused map g^F")
     kd_target: Literal["connector", "teachers"] = Field(
-        "connector", description="soft targets of the KD term: the connector's outputs, or the teachers' own "
-        "heads (each teacher's prediction for its task)")
+        "connector",
+        description="soft targets of the KD term: the connector's outputs, or the teachers' own "
+        "heads (each teacher's prediction for its task)",
+    )
     kd_depth_pixels: Literal["valid", "all"] = Field(
-        "valid", description="where the depth KD term applies: pixels with valid ground truth, or every pixel (the "
-        "teacher's depth also fills the ground truth's holes)")
+        "valid",
+        description="where the depth KD term applies: pixels with valid ground truth, or every pixel (the "
+        "teacher's depth also fills the ground truth's holes)",
+    )
     unlabelled_batch: int = Field(
-        8, ge=0, description="unlabelled images each KD step adds to its batch_size labelled ones, where the prepared "
+        8,
+        ge=0,
+        description="unlabelled images each KD step adds to its batch_size labelled ones, where the prepared "
         "data has an unlabelled split (prepare.labelled_fraction < 1); the teachers' predictions are their only "
-        "targets (0: not used). mtl cannot use them; every mode takes the same steps")
+        "targets (0: not used). mtl cannot use them; every mode takes the same steps",
+    )
     connector_warmup: int = Field(
-        300, ge=0, description="steps that train the connector alone on the frozen teachers' features before the "
-        "student starts (KD modes; 0: none)")
+        300,
+        ge=0,
+        description="steps that train the connector alone on the frozen teachers' features before the "
+        "student starts (KD modes; 0: none)",
+    )
     timeframe_steps: int = Field(
-        50, ge=0, description="optimiser steps per timeframe (validation, ω update, trajectory record); "
-        "0: one per epoch")
+        50,
+        ge=0,
+        description="optimiser steps per timeframe (validation, ω update, trajectory record); 0: one per epoch",
+    )
     grad_log_every: int = Field(
-        50, ge=0, description="steps between measurements of each loss term's gradient norm on the student's "
-        "encoder (0: never)")
+        50,
+        ge=0,
+        description="steps between measurements of each loss term's gradient norm on the student's encoder (0: never)",
+    )
     teacher_cache: bool = Field(
-        True, description="run the frozen teachers once over train/val and train from their cached float16 "
-        "feature maps (warped with each sample's augmentation) instead of running them every step")
+        True,
+        description="run the frozen teachers once over train/val and train from their cached float16 "
+        "feature maps (warped with each sample's augmentation) instead of running them every step",
+    )
 
     @model_validator(mode="after")
     def _check_weights(self) -> DistillParams:
@@ -267,16 +306,19 @@ class ExportParams(_Section):
     """The ``export`` stage: ONNX graph, parity gate against PyTorch, optional optimised variants."""
 
     opset: int = Field(18, ge=18, le=23, description="ONNX opset of the exported graph")
-    dynamic_size: bool = Field(True, description="height and width dynamic (multiples of 8), not fixed to the "
-                                                 "training size")
+    dynamic_size: bool = Field(
+        True, description="height and width dynamic (multiples of 8), not fixed to the training size"
+    )
     batch_size: int = Field(8, ge=1, description="images per onnxruntime call in parity checks and test metrics")
     parity_images: int = Field(32, ge=0, description="val images compared with PyTorch (0: all of val)")
     depth_rel_tol: float = Field(1e-3, gt=0, description="gate: largest allowed depth |onnx - eager| / eager")
-    seg_agreement_min: float = Field(0.999, ge=0, le=1, description="gate: least share of pixels whose argmax "
-                                                                      "class matches PyTorch's")
+    seg_agreement_min: float = Field(
+        0.999, ge=0, le=1, description="gate: least share of pixels whose argmax class matches PyTorch's"
+    )
     fp16: bool = Field(False, description="also write student.fp16.onnx (float16 weights, float32 I/O; for GPUs)")
     int8: Literal["none", "dynamic", "static"] = Field(
-        "none", description="also write student.int8.onnx: dynamic, or static calibrated on val")
+        "none", description="also write student.int8.onnx: dynamic, or static calibrated on val"
+    )
     calibration_images: int = Field(32, ge=1, description="val images that calibrate static int8")
     latency_runs: int = Field(10, ge=1, description="timed runs per latency figure in the model card")
 

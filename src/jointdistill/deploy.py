@@ -45,7 +45,7 @@ def triton_config(meta: dict, input_dims: list[int], name: str = TRITON_MODEL) -
         f'  {{ name: "segmentation_logits" data_type: TYPE_FP32 dims: [ -1, {classes}, {h}, {w} ] }},',
         f'  {{ name: "depth" data_type: TYPE_FP32 dims: [ -1, 1, {h}, {w} ] }}',
         "]",
-        'instance_group [ { kind: KIND_AUTO } ]',
+        "instance_group [ { kind: KIND_AUTO } ]",
     ]
     return "\n".join(lines) + "\n"
 
@@ -68,8 +68,10 @@ def triton_layout(onnx_path: str | Path, name: str = TRITON_MODEL) -> dict[str, 
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise ModelError(f"{onnx_path}: input 'image' has rank {len(dims)}, expected 4")
-    return {f"{name}/1/model.onnx": onnx_path.read_bytes(),
-            f"{name}/config.pbtxt": triton_config(meta, dims, name).encode()}
+    return {
+        f"{name}/1/model.onnx": onnx_path.read_bytes(),
+        f"{name}/config.pbtxt": triton_config(meta, dims, name).encode(),
+    }
 
 
 # ----------------------------------------------------------------------------- InferenceServices
@@ -79,8 +81,9 @@ def _check(storage_uri: str, name: str) -> None:
     if not storage_uri.startswith("gs://"):
         raise ConfigError(f"--storage-uri {storage_uri!r}: expected the published version, gs://BUCKET/PREFIX/VERSION")
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,44}[a-z0-9])?", name):
-        raise ConfigError(f"name {name!r}: an InferenceService name is a DNS label (lower case, digits, '-'; "
-                          "at most 46 characters)")
+        raise ConfigError(
+            f"name {name!r}: an InferenceService name is a DNS label (lower case, digits, '-'; at most 46 characters)"
+        )
 
 
 def _resources(cpu: str, memory: str, gpu: bool):
@@ -97,14 +100,28 @@ def _isvc(name: str, namespace: str | None, predictor, annotations: dict | None 
     from kubernetes.client import V1ObjectMeta
 
     return V1beta1InferenceService(
-        api_version=constants.KSERVE_V1BETA1, kind=constants.KSERVE_KIND_INFERENCESERVICE,
-        metadata=V1ObjectMeta(name=name, namespace=namespace, annotations=annotations,
-                              labels={"app.kubernetes.io/part-of": "jointdistill"}),
-        spec=V1beta1InferenceServiceSpec(predictor=predictor))
+        api_version=constants.KSERVE_V1BETA1,
+        kind=constants.KSERVE_KIND_INFERENCESERVICE,
+        metadata=V1ObjectMeta(
+            name=name,
+            namespace=namespace,
+            annotations=annotations,
+            labels={"app.kubernetes.io/part-of": "jointdistill"},
+        ),
+        spec=V1beta1InferenceServiceSpec(predictor=predictor),
+    )
 
 
-def predictor_service(storage_uri: str, image: str, name: str, namespace: str | None = None, gpu: bool = False,
-                      cpu: str = "2", memory: str = "4Gi", service_account: str | None = None):
+def predictor_service(
+    storage_uri: str,
+    image: str,
+    name: str,
+    namespace: str | None = None,
+    gpu: bool = False,
+    cpu: str = "2",
+    memory: str = "4Gi",
+    service_account: str | None = None,
+):
     """Our model server: project image, `serve` command, readiness on the v2 path."""
     from kserve import V1beta1PredictorSpec
     from kubernetes.client import V1Container, V1ContainerPort, V1EnvVar, V1HTTPGetAction, V1Probe
@@ -119,23 +136,37 @@ def predictor_service(storage_uri: str, image: str, name: str, namespace: str | 
         env=[V1EnvVar(name="STORAGE_URI", value=storage_uri.rstrip("/"))],
         ports=[V1ContainerPort(container_port=PORT, protocol="TCP")],
         resources=_resources(cpu, memory, gpu),
-        readiness_probe=V1Probe(http_get=V1HTTPGetAction(path=f"/v2/models/{name}/ready", port=PORT),
-                                initial_delay_seconds=5, period_seconds=10, failure_threshold=3),
+        readiness_probe=V1Probe(
+            http_get=V1HTTPGetAction(path=f"/v2/models/{name}/ready", port=PORT),
+            initial_delay_seconds=5,
+            period_seconds=10,
+            failure_threshold=3,
+        ),
     )
-    predictor = V1beta1PredictorSpec(containers=[container], min_replicas=1,
-                                     service_account_name=service_account)
+    predictor = V1beta1PredictorSpec(containers=[container], min_replicas=1, service_account_name=service_account)
     return _isvc(name, namespace, predictor, {"serving.kserve.io/deploymentMode": "Serverless"})
 
 
-def triton_service(storage_uri: str, name: str, namespace: str | None = None, gpu: bool = False, cpu: str = "2",
-                   memory: str = "4Gi", service_account: str | None = None):
+def triton_service(
+    storage_uri: str,
+    name: str,
+    namespace: str | None = None,
+    gpu: bool = False,
+    cpu: str = "2",
+    memory: str = "4Gi",
+    service_account: str | None = None,
+):
     """KServe's Triton runtime on the published Triton repository (``modelFormat: onnx``, v2 protocol)."""
     from kserve import V1beta1ModelFormat, V1beta1ModelSpec, V1beta1PredictorSpec
 
     _check(storage_uri, name)
     model = V1beta1ModelSpec(
-        model_format=V1beta1ModelFormat(name="onnx"), runtime="kserve-tritonserver", protocol_version="v2",
-        storage_uri=f"{storage_uri.rstrip('/')}/{TRITON_DIR}", resources=_resources(cpu, memory, gpu))
+        model_format=V1beta1ModelFormat(name="onnx"),
+        runtime="kserve-tritonserver",
+        protocol_version="v2",
+        storage_uri=f"{storage_uri.rstrip('/')}/{TRITON_DIR}",
+        resources=_resources(cpu, memory, gpu),
+    )
     predictor = V1beta1PredictorSpec(model=model, min_replicas=1, service_account_name=service_account)
     return _isvc(name, namespace, predictor)
 
@@ -172,23 +203,46 @@ def from_dict(data: dict, type_name: str = "V1beta1InferenceService"):
     return cls(**{by_key[k]: from_dict(v, cls.openapi_types[by_key[k]]) for k, v in data.items()})
 
 
-def write_manifests(out: str | Path, storage_uri: str, image: str | None, name: str, namespace: str | None = None,
-                    gpu: bool = False, cpu: str = "2", memory: str = "4Gi",
-                    service_account: str | None = None) -> list[Path]:
+def write_manifests(
+    out: str | Path,
+    storage_uri: str,
+    image: str | None,
+    name: str,
+    namespace: str | None = None,
+    gpu: bool = False,
+    cpu: str = "2",
+    memory: str = "4Gi",
+    service_account: str | None = None,
+) -> list[Path]:
     """OUT/NAME.yaml (ours; only with an image) and OUT/NAME-triton.yaml."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     services = []
     if image:
-        services.append((out / f"{name}.yaml",
-                         predictor_service(storage_uri, image, name, namespace, gpu, cpu, memory, service_account)))
+        services.append(
+            (
+                out / f"{name}.yaml",
+                predictor_service(storage_uri, image, name, namespace, gpu, cpu, memory, service_account),
+            )
+        )
     triton_name = f"{name}-triton"
-    services.append((out / f"{triton_name}.yaml",
-                     triton_service(storage_uri, triton_name, namespace, gpu, cpu, memory, service_account)))
+    services.append(
+        (
+            out / f"{triton_name}.yaml",
+            triton_service(storage_uri, triton_name, namespace, gpu, cpu, memory, service_account),
+        )
+    )
     for path, isvc in services:
         atomic_write_text(path, yaml.safe_dump(to_dict(isvc), sort_keys=False))
     return [p for p, _ in services]
 
 
-__all__ = ["triton_config", "triton_layout", "predictor_service", "triton_service", "to_dict", "from_dict",
-           "write_manifests"]
+__all__ = [
+    "triton_config",
+    "triton_layout",
+    "predictor_service",
+    "triton_service",
+    "to_dict",
+    "from_dict",
+    "write_manifests",
+]

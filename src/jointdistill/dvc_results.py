@@ -35,14 +35,19 @@ from .io import atomic_dir
 FORMAT = "jointdistill.results/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
-_GIT_ENV = {"GIT_AUTHOR_NAME": "jointdistill", "GIT_AUTHOR_EMAIL": "jointdistill@localhost",
-            "GIT_COMMITTER_NAME": "jointdistill", "GIT_COMMITTER_EMAIL": "jointdistill@localhost"}
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "jointdistill",
+    "GIT_AUTHOR_EMAIL": "jointdistill@localhost",
+    "GIT_COMMITTER_NAME": "jointdistill",
+    "GIT_COMMITTER_EMAIL": "jointdistill@localhost",
+}
 
 
 def _check(outputs: dict[str, str | Path], remote: str, prefix: str) -> dict[str, Path]:
     if not remote:
-        raise ConfigError("push-results: give the DVC remote URL (e.g. gs://bucket/dvc), the one your project's "
-                          "`dvc remote` uses")
+        raise ConfigError(
+            "push-results: give the DVC remote URL (e.g. gs://bucket/dvc), the one your project's `dvc remote` uses"
+        )
     if not _PREFIX.match(prefix) or ".." in prefix.split("/"):
         raise ConfigError(f"push-results: prefix {prefix!r} must be a relative path like runs/my-run")
     if not outputs:
@@ -103,9 +108,11 @@ def _push(folders: dict[str, Path], remote: str, prefix: str, work: Path) -> dic
             missing = repo.status(cloud=True, remote="results")
         except Exception as exc:  # noqa: BLE001 - DVC's errors for a bad remote are many; one message for all
             cause = exc.__cause__ or exc
-            raise DataError(f"push-results: could not push to the DVC remote {remote} ({type(exc).__name__}: "
-                            f"{brief(exc, 200)}; {type(cause).__name__}: {brief(cause, 200)}); is it reachable, "
-                            "and do this environment's credentials allow writing to it?") from None
+            raise DataError(
+                f"push-results: could not push to the DVC remote {remote} ({type(exc).__name__}: "
+                f"{brief(exc, 200)}; {type(cause).__name__}: {brief(cause, 200)}); is it reachable, "
+                "and do this environment's credentials allow writing to it?"
+            ) from None
         if missing:
             raise DataError(f"push-results: after the push, the remote {remote} still lacks {sorted(missing)}")
         entries = {}
@@ -136,8 +143,16 @@ def _commit(git_repo: str, branch: str, prefix: str, pointers: Path, message: st
     return _git(clone, "rev-parse", "HEAD")
 
 
-def push(outputs: dict[str, str | Path], remote: str, out: str | Path, prefix: str, git_repo: str = "",
-         git_branch: str = "", message: str = "", params: dict | None = None) -> dict:
+def push(
+    outputs: dict[str, str | Path],
+    remote: str,
+    out: str | Path,
+    prefix: str,
+    git_repo: str = "",
+    git_branch: str = "",
+    message: str = "",
+    params: dict | None = None,
+) -> dict:
     """Push ``outputs`` {name: folder} into the DVC remote ``remote``; write the pointers into ``out``
     (atomically) and, with ``git_repo``, commit them to ``git_branch``. ``params``: the run's params, written
     as ``params.yaml`` beside the pointers. Returns RESULTS.json's content."""
@@ -152,10 +167,21 @@ def push(outputs: dict[str, str | Path], remote: str, out: str | Path, prefix: s
         with _quiet_dvc():  # DVC greets a new project and reports each step on its logger
             entries = _push(folders, remote, prefix, Path(tmp))
         # The outputs' lineage names their code by content; the commit of the code that pushed them goes here.
-        record = {"format": FORMAT, "remote": remote, "prefix": prefix, "source_commit": lineage.source_commit(),
-                  "outputs": {
-            name: {"md5": e["md5"], "size": e.get("size"), "nfiles": e.get("nfiles"),
-                   "lineage": lineage.read(folders[name])} for name, e in entries.items()}}
+        record = {
+            "format": FORMAT,
+            "remote": remote,
+            "prefix": prefix,
+            "source_commit": lineage.source_commit(),
+            "outputs": {
+                name: {
+                    "md5": e["md5"],
+                    "size": e.get("size"),
+                    "nfiles": e.get("nfiles"),
+                    "lineage": lineage.read(folders[name]),
+                }
+                for name, e in entries.items()
+            },
+        }
         out = Path(out)
         with atomic_dir(out) as staging:
             folder = staging / prefix
@@ -167,6 +193,11 @@ def push(outputs: dict[str, str | Path], remote: str, out: str | Path, prefix: s
                 (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             (folder / "RESULTS.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
             if git_repo:  # before the folder replaces ``out``: a failed commit leaves the previous pointers
-                record["git"] = {"repo": git_repo, "branch": git_branch, "commit": _commit(
-                    git_repo, git_branch, prefix, folder, message or f"jointdistill results: {prefix}", Path(tmp))}
+                record["git"] = {
+                    "repo": git_repo,
+                    "branch": git_branch,
+                    "commit": _commit(
+                        git_repo, git_branch, prefix, folder, message or f"jointdistill results: {prefix}", Path(tmp)
+                    ),
+                }
     return record

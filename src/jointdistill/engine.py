@@ -112,8 +112,19 @@ class EpochSampler(Sampler[int]):
     labelled part of a step, and so the weight of the labels, is the same with or without the pool.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,
-                 drop_last: bool = True, length: int | None = None, pool: int = 0, pool_batch: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = True,
+        length: int | None = None,
+        pool: int = 0,
+        pool_batch: int = 0,
+    ):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world, self.drop_last = rank, world, drop_last
         self.length = n if length is None else length
@@ -166,12 +177,18 @@ class EpochSampler(Sampler[int]):
         return max(0, len(self._indices()) - self.skip_batches * self.step_size)
 
 
-def make_loader(ds: Dataset, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device,
-                drop_last: bool) -> DataLoader:
+def make_loader(
+    ds: Dataset, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device, drop_last: bool
+) -> DataLoader:
     """A loader for one pass (made anew each epoch, so nothing in it depends on earlier epochs)."""
     return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
         # The loader draws its workers' base seed from this generator, not from the global RNG, so the
         # global RNG stream (dropout) is the same whether a run started fresh or resumed mid-epoch.
         generator=torch.Generator().manual_seed(sampler.seed * 100_003 + sampler.epoch),
@@ -190,8 +207,13 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -346,17 +368,38 @@ def train_step(model, task, batch: dict, opt, sched, scaler, spec, amp, where: s
     return values[0], parts
 
 
-def train_one_epoch(model, task, loader, opt, sched, scaler, spec, device, state: RunState, amp, channels_last,
-                    on_step: Callable[[], None], show: bool, total_batches: int) -> None:
+def train_one_epoch(
+    model,
+    task,
+    loader,
+    opt,
+    sched,
+    scaler,
+    spec,
+    device,
+    state: RunState,
+    amp,
+    channels_last,
+    on_step: Callable[[], None],
+    show: bool,
+    total_batches: int,
+) -> None:
     """One pass over ``loader``; the loss sums since the last validation accumulate in ``state``."""
     model.train()
     n_seen, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total_batches, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{spec.epochs}",
-               unit="batch", disable=None if show else True, leave=False)
+    bar = tqdm(
+        total=total_batches,
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch + 1}/{spec.epochs}",
+        unit="batch",
+        disable=None if show else True,
+        leave=False,
+    )
     for batch in loader:
         batch = _to(batch, device, channels_last)
-        loss, parts = train_step(model, task, batch, opt, sched, scaler, spec, amp,
-                                 f" at epoch {state.epoch + 1}, step {state.global_step}")
+        loss, parts = train_step(
+            model, task, batch, opt, sched, scaler, spec, amp, f" at epoch {state.epoch + 1}, step {state.global_step}"
+        )
         state.step_in_epoch += 1
         state.global_step += 1
         bs = batch["image"].shape[0]
@@ -462,8 +505,17 @@ def fit(
     if use_compile(spec, device):
         compile_networks(model)
 
-    train_sampler = EpochSampler(len(train_ds) - pool[0], spec.batch_size, seed, True, ddp.rank, ddp.world,
-                                 length=epoch_samples, pool=pool[0], pool_batch=pool[1])
+    train_sampler = EpochSampler(
+        len(train_ds) - pool[0],
+        spec.batch_size,
+        seed,
+        True,
+        ddp.rank,
+        ddp.world,
+        length=epoch_samples,
+        pool=pool[0],
+        pool_batch=pool[1],
+    )
     val_sampler = EpochSampler(len(val_ds), spec.batch_size, seed, False, ddp.rank, ddp.world, drop_last=False)
     steps_per_epoch = train_sampler.batches_per_epoch()
     if steps_per_epoch == 0:
@@ -484,8 +536,9 @@ def fit(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("digest") != digest:
-            log.warning("%s: checkpoint %s was made with other params, data or code; starting afresh",
-                        log_name, ckpt_path)
+            log.warning(
+                "%s: checkpoint %s was made with other params, data or code; starting afresh", log_name, ckpt_path
+            )
         else:
             _unwrap(model).load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -497,8 +550,9 @@ def fit(
                 task.load_state_dict(ckpt["task"])
             set_rng_state(ckpt["rng"])
             resumed_from = state.global_step
-            log.info("%s: resumed from %s at epoch %d, step %d", log_name, ckpt_path, state.epoch + 1,
-                     state.global_step)
+            log.info(
+                "%s: resumed from %s at epoch %d, step %d", log_name, ckpt_path, state.epoch + 1, state.global_step
+            )
     elif not resume and ddp.main:
         # A fresh run must not inherit an old checkpoint or logs. Only our own files are removed: the
         # folder itself may be one the user chose.
@@ -515,18 +569,28 @@ def fit(
 
         if resumed_from is not None:
             prune_live(run_dir / "dvclive", len(state.history))
-        live = Live(dir=str(run_dir / "dvclive"), resume=resumed_from is not None, dvcyaml=None,
-                    save_dvc_exp=False, report=None)
+        live = Live(
+            dir=str(run_dir / "dvclive"), resume=resumed_from is not None, dvcyaml=None, save_dvc_exp=False, report=None
+        )
 
     def checkpoint() -> None:
         if not ddp.main:
             return
-        save_atomic(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "digest": digest, "model": _unwrap(model).state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-            "run": state.__dict__, "best_model": best_state, "rng": rng_state(),
-            **({"task": task.state_dict()} if hasattr(task, "state_dict") else {}),
-        })
+        save_atomic(
+            ckpt_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "digest": digest,
+                "model": _unwrap(model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "run": state.__dict__,
+                "best_model": best_state,
+                "rng": rng_state(),
+                **({"task": task.state_dict()} if hasattr(task, "state_dict") else {}),
+            },
+        )
 
     show = ddp.main and os.environ.get("JOINTDISTILL_PROGRESS", "auto") != "off"
     total_steps = spec.epochs * steps_per_epoch
@@ -541,8 +605,9 @@ def fit(
         val_loader = make_loader(val_ds, val_sampler, spec.batch_size, spec.num_workers, device, False)
         val = evaluate(_unwrap(model), task, val_loader, device, amp, channels_last)
         value = val[task.monitor]
-        better = state.best_value is None or (value > state.best_value if task.higher_is_better
-                                              else value < state.best_value)
+        better = state.best_value is None or (
+            value > state.best_value if task.higher_is_better else value < state.best_value
+        )
         if better:
             state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, val
             state.best_step = state.global_step
@@ -551,17 +616,33 @@ def fit(
         extra = {}
         if hasattr(task, "end_timeframe"):
             extra = task.end_timeframe(len(state.history) + 1, state.global_step, val, _unwrap(model)) or {}
-        state.history.append({"epoch": state.epoch + 1, "step": state.global_step, **train_logs,
-                              **{f"val/{k}": v for k, v in scalars.items()}, "lr": sched.get_last_lr()[0], **extra})
+        state.history.append(
+            {
+                "epoch": state.epoch + 1,
+                "step": state.global_step,
+                **train_logs,
+                **{f"val/{k}": v for k, v in scalars.items()},
+                "lr": sched.get_last_lr()[0],
+                **extra,
+            }
+        )
         if live is not None:
             live.step = len(state.history) - 1  # right after any resume: one dvclive step per validation
             for k, v in state.history[-1].items():
                 if k not in ("epoch", "step"):
                     live.log_metric(k, v)
             live.next_step()
-        log.info("%s: epoch %d/%d, step %d  loss %.4f  val %s=%.4f%s", log_name, state.epoch + 1, spec.epochs,
-                 state.global_step, train_logs.get("train/loss", float("nan")), task.monitor, value,
-                 "  (best)" if better else "")
+        log.info(
+            "%s: epoch %d/%d, step %d  loss %.4f  val %s=%.4f%s",
+            log_name,
+            state.epoch + 1,
+            spec.epochs,
+            state.global_step,
+            train_logs.get("train/loss", float("nan")),
+            task.monitor,
+            value,
+            "  (best)" if better else "",
+        )
         state.epoch_sums, state.epoch_seen = {}, 0
         clock["val"] += time.perf_counter() - t_val
         clock["train_t0"] = time.perf_counter()
@@ -579,8 +660,22 @@ def fit(
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(state.epoch)
         train_loader = make_loader(train_ds, train_sampler, train_sampler.step_size, spec.num_workers, device, True)
-        train_one_epoch(model, task, train_loader, opt, sched, scaler, spec, device, state, amp, channels_last,
-                        on_step, show, steps_per_epoch)
+        train_one_epoch(
+            model,
+            task,
+            train_loader,
+            opt,
+            sched,
+            scaler,
+            spec,
+            device,
+            state,
+            amp,
+            channels_last,
+            on_step,
+            show,
+            steps_per_epoch,
+        )
         if not eval_every:
             validate()
         state.epoch += 1
@@ -588,5 +683,13 @@ def fit(
         checkpoint()
     if live is not None:
         live.end()
-    return FitResult(best_state, state.best_metrics, state.best_epoch + 1, state.history,
-                     time.perf_counter() - t0, resumed_from, clock["val"], state.best_step)
+    return FitResult(
+        best_state,
+        state.best_metrics,
+        state.best_epoch + 1,
+        state.history,
+        time.perf_counter() - t0,
+        resumed_from,
+        clock["val"],
+        state.best_step,
+    )

@@ -30,5 +30,5 @@ def brief(text: object, limit: int = 300) -> str:
     cut = line[:limit]
     end = max(cut.rfind(". "), cut.rfind("; "))
     if end >= limit // 4:
-        return cut[:end + 1] + " …"
-    return cut[:cut.rfind(" ")].rstrip(",;:") + " …" if " " in cut else cut + "…"
+        return cut[: end + 1] + " …"
+    return cut[: cut.rfind(" ")].rstrip(",;:") + " …" if " " in cut else cut + "…"

@@ -59,9 +59,16 @@ class DepthBins:
         out = []
         for i, n in enumerate(self.count):
             if n:
-                out.append({"distance_m": round(float((self.edges[i] + self.edges[i + 1]) / 2), 3),
-                            "from_m": float(self.edges[i]), "to_m": float(self.edges[i + 1]), "pixels": int(n),
-                            "abs_err": float(self.abs_sum[i] / n), "rel_err": float(self.rel_sum[i] / n)})
+                out.append(
+                    {
+                        "distance_m": round(float((self.edges[i] + self.edges[i + 1]) / 2), 3),
+                        "from_m": float(self.edges[i]),
+                        "to_m": float(self.edges[i + 1]),
+                        "pixels": int(n),
+                        "abs_err": float(self.abs_sum[i] / n),
+                        "rel_err": float(self.rel_sum[i] / n),
+                    }
+                )
         return out
 
 
@@ -80,9 +87,17 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, tasks: tuple[str, ...], dataset, num_classes: int, ignore_index: int,
-                   batch_size: int, device: torch.device, edges: np.ndarray | None = None,
-                   keep: int = 0) -> Evaluation:
+def evaluate_model(
+    model: nn.Module,
+    tasks: tuple[str, ...],
+    dataset,
+    num_classes: int,
+    ignore_index: int,
+    batch_size: int,
+    device: torch.device,
+    edges: np.ndarray | None = None,
+    keep: int = 0,
+) -> Evaluation:
     """Exact metrics of ``model`` on ``dataset`` for ``tasks``; plus the confusion matrix, depth error per
     distance bin, and the predictions of the first ``keep`` items."""
     model = model.to(device).eval()

@@ -40,8 +40,9 @@ class OnnxStudent(nn.Module):
         return out["seg"], out["depth"]
 
 
-def export_onnx(student: nn.Module, example: torch.Tensor, path: str | Path, opset: int,
-                size_multiple: int | None) -> None:
+def export_onnx(
+    student: nn.Module, example: torch.Tensor, path: str | Path, opset: int, size_multiple: int | None
+) -> None:
     """Export with the dynamo exporter. The batch axis is always dynamic (the example must hold ≥ 2 images,
     or the exporter specialises it to 1); H and W are dynamic in steps of ``size_multiple``, or fixed to the
     example's size when it is None."""
@@ -63,8 +64,14 @@ def export_onnx(student: nn.Module, example: torch.Tensor, path: str | Path, ops
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES), dynamic_shapes={"image": axes}, verbose=False,
+                wrapper,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={"image": axes},
+                verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; the first line names the failing op
         raise ModelError(f"ONNX export failed: {brief(exc)}") from exc
@@ -77,8 +84,9 @@ def export_onnx(student: nn.Module, example: torch.Tensor, path: str | Path, ops
     onnx.save(model, str(path))
 
 
-def metadata_props(record: dict, meta: dict, size_multiple: int | None, opset: int, variant: str,
-                   code_digest: str | None) -> dict[str, str]:
+def metadata_props(
+    record: dict, meta: dict, size_multiple: int | None, opset: int, variant: str, code_digest: str | None
+) -> dict[str, str]:
     """The model's ``metadata_props``: everything inference and lineage need, every value JSON."""
     norm = record.get("normalization") or meta["normalization"]
     config = record.get("config", {})
@@ -196,8 +204,15 @@ def int8_variant(src: str | Path, dst: str | Path, mode: str, calibration: Itera
             if mode == "dynamic":
                 quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
             elif mode == "static":
-                quantize_static(str(pre), str(dst), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                quantize_static(
+                    str(pre),
+                    str(dst),
+                    _Calibration(calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
             else:
                 raise ValueError(f"int8 mode {mode!r}: expected dynamic or static")
         finally:
@@ -218,8 +233,10 @@ class Parity:
     def update(self, eager: tuple[np.ndarray, np.ndarray], onnx_out: tuple[np.ndarray, np.ndarray]) -> None:
         (es, ed), (os_, od) = eager, onnx_out
         if es.shape != os_.shape or ed.shape != od.shape:
-            raise ModelError(f"onnxruntime output shapes {os_.shape}, {od.shape} differ from eager's {es.shape}, "
-                             f"{ed.shape}: the exported graph has a size baked in")
+            raise ModelError(
+                f"onnxruntime output shapes {os_.shape}, {od.shape} differ from eager's {es.shape}, "
+                f"{ed.shape}: the exported graph has a size baked in"
+            )
         err = np.abs(os_.astype(np.float64) - es)
         self.seg_max = max(self.seg_max, float(err.max()))
         self.seg_sum += float(err.sum())
@@ -238,10 +255,17 @@ class Parity:
         depth_n = max(self.pixels, 1)
         return {
             "images": self.images,
-            "segmentation_logits": {"max_abs_err": self.seg_max, "mean_abs_err": self.seg_sum / max(self.seg_n, 1),
-                                    "argmax_agreement": self.agree / max(self.pixels, 1)},
-            "depth": {"max_abs_err": self.d_max, "mean_abs_err": self.d_sum / depth_n,
-                      "max_rel_err": self.rel_max, "mean_rel_err": self.rel_sum / depth_n},
+            "segmentation_logits": {
+                "max_abs_err": self.seg_max,
+                "mean_abs_err": self.seg_sum / max(self.seg_n, 1),
+                "argmax_agreement": self.agree / max(self.pixels, 1),
+            },
+            "depth": {
+                "max_abs_err": self.d_max,
+                "mean_abs_err": self.d_sum / depth_n,
+                "max_rel_err": self.rel_max,
+                "mean_rel_err": self.rel_sum / depth_n,
+            },
         }
 
 
@@ -287,5 +311,18 @@ def median_ms(fn, runs: int, warmup: int = 2) -> float:
     return float(np.median(times))
 
 
-__all__ = ["OnnxStudent", "export_onnx", "metadata_props", "set_metadata", "check_graph", "fp16_variant",
-           "int8_variant", "Parity", "parity_problems", "eager_outputs", "evaluate_session", "median_ms", "VARIANTS"]
+__all__ = [
+    "OnnxStudent",
+    "export_onnx",
+    "metadata_props",
+    "set_metadata",
+    "check_graph",
+    "fp16_variant",
+    "int8_variant",
+    "Parity",
+    "parity_problems",
+    "eager_outputs",
+    "evaluate_session",
+    "median_ms",
+    "VARIANTS",
+]

@@ -41,8 +41,10 @@ def read_metadata(props: dict[str, str], source: str = "model") -> dict:
         except ValueError:
             raise ModelError(f"{source}: metadata {key!r} is not JSON ({value[:60]!r})") from None
     if meta.get("format") != ONNX_FORMAT:
-        raise ModelError(f"{source}: not a jointdistill export (metadata format {meta.get('format')!r}, "
-                         f"expected {ONNX_FORMAT!r}); export one with `jointdistill export`")
+        raise ModelError(
+            f"{source}: not a jointdistill export (metadata format {meta.get('format')!r}, "
+            f"expected {ONNX_FORMAT!r}); export one with `jointdistill export`"
+        )
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise ModelError(f"{source}: metadata lacks {', '.join(missing)}")
@@ -62,8 +64,10 @@ def choose_providers(device: str = "auto") -> tuple[list[str], str | None]:
         return [CPU], None
     if device == "cuda":
         if CUDA not in available:
-            raise ModelError("device cuda: this onnxruntime has no CUDAExecutionProvider "
-                             "(install onnxruntime-gpu: pip install 'jointdistill[gpu]')")
+            raise ModelError(
+                "device cuda: this onnxruntime has no CUDAExecutionProvider "
+                "(install onnxruntime-gpu: pip install 'jointdistill[gpu]')"
+            )
         return [CUDA, CPU], None
     if device != "auto":
         raise ModelError(f"device {device!r}: expected auto, cpu or cuda")
@@ -100,8 +104,10 @@ class StudentSession:
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         if names_in != [INPUT_NAME] or tuple(names_out) != OUTPUT_NAMES:
-            raise ModelError(f"{self.path}: inputs {names_in} / outputs {names_out}, expected [{INPUT_NAME!r}] / "
-                             f"{list(OUTPUT_NAMES)}")
+            raise ModelError(
+                f"{self.path}: inputs {names_in} / outputs {names_out}, expected [{INPUT_NAME!r}] / "
+                f"{list(OUTPUT_NAMES)}"
+            )
         self.classes: list[str] = list(self.meta["classes"])
         self.palette = np.asarray(self.meta["palette"], np.uint8)
         self.input_size: tuple[int, int] = tuple(int(v) for v in self.meta["input_size"])
@@ -129,9 +135,11 @@ class StudentSession:
             from onnx import TensorProto, helper
 
             graph = helper.make_graph(
-                [helper.make_node("ArgMax", ["logits"], ["labels"], axis=1, keepdims=0)], "argmax",
+                [helper.make_node("ArgMax", ["logits"], ["labels"], axis=1, keepdims=0)],
+                "argmax",
                 [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, None, None, None])],
-                [helper.make_tensor_value_info("labels", TensorProto.INT64, [None, None, None])])
+                [helper.make_tensor_value_info("labels", TensorProto.INT64, [None, None, None])],
+            )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -192,8 +200,9 @@ def _png(pic: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_prediction(out: Path, name: str, labels: np.ndarray, depth: np.ndarray, palette: np.ndarray,
-                     max_depth: float) -> list[Path]:
+def write_prediction(
+    out: Path, name: str, labels: np.ndarray, depth: np.ndarray, palette: np.ndarray, max_depth: float
+) -> list[Path]:
     """``NAME.labels.png`` (palette PNG of class ids), ``NAME.depth.png`` (16-bit, millimetres, 0 = none) and
     ``NAME.depth_color.png`` (for people); each written atomically."""
     pal = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels).tobytes())
@@ -228,8 +237,13 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def predict(session: StudentSession, images: Sequence[Path], out: str | Path, batch_size: int = 8,
-            progress: Callable[[int], None] | None = None) -> PredictReport:
+def predict(
+    session: StudentSession,
+    images: Sequence[Path],
+    out: str | Path,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> PredictReport:
     """Predict every image and write its three PNGs into ``out``. An image that cannot be read or written is
     recorded in ``report.failed`` and the others are still written. ``progress(n)`` is called per batch."""
     out = Path(out)
@@ -239,7 +253,7 @@ def predict(session: StudentSession, images: Sequence[Path], out: str | Path, ba
     names = _unique_names(list(images))
     batch_size = max(1, int(batch_size))
     for start in range(0, len(images), batch_size):
-        chunk = list(zip(images[start:start + batch_size], names[start:start + batch_size], strict=True))
+        chunk = list(zip(images[start : start + batch_size], names[start : start + batch_size], strict=True))
         loaded = []
         for path, name in chunk:
             try:

@@ -103,7 +103,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-
 class NpyStream:
     """Write an ``.npy`` of a known shape one leading-axis row at a time, with plain sequential writes.
 

@@ -44,10 +44,16 @@ def source_commit() -> str | None:
         return os.environ["JOINTDISTILL_SOURCE_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}-dirty" if dirty else head or None
@@ -93,23 +99,33 @@ def local_data(root: str | Path | None) -> dict:
             rel = root.relative_to(project).as_posix()
             dvc_info = DVCFileSystem(str(project)).info(rel).get("dvc_info") or {}
             if dvc_info.get("isout") and dvc_info.get("md5"):
-                return {"kind": "dvc", "repo": None, "rev": None, "commit": None, "path": rel,
-                        "md5": dvc_info["md5"]}
+                return {"kind": "dvc", "repo": None, "rev": None, "commit": None, "path": rel, "md5": dvc_info["md5"]}
         except Exception:  # noqa: BLE001 - lineage must never fail a stage: an unreadable project is "untracked"
             pass
     return {"kind": "untracked", "path": root.name}
 
 
-def record(stage: str, params_digest: str, parents: dict[str, str | Path] | None = None, data: dict | None = None,
-           module: str = "jointdistill.stages") -> dict:
+def record(
+    stage: str,
+    params_digest: str,
+    parents: dict[str, str | Path] | None = None,
+    data: dict | None = None,
+    module: str = "jointdistill.stages",
+) -> dict:
     """The lineage of a stage's output, made by ``module``'s code with the params of digest ``params_digest`` (the
     stage's own sections: `Params.digest`). ``data`` defaults to what the parents recorded (the first that has
     one)."""
     parents = parents or {}
     if data is None:
         data = next((lin["data"] for p in parents.values() if (lin := read(p)) and lin.get("data")), None)
-    return {"format": FORMAT, "stage": stage, "data": data, "params_digest": params_digest, "code": code(module),
-            "parents": {name: folder_digest(path) for name, path in parents.items()}}
+    return {
+        "format": FORMAT,
+        "stage": stage,
+        "data": data,
+        "params_digest": params_digest,
+        "code": code(module),
+        "parents": {name: folder_digest(path) for name, path in parents.items()},
+    }
 
 
 def write(folder: str | Path, lineage: dict) -> None:

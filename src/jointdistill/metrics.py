@@ -109,8 +109,14 @@ class DepthMeter:
         p, g = pred[valid], target[valid]
         err = (p - g).abs()
         ratio = torch.maximum(p / g, g / p.clamp_min(1e-12))
-        self.sums += torch.stack([err.sum(), (err / g).sum(), (ratio < 1.25).sum().double(),
-                                  torch.tensor(float(g.numel()), dtype=torch.float64)])
+        self.sums += torch.stack(
+            [
+                err.sum(),
+                (err / g).sum(),
+                (ratio < 1.25).sum().double(),
+                torch.tensor(float(g.numel()), dtype=torch.float64),
+            ]
+        )
 
     def reduce(self) -> DepthMeter:
         _all_reduce(self.sums)

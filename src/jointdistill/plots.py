@@ -26,18 +26,29 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def qualitative_grid(images, gt_seg, pred_seg, gt_depth, pred_depth, palette, max_depth: float,
-                     path: str | Path, ignore_index: int = 255) -> Path:
+def qualitative_grid(
+    images, gt_seg, pred_seg, gt_depth, pred_depth, palette, max_depth: float, path: str | Path, ignore_index: int = 255
+) -> Path:
     """Rows: image | GT seg | student seg | GT depth | student depth | |error| (metres, invalid = black)."""
     n = len(images)
     titles = ("image", "ground-truth seg", "student seg", "ground-truth depth", "student depth", "depth |error| (m)")
     fig, axes = plt.subplots(n, 6, figsize=(6 * 2.6, n * 1.45 + 0.4), squeeze=False)
-    err_max = max(1.0, float(np.percentile([np.abs(p - g)[g > 0].max(initial=0) for p, g in
-                                            zip(pred_depth, gt_depth, strict=True)], 90)))
+    err_max = max(
+        1.0,
+        float(
+            np.percentile([np.abs(p - g)[g > 0].max(initial=0) for p, g in zip(pred_depth, gt_depth, strict=True)], 90)
+        ),
+    )
     for r in range(n):
         err = np.where(gt_depth[r] > 0, np.abs(pred_depth[r] - gt_depth[r]), np.nan)
-        panels = (images[r], colorize_labels(gt_seg[r], palette, ignore_index), colorize_labels(pred_seg[r], palette),
-                  colorize_depth(gt_depth[r], max_depth), colorize_depth(pred_depth[r], max_depth), None)
+        panels = (
+            images[r],
+            colorize_labels(gt_seg[r], palette, ignore_index),
+            colorize_labels(pred_seg[r], palette),
+            colorize_depth(gt_depth[r], max_depth),
+            colorize_depth(pred_depth[r], max_depth),
+            None,
+        )
         for c, ax in enumerate(axes[r]):
             if c == 5:
                 im = ax.imshow(err, cmap="magma", vmin=0, vmax=err_max)
@@ -60,8 +71,15 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if share[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{share[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(classes)), classes, fontsize=8)
     ax.set_xlabel("predicted")
@@ -102,8 +120,10 @@ def trajectory(image: np.ndarray, points, grid: tuple[int, int], path: str | Pat
     fig, axes = plt.subplots(1, len(timeframes), figsize=(3.0 * len(timeframes), 1.9), squeeze=False)
     for ax, tf in zip(axes[0], timeframes, strict=True):
         ax.imshow(image)
-        for source, style in (("connector", {"marker": "o", "facecolors": "none", "edgecolors": "cyan"}),
-                              ("student", {"marker": "x", "c": "red"})):
+        for source, style in (
+            ("connector", {"marker": "o", "facecolors": "none", "edgecolors": "cyan"}),
+            ("student", {"marker": "x", "c": "red"}),
+        ):
             pts = points[(points["timeframe"] == tf) & (points["source"] == source)]
             if len(pts):
                 ax.scatter((pts["x"] + 0.5) * sx, (pts["y"] + 0.5) * sy, s=30, linewidths=1.2, label=source, **style)
@@ -149,8 +169,7 @@ def ablation_bars(table: list[dict], metrics: list[str], path: str | Path) -> Pa
         means = [r.get(f"{key}_mean") for r in table]
         stds = [r.get(f"{key}_std") or 0.0 for r in table]
         xs = [i for i, m in enumerate(means) if m is not None]
-        ax.bar(xs, [means[i] for i in xs], yerr=[stds[i] for i in xs], capsize=3,
-               color=[f"C{i}" for i in xs])
+        ax.bar(xs, [means[i] for i in xs], yerr=[stds[i] for i in xs], capsize=3, color=[f"C{i}" for i in xs])
         ax.set_xticks(range(len(modes)), modes, rotation=40, ha="right", fontsize=8)
         ax.set_title(key, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -166,8 +185,10 @@ def paired_differences(pairs: list[dict], metrics: list[str], path: str | Path) 
         ys = list(range(len(pairs)))[::-1]
         means = [scale * p[key]["mean"] for p in pairs]
         # One seed has no interval: its point is drawn without a bar.
-        err = [[scale * (p[key]["mean"] - p[key]["low"]) if p[key]["low"] is not None else 0.0 for p in pairs],
-               [scale * (p[key]["high"] - p[key]["mean"]) if p[key]["high"] is not None else 0.0 for p in pairs]]
+        err = [
+            [scale * (p[key]["mean"] - p[key]["low"]) if p[key]["low"] is not None else 0.0 for p in pairs],
+            [scale * (p[key]["high"] - p[key]["mean"]) if p[key]["high"] is not None else 0.0 for p in pairs],
+        ]
         ax.errorbar(means, ys, xerr=err, fmt="o", capsize=3)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(ys, names if key == metrics[0] else [""] * len(names), fontsize=8)

@@ -29,8 +29,16 @@ from .io import atomic_dir, write_json
 
 METRICS, RUN, LIVE, REPORT = "metrics.json", "run.json", "dvclive", "report.json"
 # Keys whose values belong to the run, not to the result: taken out of a report wherever they occur.
-_RUN_KEYS = {"machine", "resumed_from_step", "reused", "latency_runs", "teacher_forward_images", "source_commit",
-             "seconds_per_step", "path"}
+_RUN_KEYS = {
+    "machine",
+    "resumed_from_step",
+    "reused",
+    "latency_runs",
+    "teacher_forward_images",
+    "source_commit",
+    "seconds_per_step",
+    "path",
+}
 _RUN_SUFFIXES = ("seconds", "_share", "per_second", "_ms")
 
 

@@ -74,8 +74,11 @@ def to_markdown(title: str, blocks: list[Block], root: Path) -> str:
 
 def to_html(title: str, blocks: list[Block]) -> str:
     e = html.escape
-    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title>",
-           f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    out = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
     for b in blocks:
         if b.kind == "heading":
             out.append(f"<h{b.level}>{e(b.body)}</h{b.level}>")
@@ -89,8 +92,10 @@ def to_html(title: str, blocks: list[Block]) -> str:
             out.append("</table>")
         elif b.kind == "image":
             data = base64.b64encode(Path(b.body).read_bytes()).decode()
-            out.append(f'<figure><img alt="{e(b.caption)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{e(b.caption)}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{e(b.caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(b.caption)}</figcaption></figure>"
+            )
         elif b.kind == "code":
             out.append(f"<pre>{e(b.body)}</pre>")
     out.append("</body></html>")

@@ -28,8 +28,9 @@ def load_safe(path: str | Path, what: str, fmt: str | None = None, map_location=
         raise ModelError(f"{what} {path}: file not found") from None
     except pickle.UnpicklingError:
         # torch's own message suggests weights_only=False, which this project never does.
-        raise ModelError(f"{what} {path}: unreadable (not a torch file, or it holds more than tensors and "
-                         "plain containers)") from None
+        raise ModelError(
+            f"{what} {path}: unreadable (not a torch file, or it holds more than tensors and plain containers)"
+        ) from None
     except Exception as exc:  # truncated or corrupt archives raise from zipfile or torch itself
         raise ModelError(f"{what} {path}: unreadable ({type(exc).__name__}: {brief(exc, 200)})") from None
     if fmt is not None and (not isinstance(obj, dict) or obj.get("format") != fmt):
@@ -48,6 +49,7 @@ def check_fit(own: dict, state: dict, what: str) -> None:
     def show(keys):
         return ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
 
-    parts = [f"{w}: {show(k)}" for w, k in (("missing", missing), ("unexpected", unexpected),
-                                             ("wrong shape", wrong)) if k]
+    parts = [
+        f"{w}: {show(k)}" for w, k in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if k
+    ]
     raise ModelError(f"{what}: " + "; ".join(parts))

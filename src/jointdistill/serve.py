@@ -73,26 +73,38 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
 
         # -- metadata -------------------------------------------------------------------------------
         def get_input_types(self) -> list[dict]:
-            return [{"name": IMAGE, "datatype": "FP32", "shape": [-1, 3, -1, -1]},
-                    {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]}]
+            return [
+                {"name": IMAGE, "datatype": "FP32", "shape": [-1, 3, -1, -1]},
+                {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]},
+            ]
 
         def get_output_types(self) -> list[dict]:
-            return [{"name": "segmentation", "datatype": "INT32", "shape": [-1, -1, -1]},
-                    {"name": "depth", "datatype": "FP32", "shape": [-1, -1, -1]}]
+            return [
+                {"name": "segmentation", "datatype": "INT32", "shape": [-1, -1, -1]},
+                {"name": "depth", "datatype": "FP32", "shape": [-1, -1, -1]},
+            ]
 
         def parameters(self) -> dict:
             m = self.meta
             h, w = self.session.input_size
-            rule = (f"H and W multiples of {self.size_multiple}" if self.size_multiple
-                    else f"exactly {h}×{w}")
+            rule = f"H and W multiples of {self.size_multiple}" if self.size_multiple else f"exactly {h}×{w}"
             return {
-                "format": m["format"], "classes": m["classes"], "palette": m["palette"],
-                "ignore_index": m.get("ignore_index"), "depth_unit": m["depth_unit"],
-                "depth_range": m.get("depth_range"), "input_size": [h, w], "size_multiple": self.size_multiple,
+                "format": m["format"],
+                "classes": m["classes"],
+                "palette": m["palette"],
+                "ignore_index": m.get("ignore_index"),
+                "depth_unit": m["depth_unit"],
+                "depth_range": m.get("depth_range"),
+                "input_size": [h, w],
+                "size_multiple": self.size_multiple,
                 "input_size_rule": f"'{IMAGE}': {rule}; '{IMAGE_BYTES}': any size (resized to {h}×{w})",
-                "mean": m["mean"], "std": m["std"], "input_layout": m.get("input_layout"),
-                "distill_mode": m.get("distill_mode"), "model": m.get("model"),
-                "jointdistill_version": m.get("jointdistill_version"), "provider": self.session.provider,
+                "mean": m["mean"],
+                "std": m["std"],
+                "input_layout": m.get("input_layout"),
+                "distill_mode": m.get("distill_mode"),
+                "model": m.get("model"),
+                "jointdistill_version": m.get("jointdistill_version"),
+                "provider": self.session.provider,
             }
 
         # -- inference ------------------------------------------------------------------------------
@@ -120,8 +132,10 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
             ih, iw = self.session.input_size
             if self.size_multiple:
                 if h < 1 or w < 1 or h % self.size_multiple or w % self.size_multiple:
-                    raise _invalid(f"input '{IMAGE}': H×W {h}×{w} not accepted; this model takes H and W that are "
-                                   f"multiples of {self.size_multiple} (e.g. {ih}×{iw})")
+                    raise _invalid(
+                        f"input '{IMAGE}': H×W {h}×{w} not accepted; this model takes H and W that are "
+                        f"multiples of {self.size_multiple} (e.g. {ih}×{iw})"
+                    )
             elif (h, w) != (ih, iw):
                 raise _invalid(f"input '{IMAGE}': H×W {h}×{w} not accepted; this model takes exactly {ih}×{iw}")
 
@@ -137,8 +151,10 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
             images = [_decode(item, i) for i, item in enumerate(items)]
             sizes = {im.shape[:2] for im in images}
             if len(sizes) > 1:
-                raise _invalid(f"input '{IMAGE_BYTES}': images of different sizes {sorted(sizes)} in one request; "
-                               "send one request per size")
+                raise _invalid(
+                    f"input '{IMAGE_BYTES}': images of different sizes {sorted(sizes)} in one request; "
+                    "send one request per size"
+                )
             return images
 
         def _run_tensor(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,14 +165,17 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
             inputs = {inp.name: inp for inp in payload.inputs}
             unknown = sorted(set(inputs) - {IMAGE, IMAGE_BYTES})
             if unknown:
-                raise _invalid(f"unknown input {', '.join(map(repr, unknown))}; send '{IMAGE}' (FP32 N×3×H×W) "
-                               f"or '{IMAGE_BYTES}' (BYTES, encoded images)")
+                raise _invalid(
+                    f"unknown input {', '.join(map(repr, unknown))}; send '{IMAGE}' (FP32 N×3×H×W) "
+                    f"or '{IMAGE_BYTES}' (BYTES, encoded images)"
+                )
             if len(inputs) != 1:
                 raise _invalid(f"send exactly one input, '{IMAGE}' or '{IMAGE_BYTES}' (got {len(inputs)})")
             wrong = sorted({o.name for o in payload.request_outputs or []} - set(OUTPUTS))
             if wrong:
-                raise _invalid(f"unknown output {', '.join(map(repr, wrong))}; the outputs are "
-                               f"{', '.join(map(repr, OUTPUTS))}")
+                raise _invalid(
+                    f"unknown output {', '.join(map(repr, wrong))}; the outputs are {', '.join(map(repr, OUTPUTS))}"
+                )
             loop = asyncio.get_running_loop()
             if IMAGE in inputs:
                 x = self._tensor(inputs[IMAGE])
@@ -172,12 +191,18 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
             all_binary = bool((payload.parameters or {}).get("binary_data_output")) and requested is None
             outputs = []
             for out_name, arr in (("segmentation", labels), ("depth", depth)):
-                out = InferOutput(name=out_name, shape=list(arr.shape),
-                                  datatype="INT32" if arr.dtype == np.int32 else "FP32")
+                out = InferOutput(
+                    name=out_name, shape=list(arr.shape), datatype="INT32" if arr.dtype == np.int32 else "FP32"
+                )
                 out.set_data_from_numpy(arr, binary_data=False)
                 outputs.append(out)
-            return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
-                                 infer_outputs=outputs, requested_outputs=requested, use_binary_outputs=all_binary)
+            return InferResponse(
+                response_id=payload.id or str(uuid.uuid4()),
+                model_name=self.name,
+                infer_outputs=outputs,
+                requested_outputs=requested,
+                use_binary_outputs=all_binary,
+            )
 
     return _Student()
 
@@ -188,8 +213,10 @@ def _decode(item, index: int) -> np.ndarray:
         try:
             raw = base64.b64decode(item, validate=True)
         except (binascii.Error, ValueError):
-            raise _invalid(f"input '{IMAGE_BYTES}'[{index}]: not base64 text (in JSON, send each image file "
-                           "base64-encoded; or raw bytes with the binary-data extension)") from None
+            raise _invalid(
+                f"input '{IMAGE_BYTES}'[{index}]: not base64 text (in JSON, send each image file "
+                "base64-encoded; or raw bytes with the binary-data extension)"
+            ) from None
     else:
         raw = bytes(item)
     try:
@@ -201,8 +228,9 @@ def _decode(item, index: int) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).split(" <")[0][:120]  # PIL names the BytesIO object: noise to a client
         raise _invalid(f"input '{IMAGE_BYTES}'[{index}]: not a decodable image ({reason})") from None
-    raise _invalid(f"input '{IMAGE_BYTES}'[{index}]: {size[0]}×{size[1]} pixels is over the limit of "
-                   f"{MAX_IMAGE_PIXELS}")
+    raise _invalid(
+        f"input '{IMAGE_BYTES}'[{index}]: {size[0]}×{size[1]} pixels is over the limit of {MAX_IMAGE_PIXELS}"
+    )
 
 
 class PayloadLimit:
@@ -265,10 +293,19 @@ class PayloadLimit:
     async def _refuse(self, send, size: int) -> None:
         import json
 
-        body = json.dumps({"error": f"payload of {size} bytes is over the server's limit of {self.limit} bytes "
-                                    "(serve --max-payload-mb); send fewer or smaller images per request"}).encode()
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "error": f"payload of {size} bytes is over the server's limit of {self.limit} bytes "
+                "(serve --max-payload-mb); send fewer or smaller images per request"
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -280,9 +317,14 @@ def _metadata_route(app, model) -> None:
     async def metadata(model_name: str):
         if model_name != model.name:
             return JSONResponse({"error": f"Model with name {model_name} does not exist."}, status_code=404)
-        return {"name": model.name, "versions": None, "platform": "onnxruntime",
-                "inputs": model.get_input_types(), "outputs": model.get_output_types(),
-                "parameters": model.parameters()}
+        return {
+            "name": model.name,
+            "versions": None,
+            "platform": "onnxruntime",
+            "inputs": model.get_input_types(),
+            "outputs": model.get_output_types(),
+            "parameters": model.parameters(),
+        }
 
     app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"])
 
@@ -301,27 +343,34 @@ def _decode_binary(body: bytes, json_length: int, model_name: str):
         header = orjson.loads(body[:json_length])
         inputs, start = [], json_length
         for spec in header["inputs"]:
-            inp = InferInput(name=spec["name"], shape=spec["shape"], datatype=spec["datatype"],
-                             parameters=spec.get("parameters"))
+            inp = InferInput(
+                name=spec["name"], shape=spec["shape"], datatype=spec["datatype"], parameters=spec.get("parameters")
+            )
             if spec.get("data") is not None:
                 inp.data = spec["data"]
             else:
                 size = int((spec.get("parameters") or {})["binary_data_size"])
                 if size < 0 or start + size > len(body):
                     raise _invalid(f"input {spec['name']!r}: binary_data_size {size} runs past the body")
-                inp._raw_data = body[start:start + size]
+                inp._raw_data = body[start : start + size]
                 start += size
             inputs.append(inp)
-        outputs = [RequestedOutput(name=o["name"], parameters=o.get("parameters"))
-                   for o in header.get("outputs") or []] or None
+        outputs = [
+            RequestedOutput(name=o["name"], parameters=o.get("parameters")) for o in header.get("outputs") or []
+        ] or None
     except InvalidInput:
         raise
     except orjson.JSONDecodeError as exc:
         raise _invalid(f"malformed inference request: the JSON header is not JSON ({exc})") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise _invalid(f"malformed inference request: missing or bad field {exc}") from None
-    return InferRequest(model_name=model_name, request_id=header.get("id"), parameters=header.get("parameters"),
-                        infer_inputs=inputs, request_outputs=outputs)
+    return InferRequest(
+        model_name=model_name,
+        request_id=header.get("id"),
+        parameters=header.get("parameters"),
+        infer_inputs=inputs,
+        request_outputs=outputs,
+    )
 
 
 def _decode_json(body: bytes, model_name: str):
@@ -414,8 +463,11 @@ class Decompress:
         if encoding in ("", "identity"):
             return await self.app(scope, receive, send)
         if encoding not in ("gzip", "deflate"):
-            return await _answer(send, 400, f"Content-Encoding {encoding!r} is not supported (send gzip, deflate "
-                                            "or an uncompressed body)")
+            return await _answer(
+                send,
+                400,
+                f"Content-Encoding {encoding!r} is not supported (send gzip, deflate or an uncompressed body)",
+            )
         chunks, more = [], True
         while more:
             message = await receive()
@@ -436,8 +488,11 @@ class Decompress:
             if body is None:
                 return await _answer(send, 400, f"the request body is not valid {encoding} data")
         if len(body) > self.limit:
-            return await _answer(send, 400, f"the decompressed request is over the server's limit of {self.limit} "
-                                            "bytes (serve --max-payload-mb)")
+            return await _answer(
+                send,
+                400,
+                f"the decompressed request is over the server's limit of {self.limit} bytes (serve --max-payload-mb)",
+            )
         kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
         scope = {**scope, "headers": [*kept, (b"content-length", str(len(body)).encode())]}
         sent = False
@@ -465,8 +520,13 @@ async def _answer(send, status: int, message: str) -> None:
     import json
 
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -477,8 +537,9 @@ async def _malformed(request, exc):
     errors = [e for e in exc.errors() if "InferenceRequest" in map(str, e.get("loc", ()))] or exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "unreadable"}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "InferenceRequest"))
-    return JSONResponse({"error": f"malformed inference request: {where + ': ' if where else ''}{first['msg']}"},
-                        status_code=400)
+    return JSONResponse(
+        {"error": f"malformed inference request: {where + ': ' if where else ''}{first['msg']}"}, status_code=400
+    )
 
 
 def resolve_model(source: str, cache: str | Path | None = None) -> Path:
@@ -500,8 +561,15 @@ def resolve_model(source: str, cache: str | Path | None = None) -> Path:
     return path
 
 
-def serve(source: str, host: str = "127.0.0.1", port: int = 8080, name: str = "student", device: str = "auto",
-          max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB, threads: int | None = None) -> None:
+def serve(
+    source: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    name: str = "student",
+    device: str = "auto",
+    max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB,
+    threads: int | None = None,
+) -> None:
     """Load the model (refusing a file that is not a jointdistill student), then serve until SIGINT/SIGTERM."""
     import sys
 
@@ -533,8 +601,7 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8080, name: str = "s
                 self._rest_server.config.host = host
             await super()._serve()
 
-    server = _Server(http_port=port, enable_grpc=False, workers=1, enable_docs_url=False,
-                     enable_latency_logging=False)
+    server = _Server(http_port=port, enable_grpc=False, workers=1, enable_docs_url=False, enable_latency_logging=False)
     _fast_binary_decoding(server.dataplane)
     server.start([model])
 
@@ -543,8 +610,12 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8080, name: str = "s
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the v2 binary-data extension
 
 
-def encode_request(tensor: np.ndarray | None = None, images: list[bytes] | None = None, binary: bool = False,
-                   request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+def encode_request(
+    tensor: np.ndarray | None = None,
+    images: list[bytes] | None = None,
+    binary: bool = False,
+    request_id: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
     """An infer request body and its headers: a normalised N×3×H×W ``tensor`` or encoded ``images`` (files'
     bytes). ``binary`` sends the input and asks for the outputs with the v2 binary-data extension (no JSON
     floats, no base64: much faster); otherwise everything is JSON (image files as base64 text)."""
@@ -591,7 +662,7 @@ def decode_response(body: bytes, headers) -> dict[str, np.ndarray]:
         dtype = {"INT32": np.int32, "FP32": np.float32}[o["datatype"]]
         size = (o.get("parameters") or {}).get("binary_data_size")
         if size is not None:
-            arr = np.frombuffer(body[offset: offset + size], dtype=dtype)
+            arr = np.frombuffer(body[offset : offset + size], dtype=dtype)
             offset += size
         else:
             arr = np.asarray(o["data"], dtype=dtype)
@@ -599,5 +670,16 @@ def decode_response(body: bytes, headers) -> dict[str, np.ndarray]:
     return out
 
 
-__all__ = ["make_model", "serve", "resolve_model", "PayloadLimit", "Decompress", "RequestLog", "encode_request",
-           "decode_response", "IMAGE", "IMAGE_BYTES", "OUTPUTS"]
+__all__ = [
+    "make_model",
+    "serve",
+    "resolve_model",
+    "PayloadLimit",
+    "Decompress",
+    "RequestLog",
+    "encode_request",
+    "decode_response",
+    "IMAGE",
+    "IMAGE_BYTES",
+    "OUTPUTS",
+]

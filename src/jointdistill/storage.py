@@ -44,8 +44,10 @@ def _client():
     try:
         return storage.Client()
     except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
-        raise OutputError(f"GCS: no usable credentials ({str(exc).splitlines()[0]}); set "
-                          "GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`") from None
+        raise OutputError(
+            f"GCS: no usable credentials ({str(exc).splitlines()[0]}); set "
+            "GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
+        ) from None
 
 
 def checksums(path: Path) -> dict:
@@ -96,10 +98,15 @@ def _check_export(export_dir: Path) -> list[Path]:
 
 def _verify_blob(blob, expected: dict, where: str) -> None:
     blob.reload()
-    if blob.size != expected["size"] or (blob.md5_hash and blob.md5_hash != expected["md5"]) or (
-            blob.crc32c and blob.crc32c != expected["crc32c"]):
-        raise OutputError(f"{where}: the stored object does not match the local file (size {blob.size} vs "
-                          f"{expected['size']}, md5 {blob.md5_hash} vs {expected['md5']}); not published")
+    if (
+        blob.size != expected["size"]
+        or (blob.md5_hash and blob.md5_hash != expected["md5"])
+        or (blob.crc32c and blob.crc32c != expected["crc32c"])
+    ):
+        raise OutputError(
+            f"{where}: the stored object does not match the local file (size {blob.size} vs "
+            f"{expected['size']}, md5 {blob.md5_hash} vs {expected['md5']}); not published"
+        )
 
 
 def publish(export_dir: str | Path, url: str, version: str | None = None, triton: bool = True) -> dict:
@@ -130,8 +137,9 @@ def publish(export_dir: str | Path, url: str, version: str | None = None, triton
         return _upload_version(bucket, bucket_name, base, where, version, files, export_dir)
 
 
-def _upload_version(bucket, bucket_name: str, base: str, where: str, version: str, files: list[tuple[str, Path]],
-                    export_dir: Path) -> dict:
+def _upload_version(
+    bucket, bucket_name: str, base: str, where: str, version: str, files: list[tuple[str, Path]], export_dir: Path
+) -> dict:
     from google.api_core import exceptions as gexc
 
     try:
@@ -153,11 +161,16 @@ def _upload_version(bucket, bucket_name: str, base: str, where: str, version: st
         from .lineage import source_commit
 
         # The git commit of the publishing code (the export's lineage names its source by content only).
-        manifest = {"format": MANIFEST_FORMAT, "version": version, "files": entries,
-                    "source": {"export_dir": str(export_dir.resolve()), "commit": source_commit()}}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": version,
+            "files": entries,
+            "source": {"export_dir": str(export_dir.resolve()), "commit": source_commit()},
+        }
         try:
             bucket.blob(f"{base}/{MANIFEST}").upload_from_string(
-                json.dumps(manifest, indent=2) + "\n", content_type="application/json", if_generation_match=0)
+                json.dumps(manifest, indent=2) + "\n", content_type="application/json", if_generation_match=0
+            )
         except gexc.PreconditionFailed:
             raise OutputError(f"{where} was published by someone else meanwhile; not overwriting it") from None
     except gexc.NotFound as exc:
@@ -192,8 +205,10 @@ def fetch_model(url: str, out: str | Path) -> dict:
                 bucket.blob(f"{base}/{name}").download_to_filename(str(tmp / name))
                 got = checksums(tmp / name)
                 if got["sha256"] != entry["sha256"] or got["size"] != entry["size"]:
-                    raise DataError(f"{where}{name}: checksum mismatch after download (sha256 {got['sha256'][:12]}… "
-                                    f"vs {entry['sha256'][:12]}…); nothing was written")
+                    raise DataError(
+                        f"{where}{name}: checksum mismatch after download (sha256 {got['sha256'][:12]}… "
+                        f"vs {entry['sha256'][:12]}…); nothing was written"
+                    )
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except gexc.NotFound as exc:
         raise DataError(f"{where}: missing ({exc.message})") from None
@@ -203,6 +218,7 @@ def fetch_model(url: str, out: str | Path) -> dict:
 
 
 # --- folders on gs:// (the data a Kubeflow Trainer job reads and writes; see trainjob.py) ---
+
 
 def is_url(path: str | Path) -> bool:
     return str(path).startswith("gs://")
@@ -224,13 +240,16 @@ def download_tree(url: str, dest: str | Path) -> Path:
             _download_checked(single, part, url)
             part.replace(dest)
             return dest
-        blobs = [b for b in bucket.list_blobs(prefix=f"{prefix}/" if prefix else None)
-                 if not b.name.endswith("/") and b.name.rsplit("/", 1)[-1] != SUCCESS]
+        blobs = [
+            b
+            for b in bucket.list_blobs(prefix=f"{prefix}/" if prefix else None)
+            if not b.name.endswith("/") and b.name.rsplit("/", 1)[-1] != SUCCESS
+        ]
         if not blobs:
             raise DataError(f"{url}: no such object or folder")
         with atomic_dir(dest) as tmp:
             for blob in blobs:
-                rel = blob.name[len(prefix) + 1:] if prefix else blob.name
+                rel = blob.name[len(prefix) + 1 :] if prefix else blob.name
                 if rel.startswith("/") or ".." in Path(rel).parts:
                     raise DataError(f"{url}: refusing object name {blob.name!r}")
                 target = tmp / rel

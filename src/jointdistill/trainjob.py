@@ -60,8 +60,10 @@ def job_name(stage: str, task: str | None, output_url: str) -> str:
 
 def staging_url(output_uri: str) -> str:
     if not output_uri.startswith("gs://"):
-        raise ConfigError(f"pipeline.trainjob needs a gs:// pipeline root (the job exchanges data through it); "
-                          f"this step's output is {output_uri!r}")
+        raise ConfigError(
+            f"pipeline.trainjob needs a gs:// pipeline root (the job exchanges data through it); "
+            f"this step's output is {output_uri!r}"
+        )
     return output_uri.rstrip("/") + ".trainjob"
 
 
@@ -76,8 +78,16 @@ def _resources(cfg: TrainJobParams) -> dict:
     return res
 
 
-def request(params: Params, stage: str, image: str, params_url: str, data_url: str, output_uri: str,
-            task: str | None = None, teacher_urls: tuple[str, str] | None = None) -> JobRequest:
+def request(
+    params: Params,
+    stage: str,
+    image: str,
+    params_url: str,
+    data_url: str,
+    output_uri: str,
+    task: str | None = None,
+    teacher_urls: tuple[str, str] | None = None,
+) -> JobRequest:
     """The TrainJob for ``stage`` (teacher | distill) reading gs:// inputs and writing below ``output_uri``."""
     if stage not in STAGE_COMMANDS:
         raise ConfigError(f"stage {stage!r}: a TrainJob runs one of {', '.join(STAGE_COMMANDS)}")
@@ -101,25 +111,41 @@ def request(params: Params, stage: str, image: str, params_url: str, data_url: s
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpu_per_node) // nproc))
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
     return JobRequest(
-        name=job_name(stage, task, output_uri), runtime=cfg.runtime, image=image, num_nodes=cfg.num_nodes,
-        procs_per_node=nproc, resources_per_node=_resources(cfg), command=["torchrun"], args=args, env=env,
+        name=job_name(stage, task, output_uri),
+        runtime=cfg.runtime,
+        image=image,
+        num_nodes=cfg.num_nodes,
+        procs_per_node=nproc,
+        resources_per_node=_resources(cfg),
+        command=["torchrun"],
+        args=args,
+        env=env,
         labels={LABEL_PART_OF: "jointdistill", LABEL_STAGE: stage + (f"-{task}" if task else "")},
-        namespace=cfg.namespace, deadline_seconds=cfg.timeout, output_url=out)
+        namespace=cfg.namespace,
+        deadline_seconds=cfg.timeout,
+        output_url=out,
+    )
 
 
 def _container(req: JobRequest):
     from kubeflow.trainer import CustomTrainerContainer
 
-    return CustomTrainerContainer(image=req.image, num_nodes=req.num_nodes,
-                                  resources_per_node=dict(req.resources_per_node), env=dict(req.env))
+    return CustomTrainerContainer(
+        image=req.image, num_nodes=req.num_nodes, resources_per_node=dict(req.resources_per_node), env=dict(req.env)
+    )
 
 
 def _options(req: JobRequest) -> list:
     from kubeflow.trainer.options.common import Name
     from kubeflow.trainer.options.kubernetes import ActiveDeadlineSeconds, Labels, TrainerArgs, TrainerCommand
 
-    return [Name(name=req.name), Labels(labels=dict(req.labels)), TrainerCommand(command=list(req.command)),
-            TrainerArgs(args=list(req.args)), ActiveDeadlineSeconds(seconds=req.deadline_seconds)]
+    return [
+        Name(name=req.name),
+        Labels(labels=dict(req.labels)),
+        TrainerCommand(command=list(req.command)),
+        TrainerArgs(args=list(req.args)),
+        ActiveDeadlineSeconds(seconds=req.deadline_seconds),
+    ]
 
 
 def manifest(req: JobRequest, runtime_kind: str = "ClusterTrainingRuntime") -> dict:
@@ -130,18 +156,26 @@ def manifest(req: JobRequest, runtime_kind: str = "ClusterTrainingRuntime") -> d
     from kubeflow.trainer.types import types
     from kubeflow_trainer_api import models
 
-    runtime = types.Runtime(name=req.runtime, kind=types.RuntimeKind(runtime_kind), trainer=types.RuntimeTrainer(
-        trainer_type=types.TrainerType.CUSTOM_TRAINER, framework="torch", image=req.image))
+    runtime = types.Runtime(
+        name=req.runtime,
+        kind=types.RuntimeKind(runtime_kind),
+        trainer=types.RuntimeTrainer(trainer_type=types.TrainerType.CUSTOM_TRAINER, framework="torch", image=req.image),
+    )
     trainer = k8s_utils.get_trainer_cr_from_custom_trainer(runtime, _container(req))
     trainer.command = list(req.command)
     trainer.args = list(req.args)
     job = models.TrainerV1alpha1TrainJob(
-        apiVersion=constants.API_VERSION, kind=constants.TRAINJOB_KIND,
-        metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=req.name, namespace=req.namespace,
-                                                                 labels=dict(req.labels)),
+        apiVersion=constants.API_VERSION,
+        kind=constants.TRAINJOB_KIND,
+        metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
+            name=req.name, namespace=req.namespace, labels=dict(req.labels)
+        ),
         spec=models.TrainerV1alpha1TrainJobSpec(
             runtimeRef=models.TrainerV1alpha1RuntimeRef(name=runtime.name, kind=runtime.kind.value),
-            trainer=trainer, activeDeadlineSeconds=req.deadline_seconds))
+            trainer=trainer,
+            activeDeadlineSeconds=req.deadline_seconds,
+        ),
+    )
     return job.to_dict()
 
 
@@ -154,8 +188,13 @@ def launch(req: JobRequest, poll_interval: int, timeout: int, client=None) -> st
     client = client or TrainerClient(KubernetesBackendConfig(namespace=req.namespace))
     try:
         name = client.train(runtime=req.runtime, trainer=_container(req), options=_options(req))
-        log.info("TrainJob %s submitted: %d node(s) × %d process(es), image %s", name, req.num_nodes,
-                 req.procs_per_node, req.image)
+        log.info(
+            "TrainJob %s submitted: %d node(s) × %d process(es), image %s",
+            name,
+            req.num_nodes,
+            req.procs_per_node,
+            req.image,
+        )
     except RuntimeError as exc:
         # A retried KFP step (its pod was preempted) finds the job it started: same output, same name.
         try:
@@ -179,8 +218,16 @@ def _tail(client, name: str, lines: int = 20) -> str:
     return "\nlast lines of its log:\n" + "\n".join(text.splitlines()[-lines:]) if text else ""
 
 
-def run_step(params: Params, stage: str, image: str, inputs: dict[str, str], output_uri: str, output_path: str,
-             task: str | None = None, client=None) -> dict:
+def run_step(
+    params: Params,
+    stage: str,
+    image: str,
+    inputs: dict[str, str],
+    output_uri: str,
+    output_path: str,
+    task: str | None = None,
+    client=None,
+) -> dict:
     """What a KFP training step does in TrainJob mode: upload params, launch, wait, copy the job's output folder
     into the step's output artifact path. ``inputs``: ``data`` and (distill) ``teacher_seg``/``teacher_depth``
     URIs. Returns the stage's report.json."""
@@ -199,8 +246,10 @@ def run_step(params: Params, stage: str, image: str, inputs: dict[str, str], out
     cfg = params.pipeline.trainjob
     name = launch(req, cfg.poll_interval, cfg.timeout, client)
     if not storage.exists(f"{out}/{storage.SUCCESS}"):
-        raise OutputError(f"TrainJob {name} completed but {out} is incomplete (no {storage.SUCCESS}): its rank 0 "
-                          "did not finish the upload")
+        raise OutputError(
+            f"TrainJob {name} completed but {out} is incomplete (no {storage.SUCCESS}): its rank 0 "
+            "did not finish the upload"
+        )
     storage.download_tree(out, output_path)
     return json.loads((Path(output_path) / "report.json").read_text())
 

@@ -73,11 +73,11 @@ def make_source(params: PrepareParams, seed: int) -> Source:
     if factory is None:
         available = ", ".join(sorted(_REGISTRY))
         raise ConfigError(
-            f"prepare.dataset: the '{params.dataset}' adapter is not available in this version "
-            f"(available: {available})"
+            f"prepare.dataset: the '{params.dataset}' adapter is not available in this version (available: {available})"
         )
     if params.dataset != "synthetic" and not params.root:
-        raise ConfigError(f"prepare.root is required for dataset '{params.dataset}' (the folder or file to read; "
-                          "in a Kubeflow run, pin one with data_repo/data_rev/data_path instead)")
+        raise ConfigError(
+            f"prepare.root is required for dataset '{params.dataset}' (the folder or file to read; "
+            "in a Kubeflow run, pin one with data_repo/data_rev/data_path instead)"
+        )
     return factory(params, seed)
-

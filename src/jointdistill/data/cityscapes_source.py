@@ -26,25 +26,93 @@ IGNORE = 255
 # 1..7 are flat, construction, object, nature, sky, human, vehicle; 0 is void. License plate (id -1) is
 # left out: it never appears in *_labelIds.png.
 LABELS = {
-    0: ("unlabeled", IGNORE, 0), 1: ("ego vehicle", IGNORE, 0), 2: ("rectification border", IGNORE, 0),
-    3: ("out of roi", IGNORE, 0), 4: ("static", IGNORE, 0), 5: ("dynamic", IGNORE, 0), 6: ("ground", IGNORE, 0),
-    7: ("road", 0, 1), 8: ("sidewalk", 1, 1), 9: ("parking", IGNORE, 1), 10: ("rail track", IGNORE, 1),
-    11: ("building", 2, 2), 12: ("wall", 3, 2), 13: ("fence", 4, 2), 14: ("guard rail", IGNORE, 2),
-    15: ("bridge", IGNORE, 2), 16: ("tunnel", IGNORE, 2), 17: ("pole", 5, 3), 18: ("polegroup", IGNORE, 3),
-    19: ("traffic light", 6, 3), 20: ("traffic sign", 7, 3), 21: ("vegetation", 8, 4), 22: ("terrain", 9, 4),
-    23: ("sky", 10, 5), 24: ("person", 11, 6), 25: ("rider", 12, 6), 26: ("car", 13, 7), 27: ("truck", 14, 7),
-    28: ("bus", 15, 7), 29: ("caravan", IGNORE, 7), 30: ("trailer", IGNORE, 7), 31: ("train", 16, 7),
-    32: ("motorcycle", 17, 7), 33: ("bicycle", 18, 7),
+    0: ("unlabeled", IGNORE, 0),
+    1: ("ego vehicle", IGNORE, 0),
+    2: ("rectification border", IGNORE, 0),
+    3: ("out of roi", IGNORE, 0),
+    4: ("static", IGNORE, 0),
+    5: ("dynamic", IGNORE, 0),
+    6: ("ground", IGNORE, 0),
+    7: ("road", 0, 1),
+    8: ("sidewalk", 1, 1),
+    9: ("parking", IGNORE, 1),
+    10: ("rail track", IGNORE, 1),
+    11: ("building", 2, 2),
+    12: ("wall", 3, 2),
+    13: ("fence", 4, 2),
+    14: ("guard rail", IGNORE, 2),
+    15: ("bridge", IGNORE, 2),
+    16: ("tunnel", IGNORE, 2),
+    17: ("pole", 5, 3),
+    18: ("polegroup", IGNORE, 3),
+    19: ("traffic light", 6, 3),
+    20: ("traffic sign", 7, 3),
+    21: ("vegetation", 8, 4),
+    22: ("terrain", 9, 4),
+    23: ("sky", 10, 5),
+    24: ("person", 11, 6),
+    25: ("rider", 12, 6),
+    26: ("car", 13, 7),
+    27: ("truck", 14, 7),
+    28: ("bus", 15, 7),
+    29: ("caravan", IGNORE, 7),
+    30: ("trailer", IGNORE, 7),
+    31: ("train", 16, 7),
+    32: ("motorcycle", 17, 7),
+    33: ("bicycle", 18, 7),
 }
-TRAIN_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                 "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                 "bicycle")
-TRAIN_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-                 (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-                 (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+TRAIN_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+TRAIN_PALETTE = (
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+)
 CATEGORIES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
-CATEGORY_PALETTE = ((128, 64, 128), (70, 70, 70), (153, 153, 153), (107, 142, 35), (70, 130, 180), (220, 20, 60),
-                    (0, 0, 142))
+CATEGORY_PALETTE = (
+    (128, 64, 128),
+    (70, 70, 70),
+    (153, 153, 153),
+    (107, 142, 35),
+    (70, 130, 180),
+    (220, 20, 60),
+    (0, 0, 142),
+)
 SPLITS = {"train": "train", "val": "test"}  # official split → source split
 
 
@@ -74,8 +142,10 @@ class CityscapesSource:
         self.params, self.seed = params, seed
         self.root = Path(params.root or "")
         if not (self.root / "leftImg8bit").is_dir():
-            raise DataError(f"prepare.root {self.root}: expected the official Cityscapes layout (leftImg8bit/, "
-                            "gtFine/, disparity/, camera/)")
+            raise DataError(
+                f"prepare.root {self.root}: expected the official Cityscapes layout (leftImg8bit/, "
+                "gtFine/, disparity/, camera/)"
+            )
         n = params.cityscapes_classes
         self.classes = TRAIN_CLASSES if n == 19 else CATEGORIES
         self.palette = TRAIN_PALETTE if n == 19 else CATEGORY_PALETTE
@@ -90,16 +160,19 @@ class CityscapesSource:
                 raise DataError(f"{self.root / 'leftImg8bit' / split}: no *_leftImg8bit.png images")
             for image in images:
                 city, stem = image.parent.name, image.name.removesuffix("_leftImg8bit.png")
-                partners = (self.root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
-                            self.root / "disparity" / split / city / f"{stem}_disparity.png",
-                            self.root / "camera" / split / city / f"{stem}_camera.json")
+                partners = (
+                    self.root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
+                    self.root / "disparity" / split / city / f"{stem}_disparity.png",
+                    self.root / "camera" / split / city / f"{stem}_camera.json",
+                )
                 for p in partners:
                     if not p.is_file():
                         raise DataError(f"{image}: no partner file {p}")
                 sid = f"cityscapes/{split}/{stem}"
                 self._files[sid] = (image, *partners)
-                refs.append(SampleRef(sid, source_split, tuple(str(p.relative_to(self.root))
-                                                               for p in (image, *partners))))
+                refs.append(
+                    SampleRef(sid, source_split, tuple(str(p.relative_to(self.root)) for p in (image, *partners)))
+                )
         return refs
 
     def load(self, ref: SampleRef) -> Sample:
@@ -112,20 +185,26 @@ class CityscapesSource:
             camera = json.loads(camera_path.read_text())
             baseline, fx = float(camera["extrinsic"]["baseline"]), float(camera["intrinsic"]["fx"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{camera_path}: unreadable camera file (needs extrinsic.baseline and intrinsic.fx; "
-                            f"{exc})") from None
+            raise DataError(
+                f"{camera_path}: unreadable camera file (needs extrinsic.baseline and intrinsic.fx; {exc})"
+            ) from None
         if not (baseline > 0 and fx > 0):
             raise DataError(f"{camera_path}: baseline {baseline} and fx {fx} must be positive")
         disparity = read_png_array(disp_path)
         for what, arr, path in (("labels", label_ids, label_path), ("disparity", disparity, disp_path)):
             if arr.shape != image.shape[:2]:
-                raise DataError(f"{path}: {what} {arr.shape[1]}×{arr.shape[0]}, "
-                                f"image {image.shape[1]}×{image.shape[0]}")
+                raise DataError(
+                    f"{path}: {what} {arr.shape[1]}×{arr.shape[0]}, image {image.shape[1]}×{image.shape[0]}"
+                )
         return Sample(ref.sample_id, image, self.table[label_ids], disparity_to_depth(disparity, baseline, fx))
 
     def describe(self) -> dict:
         listing = hashlib.sha256()
         for sid, files in sorted(self._files.items()):
             listing.update(f"{sid}:{files[0].stat().st_size}\n".encode())
-        return {"root": str(self.root.resolve()), "layout": "official Cityscapes (gtFine, disparity, camera)",
-                "classes": len(self.classes), "listing_sha256": listing.hexdigest()}
+        return {
+            "root": str(self.root.resolve()),
+            "layout": "official Cityscapes (gtFine, disparity, camera)",
+            "classes": len(self.classes),
+            "listing_sha256": listing.hexdigest(),
+        }

@@ -18,8 +18,15 @@ CHECKSUMS_FORMAT = "jointdistill.checksums/1"
 # Not listed in checksums.json: the list itself, and the lineage record (which names the folder by its content).
 _UNLISTED = (CHECKSUMS, "lineage.json", "metrics.json", "run.json")  # the last two: see records
 META_KEYS = (
-    "dataset", "classes", "palette", "ignore_index", "depth_unit", "depth_range", "resolution",
-    "normalization", "counts",
+    "dataset",
+    "classes",
+    "palette",
+    "ignore_index",
+    "depth_unit",
+    "depth_range",
+    "resolution",
+    "normalization",
+    "counts",
 )
 
 
@@ -58,9 +65,7 @@ def open_split(root: str | Path, split: str, meta: dict | None = None) -> dict[s
             raise DataError(f"{path}: not a readable .npy file ({exc})") from None
         expected = (n, h, w, 3) if ndim == 4 else (n, h, w)
         if arr.dtype != dtype or arr.shape != expected:
-            raise DataError(
-                f"{path}: expected {np.dtype(dtype).name} {expected}, found {arr.dtype.name} {arr.shape}"
-            )
+            raise DataError(f"{path}: expected {np.dtype(dtype).name} {expected}, found {arr.dtype.name} {arr.shape}")
         arrays[name] = arr
     return arrays
 
@@ -84,8 +89,11 @@ def write_checksums(root: str | Path) -> dict:
     from ..io import file_sha256, write_json
 
     root = Path(root)
-    files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in _UNLISTED}
+    files = {
+        p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in _UNLISTED
+    }
     record = {"format": CHECKSUMS_FORMAT, "files": files}
     write_json(root / CHECKSUMS, record)
     return record
@@ -101,8 +109,10 @@ def verify_checksums(root: str | Path) -> None:
     try:
         files = json.loads(path.read_text())["files"]
     except FileNotFoundError:
-        raise DataError(f"{path}: missing; {root} was prepared by an older jointdistill or copied incompletely "
-                        "(run `jointdistill prepare` again)") from None
+        raise DataError(
+            f"{path}: missing; {root} was prepared by an older jointdistill or copied incompletely "
+            "(run `jointdistill prepare` again)"
+        ) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: unreadable ({exc})") from None
     for rel, want in files.items():
@@ -110,8 +120,10 @@ def verify_checksums(root: str | Path) -> None:
         if not file.is_file():
             raise DataError(f"{file}: missing (listed in {CHECKSUMS})")
         if file.stat().st_size != want["bytes"] or file_sha256(file) != want["sha256"]:
-            raise DataError(f"{file}: its content differs from what prepare recorded in {CHECKSUMS} (corrupted or "
-                            "changed in place); restore it (`dvc checkout`) or run `jointdistill prepare` again")
+            raise DataError(
+                f"{file}: its content differs from what prepare recorded in {CHECKSUMS} (corrupted or "
+                "changed in place); restore it (`dvc checkout`) or run `jointdistill prepare` again"
+            )
 
 
 def verify_prepared(root: str | Path, check_digests: bool = False, check_files: bool = True) -> dict:

@@ -153,11 +153,17 @@ class FolderSource:
                 sid = f"{split}/{stem}"
                 source_split = split
                 if not has_test:
-                    source_split = "test" if hash_fraction(sid, self.seed, "folder-test") < self.params.test_fraction \
-                        else "train"
+                    source_split = (
+                        "test" if hash_fraction(sid, self.seed, "folder-test") < self.params.test_fraction else "train"
+                    )
                 self._files[sid] = (image, labels[stem], depths[stem])
-                refs.append(SampleRef(sid, source_split, tuple(str(p.relative_to(self.root)) for p in
-                                                               (image, labels[stem], depths[stem]))))
+                refs.append(
+                    SampleRef(
+                        sid,
+                        source_split,
+                        tuple(str(p.relative_to(self.root)) for p in (image, labels[stem], depths[stem])),
+                    )
+                )
         return refs
 
     def load(self, ref: SampleRef) -> Sample:
@@ -174,8 +180,10 @@ class FolderSource:
             depth = read_png_array(depth_path).astype(np.float32) * self.depth_scale
         for what, arr, path in (("label", label, label_path), ("depth", depth, depth_path)):
             if arr.shape[:2] != image.shape[:2]:
-                raise DataError(f"{path}: {what} is {arr.shape[1]}×{arr.shape[0]}, its image "
-                                f"{image_path.name} is {image.shape[1]}×{image.shape[0]}")
+                raise DataError(
+                    f"{path}: {what} is {arr.shape[1]}×{arr.shape[0]}, its image "
+                    f"{image_path.name} is {image.shape[1]}×{image.shape[0]}"
+                )
         return Sample(ref.sample_id, image, label, depth)
 
     def describe(self) -> dict:
@@ -184,5 +192,9 @@ class FolderSource:
             for f in files:
                 st = f.stat()
                 listing.update(f"{sid}:{f.name}:{st.st_size}\n".encode())
-        return {"root": str(self.root.resolve()), "classes_file": "classes.yaml", "files": 3 * len(self._files),
-                "listing_sha256": listing.hexdigest()}
+        return {
+            "root": str(self.root.resolve()),
+            "classes_file": "classes.yaml",
+            "files": 3 * len(self._files),
+            "listing_sha256": listing.hexdigest(),
+        }

@@ -31,11 +31,48 @@ IGNORE = 255
 RAW_CLASSES = 894
 MAT_NAME = "nyu_depth_v2_labeled.mat"
 # The 40 classes of Gupta et al. (2013), in the order of classMapping40 (CLASSES_13: Couprie et al. 2013).
-CLASSES_40 = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
-              "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes",
-              "ceiling", "books", "refrigerator", "television", "paper", "towel", "shower curtain", "box",
-              "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure",
-              "otherfurniture", "otherprop")
+CLASSES_40 = (
+    "wall",
+    "floor",
+    "cabinet",
+    "bed",
+    "chair",
+    "sofa",
+    "table",
+    "door",
+    "window",
+    "bookshelf",
+    "picture",
+    "counter",
+    "blinds",
+    "desk",
+    "shelves",
+    "curtain",
+    "dresser",
+    "pillow",
+    "mirror",
+    "floor mat",
+    "clothes",
+    "ceiling",
+    "books",
+    "refrigerator",
+    "television",
+    "paper",
+    "towel",
+    "shower curtain",
+    "box",
+    "whiteboard",
+    "person",
+    "night stand",
+    "toilet",
+    "sink",
+    "lamp",
+    "bathtub",
+    "bag",
+    "otherstructure",
+    "otherfurniture",
+    "otherprop",
+)
 
 
 def _h5py():
@@ -102,14 +139,19 @@ def _walk(variables: dict, prefix: str = ""):
 
 def _from_mat(path: Path) -> tuple[np.ndarray, list[str] | None]:
     variables = dict(_walk(_mat_variables(path)))
-    vectors = {n: np.asarray(v).ravel() for n, v in variables.items()
-               if isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and v.size == RAW_CLASSES}
+    vectors = {
+        n: np.asarray(v).ravel()
+        for n, v in variables.items()
+        if isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and v.size == RAW_CLASSES
+    }
     if not vectors:
         raise DataError(f"{path}: no numeric variable with {RAW_CLASSES} entries (expected e.g. mapClass)")
     preferred = [n for n in vectors if n.split(".")[-1] == "mapClass"]
     if len(preferred) != 1 and len(vectors) != 1:
-        raise DataError(f"{path}: several {RAW_CLASSES}-entry variables ({', '.join(sorted(vectors))}); "
-                        "keep only the mapping (mapClass)")
+        raise DataError(
+            f"{path}: several {RAW_CLASSES}-entry variables ({', '.join(sorted(vectors))}); "
+            "keep only the mapping (mapClass)"
+        )
     mapping = vectors[preferred[0] if len(preferred) == 1 else next(iter(vectors))]
     names = None
     for n, v in variables.items():
@@ -202,8 +244,10 @@ class NYUv2LabeledSource:
     def __init__(self, params: PrepareParams, seed: int, mat: Path):
         self.params, self.seed, self.mat = params, seed, mat
         if not params.nyuv2_class_map:
-            raise DataError(f"{mat}: the official labels are {RAW_CLASSES} raw classes; set prepare.nyuv2_class_map "
-                            "to a mapping file (classMapping13.mat, classMapping40.mat, or YAML {classes, map})")
+            raise DataError(
+                f"{mat}: the official labels are {RAW_CLASSES} raw classes; set prepare.nyuv2_class_map "
+                "to a mapping file (classMapping13.mat, classMapping40.mat, or YAML {classes, map})"
+            )
         self.class_map = Path(params.nyuv2_class_map)
         self.splits = Path(params.nyuv2_splits) if params.nyuv2_splits else mat.parent / "splits.mat"
         self.lookup, self.classes, self.palette = read_class_map(self.class_map)
@@ -212,8 +256,7 @@ class NYUv2LabeledSource:
     def _open(self):
         if self._file is None:
             if not _is_hdf5(self.mat):
-                raise DataError(f"{self.mat}: not a MATLAB v7.3 (HDF5) file; expected the official "
-                                f"{MAT_NAME}")
+                raise DataError(f"{self.mat}: not a MATLAB v7.3 (HDF5) file; expected the official {MAT_NAME}")
             try:
                 self._file = _h5py().File(self.mat, "r")
             except OSError as exc:
@@ -222,10 +265,16 @@ class NYUv2LabeledSource:
             if missing:
                 raise DataError(f"{self.mat}: no {', '.join(missing)} (expected the official labelled set)")
             images, labels, depths = (self._file[k] for k in ("images", "labels", "depths"))
-            if images.ndim != 4 or images.shape[1] != 3 or labels.shape != images.shape[:1] + images.shape[2:] \
-                    or depths.shape != labels.shape:
-                raise DataError(f"{self.mat}: images {images.shape}, labels {labels.shape}, depths {depths.shape}: "
-                                "expected (N, 3, W, H), (N, W, H), (N, W, H) as h5py reads MATLAB's arrays")
+            if (
+                images.ndim != 4
+                or images.shape[1] != 3
+                or labels.shape != images.shape[:1] + images.shape[2:]
+                or depths.shape != labels.shape
+            ):
+                raise DataError(
+                    f"{self.mat}: images {images.shape}, labels {labels.shape}, depths {depths.shape}: "
+                    "expected (N, 3, W, H), (N, W, H), (N, W, H) as h5py reads MATLAB's arrays"
+                )
         return self._file
 
     def list(self) -> list[SampleRef]:
@@ -256,7 +305,12 @@ class NYUv2LabeledSource:
     def describe(self) -> dict:
         stat = self.mat.stat()
         mapping = hashlib.sha256(self.class_map.read_bytes()).hexdigest()
-        return {"root": str(self.mat.resolve()), "layout": "official labelled .mat (v7.3) + splits.mat",
-                "mat_bytes": stat.st_size, "splits": str(self.splits.resolve()),
-                "class_map": str(self.class_map.resolve()), "class_map_sha256": mapping,
-                "classes": len(self.classes)}
+        return {
+            "root": str(self.mat.resolve()),
+            "layout": "official labelled .mat (v7.3) + splits.mat",
+            "mat_bytes": stat.st_size,
+            "splits": str(self.splits.resolve()),
+            "class_map": str(self.class_map.resolve()),
+            "class_map_sha256": mapping,
+            "classes": len(self.classes),
+        }

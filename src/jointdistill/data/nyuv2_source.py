@@ -19,11 +19,36 @@ from ..errors import DataError
 from .base import Sample, SampleRef, register
 
 # The 13-class NYUv2 set (Couprie et al. 2013), in the order of the preprocessed labels 0..12.
-CLASSES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa", "table", "tv",
-           "wall", "window")
-PALETTE = ((0, 0, 255), (232, 88, 47), (0, 217, 0), (148, 0, 240), (222, 241, 23), (255, 205, 205),
-           (0, 223, 228), (106, 135, 204), (116, 28, 41), (240, 35, 235), (0, 166, 156), (249, 139, 0),
-           (225, 228, 194))
+CLASSES = (
+    "bed",
+    "books",
+    "ceiling",
+    "chair",
+    "floor",
+    "furniture",
+    "objects",
+    "picture",
+    "sofa",
+    "table",
+    "tv",
+    "wall",
+    "window",
+)
+PALETTE = (
+    (0, 0, 255),
+    (232, 88, 47),
+    (0, 217, 0),
+    (148, 0, 240),
+    (222, 241, 23),
+    (255, 205, 205),
+    (0, 223, 228),
+    (106, 135, 204),
+    (116, 28, 41),
+    (240, 35, 235),
+    (0, 166, 156),
+    (249, 139, 0),
+    (225, 228, 194),
+)
 SPLITS = {"train": "train", "val": "test"}  # folder → source split
 
 
@@ -63,9 +88,11 @@ class NYUv2Source:
         if not self.root.is_dir():
             raise DataError(f"prepare.root {self.root}: no such folder")
         if not (self.root / "train" / "image").is_dir():
-            raise DataError(f"{self.root}: expected the preprocessed NYUv2 layout "
-                            "{train,val}/{image,label,depth}/N.npy (MTAN / LibMTL), or the official "
-                            "nyu_depth_v2_labeled.mat")
+            raise DataError(
+                f"{self.root}: expected the preprocessed NYUv2 layout "
+                "{train,val}/{image,label,depth}/N.npy (MTAN / LibMTL), or the official "
+                "nyu_depth_v2_labeled.mat"
+            )
 
     def _folder(self, ref: SampleRef) -> tuple[Path, str]:
         split, index = ref.sample_id.split("/")[1:]
@@ -85,8 +112,13 @@ class NYUv2Source:
                     partner = base / part / f"{stem}.npy"
                     if not partner.is_file():
                         raise DataError(f"{base / 'image' / (stem + '.npy')}: no partner {partner}")
-                refs.append(SampleRef(f"nyuv2/{folder}/{stem}", source_split,
-                                      tuple(f"{folder}/{part}/{stem}.npy" for part in ("image", "label", "depth"))))
+                refs.append(
+                    SampleRef(
+                        f"nyuv2/{folder}/{stem}",
+                        source_split,
+                        tuple(f"{folder}/{part}/{stem}.npy" for part in ("image", "label", "depth")),
+                    )
+                )
         return refs
 
     def load(self, ref: SampleRef) -> Sample:
@@ -111,5 +143,8 @@ class NYUv2Source:
         for folder in SPLITS:
             for f in sorted((self.root / folder).glob("*/*.npy")):
                 listing.update(f"{f.relative_to(self.root)}:{f.stat().st_size}\n".encode())
-        return {"root": str(self.root.resolve()), "layout": "MTAN/LibMTL preprocessed .npy",
-                "listing_sha256": listing.hexdigest()}
+        return {
+            "root": str(self.root.resolve()),
+            "layout": "MTAN/LibMTL preprocessed .npy",
+            "listing_sha256": listing.hexdigest(),
+        }

@@ -27,9 +27,11 @@ def _md5(path: Path) -> str:
 
 def _unreachable(where: str, exc: Exception) -> DataError:
     cause = exc.__cause__ or exc
-    return DataError(f"{where}: could not be downloaded from the project's remote ({type(exc).__name__}: "
-                     f"{brief(exc, 200)}; {type(cause).__name__}: {brief(cause, 200)}); was it `dvc push`ed, and "
-                     "can this machine reach the remote?")
+    return DataError(
+        f"{where}: could not be downloaded from the project's remote ({type(exc).__name__}: "
+        f"{brief(exc, 200)}; {type(cause).__name__}: {brief(cause, 200)}); was it `dvc push`ed, and "
+        "can this machine reach the remote?"
+    )
 
 
 def _recorded(fs, path: str, where: str) -> tuple[dict, dict[str, str]]:
@@ -48,19 +50,24 @@ def _recorded(fs, path: str, where: str) -> tuple[dict, dict[str, str]]:
         raise _unreachable(where, exc) from None
     dvc_info = info.get("dvc_info") or {}
     if not dvc_info.get("isout"):
-        raise DataError(f"{where}: {path!r} is not tracked by DVC at that revision (no .dvc file or dvc.lock "
-                        "output names it); pin a DVC-tracked path")
+        raise DataError(
+            f"{where}: {path!r} is not tracked by DVC at that revision (no .dvc file or dvc.lock "
+            "output names it); pin a DVC-tracked path"
+        )
     hash_name = getattr(getattr(dvc_info.get("entry"), "hash_info", None), "name", "md5")
     if hash_name != "md5":
-        raise DataError(f"{where}: {path!r} is recorded with {hash_name!r} hashes (a DVC 2 project); "
-                        "re-add it with DVC 3 (`dvc cache migrate --dvc-files`) so its md5s can be checked")
+        raise DataError(
+            f"{where}: {path!r} is recorded with {hash_name!r} hashes (a DVC 2 project); "
+            "re-add it with DVC 3 (`dvc cache migrate --dvc-files`) so its md5s can be checked"
+        )
     if info["type"] == "directory":
         try:
             found = fs.find(path, detail=True)
         except Exception as exc:  # noqa: BLE001
             raise _unreachable(where, exc) from None
-        files = {name[len(path.rstrip("/")) + 1:]: d.get("md5")
-                 for name, d in found.items() if d.get("type") != "directory"}
+        files = {
+            name[len(path.rstrip("/")) + 1 :]: d.get("md5") for name, d in found.items() if d.get("type") != "directory"
+        }
     else:
         files = {Path(path).name: info.get("md5")}
     missing = [name for name, md5 in files.items() if not md5]
@@ -95,17 +102,28 @@ def fetch(repo: str, rev: str, path: str, out: str | Path) -> dict:
         got = {p.relative_to(tmp).as_posix(): p for p in tmp.rglob("*") if p.is_file()}
         if set(got) != set(files):
             extra, lost = sorted(set(got) - set(files)), sorted(set(files) - set(got))
-            raise DataError(f"{where}: downloaded files differ from the recorded ones (extra {extra[:3]}, "
-                            f"missing {lost[:3]})")
+            raise DataError(
+                f"{where}: downloaded files differ from the recorded ones (extra {extra[:3]}, missing {lost[:3]})"
+            )
         total = 0
         for name, local in got.items():
             md5 = _md5(local)
             if md5 != files[name]:
-                raise DataError(f"{where}: checksum mismatch for {name} (md5 {md5}, recorded {files[name]}); "
-                                "the remote's copy is corrupt; nothing was written")
+                raise DataError(
+                    f"{where}: checksum mismatch for {name} (md5 {md5}, recorded {files[name]}); "
+                    "the remote's copy is corrupt; nothing was written"
+                )
             total += local.stat().st_size
-    return {"repo": repo, "rev": rev, "commit": commit, "path": path, "md5": info.get("md5"),
-            "type": info["type"], "files": len(files), "bytes": total}
+    return {
+        "repo": repo,
+        "rev": rev,
+        "commit": commit,
+        "path": path,
+        "md5": info.get("md5"),
+        "type": info["type"],
+        "files": len(files),
+        "bytes": total,
+    }
 
 
 __all__ = ["fetch"]

@@ -30,8 +30,16 @@ class PreparedDataset(Dataset):
     resumed mid-training, or spread over several loader workers, sees exactly the same batches.
     """
 
-    def __init__(self, root: str | Path, split: str, transform: JointTransform | None = None, seed: int = 0,
-                 features: np.ndarray | None = None, feature_stride: int = 8, targets: np.ndarray | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: JointTransform | None = None,
+        seed: int = 0,
+        features: np.ndarray | None = None,
+        feature_stride: int = 8,
+        targets: np.ndarray | None = None,
+    ):
         self.root = Path(root)
         self.meta = read_meta(self.root)
         self.split = split
@@ -82,8 +90,12 @@ class PreparedDataset(Dataset):
                 feats = self.transform.warp_features(draw, feats, self.feature_stride)
             if preds is not None:  # the predictions go exactly where the labels go
                 item["target_seg"], _, item["target_depth"] = self.transform.apply(
-                    draw, item["target_seg"], torch.zeros(preds.shape[-2:], dtype=torch.long), item["target_depth"],
-                    self.ignore_index)
+                    draw,
+                    item["target_seg"],
+                    torch.zeros(preds.shape[-2:], dtype=torch.long),
+                    item["target_depth"],
+                    self.ignore_index,
+                )
         if feats is not None:
             item["teacher_features"] = feats.float()
             # The zoom the maps were warped by: a teacher head reading them predicts the un-zoomed depth, which

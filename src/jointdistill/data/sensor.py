@@ -49,8 +49,9 @@ def edge_mask(depth: np.ndarray, width: int) -> np.ndarray:
     edge = np.zeros_like(valid)
     for axis in (0, 1):
         d = np.abs(np.diff(logd, axis=axis)) > jump
-        both = np.logical_and(np.take(valid, range(1, depth.shape[axis]), axis),
-                              np.take(valid, range(depth.shape[axis] - 1), axis))
+        both = np.logical_and(
+            np.take(valid, range(1, depth.shape[axis]), axis), np.take(valid, range(depth.shape[axis] - 1), axis)
+        )
         d &= both
         lo = [slice(None)] * 2
         hi = [slice(None)] * 2
@@ -62,8 +63,17 @@ def edge_mask(depth: np.ndarray, width: int) -> np.ndarray:
     return edge & valid
 
 
-def degrade(depth: np.ndarray, label: np.ndarray, seed: int, sample_id: str, depth_noise: float,
-            depth_holes: float, edge_holes: int, label_jitter: int, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+def degrade(
+    depth: np.ndarray,
+    label: np.ndarray,
+    seed: int,
+    sample_id: str,
+    depth_noise: float,
+    depth_holes: float,
+    edge_holes: int,
+    label_jitter: int,
+    ignore_index: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (depth, label) as a sensor and an annotator would have given them; inputs are left unchanged."""
     rng = _rng(seed, sample_id)
     h, w = depth.shape

@@ -17,8 +17,9 @@ def hash_fraction(sample_id: str, seed: int, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_splits(refs: list[SampleRef], val_fraction: float, seed: int,
-                  labelled_fraction: float = 1.0) -> dict[str, list[SampleRef]]:
+def assign_splits(
+    refs: list[SampleRef], val_fraction: float, seed: int, labelled_fraction: float = 1.0
+) -> dict[str, list[SampleRef]]:
     """train/val from the source's train split (val = ``val_fraction`` of it), test = the source's test.
 
     ``labelled_fraction`` < 1 keeps that share of train labelled, picked by its own hash, and moves the rest to

@@ -48,9 +48,7 @@ F_GROUND, F_X, F_Y, F_Z, F_CYLINDER, F_SPHERE = -1, 0, 1, 2, 3, 4
 M_PLAIN, M_FACADE, M_PERSON, M_FOLIAGE, M_GLASS = range(5)
 _SMALL_RECT = 400  # pixels: objects whose screen rectangle is smaller are cast together
 _NEAR = 0.05  # metres: the camera's near plane for screen-rectangle clipping
-_BOX_EDGES = np.array(
-    [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7)]
-)
+_BOX_EDGES = np.array([(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7)])
 
 
 @dataclass
@@ -165,7 +163,12 @@ class SyntheticScenes:
     palette = PALETTE
 
     def __init__(
-        self, height: int, width: int, seed: int = 0, hfov_deg: float = 72.0, max_depth: float = 100.0,
+        self,
+        height: int,
+        width: int,
+        seed: int = 0,
+        hfov_deg: float = 72.0,
+        max_depth: float = 100.0,
         tune_memory: bool = True,
     ):
         if height < 8 or width < 8:
@@ -226,11 +229,21 @@ class SyntheticScenes:
                 if face > road + walk + 0.5 and next(pool) < 0.5:  # a low wall or hedge before the setback
                     xf = side * (road + walk + 0.1)
                     if next(pool) < 0.5:
-                        b.box((xf - 0.15, 0, z), (xf + 0.15, u(0.8, 1.8), z + length), CONSTRUCTION, M_PLAIN,
-                              grey(0.4, 0.7))
+                        b.box(
+                            (xf - 0.15, 0, z),
+                            (xf + 0.15, u(0.8, 1.8), z + length),
+                            CONSTRUCTION,
+                            M_PLAIN,
+                            grey(0.4, 0.7),
+                        )
                     else:
-                        b.box((xf - 0.4, 0, z), (xf + 0.4, u(0.8, 1.6), z + length), NATURE, M_FOLIAGE,
-                              (u(0.1, 0.2), u(0.3, 0.45), u(0.05, 0.12)))
+                        b.box(
+                            (xf - 0.4, 0, z),
+                            (xf + 0.4, u(0.8, 1.6), z + length),
+                            NATURE,
+                            M_FOLIAGE,
+                            (u(0.1, 0.2), u(0.3, 0.45), u(0.05, 0.12)),
+                        )
                 z += length
         if np.isfinite(end):
             wall = (u(0.35, 0.8), u(0.3, 0.7), u(0.25, 0.6))
@@ -262,8 +275,7 @@ class SyntheticScenes:
                     h = u(1.8, 3.2)
                     r = u(1.0, 2.8)
                     b.cylinder(x, z, u(0.1, 0.2), 0.0, h + r * 0.5, NATURE, (0.25, 0.17, 0.1))
-                    b.sphere((x, h + r * 0.8, z), r, NATURE, (u(0.08, 0.2), u(0.25, 0.45), u(0.04, 0.12)),
-                             M_FOLIAGE)
+                    b.sphere((x, h + r * 0.8, z), r, NATURE, (u(0.08, 0.2), u(0.25, 0.45), u(0.04, 0.12)), M_FOLIAGE)
                 z += u(7, 20)
 
         # Vehicles: moving in lanes and parked along the kerbs.
@@ -282,8 +294,14 @@ class SyntheticScenes:
             body = (u(0.05, 0.9), u(0.05, 0.9), u(0.05, 0.9))
             b.box((x - w / 2, 0.2, z), (x + w / 2, h * 0.6, z + length), VEHICLE, M_PLAIN, body)
             if kind < 0.7:  # cars: a glazed cabin set back on the body
-                b.box((x - w * 0.45, h * 0.6, z + length * 0.25), (x + w * 0.45, h, z + length * 0.8),
-                      VEHICLE, M_GLASS, body, (0.05, 0.07, 0.1))
+                b.box(
+                    (x - w * 0.45, h * 0.6, z + length * 0.25),
+                    (x + w * 0.45, h, z + length * 0.8),
+                    VEHICLE,
+                    M_GLASS,
+                    body,
+                    (0.05, 0.07, 0.1),
+                )
             else:
                 b.box((x - w / 2, h * 0.6, z), (x + w / 2, h, z + length), VEHICLE, M_GLASS, body, (0.05, 0.07, 0.1))
 
@@ -481,8 +499,11 @@ class SyntheticScenes:
 
         # Albedo: one index per pixel into a colour table, then one gather per channel.
         colors = np.concatenate(
-            [scene.color_a, scene.color_b, np.array([ground["road"], ground["walk"], ground["terrain"],
-                                                     (0.85, 0.85, 0.85)], np.float32)]
+            [
+                scene.color_a,
+                scene.color_b,
+                np.array([ground["road"], ground["walk"], ground["terrain"], (0.85, 0.85, 0.85)], np.float32),
+            ]
         ).astype(np.float32)
         road_i, walk_i, terrain_i, paint_i = 2 * n, 2 * n + 1, 2 * n + 2, 2 * n + 3
         ci = np.where(on_road, road_i, np.where(on_walk, walk_i, terrain_i))
@@ -532,7 +553,7 @@ class SyntheticScenes:
         # Camera: exposure, white balance, sensor noise (a random window of a fixed noise field), gamma.
         gain = light["exposure"] * light["white"]
         oy_, ox_ = light["noise_offset"]
-        noise = self._noise[:, oy_:oy_ + H, ox_:ox_ + W]
+        noise = self._noise[:, oy_ : oy_ + H, ox_ : ox_ + W]
         for c in range(3):
             rgb[c] *= gain[c]
             rgb[c] += noise[c] * np.float32(light["noise"])

@@ -50,8 +50,9 @@ class JointTransform:
 
     def apply(self, d: Draw, image, label, depth, ignore_index: int = 255):
         if abs(d.s - 1.0) > 1e-6:
-            image = F.interpolate(image[None], size=(d.nh, d.nw), mode="bilinear", align_corners=False,
-                                  antialias=d.s < 1)[0]
+            image = F.interpolate(
+                image[None], size=(d.nh, d.nw), mode="bilinear", align_corners=False, antialias=d.s < 1
+            )[0]
             label = F.interpolate(label[None, None].float(), size=(d.nh, d.nw), mode="nearest-exact")[0, 0].long()
             depth = F.interpolate(depth[None], size=(d.nh, d.nw), mode="nearest-exact")[0] / d.s
         ch, cw = self.crop
@@ -60,9 +61,9 @@ class JointTransform:
             image = F.pad(image, (0, pw, 0, ph), value=0.0)
             label = F.pad(label, (0, pw, 0, ph), value=ignore_index)
             depth = F.pad(depth, (0, pw, 0, ph), value=0.0)
-        image = image[:, d.top:d.top + ch, d.left:d.left + cw]
-        label = label[d.top:d.top + ch, d.left:d.left + cw]
-        depth = depth[:, d.top:d.top + ch, d.left:d.left + cw]
+        image = image[:, d.top : d.top + ch, d.left : d.left + cw]
+        label = label[d.top : d.top + ch, d.left : d.left + cw]
+        depth = depth[:, d.top : d.top + ch, d.left : d.left + cw]
         if d.flip:
             image, label, depth = image.flip(-1), label.flip(-1), depth.flip(-1)
         return image.contiguous(), label.contiguous(), depth.contiguous()
@@ -79,8 +80,9 @@ class JointTransform:
         # the map's fh cells span fh·stride pixels (a little more than h when h is no multiple of the stride)
         fh, fw = features.shape[-2:]
         grid = torch.stack(torch.meshgrid(2 * xs / (fw * stride) - 1, 2 * ys / (fh * stride) - 1, indexing="xy"), -1)
-        out = F.grid_sample(features[None].float(), grid[None].float(), mode="bilinear", padding_mode="zeros",
-                            align_corners=False)[0]
+        out = F.grid_sample(
+            features[None].float(), grid[None].float(), mode="bilinear", padding_mode="zeros", align_corners=False
+        )[0]
         return out.flip(-1).contiguous() if d.flip else out
 
     def __call__(self, image, label, depth, g: torch.Generator, ignore_index: int = 255):

@@ -18,14 +18,22 @@ class Connector(nn.Module):
     Channel counts come from the teachers (``feature_channels``), so any teacher pair of the registry fits.
     """
 
-    def __init__(self, teacher_channels: list[int], num_classes: int, hidden: int = 128,
-                 tasks: tuple[str, ...] = ("seg", "depth")):
+    def __init__(
+        self,
+        teacher_channels: list[int],
+        num_classes: int,
+        hidden: int = 128,
+        tasks: tuple[str, ...] = ("seg", "depth"),
+    ):
         super().__init__()
         self.tasks = tasks
         self.fuse = nn.Sequential(
-            nn.Conv2d(sum(teacher_channels), hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
+            nn.Conv2d(sum(teacher_channels), hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
         )
         self.heads = nn.ModuleDict({t: nn.Conv2d(hidden, num_classes if t == "seg" else 1, 1) for t in tasks})
         if "depth" in self.heads:
@@ -36,8 +44,10 @@ class Connector(nn.Module):
     def fused(self, teacher_features: list[torch.Tensor]) -> torch.Tensor:
         """g^F alone (what the knowledge trajectory reads)."""
         grid = teacher_features[0].shape[-2:]
-        feats = [f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-                 for f in teacher_features]
+        feats = [
+            f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            for f in teacher_features
+        ]
         return self.fuse(torch.cat(feats, 1))
 
     def forward(self, teacher_features: list[torch.Tensor], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:

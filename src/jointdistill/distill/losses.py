@@ -9,8 +9,13 @@ import torch.nn.functional as F
 from ..metrics import IGNORE_INDEX
 
 
-def kd_seg(student_logits: torch.Tensor, target_logits: torch.Tensor, label: torch.Tensor | None = None,
-           temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def kd_seg(
+    student_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    label: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """τ² · KL(softmax(p/τ) ‖ softmax(z/τ)) per pixel, averaged over pixels whose label is not ignored.
 
     ``target_logits`` p are the soft targets (detached here: no gradient reaches whoever produced them).
@@ -27,8 +32,9 @@ def kd_seg(student_logits: torch.Tensor, target_logits: torch.Tensor, label: tor
     return kl.mean() * t * t
 
 
-def kd_depth(student_depth: torch.Tensor, target_depth: torch.Tensor, gt: torch.Tensor | None = None,
-             kind: str = "l1") -> torch.Tensor:
+def kd_depth(
+    student_depth: torch.Tensor, target_depth: torch.Tensor, gt: torch.Tensor | None = None, kind: str = "l1"
+) -> torch.Tensor:
     """L1 between the student's and the target's depth, in metres (``kind="l1"``) or of log depth (any other
     depth loss: the same scale as the depth task's loss), on pixels with valid ground truth.
 

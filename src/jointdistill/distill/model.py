@@ -55,10 +55,19 @@ def rescale_depth(outputs: dict, scale: torch.Tensor | None) -> dict:
 
 
 class DistillModel(nn.Module):
-    def __init__(self, student: DenseNet, connector: Connector | None = None, teachers: list[DenseNet] | None = None,
-                 probes: torch.Tensor | None = None, traj_every: int = 1, traj_batch: int = 4,
-                 probe_teacher_features: torch.Tensor | None = None, target_teachers: list[DenseNet] | None = None,
-                 connector_on_labelled: bool = False, ignore_index: int = IGNORE_INDEX):
+    def __init__(
+        self,
+        student: DenseNet,
+        connector: Connector | None = None,
+        teachers: list[DenseNet] | None = None,
+        probes: torch.Tensor | None = None,
+        traj_every: int = 1,
+        traj_batch: int = 4,
+        probe_teacher_features: torch.Tensor | None = None,
+        target_teachers: list[DenseNet] | None = None,
+        connector_on_labelled: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+    ):
         super().__init__()
         if connector is not None and not teachers and probe_teacher_features is None:
             raise ValueError("the connector needs the teachers, or their cached features for the probe set")
@@ -121,9 +130,15 @@ class DistillModel(nn.Module):
         start = (step // self.traj_every) * self.traj_batch
         return torch.arange(start, start + min(self.traj_batch, p)) % p
 
-    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None,
-                feature_scale: torch.Tensor | None = None, target_seg: torch.Tensor | None = None,
-                target_depth: torch.Tensor | None = None, label: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        x: torch.Tensor,
+        teacher_features: torch.Tensor | None = None,
+        feature_scale: torch.Tensor | None = None,
+        target_seg: torch.Tensor | None = None,
+        target_depth: torch.Tensor | None = None,
+        label: torch.Tensor | None = None,
+    ) -> dict:
         """``teacher_features``: the batch's cached teacher maps (concatenated along channels), if cached;
         ``feature_scale``: the zoom each sample's maps were warped by (see `rescale_depth`); ``target_seg`` /
         ``target_depth``: the teachers' cached predictions, augmented like the labels (kd_target: teachers);
@@ -151,8 +166,9 @@ class DistillModel(nn.Module):
         self.steps += 1
         return out
 
-    def _connector(self, feats: list[torch.Tensor], size, scale: torch.Tensor | None,
-                   label: torch.Tensor | None) -> dict:
+    def _connector(
+        self, feats: list[torch.Tensor], size, scale: torch.Tensor | None, label: torch.Tensor | None
+    ) -> dict:
         rows = None
         if self.connector_on_labelled and label is not None:
             labelled = (label != self.ignore_index).flatten(1).any(1)
@@ -191,8 +207,11 @@ class DistillModel(nn.Module):
         try:
             for i, chunk in enumerate(self._probes.split(_PROBE_CHUNK)):
                 if self.connector is not None:
-                    feats = ([self._probe_teacher[i * _PROBE_CHUNK:(i + 1) * _PROBE_CHUNK]]
-                             if self._probe_teacher is not None else self.teacher_features(chunk))
+                    feats = (
+                        [self._probe_teacher[i * _PROBE_CHUNK : (i + 1) * _PROBE_CHUNK]]
+                        if self._probe_teacher is not None
+                        else self.teacher_features(chunk)
+                    )
                     fused.append(self.connector.fused(feats).float())
                 student.append(self.student.encode(chunk).float())
         finally:

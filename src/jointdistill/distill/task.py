@@ -72,9 +72,16 @@ def mt_score(metrics: dict) -> float:
 class StudentTask:
     monitor, higher_is_better = "mt_score", True
 
-    def __init__(self, model: DistillModel, cfg: DistillParams, num_classes: int, ignore_index: int,
-                 teacher_scores: dict[str, float] | None, probe_ids: list[int],
-                 connector_eval: Callable[[], dict] | None = None):
+    def __init__(
+        self,
+        model: DistillModel,
+        cfg: DistillParams,
+        num_classes: int,
+        ignore_index: int,
+        teacher_scores: dict[str, float] | None,
+        probe_ids: list[int],
+        connector_eval: Callable[[], dict] | None = None,
+    ):
         self.model, self.cfg = model, cfg
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.kd = cfg.mode != "mtl"
@@ -83,8 +90,16 @@ class StudentTask:
         if self.kd:
             if teacher_scores is None:
                 raise ValueError(f"mode {cfg.mode} needs the teachers' val scores")
-            self.weights = TeacherWeights(TASKS, teacher_scores, cfg.alpha, cfg.beta, adaptive=cfg.mode != "static_kd",
-                                          w_min=cfg.weight_min, w_max=cfg.weight_max, direction=cfg.feedback)
+            self.weights = TeacherWeights(
+                TASKS,
+                teacher_scores,
+                cfg.alpha,
+                cfg.beta,
+                adaptive=cfg.mode != "static_kd",
+                w_min=cfg.weight_min,
+                w_max=cfg.weight_max,
+                direction=cfg.feedback,
+            )
         self.buffer = TrajectoryBuffer(cfg.trajectory_length)
         self.probe_ids = list(probe_ids)
         self.grid: tuple[int, int] | None = None
@@ -130,8 +145,9 @@ class StudentTask:
             w = self.omega()
             kd_label, kd_gt = kd_pixels(label, depth, self.ignore_index)
             d_seg = kd_seg(s["seg"], soft["seg"], kd_label, cfg.temperature, self.ignore_index)
-            d_depth = kd_depth(s["depth"], soft["depth"], kd_gt if cfg.kd_depth_pixels == "valid" else None,
-                               cfg.depth_loss)
+            d_depth = kd_depth(
+                s["depth"], soft["depth"], kd_gt if cfg.kd_depth_pixels == "valid" else None, cfg.depth_loss
+            )
             terms["kd_seg"] = cfg.lambda_kd * w["seg"] * d_seg
             terms["kd_depth"] = cfg.lambda_kd * w["depth"] * d_depth
             parts.update(kd_seg=d_seg.detach(), kd_depth=d_depth.detach())
@@ -142,8 +158,7 @@ class StudentTask:
             parts["traj"] = traj.detach()
         step = int(self.model.steps) - 1  # the forward that made ``outputs``
         every = cfg.grad_log_every
-        if self.model.training and (
-                (every and step % every == 0) or (traj is not None and self.traj_scale is None)):
+        if self.model.training and ((every and step % every == 0) or (traj is not None and self.traj_scale is None)):
             self.measure_gradients(step, terms, traj)
         if traj is not None:
             terms["traj"] = (self.traj_scale or 0.0) * traj
@@ -167,8 +182,12 @@ class StudentTask:
             if not term.requires_grad:
                 continue
             g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            grads[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().float()
-                                     for x, p in zip(g, params, strict=True)])
+            grads[name] = torch.cat(
+                [
+                    (x if x is not None else torch.zeros_like(p)).flatten().float()
+                    for x, p in zip(g, params, strict=True)
+                ]
+            )
         if not grads:
             return
 
@@ -194,17 +213,22 @@ class StudentTask:
         """Mean gradient norm per term and each term's share of their sum, over every measurement."""
         if not self.grad_norms:
             return {}
-        terms = sorted({k.removeprefix("norm/") for r in self.grad_norms for k in r
-                        if k.startswith("norm/") and k != "norm/total"})
+        terms = sorted(
+            {k.removeprefix("norm/") for r in self.grad_norms for k in r if k.startswith("norm/") and k != "norm/total"}
+        )
         mean = {t: sum(r.get(f"norm/{t}", 0.0) for r in self.grad_norms) / len(self.grad_norms) for t in terms}
         total = sum(mean.values()) or 1.0
         ratios = [r["ratio/depth_seg"] for r in self.grad_norms]
         with_kd = [r["ratio/depth_seg_with_kd"] for r in self.grad_norms]
-        return {"measurements": len(self.grad_norms), "every_steps": self.cfg.grad_log_every,
-                "mean_norm": mean, "share": {t: v / total for t, v in mean.items()},
-                "depth_seg_ratio": sum(ratios) / len(ratios),
-                "depth_seg_ratio_with_kd": sum(with_kd) / len(with_kd),
-                "traj_scale": self.traj_scale if self.use_trajectory else None}
+        return {
+            "measurements": len(self.grad_norms),
+            "every_steps": self.cfg.grad_log_every,
+            "mean_norm": mean,
+            "share": {t: v / total for t, v in mean.items()},
+            "depth_seg_ratio": sum(ratios) / len(ratios),
+            "depth_seg_ratio_with_kd": sum(with_kd) / len(with_kd),
+            "traj_scale": self.traj_scale if self.use_trajectory else None,
+        }
 
     def progress(self, parts: dict) -> dict[str, str]:
         out = {}
@@ -235,7 +259,7 @@ class StudentTask:
         logs = {}
         if self.weights is not None:
             w = self.weights.step(timeframe, step, {t: task_score(t, val) for t in TASKS})
-            fb = {h["task"]: h["feedback"] for h in self.weights.history[-len(TASKS):]}
+            fb = {h["task"]: h["feedback"] for h in self.weights.history[-len(TASKS) :]}
             for t in TASKS:
                 logs[f"omega/{t}"], logs[f"feedback/{t}"] = w[t], fb[t]
         if self.connector_eval is not None:
@@ -270,9 +294,11 @@ class StudentTask:
             # How far the student's trajectory is from the connector's: rank-wise L1 of the values, L1 of the
             # student's attention at the connector's points (L_traj on this timeframe alone), shared points.
             at_points = student_att.flatten(1).cpu().gather(1, (con.ys * self.grid[1] + con.xs).cpu())
-            stats.update(l1_values=trajectory_distance(con, stu),
-                         l1_at_points=float((at_points - con.values.cpu()).abs().mean()),
-                         overlap=point_overlap(con, stu))
+            stats.update(
+                l1_values=trajectory_distance(con, stu),
+                l1_at_points=float((at_points - con.values.cpu()).abs().mean()),
+                overlap=point_overlap(con, stu),
+            )
         self.timeframes.append(stats)
         model.trajectory_on = self.use_trajectory and len(self.buffer) > 0
         self.logging_seconds += time.perf_counter() - t0

@@ -47,8 +47,13 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 def cache_key(teacher_digests: dict[str, str], meta: dict) -> dict:
     """What a cache depends on; its ``splits``: train, val, and the unlabelled split where the data has one."""
     splits = [*SPLITS, UNLABELLED] if split_count(meta, UNLABELLED) else list(SPLITS)
-    return {"format": FORMAT, "teachers": dict(teacher_digests), "data_checksum": meta.get("source_checksum"),
-            "resolution": list(meta["resolution"]), "splits": splits}
+    return {
+        "format": FORMAT,
+        "teachers": dict(teacher_digests),
+        "data_checksum": meta.get("source_checksum"),
+        "resolution": list(meta["resolution"]),
+        "splits": splits,
+    }
 
 
 def open_cache(folder: Path, key: dict) -> dict | None:
@@ -73,8 +78,7 @@ def open_cache(folder: Path, key: dict) -> dict | None:
 
 
 @torch.no_grad()
-def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device: torch.device,
-          batch_size: int) -> dict:
+def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device: torch.device, batch_size: int) -> dict:
     """Run ``teachers`` once over train and val of ``data`` into ``folder`` (replaced atomically)."""
     t0 = time.perf_counter()
     for t in teachers:
@@ -89,15 +93,21 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
                     x = torch.stack([ds[i]["image"] for i in range(start, min(start + batch_size, len(ds)))])
                     maps = [t.encode(x.to(device)).float() for t in teachers]
                     # Each teacher's own prediction for its task (seg logits, then depth), at the image's size.
-                    pred = torch.cat([t.predict(m, x.shape[-2:])[task].float()
-                                      for t, m, task in zip(teachers, maps, ("seg", "depth"), strict=True)], 1)
+                    pred = torch.cat(
+                        [
+                            t.predict(m, x.shape[-2:])[task].float()
+                            for t, m, task in zip(teachers, maps, ("seg", "depth"), strict=True)
+                        ],
+                        1,
+                    )
                     if out is None:  # the first batch tells the channels and the grid
                         channels, grid = [m.shape[1] for m in maps], tuple(maps[0].shape[-2:])
                         shapes[split] = [len(ds), sum(channels), *grid]
                         shapes[f"{split}_targets"] = [len(ds), pred.shape[1], *x.shape[-2:]]
                         out = stack.enter_context(NpyStream(tmp / f"{split}.npy", shapes[split], np.float16))
                         preds = stack.enter_context(
-                            NpyStream(tmp / f"{split}_targets.npy", shapes[f"{split}_targets"], np.float16))
+                            NpyStream(tmp / f"{split}_targets.npy", shapes[f"{split}_targets"], np.float16)
+                        )
                     feats = torch.cat(maps, 1).clamp(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()
                     for row in feats:
                         out.append(row)
@@ -105,20 +115,39 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
                         preds.append(row)
                     images += x.shape[0]
         seconds = time.perf_counter() - t0
-        info = {"key": key, "channels": channels, "grid": list(grid), "stride": DenseNet.feature_stride,
-                "dtype": "float16", "shapes": shapes, "teacher_forward_images": images,
-                "build_seconds": round(seconds, 3),
-                "bytes": sum(int(np.prod(s)) * 2 for s in shapes.values())}
+        info = {
+            "key": key,
+            "channels": channels,
+            "grid": list(grid),
+            "stride": DenseNet.feature_stride,
+            "dtype": "float16",
+            "shapes": shapes,
+            "teacher_forward_images": images,
+            "build_seconds": round(seconds, 3),
+            "bytes": sum(int(np.prod(s)) * 2 for s in shapes.values()),
+        }
         write_json(tmp / "meta.json", info)
     for t in teachers:
         t.cpu()
-    log.info("teacher cache: %d images through both teachers in %.1fs → %s (%.1f MB float16)", images, seconds,
-             folder, info["bytes"] / 1e6)
+    log.info(
+        "teacher cache: %d images through both teachers in %.1fs → %s (%.1f MB float16)",
+        images,
+        seconds,
+        folder,
+        info["bytes"] / 1e6,
+    )
     return info
 
 
-def ensure(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device: torch.device,
-           batch_size: int, wait_seconds: float = 6 * 3600) -> tuple[dict, bool]:
+def ensure(
+    folder: Path,
+    teachers: list[DenseNet],
+    key: dict,
+    data: Path,
+    device: torch.device,
+    batch_size: int,
+    wait_seconds: float = 6 * 3600,
+) -> tuple[dict, bool]:
     """The cache in ``folder``, built first unless a matching one is there. Returns (cache, reused).
 
     Under torchrun only rank 0 builds; the other ranks wait for its cache to appear (the process group is

@@ -66,8 +66,9 @@ class TrajectoryBuffer:
         self.frames = deque((Points(**p) for p in state["frames"]), maxlen=state["length"])
 
 
-def trajectory_loss(student_attention: torch.Tensor, buffer: TrajectoryBuffer,
-                    images: torch.Tensor | None = None) -> torch.Tensor:
+def trajectory_loss(
+    student_attention: torch.Tensor, buffer: TrajectoryBuffer, images: torch.Tensor | None = None
+) -> torch.Tensor:
     """mean over timeframes τ in the buffer, probe images and points j of |A_S(x_τj) − v_τj|.
 
     ``student_attention``: (P, h, w) on the connector's grid (see `resize_attention`), with gradients.
@@ -116,7 +117,16 @@ def rows(points: Points, source: str, image_ids: list[int] | None = None) -> lis
     ids = image_ids if image_ids is not None else list(range(p))
     for i in range(p):
         for r in range(k):
-            out.append({"timeframe": points.timeframe, "step": points.step, "image": int(ids[i]), "rank": r,
-                        "y": int(points.ys[i, r]), "x": int(points.xs[i, r]), "value": float(points.values[i, r]),
-                        "source": source})
+            out.append(
+                {
+                    "timeframe": points.timeframe,
+                    "step": points.step,
+                    "image": int(ids[i]),
+                    "rank": r,
+                    "y": int(points.ys[i, r]),
+                    "x": int(points.xs[i, r]),
+                    "value": float(points.values[i, r]),
+                    "source": source,
+                }
+            )
     return out

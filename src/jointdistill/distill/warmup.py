@@ -39,8 +39,17 @@ def _connector_outputs(model: DistillModel, batch: dict) -> dict:
     return rescale_depth(model.connector(feats, x.shape[-2:]), batch.get("feature_scale"))
 
 
-def warm_up(model: DistillModel, train_ds: Dataset, cfg: DistillParams, seed: int, device: torch.device,
-            ignore_index: int, file: Path, digest: str, resume: bool) -> dict:
+def warm_up(
+    model: DistillModel,
+    train_ds: Dataset,
+    cfg: DistillParams,
+    seed: int,
+    device: torch.device,
+    ignore_index: int,
+    file: Path,
+    digest: str,
+    resume: bool,
+) -> dict:
     """Train ``model.connector`` alone for ``cfg.connector_warmup`` steps (in place). Returns a report.
 
     ``file`` keeps the result (with ``digest``): with ``resume`` a matching one is loaded instead of training.
@@ -67,8 +76,9 @@ def warm_up(model: DistillModel, train_ds: Dataset, cfg: DistillParams, seed: in
         for batch in make_loader(train_ds, sampler, cfg.batch_size, cfg.num_workers, device, True):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = _connector_outputs(model, batch)
-            loss = (seg_loss(out["seg"].float(), batch["label"], ignore_index)
-                    + depth_loss(out["depth"].float(), batch["depth"], cfg.depth_loss))
+            loss = seg_loss(out["seg"].float(), batch["label"], ignore_index) + depth_loss(
+                out["depth"].float(), batch["depth"], cfg.depth_loss
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -85,18 +95,29 @@ def warm_up(model: DistillModel, train_ds: Dataset, cfg: DistillParams, seed: in
         epoch += 1
     if hasattr(train_ds, "set_epoch"):
         train_ds.set_epoch(0)
-    report = {"steps": steps, "seconds": round(time.perf_counter() - t0, 2),
-              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
-    save_atomic(file, {"format": WARMUP_FORMAT, "digest": digest, "connector": connector.state_dict(),
-                       "report": report})
-    log.info("distill: connector warmed up for %d steps in %.1f s (loss %.3f → %.3f)", steps, report["seconds"],
-             report["first_loss"] or float("nan"), report["last_loss"] or float("nan"))
+    report = {
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+    save_atomic(
+        file, {"format": WARMUP_FORMAT, "digest": digest, "connector": connector.state_dict(), "report": report}
+    )
+    log.info(
+        "distill: connector warmed up for %d steps in %.1f s (loss %.3f → %.3f)",
+        steps,
+        report["seconds"],
+        report["first_loss"] or float("nan"),
+        report["last_loss"] or float("nan"),
+    )
     return {**report, "reused": False}
 
 
 @torch.no_grad()
-def connector_metrics(model: DistillModel, val_ds: Dataset, batch_size: int, device: torch.device,
-                      num_classes: int, ignore_index: int) -> dict:
+def connector_metrics(
+    model: DistillModel, val_ds: Dataset, batch_size: int, device: torch.device, num_classes: int, ignore_index: int
+) -> dict:
     """The connector's own predictions against val (exact over the split): mIoU, pixAcc, AbsErr, RelErr, δ1.
 
     ``val_ds`` brings ``teacher_features`` when the teachers' features are cached; else the teachers run."""

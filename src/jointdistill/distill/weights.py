@@ -50,8 +50,15 @@ def targets(weights: dict[str, float], a: dict[str, float], alpha: float, direct
     return {t: mean_w * (max(a[t], EPS) / mean_a) ** (sign * alpha) for t in weights}
 
 
-def update(weights: dict[str, float], a: dict[str, float], alpha: float, beta: float,
-           w_min: float = 0.1, w_max: float = 10.0, direction: str = "progress") -> dict[str, float]:
+def update(
+    weights: dict[str, float],
+    a: dict[str, float],
+    alpha: float,
+    beta: float,
+    w_min: float = 0.1,
+    w_max: float = 10.0,
+    direction: str = "progress",
+) -> dict[str, float]:
     """One timeframe's update of the teacher weights ω from the feedback scores ``a``."""
     if set(weights) != set(a):
         raise ValueError(f"tasks differ: weights {sorted(weights)} vs feedback {sorted(a)}")
@@ -71,8 +78,17 @@ def update(weights: dict[str, float], a: dict[str, float], alpha: float, beta: f
 class TeacherWeights:
     """ω over timeframes: fixed at 1 (``adaptive=False``, the static_kd mode) or updated from feedback."""
 
-    def __init__(self, tasks, teacher_scores: dict[str, float], alpha: float, beta: float, adaptive: bool = True,
-                 w_min: float = 0.1, w_max: float = 10.0, direction: str = "progress"):
+    def __init__(
+        self,
+        tasks,
+        teacher_scores: dict[str, float],
+        alpha: float,
+        beta: float,
+        adaptive: bool = True,
+        w_min: float = 0.1,
+        w_max: float = 10.0,
+        direction: str = "progress",
+    ):
         self.weights = dict.fromkeys(tasks, 1.0)
         self.teacher_scores = dict(teacher_scores)
         self.alpha, self.beta, self.adaptive, self.direction = alpha, beta, adaptive, direction
@@ -85,8 +101,9 @@ class TeacherWeights:
         if self.adaptive:
             self.weights = update(self.weights, a, self.alpha, self.beta, self.w_min, self.w_max, self.direction)
         for task in self.weights:
-            self.history.append({"timeframe": timeframe, "step": step, "task": task, "feedback": a[task],
-                                 "omega": self.weights[task]})
+            self.history.append(
+                {"timeframe": timeframe, "step": step, "task": task, "feedback": a[task], "omega": self.weights[task]}
+            )
         return dict(self.weights)
 
     def state_dict(self) -> dict:

@@ -11,21 +11,24 @@ from .nets import TASKS, DenseNet, ModelConfig
 
 __all__ = ["TASKS", "DenseNet", "ModelConfig", "build_teacher", "build_student"]
 
-def build_teacher(task: str, backbone: str, head: str, num_classes: int, pretrained_backbone: str | None = None,
-                  **kw) -> DenseNet:
+
+def build_teacher(
+    task: str, backbone: str, head: str, num_classes: int, pretrained_backbone: str | None = None, **kw
+) -> DenseNet:
     """A single-task teacher: DeepLabV3-style encoder + one head (``backbone='resnet101', head='aspp'`` is
     torchvision's DeepLabV3-ResNet-101; for depth the head has one positive output channel)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
-    return DenseNet(ModelConfig(backbone=backbone, head=head, tasks=(task,), num_classes=num_classes, **kw),
-                    pretrained_backbone)
+    return DenseNet(
+        ModelConfig(backbone=backbone, head=head, tasks=(task,), num_classes=num_classes, **kw), pretrained_backbone
+    )
 
 
-def build_student(backbone: str, head: str, num_classes: int, pretrained_backbone: str | None = None,
-                  **kw) -> DenseNet:
+def build_student(backbone: str, head: str, num_classes: int, pretrained_backbone: str | None = None, **kw) -> DenseNet:
     """The multi-task student: one shared encoder with a segmentation head and a depth head."""
-    return DenseNet(ModelConfig(backbone=backbone, head=head, tasks=TASKS, num_classes=num_classes, **kw),
-                    pretrained_backbone)
+    return DenseNet(
+        ModelConfig(backbone=backbone, head=head, tasks=TASKS, num_classes=num_classes, **kw), pretrained_backbone
+    )
 
 
 def build_from_config(config: ModelConfig | dict) -> DenseNet:

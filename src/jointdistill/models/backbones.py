@@ -22,8 +22,12 @@ from torchvision.models._utils import IntermediateLayerGetter
 from ..errors import ModelError
 from ..serialization import check_fit, load_safe
 
-RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50,
-           "resnet101": resnet.resnet101}
+RESNETS = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+}
 BACKBONES = ("tiny", *RESNETS)
 
 

@@ -15,8 +15,15 @@ MODEL_FORMAT = "jointdistill.model/1"
 
 
 def save_model(path: str | Path, model: DenseNet, state_dict: dict | None = None, **info) -> None:
-    save_atomic(path, {"format": MODEL_FORMAT, "config": model.config.to_dict(),
-                       "state_dict": state_dict if state_dict is not None else model.state_dict(), **info})
+    save_atomic(
+        path,
+        {
+            "format": MODEL_FORMAT,
+            "config": model.config.to_dict(),
+            "state_dict": state_dict if state_dict is not None else model.state_dict(),
+            **info,
+        },
+    )
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -42,9 +42,14 @@ from . import distill, teacher
 
 log = logging.getLogger(__name__)
 MODES = ("single", "mtl", "static_kd", "adaptive", "full")
-VARIANTS = {"cache": ("teacher_cache", True), "live": ("teacher_cache", False),
-            "progress": ("feedback", "progress"), "deficit": ("feedback", "deficit"),
-            "valid": ("kd_depth_pixels", "valid"), "all": ("kd_depth_pixels", "all")}
+VARIANTS = {
+    "cache": ("teacher_cache", True),
+    "live": ("teacher_cache", False),
+    "progress": ("feedback", "progress"),
+    "deficit": ("feedback", "deficit"),
+    "valid": ("kd_depth_pixels", "valid"),
+    "all": ("kd_depth_pixels", "all"),
+}
 SEEDS = (0, 1, 2, 3, 4)
 COLUMNS = ("miou", "pixacc", "abs_err", "rel_err", "delta_m")
 LABELS = {"miou": "mIoU ↑", "pixacc": "pixAcc ↑", "abs_err": "AbsErr (m) ↓", "rel_err": "RelErr ↓", "delta_m": "Δm % ↑"}
@@ -82,7 +87,8 @@ def _teacher_done(folder: Path, params: Params) -> bool:
         return True
     try:
         return (folder.parent / f"{folder.name}.key").read_text().strip() == teacher_key(params) and (
-            folder / "model.pt").exists()
+            folder / "model.pt"
+        ).exists()
     except OSError:
         return False
 
@@ -107,8 +113,9 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
         except ConfigError:
             unknown.append(m)
     if unknown or not modes:
-        raise ConfigError(f"--modes: unknown {unknown} (choose from {', '.join(MODES)}; a KD mode may add "
-                          f"+{', +'.join(VARIANTS)})")
+        raise ConfigError(
+            f"--modes: unknown {unknown} (choose from {', '.join(MODES)}; a KD mode may add +{', +'.join(VARIANTS)})"
+        )
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if jobs < 1:
@@ -147,8 +154,12 @@ def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict
             teacher.run(base, task, data, folder, root / "checkpoints" / f"teacher-{task}", resume=True)
             atomic_write_text(folder.parent / f"{task}.key", teacher_key(base) + "\n")
     tm = {t: json.loads((root / "teachers" / t / "report.json").read_text())["test"] for t in ("seg", "depth")}
-    reference = {"miou": tm["seg"]["miou"], "pixacc": tm["seg"]["pixacc"], "abs_err": tm["depth"]["abs_err"],
-                 "rel_err": tm["depth"]["rel_err"]}
+    reference = {
+        "miou": tm["seg"]["miou"],
+        "pixacc": tm["seg"]["pixacc"],
+        "abs_err": tm["depth"]["abs_err"],
+        "rel_err": tm["depth"]["rel_err"],
+    }
     rows = []
     for mode in modes:
         if mode == "single":
@@ -160,8 +171,15 @@ def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict
         if not _done(folder, p.digest("distill")):
             log.info("ablate: seed %d, mode %s", seed, mode)
             teachers = None if name == "mtl" else (root / "teachers" / "seg", root / "teachers" / "depth")
-            distill.run(p, data, teachers, folder, root / "checkpoints" / mode, resume=True,
-                        teacher_cache=root / "teacher_cache")
+            distill.run(
+                p,
+                data,
+                teachers,
+                folder,
+                root / "checkpoints" / mode,
+                resume=True,
+                teacher_cache=root / "teacher_cache",
+            )
         model, _ = load_model(folder / "student.pt")
         m = evaluate_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
         rows.append({"seed": seed, "mode": mode, **{k: m[k] for k in COLUMNS[:4]}, "delta_m": delta_m(m, reference)})
@@ -192,11 +210,13 @@ def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int,
     threads = max(1, usable_cores() // jobs)
     log.info("ablate: %d seeds in %d processes, %d thread(s) each", len(seeds), jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads, level)) as pool:
-        futures = [pool.submit(_seed_job, params.model_dump(mode="json"), str(data), str(out), list(modes), seed,
-                               meta)
-                   for seed in seeds]
+    with ProcessPoolExecutor(
+        jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads, level)
+    ) as pool:
+        futures = [
+            pool.submit(_seed_job, params.model_dump(mode="json"), str(data), str(out), list(modes), seed, meta)
+            for seed in seeds
+        ]
         return [f.result() for f in futures]
 
 
@@ -220,7 +240,7 @@ def paired(results: list[dict], modes) -> list[dict]:
     out = []
     for a_base, b_base in PAIRS:
         for a in [m for m in modes if m.split("+")[0] == a_base]:
-            suffix = a[len(a_base):]
+            suffix = a[len(a_base) :]
             b = b_base + suffix if b_base + suffix in modes else b_base
             if b not in modes:
                 continue
@@ -247,18 +267,30 @@ def gate(results: list[dict], unlabelled: int = 0) -> dict:
         t, m = by[("single", s)], by[("mtl", s)]
         miou_gap = t["miou"] - m["miou"]
         abs_gap = (m["abs_err"] - t["abs_err"]) / m["abs_err"]
-        rows.append({"seed": s, "miou_points": 100 * miou_gap, "abs_err_percent": 100 * abs_gap,
-                     "passed": miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR})
-    return {"seeds": rows, "passed": bool(rows) and all(r["passed"] for r in rows),
-            "rule": f"teachers beat mtl on test by >= {100 * GATE_MIOU_POINTS:g} mIoU points and "
-                    f">= {100 * GATE_ABS_ERR:g} % AbsErr, for every seed", "unlabelled": unlabelled}
+        rows.append(
+            {
+                "seed": s,
+                "miou_points": 100 * miou_gap,
+                "abs_err_percent": 100 * abs_gap,
+                "passed": miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR,
+            }
+        )
+    return {
+        "seeds": rows,
+        "passed": bool(rows) and all(r["passed"] for r in rows),
+        "rule": f"teachers beat mtl on test by >= {100 * GATE_MIOU_POINTS:g} mIoU points and "
+        f">= {100 * GATE_ABS_ERR:g} % AbsErr, for every seed",
+        "unlabelled": unlabelled,
+    }
 
 
 def gate_failure(unlabelled: int) -> str:
     """What a failed gate means: nothing to distil, unless the KD students also learn from unlabelled frames."""
     if unlabelled:
-        return (f"; it does not bound distillation here, because the KD modes also learn from {unlabelled} "
-                "unlabelled frames that mtl cannot use")
+        return (
+            f"; it does not bound distillation here, because the KD modes also learn from {unlabelled} "
+            "unlabelled frames that mtl cannot use"
+        )
     return ": this benchmark cannot show distillation"
 
 
@@ -277,10 +309,13 @@ def summarise(results: list[dict], modes) -> list[dict]:
 
 
 def markdown(table: list[dict], seeds, pairs: list[dict] | None = None, checks: dict | None = None) -> str:
-    lines = [f"Ablation on test, mean ± std over seeds {', '.join(map(str, seeds))} "
-             "(Δm against each seed's single-task teachers).", "",
-             "| mode | " + " | ".join(LABELS[k] for k in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"Ablation on test, mean ± std over seeds {', '.join(map(str, seeds))} "
+        "(Δm against each seed's single-task teachers).",
+        "",
+        "| mode | " + " | ".join(LABELS[k] for k in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
     for row in table:
         cells = []
         for key in COLUMNS:
@@ -288,9 +323,14 @@ def markdown(table: list[dict], seeds, pairs: list[dict] | None = None, checks: 
             cells.append(f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}")
         lines.append(f"| {row['mode']} | " + " | ".join(cells) + " |")
     if pairs:
-        lines += ["", "Paired by seed: mean difference [95 % t-interval] (seeds where the first is better / seeds). "
-                  "mIoU in points, AbsErr in m.", "",
-                  "| pair | Δm % | mIoU (points) | AbsErr (m) | resolved |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Paired by seed: mean difference [95 % t-interval] (seeds where the first is better / seeds). "
+            "mIoU in points, AbsErr in m.",
+            "",
+            "| pair | Δm % | mIoU (points) | AbsErr (m) | resolved |",
+            "|---|---|---|---|---|",
+        ]
         for p in pairs:
             cells = []
             for key in PAIR_METRICS:
@@ -299,14 +339,29 @@ def markdown(table: list[dict], seeds, pairs: list[dict] | None = None, checks: 
                 interval = "no interval" if d["low"] is None else f"{f * d['low']:+.2f}, {f * d['high']:+.2f}"
                 cells.append(f"{f * d['mean']:+.2f} [{interval}] ({d['better']}/{p['seeds']})")
             dm = p["delta_m"]
-            verdict = ("no: one seed" if dm["low"] is None else "yes: better" if dm["low"] > 0
-                       else "yes: worse" if dm["high"] < 0 else "no")
+            verdict = (
+                "no: one seed"
+                if dm["low"] is None
+                else "yes: better"
+                if dm["low"] > 0
+                else "yes: worse"
+                if dm["high"] < 0
+                else "no"
+            )
             lines.append(f"| {p['a']} − {p['b']} | " + " | ".join(cells) + f" | {verdict} |")
     if checks and checks["seeds"]:
-        lines += ["", f"Gate ({checks['rule']}): **{'passed' if checks['passed'] else 'FAILED'}**"
-                  + ("" if checks["passed"] else gate_failure(checks.get("unlabelled", 0))) + ".", ""]
-        lines += [f"- seed {r['seed']}: {r['miou_points']:+.1f} mIoU points, {r['abs_err_percent']:+.1f} % AbsErr"
-                  f" ({'ok' if r['passed'] else 'below'})" for r in checks["seeds"]]
+        lines += [
+            "",
+            f"Gate ({checks['rule']}): **{'passed' if checks['passed'] else 'FAILED'}**"
+            + ("" if checks["passed"] else gate_failure(checks.get("unlabelled", 0)))
+            + ".",
+            "",
+        ]
+        lines += [
+            f"- seed {r['seed']}: {r['miou_points']:+.1f} mIoU points, {r['abs_err_percent']:+.1f} % AbsErr"
+            f" ({'ok' if r['passed'] else 'below'})"
+            for r in checks["seeds"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -318,14 +373,22 @@ def _csv(rows: list[dict], fields: list[str]) -> str:
     return buf.getvalue()
 
 
-def write_outputs(out: Path, results: list[dict], table: list[dict], seeds, pairs: list[dict] | None = None,
-                  checks: dict | None = None) -> None:
+def write_outputs(
+    out: Path,
+    results: list[dict],
+    table: list[dict],
+    seeds,
+    pairs: list[dict] | None = None,
+    checks: dict | None = None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ablation.md", markdown(table, seeds, pairs, checks))
     atomic_write_text(out / "ablation.csv", _csv(table, list(table[0])))
     atomic_write_text(out / "runs.csv", _csv(results, ["seed", "mode", *COLUMNS]))
-    write_json(out / "ablation.json", {"seeds": list(seeds), "table": table, "pairs": pairs or [],
-                                       "gate": checks or {}, "runs": results})
+    write_json(
+        out / "ablation.json",
+        {"seeds": list(seeds), "table": table, "pairs": pairs or [], "gate": checks or {}, "runs": results},
+    )
     plots.ablation_bars(table, list(COLUMNS), out / "ablation.png")
     if pairs:
         plots.paired_differences(pairs, list(PAIR_METRICS), out / "paired.png")

@@ -66,20 +66,36 @@ def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[DenseNet, dic
     tasks = tuple(model.config.tasks)
     if tasks != (task,):
         what = "a multi-task model" if len(tasks) > 1 else f"the {tasks[0]} teacher"
-        raise ModelError(f"{task} teacher {file}: this is {what}, not the {task} teacher "
-                         "(--teachers takes the seg teacher first, then the depth teacher)")
+        raise ModelError(
+            f"{task} teacher {file}: this is {what}, not the {task} teacher "
+            "(--teachers takes the seg teacher first, then the depth teacher)"
+        )
     if task == "seg" and list(record.get("classes") or []) != list(meta["classes"]):
-        raise DataError(f"seg teacher {file} predicts classes {record.get('classes')}, the prepared data has "
-                        f"{meta['classes']}: distill on data with the teacher's classes, or retrain the teacher")
+        raise DataError(
+            f"seg teacher {file} predicts classes {record.get('classes')}, the prepared data has "
+            f"{meta['classes']}: distill on data with the teacher's classes, or retrain the teacher"
+        )
     norm = record.get("normalization")
     if norm is not None and norm != meta["normalization"]:
-        raise DataError(f"{task} teacher {file} was trained on images normalised with {norm}, the prepared data "
-                        f"uses {meta['normalization']}")
+        raise DataError(
+            f"{task} teacher {file} was trained on images normalised with {norm}, the prepared data "
+            f"uses {meta['normalization']}"
+        )
     if record.get("data_checksum") and record["data_checksum"] != meta.get("source_checksum"):
-        log.warning("%s teacher %s was trained on other prepared data (checksum %s, this data %s)", task, file,
-                    record["data_checksum"], meta.get("source_checksum"))
-    return model, {"path": str(path), "file_digest": _file_digest(file), "backbone": model.config.backbone,
-                   "head": model.config.head, "feature_channels": model.feature_channels}
+        log.warning(
+            "%s teacher %s was trained on other prepared data (checksum %s, this data %s)",
+            task,
+            file,
+            record["data_checksum"],
+            meta.get("source_checksum"),
+        )
+    return model, {
+        "path": str(path),
+        "file_digest": _file_digest(file),
+        "backbone": model.config.backbone,
+        "head": model.config.head,
+        "feature_channels": model.feature_channels,
+    }
 
 
 def needs_connector(cfg: DistillParams) -> bool:
@@ -110,13 +126,20 @@ def _load_teachers(folders, meta: dict, val_ds, cfg: DistillParams, seed: int, d
     for task, model in zip(TASKS, models, strict=True):
         info[task]["flops"] = model_flops(model, h, w)
         sampler = EpochSampler(len(val_ds), cfg.batch_size, seed, False, drop_last=False)
-        val = evaluate(model.to(device), make_task(task, n_cls, ignore),
-                       make_loader(val_ds, sampler, cfg.batch_size, 0, device, False), device)
+        val = evaluate(
+            model.to(device),
+            make_task(task, n_cls, ignore),
+            make_loader(val_ds, sampler, cfg.batch_size, 0, device, False),
+            device,
+        )
         model.cpu()
         info[task]["val"] = val
         scores[task] = task_score(task, val)
-        log.info("distill: %s teacher val %s", task,
-                 {k: round(v, 4) for k, v in val.items() if k in ("miou", "pixacc", "abs_err", "rel_err")})
+        log.info(
+            "distill: %s teacher val %s",
+            task,
+            {k: round(v, 4) for k, v in val.items() if k in ("miou", "pixacc", "abs_err", "rel_err")},
+        )
     return models, info, scores
 
 
@@ -158,8 +181,16 @@ def write_trajectory(path: Path, task: StudentTask) -> int:
         cols["x"].append(pts.xs.reshape(-1).numpy().astype(np.int16))
         cols["value"].append(pts.values.reshape(-1).numpy().astype(np.float32))
         cols["source"].append(np.full(p * k, source, dtype=object))
-    empty = {"timeframe": np.int32, "step": np.int64, "image": np.int32, "rank": np.int16, "y": np.int16,
-             "x": np.int16, "value": np.float32, "source": object}
+    empty = {
+        "timeframe": np.int32,
+        "step": np.int64,
+        "image": np.int32,
+        "rank": np.int16,
+        "y": np.int16,
+        "x": np.int16,
+        "value": np.float32,
+        "source": object,
+    }
     arrays = {c: (np.concatenate(v) if v else np.zeros(0, empty[c])) for c, v in cols.items()}
     arrays["source"] = pa.array(arrays["source"].tolist(), type=pa.dictionary(pa.int8(), pa.string()))
     pq.write_table(pa.table(arrays), path, compression="zstd")
@@ -167,9 +198,16 @@ def write_trajectory(path: Path, task: StudentTask) -> int:
 
 
 # ----------------------------------------------------------------------------- the stage
-def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path] | None, out: str | Path,
-        checkpoints: str | Path | None = None, resume: bool = False, teacher_cache: str | Path | None = None,
-        metrics_dir: str | Path | None = None) -> dict:
+def run(
+    params: Params,
+    data: str | Path,
+    teachers: tuple[str | Path, str | Path] | None,
+    out: str | Path,
+    checkpoints: str | Path | None = None,
+    resume: bool = False,
+    teacher_cache: str | Path | None = None,
+    metrics_dir: str | Path | None = None,
+) -> dict:
     """Distil the student on ``data`` from ``teachers`` = (seg folder, depth folder) into ``out``.
 
     With ``distill.teacher_cache`` the teachers' features come from a cache in ``teacher_cache`` (default: the
@@ -183,17 +221,24 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     num_classes, ignore = len(meta["classes"]), meta["ignore_index"]
     kd = cfg.mode != "mtl"
     if kd and not teachers:
-        raise ConfigError(f"distill.mode={cfg.mode} needs the two teachers (--teachers SEG_DIR DEPTH_DIR); "
-                          "only mode mtl trains without them")
+        raise ConfigError(
+            f"distill.mode={cfg.mode} needs the two teachers (--teachers SEG_DIR DEPTH_DIR); "
+            "only mode mtl trains without them"
+        )
     if teachers is not None and len(teachers) != 2:
         raise ConfigError(f"--teachers takes two folders (seg, then depth), got {len(teachers)}")
     checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
     device = resolve_device(cfg.device)
 
     seed_everything(params.seed)
-    student = build_student(params.student.backbone, params.student.head, num_classes,
-                            params.student.pretrained_backbone, head_channels=params.student.head_channels,
-                            tiny_widths=tuple(params.student.widths))
+    student = build_student(
+        params.student.backbone,
+        params.student.head,
+        num_classes,
+        params.student.pretrained_backbone,
+        head_channels=params.student.head_channels,
+        tiny_widths=tuple(params.student.widths),
+    )
     _check_top_k(student, cfg, h, w)
     val_ds = PreparedDataset(data, "val")
     plain_train = PreparedDataset(data, "train")  # without augmentation: the probe images
@@ -215,13 +260,24 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         cache, reused = tcache.ensure(folder, teacher_models, key, data, device, cfg.batch_size)
         if connector is not None:
             probe_feats = torch.from_numpy(np.asarray(cache["train"][probe_ids])).float()
-        cache_report = {"path": str(folder), "reused": reused, **{k: cache["meta"][k] for k in (
-            "channels", "grid", "bytes", "build_seconds", "teacher_forward_images")}}
+        cache_report = {
+            "path": str(folder),
+            "reused": reused,
+            **{k: cache["meta"][k] for k in ("channels", "grid", "bytes", "build_seconds", "teacher_forward_images")},
+        }
         teacher_models = []  # from here on no teacher runs: their features come from the cache
-    model = DistillModel(student, connector, teacher_models, probes, cfg.traj_every, cfg.traj_batch,
-                         probe_teacher_features=probe_feats,
-                         target_teachers=target_teachers if cfg.kd_target == "teachers" else None,
-                         connector_on_labelled=cfg.kd_target == "teachers", ignore_index=ignore)
+    model = DistillModel(
+        student,
+        connector,
+        teacher_models,
+        probes,
+        cfg.traj_every,
+        cfg.traj_batch,
+        probe_teacher_features=probe_feats,
+        target_teachers=target_teachers if cfg.kd_target == "teachers" else None,
+        connector_on_labelled=cfg.kd_target == "teachers",
+        ignore_index=ignore,
+    )
     connector_val = None
     if connector is not None:
         val_c = PreparedDataset(data, "val", features=cache["val"] if cache is not None else None)
@@ -231,18 +287,31 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
 
     job = StudentTask(model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val)
 
-    digest = hashlib.sha256(json.dumps({
-        "distill": cfg.model_dump(mode="json"), "student": params.student.model_dump(mode="json"),
-        "augment": params.augment.model_dump(mode="json"), "seed": params.seed,
-        "data": meta.get("source_checksum"), "code": codeid.source_digest(__name__),
-        "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "distill": cfg.model_dump(mode="json"),
+                "student": params.student.model_dump(mode="json"),
+                "augment": params.augment.model_dump(mode="json"),
+                "seed": params.seed,
+                "data": meta.get("source_checksum"),
+                "code": codeid.source_digest(__name__),
+                "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+
     def training_split(split: str) -> PreparedDataset:
-        return PreparedDataset(data, split, JointTransform.from_params(params.augment, h, w), seed=params.seed,
-                               features=cache[split] if cache is not None and connector is not None else None,
-                               targets=cache[f"{split}_targets"] if cache is not None and cfg.kd_target == "teachers"
-                               else None,
-                               feature_stride=DenseNet.feature_stride)
+        return PreparedDataset(
+            data,
+            split,
+            JointTransform.from_params(params.augment, h, w),
+            seed=params.seed,
+            features=cache[split] if cache is not None and connector is not None else None,
+            targets=cache[f"{split}_targets"] if cache is not None and cfg.kd_target == "teachers" else None,
+            feature_stride=DenseNet.feature_stride,
+        )
 
     train_ds = training_split("train")
     # Under a label budget the KD modes also learn from the teachers' predictions on the unlabelled split: each
@@ -257,14 +326,27 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     warmup_report = None
     if connector is not None and cfg.connector_warmup:
         before = _short(connector_val())
-        warmup_report = warm_up(model, train_ds, cfg, params.seed, device, ignore,
-                                checkpoints / "connector-warmup.pt", digest, resume)
+        warmup_report = warm_up(
+            model, train_ds, cfg, params.seed, device, ignore, checkpoints / "connector-warmup.pt", digest, resume
+        )
         warmup_report["val_before"], warmup_report["val"] = before, _short(connector_val())
         log.info("distill: connector after warm-up: val %s", warmup_report["val"])
         seed_everything(params.seed)  # the student's run draws the same numbers whether or not it warmed up here
-    result = fit(model, job, train_set, val_ds, cfg, params.seed, checkpoints, digest, resume=resume,
-                 log_name=f"distill-{cfg.mode}", eval_every=cfg.timeframe_steps or None, epoch_samples=epoch_samples,
-                 pool=(pool if pool_batch else 0, pool_batch))
+    result = fit(
+        model,
+        job,
+        train_set,
+        val_ds,
+        cfg,
+        params.seed,
+        checkpoints,
+        digest,
+        resume=resume,
+        log_name=f"distill-{cfg.mode}",
+        eval_every=cfg.timeframe_steps or None,
+        epoch_samples=epoch_samples,
+        pool=(pool if pool_batch else 0, pool_batch),
+    )
     train_seconds = time.perf_counter() - t0
 
     best = {k.removeprefix("student."): v for k, v in result.best_state.items() if k.startswith("student.")}
@@ -287,39 +369,59 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         "epochs": cfg.epochs,
         # Labelled images, the unlabelled split's size and how many of them each step adds (KD modes), and the
         # labelled samples an epoch draws.
-        "data": {"train": len(train_ds), "unlabelled": pool if pool_batch else 0, "unlabelled_batch": pool_batch,
-                 "epoch_samples": epoch_samples or len(train_ds)},
+        "data": {
+            "train": len(train_ds),
+            "unlabelled": pool if pool_batch else 0,
+            "unlabelled_batch": pool_batch,
+            "epoch_samples": epoch_samples or len(train_ds),
+        },
         "timeframes": len(result.history),
         "train_seconds": round(train_seconds, 2),
         # Validation, the ω update, connector scoring and trajectory records: the price of the timeframes.
         "validation_seconds": round(result.validation_seconds, 2),
         "validation_share": round(result.validation_seconds / train_seconds, 4) if train_seconds > 0 else None,
-        "connector": {"warmup": warmup_report, "history": [_short(h) | {"timeframe": h["timeframe"]}
-                                                            for h in job.connector_history]},
+        "connector": {
+            "warmup": warmup_report,
+            "history": [_short(h) | {"timeframe": h["timeframe"]} for h in job.connector_history],
+        },
         "gradients": job.gradient_summary(),
         "flops": {"student": model_flops(student, h, w)},
         # Training loop only (data, forward, backward, step), per process; validation excluded.
         "seconds_per_step": round((cfg.batch_size + pool_batch) / ips, 5) if ips else None,
         "train_images_per_second": round(ips, 2) if ips else None,
         # Images the teachers ran on in this process: per step without the cache, once when it was built.
-        "teacher_forward_images": model.teacher_images + (
-            cache_report["teacher_forward_images"] if cache_report and not cache_report["reused"] else 0),
+        "teacher_forward_images": model.teacher_images
+        + (cache_report["teacher_forward_images"] if cache_report and not cache_report["reused"] else 0),
         "teacher_cache": cache_report,
         "history": result.history,
         "resumed_from_step": result.resumed_from,
         "world_size": world,
-        "model": {"backbone": params.student.backbone, "head": params.student.head,
-                  "parameters": sum(p.numel() for p in student.parameters())},
+        "model": {
+            "backbone": params.student.backbone,
+            "head": params.student.head,
+            "parameters": sum(p.numel() for p in student.parameters()),
+        },
         "params_digest": params.digest("distill"),
     }
     if rank == 0:
         with atomic_dir(out) as tmp:
-            save_model(tmp / "student.pt", student, best, task="multi", mode=cfg.mode, classes=meta["classes"],
-                       palette=meta["palette"], normalization=meta["normalization"], resolution=meta["resolution"],
-                       ignore_index=ignore, data_checksum=meta.get("source_checksum"),
-                       params_digest=params.digest("distill"),
-                       best_epoch=result.best_epoch, val=result.best_metrics,
-                       teachers={t: i["file_digest"] for t, i in (teacher_info or {}).items()})
+            save_model(
+                tmp / "student.pt",
+                student,
+                best,
+                task="multi",
+                mode=cfg.mode,
+                classes=meta["classes"],
+                palette=meta["palette"],
+                normalization=meta["normalization"],
+                resolution=meta["resolution"],
+                ignore_index=ignore,
+                data_checksum=meta.get("source_checksum"),
+                params_digest=params.digest("distill"),
+                best_epoch=result.best_epoch,
+                val=result.best_metrics,
+                teachers={t: i["file_digest"] for t, i in (teacher_info or {}).items()},
+            )
             write_weights_csv(tmp / "weights.csv", job)
             n_rows = write_trajectory(tmp / "trajectory.parquet", job)
             report["trajectory"] = _trajectory_report(job, model, tmp / "trajectory.parquet", n_rows, train_seconds)
@@ -329,9 +431,16 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
             lineage.write(tmp, lineage.record("distill", params.digest("distill"), parents, module=__name__))
             with records.folder(tmp, metrics_dir) as mdir:
                 records.write(mdir, curated(report), run_facts, checkpoints / "dvclive")
-        log.info("distill-%s: best epoch %d, val mIoU %.4f AbsErr %.3f, test mIoU %.4f AbsErr %.3f → %s", cfg.mode,
-                 result.best_epoch, result.best_metrics["miou"], result.best_metrics["abs_err"], test["miou"],
-                 test["abs_err"], out)
+        log.info(
+            "distill-%s: best epoch %d, val mIoU %.4f AbsErr %.3f, test mIoU %.4f AbsErr %.3f → %s",
+            cfg.mode,
+            result.best_epoch,
+            result.best_metrics["miou"],
+            result.best_metrics["abs_err"],
+            test["miou"],
+            test["abs_err"],
+            out,
+        )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -340,8 +449,10 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
 
 def curated(report: dict) -> dict:
     """The student's few numbers for metrics.json: test metrics and training time (the rest is in report.json)."""
-    return {**{k: report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1")},
-            "seconds": report["train_seconds"]}
+    return {
+        **{k: report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1")},
+        "seconds": report["train_seconds"],
+    }
 
 
 def _short(metrics: dict) -> dict:

@@ -61,8 +61,15 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         w.writerows(rows)
 
 
-def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path], student: str | Path,
-        out: str | Path, mtl: str | Path | None = None, metrics_dir: str | Path | None = None) -> dict:
+def run(
+    params: Params,
+    data: str | Path,
+    teachers: tuple[str | Path, str | Path],
+    student: str | Path,
+    out: str | Path,
+    mtl: str | Path | None = None,
+    metrics_dir: str | Path | None = None,
+) -> dict:
     cfg = params.evaluate
     data, out, student = Path(data), Path(out), Path(student)
     t_start = time.perf_counter()
@@ -84,12 +91,17 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
     def ev(model, tasks, k=0):
         return evaluate_model(model, tasks, ds, num_classes, ignore, cfg.batch_size, device, edges, keep=k)
 
-    res = {"student": ev(s_model, ("seg", "depth"), keep), "teacher_seg": ev(t_seg, ("seg",)),
-           "teacher_depth": ev(t_depth, ("depth",))}
+    res = {
+        "student": ev(s_model, ("seg", "depth"), keep),
+        "teacher_seg": ev(t_seg, ("seg",)),
+        "teacher_depth": ev(t_depth, ("depth",)),
+    }
     if m_model is not None:
         res["mtl"] = ev(m_model, ("seg", "depth"))
-    reference = {**{k: res["teacher_seg"].metrics[k] for k in ("miou", "pixacc")},
-                 **{k: res["teacher_depth"].metrics[k] for k in ("abs_err", "rel_err")}}
+    reference = {
+        **{k: res["teacher_seg"].metrics[k] for k in ("miou", "pixacc")},
+        **{k: res["teacher_depth"].metrics[k] for k in ("abs_err", "rel_err")},
+    }
 
     split = cfg.split
     metrics: dict = {}
@@ -109,8 +121,9 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         # Unlabelled frames the student learnt from (a label budget): then the gate does not bound distillation.
         metrics["gate"]["unlabelled"] = int((s_info.get("data") or {}).get("unlabelled", 0))
     metrics["reference"] = {split: reference}
-    metrics["cost"] = inference_cost({"student": s_model, "teacher_seg": t_seg, "teacher_depth": t_depth},
-                                     tuple(meta["resolution"]), device)
+    metrics["cost"] = inference_cost(
+        {"student": s_model, "teacher_seg": t_seg, "teacher_depth": t_depth}, tuple(meta["resolution"]), device
+    )
 
     weights_rows = _read_rows(student / "weights.csv")
     trajectory = _read_trajectory(student / "trajectory.parquet")
@@ -127,18 +140,27 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         (pdir / "depth_error").mkdir()
         for name, r in res.items():
             if "per_class_iou" in r.metrics:
-                _write_csv(pdir / "per_class_iou" / f"{name}.csv",
-                           [{"class": c, "iou": r.metrics["per_class_iou"][i] or 0.0} for i, c in enumerate(classes)],
-                           ["class", "iou"])
+                _write_csv(
+                    pdir / "per_class_iou" / f"{name}.csv",
+                    [{"class": c, "iou": r.metrics["per_class_iou"][i] or 0.0} for i, c in enumerate(classes)],
+                    ["class", "iou"],
+                )
             if r.depth_bins:
-                _write_csv(pdir / "depth_error" / f"{name}.csv", r.depth_bins,
-                           ["distance_m", "from_m", "to_m", "pixels", "abs_err", "rel_err"])
+                _write_csv(
+                    pdir / "depth_error" / f"{name}.csv",
+                    r.depth_bins,
+                    ["distance_m", "from_m", "to_m", "pixels", "abs_err", "rel_err"],
+                )
         wide = _weights_wide(weights_rows)
-        _write_csv(pdir / "weights.csv", wide, ["timeframe", "omega_seg", "omega_depth", "feedback_seg",
-                                                "feedback_depth"])
+        _write_csv(
+            pdir / "weights.csv", wide, ["timeframe", "omega_seg", "omega_depth", "feedback_seg", "feedback_depth"]
+        )
         traj_rows = _trajectory_rows(s_info)
-        _write_csv(pdir / "trajectory_loss.csv", traj_rows,
-                   ["timeframe", "train_traj_loss", "l1_at_points", "l1_values", "overlap"])
+        _write_csv(
+            pdir / "trajectory_loss.csv",
+            traj_rows,
+            ["timeframe", "train_traj_loss", "l1_at_points", "l1_values", "overlap"],
+        )
 
         # --- pictures
         raw = open_split(data, split, meta)
@@ -146,38 +168,53 @@ def run(params: Params, data: str | Path, teachers: tuple[str | Path, str | Path
         figs = {}
         if keep:
             figs["qualitative"] = plots.qualitative_grid(
-                [np.asarray(raw["images"][i]) for i in idx], [np.asarray(raw["labels"][i]) for i in idx],
-                res["student"].samples["seg"], [np.asarray(raw["depth"][i]) for i in idx],
-                res["student"].samples["depth"], palette, hi, pdir / "qualitative.png", ignore)
+                [np.asarray(raw["images"][i]) for i in idx],
+                [np.asarray(raw["labels"][i]) for i in idx],
+                res["student"].samples["seg"],
+                [np.asarray(raw["depth"][i]) for i in idx],
+                res["student"].samples["depth"],
+                palette,
+                hi,
+                pdir / "qualitative.png",
+                ignore,
+            )
         figs["confusion"] = plots.confusion_matrix(res["student"].confusion, classes, pdir / "confusion.png")
         figs["per_class"] = plots.per_class_iou(
-            {n: r.metrics["per_class_iou"] for n, r in res.items() if "per_class_iou" in r.metrics}, classes,
-            pdir / "per_class_iou.png")
+            {n: r.metrics["per_class_iou"] for n, r in res.items() if "per_class_iou" in r.metrics},
+            classes,
+            pdir / "per_class_iou.png",
+        )
         figs["depth_error"] = plots.depth_error_by_distance(
-            {n: r.depth_bins for n, r in res.items() if r.depth_bins}, pdir / "depth_error.png")
+            {n: r.depth_bins for n, r in res.items() if r.depth_bins}, pdir / "depth_error.png"
+        )
         if weights_rows:
             figs["weights"] = plots.teacher_weights(weights_rows, pdir / "weights.png")
         if trajectory is not None and len(trajectory):
             image_id = int(trajectory["image"].min())
             probes = open_split(data, "train", meta)  # the probe images are train images
             grid = tuple(s_info.get("trajectory", {}).get("grid") or _grid_of(s_model, meta))
-            figs["trajectory"] = plots.trajectory(np.asarray(probes["images"][image_id]),
-                                                  trajectory[trajectory["image"] == image_id], grid,
-                                                  pdir / "trajectory.png")
+            figs["trajectory"] = plots.trajectory(
+                np.asarray(probes["images"][image_id]),
+                trajectory[trajectory["image"] == image_id],
+                grid,
+                pdir / "trajectory.png",
+            )
             figs["trajectory_image"] = image_id
 
         metrics["evaluate_seconds"] = round(time.perf_counter() - t_start, 2)
         content, run_facts = records.split(metrics)
         write_json(tmp / records.REPORT, content)
-        blocks = _report_blocks(params, meta, data, res, content, split, reference, s_record, s_info, teachers,
-                                figs, weights_rows, tmp)
+        blocks = _report_blocks(
+            params, meta, data, res, content, split, reference, s_record, s_info, teachers, figs, weights_rows, tmp
+        )
         title = "jointdistill — evaluation report"
         (tmp / "report.md").write_text(rp.to_markdown(title, blocks, tmp))
         (tmp / "report.html").write_text(rp.to_html(title, blocks))
         with records.folder(tmp, metrics_dir) as mdir:
             records.write(mdir, curated(metrics), run_facts)
-    log.info("evaluate: student Δm %+.2f %% vs the teachers on %s → %s", metrics["student"][split]["delta_m"], split,
-             out)
+    log.info(
+        "evaluate: student Δm %+.2f %% vs the teachers on %s → %s", metrics["student"][split]["delta_m"], split, out
+    )
     return metrics
 
 
@@ -201,8 +238,11 @@ def capacity_gate(teachers: dict, mtl: dict) -> dict:
 
     miou_gap = teachers["miou"] - mtl["miou"]
     abs_gap = (mtl["abs_err"] - teachers["abs_err"]) / mtl["abs_err"]
-    return {"miou_points": 100 * miou_gap, "abs_err_percent": 100 * abs_gap,
-            "passed": bool(miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR)}
+    return {
+        "miou_points": 100 * miou_gap,
+        "abs_err_percent": 100 * abs_gap,
+        "passed": bool(miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR),
+    }
 
 
 def inference_cost(models: dict, size: tuple[int, int], device, runs: int = 5) -> dict:
@@ -274,14 +314,17 @@ def _trajectory_rows(s_info: dict) -> list[dict]:
     return [frames[k] for k in sorted(frames) if "l1_at_points" in frames[k] or "train_traj_loss" in frames[k]]
 
 
-def _report_blocks(params, meta, data, res, metrics, split, reference, s_record, s_info, teachers, figs,
-                   weights_rows, root) -> list:
+def _report_blocks(
+    params, meta, data, res, metrics, split, reference, s_record, s_info, teachers, figs, weights_rows, root
+) -> list:
     b = []
     st = metrics["student"][split]
     mode = s_record.get("mode", "?")
     verdict = "better" if st["delta_m"] > 0 else "worse"
-    lead = (f"The **{mode}** student scores Δm = **{st['delta_m']:+.2f} %** against the two single-task teachers on "
-            f"`{split}` ({verdict} on average over mIoU, pixel accuracy, AbsErr and RelErr)")
+    lead = (
+        f"The **{mode}** student scores Δm = **{st['delta_m']:+.2f} %** against the two single-task teachers on "
+        f"`{split}` ({verdict} on average over mIoU, pixel accuracy, AbsErr and RelErr)"
+    )
     if "delta_m_vs_mtl" in st:
         lead += f", and Δm = **{st['delta_m_vs_mtl']:+.2f} %** against the MTL baseline"
     b.append(rp.text(lead + ".", lead=True))
@@ -289,42 +332,72 @@ def _report_blocks(params, meta, data, res, metrics, split, reference, s_record,
     b.append(rp.heading("Metrics"))
     header = ["model", "mIoU ↑", "pixAcc ↑", "AbsErr (m) ↓", "RelErr ↓", "δ<1.25 ↑", "Δm vs teachers"]
     rows = []
-    names = {"teacher_seg": "seg teacher", "teacher_depth": "depth teacher", "mtl": "MTL baseline",
-             "student": f"student ({mode})"}
+    names = {
+        "teacher_seg": "seg teacher",
+        "teacher_depth": "depth teacher",
+        "mtl": "MTL baseline",
+        "student": f"student ({mode})",
+    }
     for name in ("teacher_seg", "teacher_depth", "mtl", "student"):
         if name not in res:
             continue
         m = metrics[name][split]
-        rows.append([names[name], *(rp.fmt(m.get(k)) for k in SHOWN),
-                     f"{m['delta_m']:+.2f} %" if "delta_m" in m else "(reference)"])
+        rows.append(
+            [
+                names[name],
+                *(rp.fmt(m.get(k)) for k in SHOWN),
+                f"{m['delta_m']:+.2f} %" if "delta_m" in m else "(reference)",
+            ]
+        )
     b.append(rp.table(header, rows))
     gate = metrics.get("gate")
     if gate is None:
-        b.append(rp.text("Can this benchmark show distillation? Only if the teachers beat plain multi-task training "
-                         "by at least 5 mIoU points and 5 % AbsErr: give an MTL baseline (`--mtl`) to check it "
-                         "here, or run `jointdistill ablate`, which checks it for every seed."))
+        b.append(
+            rp.text(
+                "Can this benchmark show distillation? Only if the teachers beat plain multi-task training "
+                "by at least 5 mIoU points and 5 % AbsErr: give an MTL baseline (`--mtl`) to check it "
+                "here, or run `jointdistill ablate`, which checks it for every seed."
+            )
+        )
     elif gate["passed"]:
-        b.append(rp.text(f"Gate passed: the teachers beat the MTL baseline by {gate['miou_points']:.1f} mIoU points "
-                         f"and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5), so this benchmark can show "
-                         "distillation."))
+        b.append(
+            rp.text(
+                f"Gate passed: the teachers beat the MTL baseline by {gate['miou_points']:.1f} mIoU points "
+                f"and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5), so this benchmark can show "
+                "distillation."
+            )
+        )
     else:
         from .ablate import gate_failure
 
-        b.append(rp.text(f"Gate failed: the teachers beat the MTL baseline by only {gate['miou_points']:.1f} mIoU "
-                         f"points and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5)"
-                         f"{gate_failure(gate.get('unlabelled', 0))}."))
+        b.append(
+            rp.text(
+                f"Gate failed: the teachers beat the MTL baseline by only {gate['miou_points']:.1f} mIoU "
+                f"points and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5)"
+                f"{gate_failure(gate.get('unlabelled', 0))}."
+            )
+        )
     cost = metrics["cost"]
-    b.append(rp.text(f"Cost: the student needs {cost['flops']['student'] / 1e9:.2f} GFLOP per image, "
-                     f"{100 * cost['student_flops_vs_teachers']:.0f} % of the two teachers' together "
-                     f"({cost['flops']['teacher_seg'] / 1e9:.2f} and {cost['flops']['teacher_depth'] / 1e9:.2f}). "
-                     "Latency, measured on the machine that ran this, is in the stage's run.json."))
-    b.append(rp.text(f"Δm = (1/4)·Σ_k (−1)^l_k·(M_k − M_ref,k)/M_ref,k·100 over {', '.join(DELTA_M_METRICS)}; "
-                     "l_k = 1 where lower is better; the reference is the seg teacher's mIoU/pixAcc and the depth "
-                     "teacher's AbsErr/RelErr. Exact metrics over the whole split (one confusion matrix, pixel sums)."))
+    b.append(
+        rp.text(
+            f"Cost: the student needs {cost['flops']['student'] / 1e9:.2f} GFLOP per image, "
+            f"{100 * cost['student_flops_vs_teachers']:.0f} % of the two teachers' together "
+            f"({cost['flops']['teacher_seg'] / 1e9:.2f} and {cost['flops']['teacher_depth'] / 1e9:.2f}). "
+            "Latency, measured on the machine that ran this, is in the stage's run.json."
+        )
+    )
+    b.append(
+        rp.text(
+            f"Δm = (1/4)·Σ_k (−1)^l_k·(M_k − M_ref,k)/M_ref,k·100 over {', '.join(DELTA_M_METRICS)}; "
+            "l_k = 1 where lower is better; the reference is the seg teacher's mIoU/pixAcc and the depth "
+            "teacher's AbsErr/RelErr. Exact metrics over the whole split (one confusion matrix, pixel sums)."
+        )
+    )
     b.append(rp.heading("Per-class IoU", 3))
     per = {n: metrics[n][split]["per_class_iou"] for n in ("teacher_seg", "mtl", "student") if n in res}
-    b.append(rp.table(["class", *[names[n] for n in per]],
-                      [[c, *(rp.fmt(per[n][c]) for n in per)] for c in meta["classes"]]))
+    b.append(
+        rp.table(["class", *[names[n] for n in per]], [[c, *(rp.fmt(per[n][c]) for n in per)] for c in meta["classes"]])
+    )
     b.append(rp.image(figs["per_class"], "IoU per class on the test split"))
     b.append(rp.image(figs["confusion"], "student confusion matrix (rows: ground truth)"))
     b.append(rp.image(figs["depth_error"], "depth AbsErr against ground-truth distance"))
@@ -335,39 +408,72 @@ def _report_blocks(params, meta, data, res, metrics, split, reference, s_record,
     b.append(rp.heading("How the student learned"))
     if weights_rows:
         final = s_info.get("weights", {}).get("final", {})
-        b.append(rp.text("Teacher weights ω are updated after each timeframe from the feedback a = student score / "
-                         "teacher score on val (mIoU; 1/AbsErr). Final ω: "
-                         + ", ".join(f"{k} {v:.3f}" for k, v in final.items()) + "."))
+        b.append(
+            rp.text(
+                "Teacher weights ω are updated after each timeframe from the feedback a = student score / "
+                "teacher score on val (mIoU; 1/AbsErr). Final ω: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in final.items())
+                + "."
+            )
+        )
         b.append(rp.image(figs["weights"], "teacher weights and feedback over timeframes"))
     if "trajectory" in figs:
         tr = s_info.get("trajectory", {})
-        b.append(rp.text(f"Knowledge trajectory: top-{tr.get('top_k')} attention points of the connector (○) and "
-                         f"the student (×) on train probe image {figs['trajectory_image']}, per timeframe. Stored as "
-                         f"{tr.get('rows')} rows, {tr.get('bytes')} bytes ({100 * (tr.get('storage_ratio') or 0):.3f} "
-                         "% of the fused maps)."))
+        b.append(
+            rp.text(
+                f"Knowledge trajectory: top-{tr.get('top_k')} attention points of the connector (○) and "
+                f"the student (×) on train probe image {figs['trajectory_image']}, per timeframe. Stored as "
+                f"{tr.get('rows')} rows, {tr.get('bytes')} bytes ({100 * (tr.get('storage_ratio') or 0):.3f} "
+                "% of the fused maps)."
+            )
+        )
         b.append(rp.image(figs["trajectory"], "essential points over timeframes"))
         per_tf = tr.get("per_timeframe", [])
         if per_tf and "l1_at_points" in per_tf[0]:
-            b.append(rp.table(["timeframe", "L1 at connector points", "L1 of values by rank", "shared points"],
-                              [[f["timeframe"], rp.fmt(f["l1_at_points"]), rp.fmt(f["l1_values"]),
-                                rp.fmt(f["overlap"], 2)] for f in per_tf]))
+            b.append(
+                rp.table(
+                    ["timeframe", "L1 at connector points", "L1 of values by rank", "shared points"],
+                    [
+                        [f["timeframe"], rp.fmt(f["l1_at_points"]), rp.fmt(f["l1_values"]), rp.fmt(f["overlap"], 2)]
+                        for f in per_tf
+                    ],
+                )
+            )
 
     b.append(rp.heading("Data and models"))
     c = meta["counts"]
-    b.append(rp.text(f"Data `{data}`: {meta['dataset']}, {meta['resolution'][0]}×{meta['resolution'][1]}, "
-                     f"train {c['train']} / val {c['val']} / test {c['test']}"
-                     + (f" / unlabelled {c['unlabelled']}" if c.get("unlabelled") else "")
-                     + f", classes: {', '.join(meta['classes'])}; "
-                     f"source checksum `{str(meta.get('source_checksum'))[:16]}`."))
+    b.append(
+        rp.text(
+            f"Data `{data}`: {meta['dataset']}, {meta['resolution'][0]}×{meta['resolution'][1]}, "
+            f"train {c['train']} / val {c['val']} / test {c['test']}"
+            + (f" / unlabelled {c['unlabelled']}" if c.get("unlabelled") else "")
+            + f", classes: {', '.join(meta['classes'])}; "
+            f"source checksum `{str(meta.get('source_checksum'))[:16]}`."
+        )
+    )
     mrows = []
     for name, folder in (("seg teacher", teachers[0]), ("depth teacher", teachers[1])):
         info = _read_json(Path(folder) / "report.json") or {}
         mod = info.get("model", {})
-        mrows.append([name, mod.get("backbone", "?"), mod.get("head", "?"), mod.get("parameters", "?"),
-                      info.get("best_epoch", "?")])
+        mrows.append(
+            [
+                name,
+                mod.get("backbone", "?"),
+                mod.get("head", "?"),
+                mod.get("parameters", "?"),
+                info.get("best_epoch", "?"),
+            ]
+        )
     mod = s_info.get("model", {})
-    mrows.append([f"student ({mode})", mod.get("backbone", "?"), mod.get("head", "?"), mod.get("parameters", "?"),
-                  s_info.get("best_epoch", "?")])
+    mrows.append(
+        [
+            f"student ({mode})",
+            mod.get("backbone", "?"),
+            mod.get("head", "?"),
+            mod.get("parameters", "?"),
+            s_info.get("best_epoch", "?"),
+        ]
+    )
     b.append(rp.table(["model", "backbone", "head", "parameters", "best epoch"], mrows))
     b.append(rp.heading("Params"))
     b.append(rp.code(yaml.safe_dump(params.stage_params("evaluate"), sort_keys=False), "yaml"))

@@ -60,15 +60,18 @@ def _compare(student, session: StudentSession, batches) -> dict:
     return parity.result()
 
 
-def _shape_checks(student, session: StudentSession, size: tuple[int, int], multiple: int | None,
-                  rng: np.random.Generator) -> list[dict]:
+def _shape_checks(
+    student, session: StudentSession, size: tuple[int, int], multiple: int | None, rng: np.random.Generator
+) -> list[dict]:
     """Batch 1 and 3 at the training size and, when H and W are dynamic, two other sizes: an exporter that
     silently baked in the traced shape fails here."""
     h, w = size
     shapes = [(1, h, w), (3, h, w)]
     if multiple:
-        shapes += [(2, max(multiple, h // 2 // multiple * multiple), max(multiple, w // 2 // multiple * multiple)),
-                   (1, h + 2 * multiple, w + 4 * multiple)]
+        shapes += [
+            (2, max(multiple, h // 2 // multiple * multiple), max(multiple, w // 2 // multiple * multiple)),
+            (1, h + 2 * multiple, w + 4 * multiple),
+        ]
     rows = []
     for n, hh, ww in shapes:
         batch = rng.standard_normal((n, 3, hh, ww), dtype=np.float32)
@@ -76,10 +79,12 @@ def _shape_checks(student, session: StudentSession, size: tuple[int, int], multi
     return rows
 
 
-def _test_metrics(session: StudentSession, test: PreparedDataset, batch_size: int, num_classes: int,
-                  ignore: int) -> dict:
-    return {k: v for k, v in evaluate_session(session, test, batch_size, num_classes, ignore).items()
-            if k in METRIC_KEYS}
+def _test_metrics(
+    session: StudentSession, test: PreparedDataset, batch_size: int, num_classes: int, ignore: int
+) -> dict:
+    return {
+        k: v for k, v in evaluate_session(session, test, batch_size, num_classes, ignore).items() if k in METRIC_KEYS
+    }
 
 
 def _latency(fn_for_batch, size: tuple[int, int], runs: int, rng: np.random.Generator) -> dict:
@@ -90,8 +95,9 @@ def _latency(fn_for_batch, size: tuple[int, int], runs: int, rng: np.random.Gene
     return out
 
 
-def run(params: Params, data: str | Path, student: str | Path, out: str | Path,
-        metrics_dir: str | Path | None = None) -> dict:
+def run(
+    params: Params, data: str | Path, student: str | Path, out: str | Path, metrics_dir: str | Path | None = None
+) -> dict:
     cfg = params.export
     data, student, out = Path(data), Path(student), Path(out)
     t_start = time.perf_counter()
@@ -128,28 +134,49 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path,
 
         fp32 = {
             "val": _compare(model, session, _batches(val, n_parity, cfg.batch_size)),
-            "random": _compare(model, session, [rng.standard_normal((2, 3, *size), dtype=np.float32)
-                                                for _ in range(2)]),
+            "random": _compare(
+                model, session, [rng.standard_normal((2, 3, *size), dtype=np.float32) for _ in range(2)]
+            ),
             "shapes": _shape_checks(model, session, size, multiple, rng),
         }
         problems = [f"{group}: {p}" for group in ("val", "random") for p in parity_problems(fp32[group], **tolerance)]
         problems += [f"shape {row['shape']}: {p}" for row in fp32["shapes"] for p in parity_problems(row, **tolerance)]
-        parity = {"passed": not problems, "problems": problems, "tolerance": tolerance,
-                  "size_multiple": multiple, "input_size": list(size), "fp32": fp32, "variants": {}}
+        parity = {
+            "passed": not problems,
+            "problems": problems,
+            "tolerance": tolerance,
+            "size_multiple": multiple,
+            "input_size": list(size),
+            "fp32": fp32,
+            "variants": {},
+        }
         if problems:
             write_json(failed_report, parity)
-            raise ModelError(f"export: onnxruntime does not match PyTorch ({'; '.join(problems)}); nothing was "
-                             f"written to {out}; the full comparison is in {failed_report}")
-        log.info("export: parity on %d val images: depth max rel err %.2e, seg argmax agreement %.5f",
-                 fp32["val"]["images"], fp32["val"]["depth"]["max_rel_err"],
-                 fp32["val"]["segmentation_logits"]["argmax_agreement"])
+            raise ModelError(
+                f"export: onnxruntime does not match PyTorch ({'; '.join(problems)}); nothing was "
+                f"written to {out}; the full comparison is in {failed_report}"
+            )
+        log.info(
+            "export: parity on %d val images: depth max rel err %.2e, seg argmax agreement %.5f",
+            fp32["val"]["images"],
+            fp32["val"]["depth"]["max_rel_err"],
+            fp32["val"]["segmentation_logits"]["argmax_agreement"],
+        )
 
-        test_metrics = {"pytorch": {k: v for k, v in evaluate_model(
-            model, ("seg", "depth"), test, num_classes, ignore, cfg.batch_size, torch.device("cpu")).metrics.items()
-            if k in METRIC_KEYS}}
+        test_metrics = {
+            "pytorch": {
+                k: v
+                for k, v in evaluate_model(
+                    model, ("seg", "depth"), test, num_classes, ignore, cfg.batch_size, torch.device("cpu")
+                ).metrics.items()
+                if k in METRIC_KEYS
+            }
+        }
         test_metrics["onnx"] = _test_metrics(session, test, cfg.batch_size, num_classes, ignore)
-        latency = {"pytorch": _latency(lambda x: eager_outputs(model, x), size, cfg.latency_runs, rng),
-                   "onnx": _latency(session.run, size, cfg.latency_runs, rng)}
+        latency = {
+            "pytorch": _latency(lambda x: eager_outputs(model, x), size, cfg.latency_runs, rng),
+            "onnx": _latency(session.run, size, cfg.latency_runs, rng),
+        }
         files = {"fp32": onnx_path}
 
         variants = []
@@ -157,16 +184,23 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path,
             variants.append(("fp16", "fp16", lambda dst: fp16_variant(onnx_path, dst)))
         if cfg.int8 != "none":
             n_cal = min(cfg.calibration_images, len(val))
-            variants.append((f"int8-{cfg.int8}", "int8", lambda dst: int8_variant(
-                onnx_path, dst, cfg.int8, _batches(val, n_cal, cfg.batch_size))))
+            variants.append(
+                (
+                    f"int8-{cfg.int8}",
+                    "int8",
+                    lambda dst: int8_variant(onnx_path, dst, cfg.int8, _batches(val, n_cal, cfg.batch_size)),
+                )
+            )
         for name, suffix, build in variants:
             path = tmp / f"student.{suffix}.onnx"
             build(path)
             set_metadata(path, metadata_props(record, meta, multiple, cfg.opset, name, code))
             check_graph(path)
             vs = StudentSession(path, "cpu")
-            parity["variants"][name] = {"file": path.name,
-                                        "val": _compare(model, vs, _batches(val, n_parity, cfg.batch_size))}
+            parity["variants"][name] = {
+                "file": path.name,
+                "val": _compare(model, vs, _batches(val, n_parity, cfg.batch_size)),
+            }
             test_metrics[name] = _test_metrics(vs, test, cfg.batch_size, num_classes, ignore)
             latency[name] = _latency(vs.run, size, cfg.latency_runs, rng)
             files[name] = path
@@ -193,8 +227,14 @@ def run(params: Params, data: str | Path, student: str | Path, out: str | Path,
         with records.folder(tmp, metrics_dir) as mdir:
             records.write(mdir, curated(report), run_facts)
     failed_report.unlink(missing_ok=True)
-    log.info("export: %s (%.1f MB), test mIoU %.4f AbsErr %.3f m via onnxruntime, in %.1f s", out / "student.onnx",
-             sizes["fp32"] / 1e6, report["test"]["miou"], report["test"]["abs_err"], report["seconds"])
+    log.info(
+        "export: %s (%.1f MB), test mIoU %.4f AbsErr %.3f m via onnxruntime, in %.1f s",
+        out / "student.onnx",
+        sizes["fp32"] / 1e6,
+        report["test"]["miou"],
+        report["test"]["abs_err"],
+        report["seconds"],
+    )
     return {"parity": parity, **report}
 
 
@@ -229,8 +269,11 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
     h, w = parity["input_size"]
     norm = record.get("normalization") or meta["normalization"]
     config = record.get("config", {})
-    size_rule = (f"any height and width that are multiples of {multiple} (trained at {h}×{w}; best accuracy "
-                 f"near it)" if multiple else f"exactly {h}×{w}")
+    size_rule = (
+        f"any height and width that are multiples of {multiple} (trained at {h}×{w}; best accuracy near it)"
+        if multiple
+        else f"exactly {h}×{w}"
+    )
     lines = [
         "# Model card: jointdistill student",
         "",
@@ -243,8 +286,12 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
         "| file | variant | size | for |",
         "| --- | --- | --- | --- |",
     ]
-    use = {"fp32": "reference; CPU and GPU", "fp16": "GPUs (CUDA execution provider)",
-           "int8-dynamic": "CPU, smaller", "int8-static": "CPU, smaller and faster"}
+    use = {
+        "fp32": "reference; CPU and GPU",
+        "fp16": "GPUs (CUDA execution provider)",
+        "int8-dynamic": "CPU, smaller",
+        "int8-static": "CPU, smaller and faster",
+    }
     for name, size in report["file_bytes"].items():
         file = "student.onnx" if name == "fp32" else parity["variants"][name]["file"]
         lines.append(f"| `{file}` | {name} | {size / 1e6:.2f} MB | {use.get(name, '')} |")
@@ -275,9 +322,12 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
     ]
     for name, t in report["test_by_model"].items():
         label = {"pytorch": "PyTorch eager (fp32)", "onnx": "`student.onnx` in onnxruntime"}.get(
-            name, f"`{name}` variant")
-        lines.append(f"| {label} | {_fmt(t.get('miou'))} | {_fmt(t.get('pixacc'))} | {_fmt(t.get('abs_err'), 3)} | "
-                     f"{_fmt(t.get('rel_err'))} | {_fmt(t.get('delta1'))} |")
+            name, f"`{name}` variant"
+        )
+        lines.append(
+            f"| {label} | {_fmt(t.get('miou'))} | {_fmt(t.get('pixacc'))} | {_fmt(t.get('abs_err'), 3)} | "
+            f"{_fmt(t.get('rel_err'))} | {_fmt(t.get('delta1'))} |"
+        )
     v = parity["fp32"]["val"]
     tol = parity["tolerance"]
     lines += [
@@ -293,8 +343,10 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
     ]
     for name, res in parity["variants"].items():
         r = res["val"]
-        lines.append(f"- `{name}`: argmax agreement {100 * r['segmentation_logits']['argmax_agreement']:.2f} %, "
-                     f"depth max relative error {r['depth']['max_rel_err']:.2e} (not gated; see its test accuracy).")
+        lines.append(
+            f"- `{name}`: argmax agreement {100 * r['segmentation_logits']['argmax_agreement']:.2f} %, "
+            f"depth max relative error {r['depth']['max_rel_err']:.2e} (not gated; see its test accuracy)."
+        )
     lines += [
         "",
         "## Other runtimes",
@@ -315,14 +367,20 @@ def model_card(record: dict, meta: dict, parity: dict, report: dict, multiple: i
     ]
     flops = report.get("flops") or {}
     if flops:
-        lines += ["", f"## Cost at {h}×{w}", "",
-                  f"{flops['student'] / 1e9:.3f} GFLOP per image (forward, counted by `torch.utils.flop_counter`)."]
+        lines += [
+            "",
+            f"## Cost at {h}×{w}",
+            "",
+            f"{flops['student'] / 1e9:.3f} GFLOP per image (forward, counted by `torch.utils.flop_counter`).",
+        ]
         teachers = {k: v for k, v in flops.items() if k.startswith("teacher_")}
         if teachers:
             total = sum(teachers.values())
-            lines[-1] += (" Its teachers: " + ", ".join(f"{k.removeprefix('teacher_')} {v / 1e9:.3f}"
-                                                       for k, v in teachers.items())
-                          + f" GFLOP; the student costs {100 * flops['student'] / total:.0f} % of the two together.")
+            lines[-1] += (
+                " Its teachers: "
+                + ", ".join(f"{k.removeprefix('teacher_')} {v / 1e9:.3f}" for k, v in teachers.items())
+                + f" GFLOP; the student costs {100 * flops['student'] / total:.0f} % of the two together."
+            )
     lines += [
         "",
         "## Use",

@@ -60,9 +60,11 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
     rows = []
     n_classes = len(source.classes)
     sensor = p.sensor.enabled and source.name == "synthetic"  # real targets come from a real sensor already
-    with (NpyStream(tmp / split / "images.npy", (n, h, w, 3), np.uint8) as images,
-          NpyStream(tmp / split / "labels.npy", (n, h, w), np.uint8) as labels,
-          NpyStream(tmp / split / "depth.npy", (n, h, w), np.float32) as depth):
+    with (
+        NpyStream(tmp / split / "images.npy", (n, h, w, 3), np.uint8) as images,
+        NpyStream(tmp / split / "labels.npy", (n, h, w), np.uint8) as labels,
+        NpyStream(tmp / split / "depth.npy", (n, h, w), np.float32) as depth,
+    ):
         for i, ref in enumerate(refs):
             sample = source.load(ref)
             if sample.sample_id != ref.sample_id:
@@ -71,8 +73,17 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
             sample = resize_sample(sample, h, w)
             if split == "train" and sensor:
                 sp = p.sensor
-                depth_t, label_t = degrade(sample.depth, sample.label, params.seed, sample.sample_id, sp.depth_noise,
-                                           sp.depth_holes, sp.edge_holes, sp.label_jitter, source.ignore_index)
+                depth_t, label_t = degrade(
+                    sample.depth,
+                    sample.label,
+                    params.seed,
+                    sample.sample_id,
+                    sp.depth_noise,
+                    sp.depth_holes,
+                    sp.edge_holes,
+                    sp.label_jitter,
+                    source.ignore_index,
+                )
                 sample = replace(sample, depth=depth_t, label=label_t)
             images.append(sample.image)
             labels.append(sample.label)
@@ -115,19 +126,26 @@ def _write_unlabelled(source, refs, tmp, params, progress):
             sample = source.load(ref)
             if sample.sample_id != ref.sample_id:
                 raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
-            sample, _ = validate_sample(sample, len(source.classes), source.ignore_index, p.max_depth,
-                                        p.invalid_depth)
+            sample, _ = validate_sample(sample, len(source.classes), source.ignore_index, p.max_depth, p.invalid_depth)
             sample = resize_sample(sample, p.height, p.width)
             images.append(sample.image)
-            rows.append({"sample_id": ref.sample_id, "split": UNLABELLED, "index": i,
-                         "source_split": ref.source_split, "source_paths": "|".join(ref.paths),
-                         "sha256": sample_digest(sample.image)})
+            rows.append(
+                {
+                    "sample_id": ref.sample_id,
+                    "split": UNLABELLED,
+                    "index": i,
+                    "source_split": ref.source_split,
+                    "source_paths": "|".join(ref.paths),
+                    "sha256": sample_digest(sample.image),
+                }
+            )
             progress.update(1)
     return rows
 
 
-def run(params: Params, out: str | Path, data_lineage: dict | None = None, metrics_dir: str | Path | None = None
-        ) -> dict:
+def run(
+    params: Params, out: str | Path, data_lineage: dict | None = None, metrics_dir: str | Path | None = None
+) -> dict:
     """Prepare the configured source into ``out``; metrics.json (split sizes) and run.json (time, machine) go to
     ``metrics_dir`` (default: ``out``). Returns meta.json's content.
 
@@ -149,10 +167,14 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
     if splits[UNLABELLED] and p.dataset != "synthetic":
         # The shipped params.yaml runs the embedded benchmark under a label budget; on a user's own, fully
         # labelled data that setting would quietly throw most labels away.
-        log.warning("prepare: %s keeps the labels of %d of %d train samples (prepare.labelled_fraction=%g); the "
-                    "others are used as unlabelled images. Set prepare.labelled_fraction=1.0 to train on every label",
-                    source.name, len(splits["train"]), len(splits["train"]) + len(splits[UNLABELLED]),
-                    p.labelled_fraction)
+        log.warning(
+            "prepare: %s keeps the labels of %d of %d train samples (prepare.labelled_fraction=%g); the "
+            "others are used as unlabelled images. Set prepare.labelled_fraction=1.0 to train on every label",
+            source.name,
+            len(splits["train"]),
+            len(splits["train"]) + len(splits[UNLABELLED]),
+            p.labelled_fraction,
+        )
 
     n_classes = len(source.classes)
     stats = {
@@ -205,8 +227,11 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
             "valid_depth_pixels": stats["depth_valid"],
             "masked_depth_pixels": stats["masked"].as_dict(),
             "source": source.describe(),
-            "train_targets": ({"sensor": p.sensor.model_dump()} if p.sensor.enabled and source.name == "synthetic"
-                              else "as the source gives them"),
+            "train_targets": (
+                {"sensor": p.sensor.model_dump()}
+                if p.sensor.enabled and source.name == "synthetic"
+                else "as the source gives them"
+            ),
             "source_checksum": _manifest_digest(manifest),
             "params_digest": params.digest("prepare"),
             "jointdistill_version": __version__,
@@ -218,8 +243,9 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
         if p.gallery_images:
             k = p.gallery_images
             arrays = {a: np.load(tmp / "train" / f"{a}.npy", mmap_mode="r")[:k] for a in ("images", "labels", "depth")}
-            pic = gallery(arrays["images"], arrays["labels"], arrays["depth"], source.palette, p.max_depth,
-                          source.classes)
+            pic = gallery(
+                arrays["images"], arrays["labels"], arrays["depth"], source.palette, p.max_depth, source.classes
+            )
             save_png(pic, tmp / "gallery.png")
         write_checksums(tmp)  # last: every later stage checks the files against it before reading them
         seconds = time.perf_counter() - t0
@@ -227,7 +253,12 @@ def run(params: Params, out: str | Path, data_lineage: dict | None = None, metri
             records.write(mdir, dict(meta["counts"]), {"seconds": round(seconds, 2)})
     log.info(
         "prepared %s: train=%d val=%d test=%d unlabelled=%d at %dx%d in %.1fs → %s",
-        source.name, *(len(splits[s]) for s in (*SPLITS, UNLABELLED)), p.height, p.width, seconds, out,
+        source.name,
+        *(len(splits[s]) for s in (*SPLITS, UNLABELLED)),
+        p.height,
+        p.width,
+        seconds,
+        out,
     )
     return meta
 
@@ -263,7 +294,9 @@ def run_from_source(params: Params, source: str | Path, data_lineage: dict | Non
             write_checksums(tmp)
         return meta
     if params.prepare.dataset == "synthetic":
-        raise DataError(f"{source}: a pinned raw dataset needs prepare.dataset set to its format "
-                        "(folder, nyuv2 or cityscapes), not 'synthetic'")
+        raise DataError(
+            f"{source}: a pinned raw dataset needs prepare.dataset set to its format "
+            "(folder, nyuv2 or cityscapes), not 'synthetic'"
+        )
     pinned = params.model_copy(update={"prepare": params.prepare.model_copy(update={"root": str(source)})})
     return run(pinned, out, data_lineage)

@@ -62,8 +62,15 @@ def trivial_baseline(data_dir: Path, task: str, meta: dict, split: str = "test")
     return {"predict": f"{mean:.3f} m everywhere", **dm.compute()}
 
 
-def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoints: str | Path | None = None,
-        resume: bool = False, metrics_dir: str | Path | None = None) -> dict:
+def run(
+    params: Params,
+    task: str,
+    data: str | Path,
+    out: str | Path,
+    checkpoints: str | Path | None = None,
+    resume: bool = False,
+    metrics_dir: str | Path | None = None,
+) -> dict:
     """Train the ``task`` teacher on ``data`` into ``out`` (model.pt, report.json, lineage.json); metrics.json,
     run.json and dvclive/ go to ``metrics_dir`` (default: ``out``). Returns the full report (rank 0)."""
     if task not in TASKS:
@@ -73,14 +80,30 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
     meta = verify_prepared(data)
     h, w = meta["resolution"]
     checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
-    digest = hashlib.sha256(json.dumps({
-        "task": task, "spec": spec.model_dump(mode="json"), "augment": params.augment.model_dump(mode="json"),
-        "seed": params.seed, "data": meta.get("source_checksum"), "code": codeid.source_digest(__name__),
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "task": task,
+                "spec": spec.model_dump(mode="json"),
+                "augment": params.augment.model_dump(mode="json"),
+                "seed": params.seed,
+                "data": meta.get("source_checksum"),
+                "code": codeid.source_digest(__name__),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
 
     seed_everything(params.seed)
-    model = build_teacher(task, spec.backbone, spec.head, len(meta["classes"]), spec.pretrained_backbone,
-                          head_channels=spec.head_channels, tiny_widths=tuple(spec.widths))
+    model = build_teacher(
+        task,
+        spec.backbone,
+        spec.head,
+        len(meta["classes"]),
+        spec.pretrained_backbone,
+        head_channels=spec.head_channels,
+        tiny_widths=tuple(spec.widths),
+    )
     transform = JointTransform.from_params(params.augment, h, w)
     train_ds = PreparedDataset(data, "train", transform, seed=params.seed)
     val_ds = PreparedDataset(data, "val")
@@ -91,8 +114,19 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
     pool = split_count(meta, UNLABELLED)
     epoch_samples = len(train_ds) + pool if pool else None
     t0 = time.perf_counter()
-    result = fit(model, job, train_ds, val_ds, spec, params.seed, checkpoints, digest, resume=resume,
-                 log_name=f"teacher-{task}", epoch_samples=epoch_samples)
+    result = fit(
+        model,
+        job,
+        train_ds,
+        val_ds,
+        spec,
+        params.seed,
+        checkpoints,
+        digest,
+        resume=resume,
+        log_name=f"teacher-{task}",
+        epoch_samples=epoch_samples,
+    )
 
     # Test metrics of the best epoch, evaluated on every rank's shard and reduced.
     model.load_state_dict(result.best_state)
@@ -111,29 +145,55 @@ def run(params: Params, task: str, data: str | Path, out: str | Path, checkpoint
         "data": {"train": len(train_ds), "epoch_samples": epoch_samples or len(train_ds)},
         "train_seconds": round(time.perf_counter() - t0, 2),
         "train_images_per_second": round(float(np.mean([e["train/images_per_second"] for e in result.history])), 2)
-        if result.history else None,
+        if result.history
+        else None,
         "resumed_from_step": result.resumed_from,
         "world_size": world,
-        "model": {"backbone": spec.backbone, "head": spec.head,
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "flops": model_flops(model, h, w)},  # one image at the training size
+        "model": {
+            "backbone": spec.backbone,
+            "head": spec.head,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "flops": model_flops(model, h, w),
+        },  # one image at the training size
         "params_digest": params.digest("teacher", task),
     }
     if rank == 0:
         with atomic_dir(out) as tmp:
-            save_model(tmp / "model.pt", model, result.best_state, task=task, classes=meta["classes"],
-                       palette=meta["palette"], normalization=meta["normalization"], resolution=meta["resolution"],
-                       ignore_index=meta["ignore_index"], data_checksum=meta.get("source_checksum"),
-                       params_digest=params.digest("teacher", task), best_epoch=result.best_epoch,
-                       val=result.best_metrics)
+            save_model(
+                tmp / "model.pt",
+                model,
+                result.best_state,
+                task=task,
+                classes=meta["classes"],
+                palette=meta["palette"],
+                normalization=meta["normalization"],
+                resolution=meta["resolution"],
+                ignore_index=meta["ignore_index"],
+                data_checksum=meta.get("source_checksum"),
+                params_digest=params.digest("teacher", task),
+                best_epoch=result.best_epoch,
+                val=result.best_metrics,
+            )
             content, run_facts = records.split(report)
             write_json(tmp / records.REPORT, content)
-            lineage.write(tmp, lineage.record(f"train-teacher-{task}", params.digest("teacher", task),
-                                              {"prepared": data}, module=__name__))
+            lineage.write(
+                tmp,
+                lineage.record(
+                    f"train-teacher-{task}", params.digest("teacher", task), {"prepared": data}, module=__name__
+                ),
+            )
             with records.folder(tmp, metrics_dir) as mdir:
                 records.write(mdir, curated(report), run_facts, checkpoints / "dvclive")
-        log.info("teacher-%s: best epoch %d, val %s=%.4f, test %s=%.4f → %s", task, result.best_epoch, job.monitor,
-                 result.best_metrics[job.monitor], job.monitor, test[job.monitor], out)
+        log.info(
+            "teacher-%s: best epoch %d, val %s=%.4f, test %s=%.4f → %s",
+            task,
+            result.best_epoch,
+            job.monitor,
+            result.best_metrics[job.monitor],
+            job.monitor,
+            test[job.monitor],
+            out,
+        )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
