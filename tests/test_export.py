@@ -115,6 +115,18 @@ def test_metadata_round_trip(exported, prepared):
     assert int8["variant"] == "int8-static" and int8["classes"] == meta["classes"]
 
 
+def test_the_file_names_no_path_of_the_checkout_that_built_it(exported):
+    """The exporter's per-node stack traces (absolute paths, line numbers) are dropped: the same student gives
+    the same bytes whatever directory it is exported from."""
+    root, _ = exported
+    for path in (root / "export").glob("*.onnx"):
+        model = onnx.load(str(path))
+        assert model.graph.node, path
+        keys = {p.key for n in model.graph.node for p in n.metadata_props}
+        assert "pkg.torch.onnx.stack_trace" not in keys, path
+        assert str(REPO).encode() not in path.read_bytes() and b"site-packages" not in path.read_bytes(), path
+
+
 def test_dynamic_batch_and_size_on_random_and_real_inputs(exported, prepared):
     root, _ = exported
     model, _ = load_model(root / "student" / "student.pt")

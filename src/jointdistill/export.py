@@ -78,10 +78,22 @@ def export_onnx(
     # The exporter notes its symbolic shape constraints on the graph, printed from a set whose order changes
     # between processes: dropped, so that the same student always gives the same file (and DVC the same hash).
     model = program.model_proto
-    kept = [p for p in model.graph.metadata_props if not p.key.startswith("pkg.torch.export.")]
-    del model.graph.metadata_props[:]
-    model.graph.metadata_props.extend(kept)
+    _drop_metadata(model.graph, "pkg.torch.export.")
+    # Each node also carries the Python stack that traced it: absolute paths of this checkout and line numbers,
+    # so the file would change with the directory it was built in or a reformatting of the model code.
+    for nodes in (model.graph.node, *(f.node for f in model.functions)):
+        for node in nodes:
+            _drop_metadata(node, STACK_TRACE)
     onnx.save(model, str(path))
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_metadata(proto, prefix: str) -> None:
+    kept = [p for p in proto.metadata_props if not p.key.startswith(prefix)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
 
 
 def metadata_props(
