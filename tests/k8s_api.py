@@ -107,24 +107,8 @@ class FakeTrainerApi:
                     return self._not_found("trainingruntime")
                 if path.startswith(f"{GROUP}{ns}/trainjobs/"):
                     name = path.rsplit("/", 1)[1]
-                    if name not in api.jobs:
-                        return self._not_found(f"trainjob {name}")
-                    api.reads[name] = api.reads.get(name, 0) + 1
-                    job = json.loads(json.dumps(api.jobs[name]))
-                    outcome = api.results.get(name) if api.executor else api.outcome
-                    if api.reads[name] >= 2 and outcome:
-                        job["status"] = {
-                            "conditions": [
-                                {
-                                    "type": outcome,
-                                    "status": "True",
-                                    "reason": outcome,
-                                    "message": "",
-                                    "lastTransitionTime": "2026-11-26T00:00:00Z",
-                                }
-                            ]
-                        }
-                    return self._reply(200, job)
+                    job = api.read_job(name)
+                    return self._reply(200, job) if job else self._not_found(f"trainjob {name}")
                 if path == f"/api/v1{ns}/pods":
                     return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []})
                 return self._not_found(path)
@@ -156,6 +140,28 @@ class FakeTrainerApi:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def read_job(self, name: str) -> dict | None:
+        """The job as the API server returns it (None if there is none): from its second read on, it carries the
+        outcome's condition (the executor's result when there is one)."""
+        if name not in self.jobs:
+            return None
+        self.reads[name] = self.reads.get(name, 0) + 1
+        job = json.loads(json.dumps(self.jobs[name]))
+        outcome = self.results.get(name) if self.executor else self.outcome
+        if self.reads[name] >= 2 and outcome:
+            job["status"] = {
+                "conditions": [
+                    {
+                        "type": outcome,
+                        "status": "True",
+                        "reason": outcome,
+                        "message": "",
+                        "lastTransitionTime": "2026-11-26T00:00:00Z",
+                    }
+                ]
+            }
+        return job
 
     def _execute(self, job: dict) -> None:
         ok = False

@@ -468,6 +468,110 @@ def prune_live(folder: Path, steps: int) -> None:
             atomic_write_text(tsv, "".join(kept))
 
 
+def _place(model: nn.Module, spec: TrainParams, device: torch.device) -> tuple[nn.Module, bool, torch.dtype | None]:
+    """The model on ``device``, in channels_last and compiled where ``spec`` says: (model, channels_last, amp)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    channels_last = spec.channels_last == "on" or (spec.channels_last == "auto" and device.type == "cuda")
+    amp = amp_dtype(spec, device)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if use_compile(spec, device):
+        compile_networks(model)
+    return model, channels_last, amp
+
+
+def _resume(ckpt_path: Path, digest: str, model, opt, sched, scaler, task, log_name: str):
+    """Load the last checkpoint into the model, optimiser, schedule, scaler, task and RNG: (run state, best
+    weights); or None, with a warning, when it was made with other params, data or code."""
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("digest") != digest:
+        log.warning("%s: checkpoint %s was made with other params, data or code; starting afresh", log_name, ckpt_path)
+        return None
+    _unwrap(model).load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state = RunState(**ckpt["run"])
+    if hasattr(task, "load_state_dict") and "task" in ckpt:
+        task.load_state_dict(ckpt["task"])
+    set_rng_state(ckpt["rng"])
+    log.info("%s: resumed from %s at epoch %d, step %d", log_name, ckpt_path, state.epoch + 1, state.global_step)
+    return state, ckpt["best_model"]
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _show_progress(main: bool) -> bool:
+    """Progress bars on rank 0, unless ``JOINTDISTILL_PROGRESS=off``."""
+    return main and os.environ.get("JOINTDISTILL_PROGRESS", "auto") != "off"
+
+
+def _restore(run_dir: Path, ckpt_path: Path, resume: bool, main: bool, digest: str, *objects, log_name: str):
+    """(run state, best weights) from the last checkpoint when resuming from one made with ``digest``, else None.
+    ``objects``: model, optimiser, schedule, scaler and task, loaded in place. A fresh run must not inherit an old
+    checkpoint or logs: rank 0 removes them, and only them (the folder itself may be one the user chose)."""
+    if resume and ckpt_path.exists():
+        return _resume(ckpt_path, digest, *objects, log_name)
+    if not resume and main:
+        ckpt_path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "dvclive", ignore_errors=True)
+    return None
+
+
+def _open_live(run_dir: Path, state: RunState, resumed_from: int | None, main: bool):
+    """dvclive's logger in ``run_dir/dvclive`` on rank 0 (None elsewhere); a resumed run first drops the rows the
+    killed run logged after its last checkpoint."""
+    if not main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from dvclive import Live
+
+    if resumed_from is not None:
+        prune_live(run_dir / "dvclive", len(state.history))
+    return Live(
+        dir=str(run_dir / "dvclive"), resume=resumed_from is not None, dvcyaml=None, save_dvc_exp=False, report=None
+    )
+
+
+def _task_state(task) -> dict:
+    """The task's own resumable state (the student's ω, trajectory…), for tasks that have one."""
+    return {"task": task.state_dict()} if hasattr(task, "state_dict") else {}
+
+
+def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best
+
+
+def _end_timeframe(task, timeframe: int, step: int, val: dict, model: nn.Module) -> dict:
+    """What the task's timeframe hook adds to the history row (tasks without one add nothing)."""
+    if not hasattr(task, "end_timeframe"):
+        return {}
+    return task.end_timeframe(timeframe, step, val, model) or {}
+
+
+def _log_live(live, history: list[dict]) -> None:
+    """The last history row to dvclive (rank 0's; other ranks have none), as step len(history) - 1 (right after
+    a resume too)."""
+    if live is None:
+        return
+    live.step = len(history) - 1
+    for k, v in history[-1].items():
+        if k not in ("epoch", "step"):
+            live.log_metric(k, v)
+    live.next_step()
+
+
+def _validation_due(step: int, eval_every: int | None, total_steps: int) -> bool:
+    """With ``eval_every``, validate every that many steps and after the last one (else once per epoch)."""
+    return bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+
+
 def fit(
     model: nn.Module,
     task,
@@ -495,15 +599,7 @@ def fit(
     """
     device = resolve_device(spec.device)
     ddp = init_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    channels_last = spec.channels_last == "on" or (spec.channels_last == "auto" and device.type == "cuda")
-    amp = amp_dtype(spec, device)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if use_compile(spec, device):
-        compile_networks(model)
+    model, channels_last, amp = _place(model, spec, device)
 
     train_sampler = EpochSampler(
         len(train_ds) - pool[0],
@@ -533,45 +629,17 @@ def fit(
     ckpt_path = run_dir / "last.pt"
     resumed_from = None
 
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("digest") != digest:
-            log.warning(
-                "%s: checkpoint %s was made with other params, data or code; starting afresh", log_name, ckpt_path
-            )
-        else:
-            _unwrap(model).load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            state = RunState(**ckpt["run"])
-            best_state = ckpt["best_model"]
-            if hasattr(task, "load_state_dict") and "task" in ckpt:
-                task.load_state_dict(ckpt["task"])
-            set_rng_state(ckpt["rng"])
-            resumed_from = state.global_step
-            log.info(
-                "%s: resumed from %s at epoch %d, step %d", log_name, ckpt_path, state.epoch + 1, state.global_step
-            )
-    elif not resume and ddp.main:
-        # A fresh run must not inherit an old checkpoint or logs. Only our own files are removed: the
-        # folder itself may be one the user chose.
-        ckpt_path.unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "dvclive", ignore_errors=True)
+    restored = _restore(
+        run_dir, ckpt_path, resume, ddp.main, digest, model, opt, sched, scaler, task, log_name=log_name
+    )
+    if restored is not None:
+        state, best_state = restored
+        resumed_from = state.global_step
     if ddp.world > 1:
         dist.barrier()  # nobody starts while rank 0 may still be clearing run_dir
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = _ddp(model, device)
 
-    live = None
-    if ddp.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from dvclive import Live
-
-        if resumed_from is not None:
-            prune_live(run_dir / "dvclive", len(state.history))
-        live = Live(
-            dir=str(run_dir / "dvclive"), resume=resumed_from is not None, dvcyaml=None, save_dvc_exp=False, report=None
-        )
+    live = _open_live(run_dir, state, resumed_from, ddp.main)
 
     def checkpoint() -> None:
         if not ddp.main:
@@ -588,11 +656,11 @@ def fit(
                 "run": state.__dict__,
                 "best_model": best_state,
                 "rng": rng_state(),
-                **({"task": task.state_dict()} if hasattr(task, "state_dict") else {}),
+                **_task_state(task),
             },
         )
 
-    show = ddp.main and os.environ.get("JOINTDISTILL_PROGRESS", "auto") != "off"
+    show = _show_progress(ddp.main)
     total_steps = spec.epochs * steps_per_epoch
     clock = {"val": 0.0, "train_t0": time.perf_counter(), "images": 0}
 
@@ -605,17 +673,13 @@ def fit(
         val_loader = make_loader(val_ds, val_sampler, spec.batch_size, spec.num_workers, device, False)
         val = evaluate(_unwrap(model), task, val_loader, device, amp, channels_last)
         value = val[task.monitor]
-        better = state.best_value is None or (
-            value > state.best_value if task.higher_is_better else value < state.best_value
-        )
+        better = _is_better(value, state.best_value, task.higher_is_better)
         if better:
             state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, val
             state.best_step = state.global_step
             best_state = copy.deepcopy(_unwrap(model).state_dict())
         scalars = {k: v for k, v in val.items() if isinstance(v, (int, float))}
-        extra = {}
-        if hasattr(task, "end_timeframe"):
-            extra = task.end_timeframe(len(state.history) + 1, state.global_step, val, _unwrap(model)) or {}
+        extra = _end_timeframe(task, len(state.history) + 1, state.global_step, val, _unwrap(model))
         state.history.append(
             {
                 "epoch": state.epoch + 1,
@@ -626,12 +690,7 @@ def fit(
                 **extra,
             }
         )
-        if live is not None:
-            live.step = len(state.history) - 1  # right after any resume: one dvclive step per validation
-            for k, v in state.history[-1].items():
-                if k not in ("epoch", "step"):
-                    live.log_metric(k, v)
-            live.next_step()
+        _log_live(live, state.history)
         log.info(
             "%s: epoch %d/%d, step %d  loss %.4f  val %s=%.4f%s",
             log_name,
@@ -648,7 +707,7 @@ def fit(
         clock["train_t0"] = time.perf_counter()
 
     def on_step() -> None:
-        if eval_every and (state.global_step % eval_every == 0 or state.global_step == total_steps):
+        if _validation_due(state.global_step, eval_every, total_steps):
             validate()
             checkpoint()
         elif state.global_step % spec.checkpoint_every == 0:

@@ -66,12 +66,10 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
         def __init__(self):
             super().__init__(name)
             self.session = session
-            self.meta = session.meta
-            multiple = self.meta.get("size_multiple")
+            multiple = session.meta.get("size_multiple")
             self.size_multiple = int(multiple) if multiple else None
             self.ready = True
 
-        # -- metadata -------------------------------------------------------------------------------
         def get_input_types(self) -> list[dict]:
             return [
                 {"name": IMAGE, "datatype": "FP32", "shape": [-1, 3, -1, -1]},
@@ -85,104 +83,20 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
             ]
 
         def parameters(self) -> dict:
-            m = self.meta
-            h, w = self.session.input_size
-            rule = f"H and W multiples of {self.size_multiple}" if self.size_multiple else f"exactly {h}×{w}"
-            return {
-                "format": m["format"],
-                "classes": m["classes"],
-                "palette": m["palette"],
-                "ignore_index": m.get("ignore_index"),
-                "depth_unit": m["depth_unit"],
-                "depth_range": m.get("depth_range"),
-                "input_size": [h, w],
-                "size_multiple": self.size_multiple,
-                "input_size_rule": f"'{IMAGE}': {rule}; '{IMAGE_BYTES}': any size (resized to {h}×{w})",
-                "mean": m["mean"],
-                "std": m["std"],
-                "input_layout": m.get("input_layout"),
-                "distill_mode": m.get("distill_mode"),
-                "model": m.get("model"),
-                "jointdistill_version": m.get("jointdistill_version"),
-                "provider": self.session.provider,
-            }
-
-        # -- inference ------------------------------------------------------------------------------
-        def _tensor(self, inp) -> np.ndarray:
-            if inp.datatype != "FP32":
-                raise _invalid(f"input '{IMAGE}': datatype {inp.datatype}, expected FP32")
-            shape = list(inp.shape)
-            if len(shape) != 4:
-                raise _invalid(f"input '{IMAGE}': shape {shape} has rank {len(shape)}, expected 4 (N×3×H×W)")
-            n, c, h, w = shape
-            if n < 1:
-                raise _invalid(f"input '{IMAGE}': empty batch (N = {n})")
-            if c != 3:
-                raise _invalid(f"input '{IMAGE}': {c} channels, expected 3 (RGB)")
-            self._check_size(h, w)
-            try:
-                x = inp.as_numpy()
-            except (ValueError, TypeError) as exc:
-                raise _invalid(f"input '{IMAGE}': data does not match shape {shape} ({exc})") from None
-            if not np.isfinite(x).all():
-                raise _invalid(f"input '{IMAGE}': contains NaN or infinite values")
-            return np.ascontiguousarray(x, np.float32)
-
-        def _check_size(self, h: int, w: int) -> None:
-            ih, iw = self.session.input_size
-            if self.size_multiple:
-                if h < 1 or w < 1 or h % self.size_multiple or w % self.size_multiple:
-                    raise _invalid(
-                        f"input '{IMAGE}': H×W {h}×{w} not accepted; this model takes H and W that are "
-                        f"multiples of {self.size_multiple} (e.g. {ih}×{iw})"
-                    )
-            elif (h, w) != (ih, iw):
-                raise _invalid(f"input '{IMAGE}': H×W {h}×{w} not accepted; this model takes exactly {ih}×{iw}")
-
-        def _images(self, inp) -> list[np.ndarray]:
-            if inp.datatype != "BYTES":
-                raise _invalid(f"input '{IMAGE_BYTES}': datatype {inp.datatype}, expected BYTES")
-            try:
-                items = inp.as_numpy().reshape(-1).tolist()
-            except (ValueError, TypeError) as exc:
-                raise _invalid(f"input '{IMAGE_BYTES}': unreadable data ({exc})") from None
-            if not items:
-                raise _invalid(f"input '{IMAGE_BYTES}': empty batch")
-            images = [_decode(item, i) for i, item in enumerate(items)]
-            sizes = {im.shape[:2] for im in images}
-            if len(sizes) > 1:
-                raise _invalid(
-                    f"input '{IMAGE_BYTES}': images of different sizes {sorted(sizes)} in one request; "
-                    "send one request per size"
-                )
-            return images
+            return _parameters(self.session, self.size_multiple)
 
         def _run_tensor(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             seg, depth = self.session.run(x)
             return self.session.labels(seg).astype(np.int32), np.ascontiguousarray(depth[:, 0], np.float32)
 
         async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
-            inputs = {inp.name: inp for inp in payload.inputs}
-            unknown = sorted(set(inputs) - {IMAGE, IMAGE_BYTES})
-            if unknown:
-                raise _invalid(
-                    f"unknown input {', '.join(map(repr, unknown))}; send '{IMAGE}' (FP32 N×3×H×W) "
-                    f"or '{IMAGE_BYTES}' (BYTES, encoded images)"
-                )
-            if len(inputs) != 1:
-                raise _invalid(f"send exactly one input, '{IMAGE}' or '{IMAGE_BYTES}' (got {len(inputs)})")
-            wrong = sorted({o.name for o in payload.request_outputs or []} - set(OUTPUTS))
-            if wrong:
-                raise _invalid(
-                    f"unknown output {', '.join(map(repr, wrong))}; the outputs are {', '.join(map(repr, OUTPUTS))}"
-                )
+            input_name, inp = _checked_request(payload)
             loop = asyncio.get_running_loop()
-            if IMAGE in inputs:
-                x = self._tensor(inputs[IMAGE])
+            if input_name == IMAGE:
+                x = _checked_tensor(inp, self.session.input_size, self.size_multiple)
                 labels, depth = await loop.run_in_executor(None, self._run_tensor, x)
             else:
-                images = self._images(inputs[IMAGE_BYTES])
-                results = await loop.run_in_executor(None, self.session.predict, images)
+                results = await loop.run_in_executor(None, self.session.predict, _checked_images(inp))
                 labels = np.stack([lb for lb, _ in results]).astype(np.int32)
                 depth = np.stack([d for _, d in results]).astype(np.float32)
             # Only the outputs asked for, each binary or JSON as its request says; with none named, all of them,
@@ -205,6 +119,103 @@ def make_model(path: str | Path, name: str = "student", device: str = "auto", th
             )
 
     return _Student()
+
+
+def _parameters(session: StudentSession, size_multiple: int | None) -> dict:
+    """The model's ``parameters`` in its v2 metadata: what a client needs to build a request and read the answer."""
+    m = session.meta
+    h, w = session.input_size
+    rule = f"H and W multiples of {size_multiple}" if size_multiple else f"exactly {h}×{w}"
+    return {
+        "format": m["format"],
+        "classes": m["classes"],
+        "palette": m["palette"],
+        "ignore_index": m.get("ignore_index"),
+        "depth_unit": m["depth_unit"],
+        "depth_range": m.get("depth_range"),
+        "input_size": [h, w],
+        "size_multiple": size_multiple,
+        "input_size_rule": f"'{IMAGE}': {rule}; '{IMAGE_BYTES}': any size (resized to {h}×{w})",
+        "mean": m["mean"],
+        "std": m["std"],
+        "input_layout": m.get("input_layout"),
+        "distill_mode": m.get("distill_mode"),
+        "model": m.get("model"),
+        "jointdistill_version": m.get("jointdistill_version"),
+        "provider": session.provider,
+    }
+
+
+def _checked_request(payload) -> tuple[str, object]:
+    """The request's one input (name, input), after checking its input and output names."""
+    inputs = {inp.name: inp for inp in payload.inputs}
+    unknown = sorted(set(inputs) - {IMAGE, IMAGE_BYTES})
+    if unknown:
+        raise _invalid(
+            f"unknown input {', '.join(map(repr, unknown))}; send '{IMAGE}' (FP32 N×3×H×W) "
+            f"or '{IMAGE_BYTES}' (BYTES, encoded images)"
+        )
+    if len(inputs) != 1:
+        raise _invalid(f"send exactly one input, '{IMAGE}' or '{IMAGE_BYTES}' (got {len(inputs)})")
+    wrong = sorted({o.name for o in payload.request_outputs or []} - set(OUTPUTS))
+    if wrong:
+        raise _invalid(f"unknown output {', '.join(map(repr, wrong))}; the outputs are {', '.join(map(repr, OUTPUTS))}")
+    ((name, inp),) = inputs.items()
+    return name, inp
+
+
+def _checked_tensor(inp, input_size: tuple[int, int], size_multiple: int | None) -> np.ndarray:
+    """The ``image`` input as a contiguous float32 N×3×H×W array the model takes, or a 400 naming the problem."""
+    if inp.datatype != "FP32":
+        raise _invalid(f"input '{IMAGE}': datatype {inp.datatype}, expected FP32")
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise _invalid(f"input '{IMAGE}': shape {shape} has rank {len(shape)}, expected 4 (N×3×H×W)")
+    n, c, h, w = shape
+    if n < 1:
+        raise _invalid(f"input '{IMAGE}': empty batch (N = {n})")
+    if c != 3:
+        raise _invalid(f"input '{IMAGE}': {c} channels, expected 3 (RGB)")
+    _check_size(h, w, input_size, size_multiple)
+    try:
+        x = inp.as_numpy()
+    except (ValueError, TypeError) as exc:
+        raise _invalid(f"input '{IMAGE}': data does not match shape {shape} ({exc})") from None
+    if not np.isfinite(x).all():
+        raise _invalid(f"input '{IMAGE}': contains NaN or infinite values")
+    return np.ascontiguousarray(x, np.float32)
+
+
+def _check_size(h: int, w: int, input_size: tuple[int, int], size_multiple: int | None) -> None:
+    ih, iw = input_size
+    if size_multiple:
+        if h < 1 or w < 1 or h % size_multiple or w % size_multiple:
+            raise _invalid(
+                f"input '{IMAGE}': H×W {h}×{w} not accepted; this model takes H and W that are "
+                f"multiples of {size_multiple} (e.g. {ih}×{iw})"
+            )
+    elif (h, w) != (ih, iw):
+        raise _invalid(f"input '{IMAGE}': H×W {h}×{w} not accepted; this model takes exactly {ih}×{iw}")
+
+
+def _checked_images(inp) -> list[np.ndarray]:
+    """The ``image_bytes`` input decoded to RGB arrays of one size, or a 400 naming the problem."""
+    if inp.datatype != "BYTES":
+        raise _invalid(f"input '{IMAGE_BYTES}': datatype {inp.datatype}, expected BYTES")
+    try:
+        items = inp.as_numpy().reshape(-1).tolist()
+    except (ValueError, TypeError) as exc:
+        raise _invalid(f"input '{IMAGE_BYTES}': unreadable data ({exc})") from None
+    if not items:
+        raise _invalid(f"input '{IMAGE_BYTES}': empty batch")
+    images = [_decode(item, i) for i, item in enumerate(items)]
+    sizes = {im.shape[:2] for im in images}
+    if len(sizes) > 1:
+        raise _invalid(
+            f"input '{IMAGE_BYTES}': images of different sizes {sorted(sizes)} in one request; "
+            "send one request per size"
+        )
+    return images
 
 
 def _decode(item, index: int) -> np.ndarray:

@@ -153,6 +153,127 @@ def _value_noise(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------ scene parts (a scene is drawn in this order)
+def _buildings(b: _SceneBuilder, u, pool, grey, road: float, walk: float) -> float:
+    """Buildings on both sides, with gaps, setbacks and an optional building closing the street at the
+    returned distance (inf: none)."""
+    end = u(45, 150) if next(pool) < 0.75 else np.inf
+    for side in (-1, 1):
+        z = u(-25, -5)
+        while z < min(end, 160):
+            length = u(6, 22)
+            if next(pool) < 0.2:  # a gap: the terrain and whatever stands behind show through
+                z += length * 0.6
+                continue
+            face = road + walk + (u(0, 4) if next(pool) < 0.5 else 0.0)
+            x0, x1 = (face, face + u(8, 15)) if side > 0 else (-face - u(8, 15), -face)
+            wall = (u(0.35, 0.8), u(0.3, 0.7), u(0.25, 0.6))
+            window = (u(0.05, 0.2), u(0.08, 0.22), u(0.1, 0.3))
+            b.box((x0, 0.0, z), (x1, u(6, 32), z + length), CONSTRUCTION, M_FACADE, wall, window)
+            if face > road + walk + 0.5 and next(pool) < 0.5:  # a low wall or hedge before the setback
+                xf = side * (road + walk + 0.1)
+                if next(pool) < 0.5:
+                    b.box(
+                        (xf - 0.15, 0, z),
+                        (xf + 0.15, u(0.8, 1.8), z + length),
+                        CONSTRUCTION,
+                        M_PLAIN,
+                        grey(0.4, 0.7),
+                    )
+                else:
+                    b.box(
+                        (xf - 0.4, 0, z),
+                        (xf + 0.4, u(0.8, 1.6), z + length),
+                        NATURE,
+                        M_FOLIAGE,
+                        (u(0.1, 0.2), u(0.3, 0.45), u(0.05, 0.12)),
+                    )
+            z += length
+    if np.isfinite(end):
+        wall = (u(0.35, 0.8), u(0.3, 0.7), u(0.25, 0.6))
+        b.box((-80, 0, end), (80, u(10, 40), end + 10), CONSTRUCTION, M_FACADE, wall, (0.1, 0.12, 0.18))
+    return end
+
+
+def _poles(b: _SceneBuilder, u, pool, grey, road: float) -> None:
+    """Poles with signs and traffic lights along both kerbs."""
+    for side in (-1, 1):
+        z = u(2, 15)
+        while z < 90:
+            x = side * (road + u(0.3, 0.6))
+            top = u(3.0, 7.0)
+            b.cylinder(x, z, u(0.05, 0.1), 0.0, top, OBJECT, grey(0.3, 0.6))
+            r = next(pool)
+            if r < 0.35:  # a sign plate
+                c = [(0.75, 0.1, 0.1), (0.1, 0.25, 0.7), (0.85, 0.7, 0.1)][int(3 * next(pool))]
+                y = u(2.0, top - 0.3)
+                b.box((x - 0.35, y, z - 0.04), (x + 0.35, y + 0.6, z + 0.04), OBJECT, M_PLAIN, c)
+            elif r < 0.55:  # a traffic light
+                y = top - 1.0
+                b.box((x - 0.18, y, z - 0.2), (x + 0.18, y + 0.9, z + 0.1), OBJECT, M_PLAIN, (0.08, 0.08, 0.06))
+            z += u(10, 28)
+
+
+def _trees(b: _SceneBuilder, u, pool, road: float, walk: float) -> None:
+    """Trees between kerb and façades, on both sides."""
+    for side in (-1, 1):
+        z = u(0, 12)
+        while z < 110:
+            if next(pool) < 0.7:
+                x = side * (road + walk * u(0.55, 0.9))
+                h = u(1.8, 3.2)
+                r = u(1.0, 2.8)
+                b.cylinder(x, z, u(0.1, 0.2), 0.0, h + r * 0.5, NATURE, (0.25, 0.17, 0.1))
+                b.sphere((x, h + r * 0.8, z), r, NATURE, (u(0.08, 0.2), u(0.25, 0.45), u(0.04, 0.12)), M_FOLIAGE)
+            z += u(7, 20)
+
+
+def _vehicles(b: _SceneBuilder, u, pool, rng: np.random.Generator, road: float, cam: dict) -> None:
+    """Vehicles: moving in lanes and parked along the kerbs."""
+    for _ in range(rng.poisson(5) + 1):
+        kind = next(pool)
+        w, length, h = (1.8, 4.4, 1.5) if kind < 0.7 else (2.0, 5.2, 2.3) if kind < 0.9 else (2.5, 11.0, 3.2)
+        w, length, h = w * u(0.92, 1.08), length * u(0.9, 1.1), h * u(0.92, 1.08)
+        if next(pool) < 0.4:
+            x = (1 if next(pool) < 0.5 else -1) * (road - w / 2 - 0.2)
+        else:
+            x = u(-road + w / 2 + 0.3, road - w / 2 - 0.3)
+        if abs(x - cam["x"]) < w / 2 + 0.8:  # keep clear of the camera's own lane near the camera
+            z = u(8, 75)
+        else:
+            z = u(3, 75)
+        body = (u(0.05, 0.9), u(0.05, 0.9), u(0.05, 0.9))
+        b.box((x - w / 2, 0.2, z), (x + w / 2, h * 0.6, z + length), VEHICLE, M_PLAIN, body)
+        if kind < 0.7:  # cars: a glazed cabin set back on the body
+            b.box(
+                (x - w * 0.45, h * 0.6, z + length * 0.25),
+                (x + w * 0.45, h, z + length * 0.8),
+                VEHICLE,
+                M_GLASS,
+                body,
+                (0.05, 0.07, 0.1),
+            )
+        else:
+            b.box((x - w / 2, h * 0.6, z), (x + w / 2, h, z + length), VEHICLE, M_GLASS, body, (0.05, 0.07, 0.1))
+
+
+def _pedestrians(b: _SceneBuilder, u, pool, rng: np.random.Generator, road: float, walk: float, cam: dict) -> None:
+    """Pedestrians on the pavements, some crossing the road."""
+    for _ in range(rng.poisson(6)):
+        if next(pool) < 0.75:
+            x = (1 if next(pool) < 0.5 else -1) * (road + u(0.3, walk - 0.3))
+        else:
+            x = u(-road, road)
+        z = u(2.5, 55)
+        if abs(x - cam["x"]) < 0.8 and z < 4:
+            continue
+        h = u(1.5, 1.95)
+        shirt = (u(0.05, 0.9), u(0.05, 0.9), u(0.05, 0.9))
+        trousers = (u(0.05, 0.4), u(0.05, 0.4), u(0.05, 0.5))
+        b.cylinder(x, z, u(0.18, 0.26), 0.0, h * 0.86, HUMAN, shirt, trousers, M_PERSON)
+        b.sphere((x, h * 0.93, z), h * 0.07, HUMAN, (u(0.45, 0.85), u(0.3, 0.6), u(0.2, 0.45)))
+
+
 class SyntheticScenes:
     """Renders frame ``index`` of the synthetic street-scene dataset at ``height`` × ``width``.
 
@@ -212,113 +333,12 @@ class SyntheticScenes:
             g = u(lo, hi)
             return (g, g * u(0.95, 1.05), g * u(0.9, 1.1))
 
-        # Buildings on both sides, with gaps, setbacks and an optional building closing the street.
-        end = u(45, 150) if next(pool) < 0.75 else np.inf
-        for side in (-1, 1):
-            z = u(-25, -5)
-            while z < min(end, 160):
-                length = u(6, 22)
-                if next(pool) < 0.2:  # a gap: the terrain and whatever stands behind show through
-                    z += length * 0.6
-                    continue
-                face = road + walk + (u(0, 4) if next(pool) < 0.5 else 0.0)
-                x0, x1 = (face, face + u(8, 15)) if side > 0 else (-face - u(8, 15), -face)
-                wall = (u(0.35, 0.8), u(0.3, 0.7), u(0.25, 0.6))
-                window = (u(0.05, 0.2), u(0.08, 0.22), u(0.1, 0.3))
-                b.box((x0, 0.0, z), (x1, u(6, 32), z + length), CONSTRUCTION, M_FACADE, wall, window)
-                if face > road + walk + 0.5 and next(pool) < 0.5:  # a low wall or hedge before the setback
-                    xf = side * (road + walk + 0.1)
-                    if next(pool) < 0.5:
-                        b.box(
-                            (xf - 0.15, 0, z),
-                            (xf + 0.15, u(0.8, 1.8), z + length),
-                            CONSTRUCTION,
-                            M_PLAIN,
-                            grey(0.4, 0.7),
-                        )
-                    else:
-                        b.box(
-                            (xf - 0.4, 0, z),
-                            (xf + 0.4, u(0.8, 1.6), z + length),
-                            NATURE,
-                            M_FOLIAGE,
-                            (u(0.1, 0.2), u(0.3, 0.45), u(0.05, 0.12)),
-                        )
-                z += length
-        if np.isfinite(end):
-            wall = (u(0.35, 0.8), u(0.3, 0.7), u(0.25, 0.6))
-            b.box((-80, 0, end), (80, u(10, 40), end + 10), CONSTRUCTION, M_FACADE, wall, (0.1, 0.12, 0.18))
-
-        # Poles with signs and traffic lights along both kerbs.
-        for side in (-1, 1):
-            z = u(2, 15)
-            while z < 90:
-                x = side * (road + u(0.3, 0.6))
-                top = u(3.0, 7.0)
-                b.cylinder(x, z, u(0.05, 0.1), 0.0, top, OBJECT, grey(0.3, 0.6))
-                r = next(pool)
-                if r < 0.35:  # a sign plate
-                    c = [(0.75, 0.1, 0.1), (0.1, 0.25, 0.7), (0.85, 0.7, 0.1)][int(3 * next(pool))]
-                    y = u(2.0, top - 0.3)
-                    b.box((x - 0.35, y, z - 0.04), (x + 0.35, y + 0.6, z + 0.04), OBJECT, M_PLAIN, c)
-                elif r < 0.55:  # a traffic light
-                    y = top - 1.0
-                    b.box((x - 0.18, y, z - 0.2), (x + 0.18, y + 0.9, z + 0.1), OBJECT, M_PLAIN, (0.08, 0.08, 0.06))
-                z += u(10, 28)
-
-        # Trees between kerb and façades, on both sides.
-        for side in (-1, 1):
-            z = u(0, 12)
-            while z < 110:
-                if next(pool) < 0.7:
-                    x = side * (road + walk * u(0.55, 0.9))
-                    h = u(1.8, 3.2)
-                    r = u(1.0, 2.8)
-                    b.cylinder(x, z, u(0.1, 0.2), 0.0, h + r * 0.5, NATURE, (0.25, 0.17, 0.1))
-                    b.sphere((x, h + r * 0.8, z), r, NATURE, (u(0.08, 0.2), u(0.25, 0.45), u(0.04, 0.12)), M_FOLIAGE)
-                z += u(7, 20)
-
-        # Vehicles: moving in lanes and parked along the kerbs.
-        for _ in range(rng.poisson(5) + 1):
-            kind = next(pool)
-            w, length, h = (1.8, 4.4, 1.5) if kind < 0.7 else (2.0, 5.2, 2.3) if kind < 0.9 else (2.5, 11.0, 3.2)
-            w, length, h = w * u(0.92, 1.08), length * u(0.9, 1.1), h * u(0.92, 1.08)
-            if next(pool) < 0.4:
-                x = (1 if next(pool) < 0.5 else -1) * (road - w / 2 - 0.2)
-            else:
-                x = u(-road + w / 2 + 0.3, road - w / 2 - 0.3)
-            if abs(x - cam["x"]) < w / 2 + 0.8:  # keep clear of the camera's own lane near the camera
-                z = u(8, 75)
-            else:
-                z = u(3, 75)
-            body = (u(0.05, 0.9), u(0.05, 0.9), u(0.05, 0.9))
-            b.box((x - w / 2, 0.2, z), (x + w / 2, h * 0.6, z + length), VEHICLE, M_PLAIN, body)
-            if kind < 0.7:  # cars: a glazed cabin set back on the body
-                b.box(
-                    (x - w * 0.45, h * 0.6, z + length * 0.25),
-                    (x + w * 0.45, h, z + length * 0.8),
-                    VEHICLE,
-                    M_GLASS,
-                    body,
-                    (0.05, 0.07, 0.1),
-                )
-            else:
-                b.box((x - w / 2, h * 0.6, z), (x + w / 2, h, z + length), VEHICLE, M_GLASS, body, (0.05, 0.07, 0.1))
-
-        # Pedestrians on the pavements, some crossing the road.
-        for _ in range(rng.poisson(6)):
-            if next(pool) < 0.75:
-                x = (1 if next(pool) < 0.5 else -1) * (road + u(0.3, walk - 0.3))
-            else:
-                x = u(-road, road)
-            z = u(2.5, 55)
-            if abs(x - cam["x"]) < 0.8 and z < 4:
-                continue
-            h = u(1.5, 1.95)
-            shirt = (u(0.05, 0.9), u(0.05, 0.9), u(0.05, 0.9))
-            trousers = (u(0.05, 0.4), u(0.05, 0.4), u(0.05, 0.5))
-            b.cylinder(x, z, u(0.18, 0.26), 0.0, h * 0.86, HUMAN, shirt, trousers, M_PERSON)
-            b.sphere((x, h * 0.93, z), h * 0.07, HUMAN, (u(0.45, 0.85), u(0.3, 0.6), u(0.2, 0.45)))
+        # The parts of a scene, in a fixed order: each draws from the same stream, so the order is the scene.
+        end = _buildings(b, u, pool, grey, road, walk)
+        _poles(b, u, pool, grey, road)
+        _trees(b, u, pool, road, walk)
+        _vehicles(b, u, pool, rng, road, cam)
+        _pedestrians(b, u, pool, rng, road, walk, cam)
 
         light = {
             "sun": tuple(float(c) for c in _unit((u(-0.6, 0.6), u(0.35, 0.9), u(-0.8, 0.6)))),

@@ -27,6 +27,11 @@ from .connector import Connector
 _PROBE_CHUNK = 16
 
 
+def labelled_rows(label: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Which images of a batch (N×H×W labels) carry any label; under a label budget the others are raw frames."""
+    return (label != ignore_index).flatten(1).any(1)
+
+
 @contextmanager
 def frozen_batchnorm(module: nn.Module):
     """Batch norm uses its running statistics inside the block: the few unaugmented probe images of a step
@@ -171,7 +176,7 @@ class DistillModel(nn.Module):
     ) -> dict:
         rows = None
         if self.connector_on_labelled and label is not None:
-            labelled = (label != self.ignore_index).flatten(1).any(1)
+            labelled = labelled_rows(label, self.ignore_index)
             if labelled.any() and not labelled.all():  # (no labelled row at all: its loss is 0 either way)
                 rows = labelled.nonzero().squeeze(1)
                 feats = [f[rows] for f in feats]

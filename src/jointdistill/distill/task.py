@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..config import DistillParams
 from ..metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
 from .losses import kd_depth, kd_seg
-from .model import DistillModel
+from .model import DistillModel, labelled_rows
 from .trajectory import (
     Points,
     TrajectoryBuffer,
@@ -54,7 +54,7 @@ def kd_pixels(label: torch.Tensor, depth: torch.Tensor, ignore_index: int) -> tu
     """The label and depth maps that say where the KD terms apply: where the image is labelled, and on an image
     with no label at all (an image of the unlabelled split, `prepare.labelled_fraction`) on every pixel: there the
     teachers' targets are the only supervision. Likewise for depth."""
-    no_label = (label == ignore_index).flatten(1).all(1)
+    no_label = ~labelled_rows(label, ignore_index)
     if no_label.any():
         label = torch.where(no_label[:, None, None], torch.zeros_like(label), label)
     no_depth = (depth <= 0).flatten(1).all(1)

@@ -16,18 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet
-from torchvision.models._utils import IntermediateLayerGetter
 
 from ..errors import ModelError
 from ..serialization import check_fit, load_safe
 
-RESNETS = {
-    "resnet18": resnet.resnet18,
-    "resnet34": resnet.resnet34,
-    "resnet50": resnet.resnet50,
-    "resnet101": resnet.resnet101,
-}
+# torchvision is imported only when a ResNet is built: importing it loads every torchvision model and op, and
+# with them torch._dynamo, about 7 s of every process's start-up that the tiny preset never needs.
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES = ("tiny", *RESNETS)
 
 
@@ -70,7 +65,7 @@ class TinyEncoder(nn.Module):
         return {"out": self.stage3(self.stage2(self.stage1(self.stem(x))))}
 
 
-def _dilate_basic_resnet(net: resnet.ResNet) -> None:
+def _dilate_basic_resnet(net: nn.Module) -> None:
     """Turn layer3/layer4 of a BasicBlock ResNet from stride 2 into dilation 2 and 4 (output stride 8)."""
     for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
         for i, block in enumerate(layer):
@@ -106,10 +101,13 @@ def build_backbone(name: str, pretrained: str | None = None, tiny_widths=(24, 48
         return enc, enc.out_channels
     if name not in RESNETS:
         raise ModelError(f"unknown backbone {name!r} (expected one of {', '.join(BACKBONES)})")
+    from torchvision.models import resnet
+    from torchvision.models._utils import IntermediateLayerGetter
+
     if name in ("resnet50", "resnet101"):
-        net = RESNETS[name](weights=None, replace_stride_with_dilation=[False, True, True])
+        net = getattr(resnet, name)(weights=None, replace_stride_with_dilation=[False, True, True])
     else:
-        net = RESNETS[name](weights=None)
+        net = getattr(resnet, name)(weights=None)
         _dilate_basic_resnet(net)
     if pretrained:
         load_backbone_weights(net, pretrained)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from torch import nn
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 
 def light_head(in_channels: int, out_channels: int, hidden: int = 64) -> nn.Sequential:
@@ -19,6 +18,8 @@ def light_head(in_channels: int, out_channels: int, hidden: int = 64) -> nn.Sequ
 
 def build_head(kind: str, in_channels: int, out_channels: int, hidden: int = 64) -> nn.Module:
     if kind == "aspp":
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead  # lazily: see backbones.RESNETS
+
         return DeepLabHead(in_channels, out_channels)  # ASPP(12, 24, 36) → 256 → out, as in torchvision
     if kind == "light":
         return light_head(in_channels, out_channels, hidden)
