@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc.yaml's stage commands call `jointdistill` from the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast lint lock bench ablation pipeline image clean
+.PHONY: setup run test test-fast test-slow test-bench lint lock bench ablation pipeline image clean
 
 ## setup: create $(VENV) from requirements.lock (no-op when it is already up to date)
 setup:
@@ -18,16 +18,29 @@ run: setup
 	dvc repro
 	@jointdistill summary --params $(PARAMS)
 
-## test: the test suite (unit + end-to-end through dvc and kfp.local)
+## test: the tests in two lanes, fast then slow (the slow lane runs only when the fast one passes).
+## Benchmarks are not tests: `make bench` measures, `make test-bench` checks the benchmark code at toy sizes.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow and not bench"
+	$(BIN)/python -m pytest -m "slow and not bench"
 
-## test-fast: unit tests only
+## test-fast: unit tests plus one end-to-end run each of dvc repro, kfp.local and the model server
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not bench"
 
+## test-slow: kills and resumes, DDP, every pipeline variant, dvc remotes
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow and not bench"
+
+## test-bench: every benchmark suite at toy sizes (writes nothing under bench/results)
+test-bench: setup
+	$(BIN)/python -m pytest -m bench
+
+## lint: formatting, lint (with complexity limits) and the generated benchmarks page; CI runs it before the tests
 lint: setup
+	$(BIN)/ruff format --check src tests components pipelines bench
 	$(BIN)/ruff check src tests components pipelines bench
+	$(BIN)/python -m bench.docs --check
 
 ## lock: re-resolve requirements.lock from pyproject.toml (needs the network)
 lock: setup
@@ -57,6 +70,7 @@ ablation: setup
 	mkdir -p $(ABLATION_RESULTS)
 	cp $(ABLATION_DIR)/ablation.md $(ABLATION_DIR)/ablation.csv $(ABLATION_DIR)/ablation.json $(ABLATION_DIR)/ablation.png \
 		$(ABLATION_DIR)/paired.png $(ABLATION_DIR)/runs.csv $(ABLATION_RESULTS)/
+	$(BIN)/python -m bench.docs
 
 ## pipeline: compile the Kubeflow pipeline to jointdistill.yaml
 pipeline: setup

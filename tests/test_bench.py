@@ -1,30 +1,54 @@
-"""The benchmark suite runs and writes its JSON and markdown (speed is not checked here: see bench/)."""
+"""The benchmark harness. Benchmarks measure, tests do not: every suite at toy sizes runs in `make test-bench`
+(marked `bench`, outside `make test`); `make test` keeps one smoke run of the harness and the generated page."""
 
 import json
-import subprocess
-import sys
+import shutil
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import docs
 
 from .conftest import REPO
 
 
+@pytest.mark.smoke
+def test_smoke_one_suite_writes_its_json_and_table(tmp_path):
+    committed = {p: p.read_bytes() for p in (docs.RESULTS / "data.md", docs.PAGE)}
+    assert bench_main.main(["--quick", "--out", str(tmp_path), "--only", "data"]) == 0
+    data = json.loads((tmp_path / "data.json").read_text())
+    assert data["results"] and data["machine"]["logical_cpus"] >= 1
+    for row in data["results"]:
+        assert row["min"] <= row["median"] <= row["max"] and row["min"] > 0 and row["unit"]
+    table = (tmp_path / "data.md").read_text()
+    assert table.startswith("# Benchmarks: data") and "| benchmark | median |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == len(data["results"]) + 1
+    assert {p: p.read_bytes() for p in committed} == committed  # --out elsewhere: the committed results stay
+
+
+def test_the_benchmarks_page_is_generated_from_the_results(tmp_path, monkeypatch):
+    assert docs.main(["--check"]) == 0, "docs/benchmarks.md is out of date: run `python -m bench.docs`"
+    # A results file that changes makes the committed page out of date, and writing it brings it back.
+    results, page = tmp_path / "results", tmp_path / "benchmarks.md"
+    shutil.copytree(docs.RESULTS, results, ignore=shutil.ignore_patterns("*.png", "*.parquet"))
+    monkeypatch.setattr(docs, "RESULTS", results)
+    monkeypatch.setattr(docs, "PAGE", page)
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    docs.write()
+    assert docs.main(["--check"]) == 0
+    text = page.read_text()
+    assert "## Does distillation pay? (`make ablation`)" in text and "\n# Benchmarks:" not in text
+    assert "Source: [bench/results/serve.md](../bench/results/serve.md)" in text
+    (results / "serve.md").write_text((results / "serve.md").read_text() + "\n- a new row\n")
+    assert docs.main(["--check"]) == 1
+    docs.write()
+    assert docs.main(["--check"]) == 0 and "- a new row" in page.read_text()
+
+
+@pytest.mark.bench
 def test_bench_quick_writes_results(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--out",
-            str(tmp_path),
-            "--only",
-            "data,loader,teachers,distill,export,ablation",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr
+    only = "data,loader,teachers,distill,export,ablation"
+    assert bench_main.main(["--quick", "--out", str(tmp_path), "--only", only]) == 0
     data = json.loads((tmp_path / "data.json").read_text())
     names = [row["name"] for row in data["results"]]
     assert any("generator 128×256" in n for n in names) and any(n.startswith("prepare") for n in names)
@@ -60,6 +84,7 @@ def test_bench_quick_writes_results(tmp_path):
     }
 
 
+@pytest.mark.bench
 def test_bench_serve_quick(tiny_export):
     """The load benchmark against a real server process: every level answered, the rows it promises."""
     from bench import serve as serve_bench
@@ -82,6 +107,7 @@ def test_bench_serve_quick(tiny_export):
     assert growth["ok"] == (growth["median"] <= 10) and "MB when ready" in growth["note"]
 
 
+@pytest.mark.bench
 def test_bench_gpu_suite_runs_on_cpu():
     """The GPU training bench at toy sizes on the CPU: every configuration steps, FLOPs are counted, the
     table has its MFU notes and the distill/mtl ratio rows (its numbers mean something only on a GPU)."""

@@ -12,8 +12,6 @@ from jointdistill.data.contract import verify_prepared
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "test",
     "GIT_AUTHOR_EMAIL": "test@example.invalid",
@@ -42,7 +40,18 @@ ALL = {"prepare", "train-teacher@seg", "train-teacher@depth", "distill", "evalua
 
 
 def ran(out):
+    """The stages a `dvc repro` ran (or, with --dry, would run)."""
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def status(project) -> set[str]:
+    """The stages whose own deps, params or outs changed (`dvc status --json`), without running anything."""
+    return set(json.loads(run(["dvc", "status", "--json"], project)))
+
+
+def would_run(project) -> set[str]:
+    """Those stages and everything downstream of them, from DVC's own graph (`--dry`: nothing runs)."""
+    return ran(run(["dvc", "repro", "--dry", "--force-downstream"], project))
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +67,26 @@ def project(tmp_path_factory):
     set_params(dst, num_samples=30, height=40, width=80, gallery_images=2, labelled_fraction=1.0)
     set_params(dst, "teacher", epochs=1, batch_size=4)
     set_params(dst, "distill", epochs=1, batch_size=4, probe_images=2, traj_batch=2, connector_warmup=4)
+    set_params(dst, "export", latency_runs=2, parity_images=4, calibration_images=4)
     run(["git", "init", "-q"], dst)
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "project copy"], dst)
     return dst
 
 
-def test_repro_runs_then_skips_then_reruns_on_param_change(project):
-    out = run(["dvc", "repro"], project)
-    assert ran(out) == ALL
+@pytest.fixture(scope="module")
+def reproduced(project):
+    """The one whole `dvc repro` of the fast lane; the tests below read it, change inputs and put them back."""
+    return run(["dvc", "repro"], project)
+
+
+def restore(project):
+    run(["git", "checkout", "--", "params.yaml", "src"], project)
+    assert status(project) == set()
+
+
+def test_repro_runs_every_stage_and_dvc_reads_its_results(project, reproduced):
+    assert ran(reproduced) == ALL
     for task in ("seg", "depth"):
         assert (project / "data" / "teachers" / task / "model.pt").exists()
     assert (project / "data" / "student" / "student.pt").exists()
@@ -99,8 +119,90 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     depth = json.loads(plots)["data"]["depth-error-vs-distance"][0]["content"]["data"]["values"]
     assert {v["filename"] for v in depth} == {"student.csv", "teacher_depth.csv"}
 
-    # The same inputs give byte-identical outputs: a forced re-run leaves every data/ hash in dvc.lock as it was
-    # (the run-dependent files are in metrics/, outside the hashed outputs).
+    meta = verify_prepared(project / "data" / "prepared", check_digests=True)
+    assert meta["resolution"] == [40, 80] and sum(meta["counts"].values()) == 30
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["params"]["params.yaml"]["prepare"]["height"] == 40
+    assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {
+        "src/jointdistill/data/synthetic.py",
+        "src/jointdistill/stages/prepare.py",
+    }
+
+    # Nothing changed: nothing runs, nothing is rewritten.
+    stamp = (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns
+    out = run(["dvc", "repro"], project)
+    assert "didn't change, skipping" in out and not ran(out)
+    assert (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns == stamp
+    assert "up to date" in run(["dvc", "status"], project)
+
+
+TRAINING = {"distill", "evaluate", "export"}
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "changed", "reruns"),
+    [
+        ("evaluate", {"qualitative_images": 2}, {"evaluate"}, {"evaluate"}),
+        ("export", {"latency_runs": 3}, {"export"}, {"export"}),
+        # evaluate also reads the sections that made the models it reports on (config.STAGE_PARAMS)
+        ("distill", {"alpha": 1.0}, {"distill", "evaluate"}, TRAINING),
+        ("teacher.seg", {"lr": 0.01}, {"train-teacher@seg", "evaluate"}, {"train-teacher@seg", *TRAINING}),
+        ("teacher", {"weight_decay": 0.001}, ALL - {"prepare", "distill", "export"}, ALL - {"prepare"}),
+        ("prepare", {"height": 32}, {"prepare", "evaluate"}, ALL),
+    ],
+    ids=["evaluate", "export", "distill", "teacher.seg", "teacher", "prepare"],
+)
+def test_a_params_change_invalidates_its_stages_and_what_follows(project, reproduced, section, values, changed, reruns):
+    """DVC's own view after a change to params.yaml: the stages that read the key (`dvc status`), and those with
+    everything after them (`dvc repro --dry --force-downstream`), without running anything."""
+    set_params(project, section, **values)
+    try:
+        assert status(project) == changed
+        assert would_run(project) == reruns
+    finally:
+        restore(project)
+
+
+@pytest.mark.parametrize(
+    ("path", "changed"),
+    [
+        # the training engine: both teachers, the student, and the stages that load them
+        ("engine.py", ALL - {"prepare"}),
+        ("distill/weights.py", {"distill", "evaluate", "export"}),  # the method
+        ("report.py", {"evaluate", "export"}),
+        ("infer.py", {"export"}),
+    ],
+)
+def test_a_code_change_invalidates_the_stages_that_import_it(project, reproduced, path, changed):
+    with open(project / "src" / "jointdistill" / path, "a") as fh:
+        fh.write("\n# a change\n")
+    try:
+        assert status(project) == changed
+    finally:
+        restore(project)
+
+
+def test_a_code_change_that_keeps_the_data_reruns_prepare_and_nothing_downstream(project, reproduced):
+    """A comment in prepare's code: DVC sees prepare's deps change, re-runs it, gets byte-identical data (the
+    lineage names code by its syntax tree, not by bytes or git commit) and so re-runs nothing downstream."""
+    with open(project / "src" / "jointdistill" / "stages" / "prepare.py", "a") as fh:
+        fh.write("\n# a note that changes no behaviour\n")
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], project))
+        assert set(status) == {"prepare"}, status
+        assert status["prepare"] == [{"changed deps": {"src/jointdistill/stages/prepare.py": "modified"}}]
+        assert ran(run(["dvc", "repro"], project)) == {"prepare"}
+        assert json.loads(run(["dvc", "status", "--json"], project)) == {}
+    finally:
+        run(["git", "checkout", "--", "src"], project)
+        run(["dvc", "commit", "-f", "prepare"], project)  # the same outputs, recorded against the restored code
+
+
+@pytest.mark.slow
+def test_a_forced_rerun_gives_the_same_bytes(project, reproduced):
+    """The same inputs give byte-identical outputs: a forced re-run leaves every data/ hash in dvc.lock as it was
+    (the run-dependent files are in metrics/, outside the hashed outputs)."""
+
     def hashes():
         lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
         return {o["path"]: o["md5"] for s in lock.values() for o in s["outs"] if o["path"].startswith("data/")}
@@ -112,71 +214,9 @@ def test_repro_runs_then_skips_then_reruns_on_param_change(project):
     assert hashes() == before
     # The declared metrics hold no timing either: the same bytes, so DVC's run cache keeps one entry per run.
     assert {p: p.read_bytes() for p in declared} == metrics
-    meta = verify_prepared(project / "data" / "prepared", check_digests=True)
-    assert meta["resolution"] == [40, 80] and sum(meta["counts"].values()) == 30
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert lock["stages"]["prepare"]["params"]["params.yaml"]["prepare"]["height"] == 40
-    assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {
-        "src/jointdistill/data/synthetic.py",
-        "src/jointdistill/stages/prepare.py",
-    }
-
-    stamp = (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns
-    out = run(["dvc", "repro"], project)
-    assert "didn't change, skipping" in out and not ran(out)
-    assert (project / "data" / "prepared" / "meta.json").stat().st_mtime_ns == stamp
-    assert "up to date" in run(["dvc", "status"], project)
-
-    set_params(project, "evaluate", qualitative_images=2)
-    assert ran(run(["dvc", "repro"], project)) == {"evaluate"}
-
-    set_params(project, "export", latency_runs=2)
-    assert ran(run(["dvc", "repro"], project)) == {"export"}
-
-    set_params(project, "distill", alpha=1.0)
-    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate", "export"}
-
-    set_params(project, "teacher.seg", lr=0.01)
-    assert ran(run(["dvc", "repro"], project)) == {"train-teacher@seg", "distill", "evaluate", "export"}
-
-    set_params(project, "teacher", weight_decay=0.001)
-    assert ran(run(["dvc", "repro"], project)) == ALL - {"prepare"}
-
-    set_params(project, height=32)
-    out = run(["dvc", "repro"], project)
-    assert ran(out) == ALL
-    assert verify_prepared(project / "data" / "prepared")["resolution"] == [32, 80]
 
 
-def test_code_change_reruns(project):
-    run(["dvc", "repro"], project)
-    with open(project / "src" / "jointdistill" / "engine.py", "a") as fh:
-        fh.write("\n# a change to the training engine\n")
-    assert ran(run(["dvc", "repro"], project)) == ALL - {"prepare"}
-    with open(project / "src" / "jointdistill" / "distill" / "weights.py", "a") as fh:
-        fh.write("\n# a change to the method\n")
-    assert ran(run(["dvc", "repro"], project)) == {"distill", "evaluate", "export"}
-    with open(project / "src" / "jointdistill" / "report.py", "a") as fh:
-        fh.write("\n# a change to the report\n")
-    assert ran(run(["dvc", "repro"], project)) == {"evaluate", "export"}  # export imports the evaluate stage
-    with open(project / "src" / "jointdistill" / "infer.py", "a") as fh:
-        fh.write("\n# a change to inference\n")
-    assert ran(run(["dvc", "repro"], project)) == {"export"}
-
-
-def test_a_code_change_that_keeps_the_data_reruns_prepare_and_nothing_downstream(project):
-    """A comment in prepare's code: DVC sees prepare's deps change, re-runs it, gets byte-identical data (the
-    lineage names code by its syntax tree, not by bytes or git commit) and so re-runs nothing downstream."""
-    run(["dvc", "repro"], project)
-    with open(project / "src" / "jointdistill" / "stages" / "prepare.py", "a") as fh:
-        fh.write("\n# a note that changes no behaviour\n")
-    status = json.loads(run(["dvc", "status", "--json"], project))
-    assert set(status) == {"prepare"}, status
-    assert status["prepare"] == [{"changed deps": {"src/jointdistill/stages/prepare.py": "modified"}}]
-    assert ran(run(["dvc", "repro"], project)) == {"prepare"}
-    assert json.loads(run(["dvc", "status", "--json"], project)) == {}
-
-
+@pytest.mark.slow
 def test_fresh_clone_prepares_the_data_the_committed_lock_names(tmp_path):
     """`make run` in a fresh clone: prepare, at the committed params, gives exactly the data/prepared hash that
     the committed dvc.lock records. Floats may differ in the last bits between CPU models, so the check runs on
@@ -221,6 +261,7 @@ def test_teacher_stages_track_every_teacher_param():
     assert tracked == set(TrainParams.model_fields) | {"${item}"}
 
 
+@pytest.mark.slow
 def test_gcs_remote_push_then_repro_pull_elsewhere_runs_nothing(project, gcs_emulator, tmp_path):
     """A `gs://` DVC remote (dvc-gs) on the emulator: push outputs and the run cache, then on a fresh clone
     `dvc repro --pull` restores every stage instead of re-running it, with and without a committed dvc.lock."""

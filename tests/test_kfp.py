@@ -127,8 +127,8 @@ def test_cli_compile(tmp_path):
     assert executors["exec-prepare"]["container"]["image"] == "img:1"
 
 
-@pytest.mark.slow
 def test_kfp_local_run(tmp_path):
+    """The fast lane's one whole pipeline under kfp.local (pinned data and push-results: the slow lane)."""
     from jointdistill.config import load_params
     from jointdistill.models import load_model
 
