@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import yaml
 
+from jointdistill import lineage
 from jointdistill.data.contract import verify_prepared
 
 from .conftest import REPO
@@ -121,6 +122,8 @@ def test_repro_runs_every_stage_and_dvc_reads_its_results(project, reproduced):
 
     meta = verify_prepared(project / "data" / "prepared", check_digests=True)
     assert meta["resolution"] == [40, 80] and sum(meta["counts"].values()) == 30
+    for out in ("prepared", "teachers/seg", "student", "eval", "export"):  # the embedded data, named as such
+        assert lineage.read(project / "data" / out)["data"] == {"kind": "synthetic"}, out
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["prepare"]["params"]["params.yaml"]["prepare"]["height"] == 40
     assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {

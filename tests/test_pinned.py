@@ -314,17 +314,21 @@ def _files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.slow
-def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_project, tmp_path):
-    """The whole pipeline under kfp.local on tag B of a DVC project, with the optional last step on: its outputs
-    are pushed to the project's remote and the .dvc pointers committed to a branch of the project; a fresh
+def test_whole_pipeline_under_kfp_local_pinned_then_results_pulled_into_a_fresh_clone(image_project, tmp_path):
+    """The fast lane's one whole pipeline under kfp.local: on tag B of a DVC project, with the optional last step
+    on. Every step's artifacts (data, models, metrics as Kubeflow shows them, lineage, the ONNX model); then the
+    outputs pushed to the project's remote and the .dvc pointers committed to a branch of the project, and a fresh
     clone of that branch `dvc pull`s exactly the bytes the run produced."""
     from pathlib import Path
 
+    import numpy as np
+    import onnxruntime as ort
     from jointdistill.pipelines import pipeline as kfp_pipeline
 
     from jointdistill import lineage
-    from jointdistill.config import load_params
+    from jointdistill.config import load_params, params_from_dict
+    from jointdistill.data.contract import verify_prepared
+    from jointdistill.models import load_model
 
     from .conftest import REPO
 
@@ -336,16 +340,22 @@ def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_proj
             "prepare.height=48",
             "prepare.width=96",
             "prepare.gallery_images=0",
+            "teacher.widths=[16,32,64,96]",
+            "teacher.head_channels=32",
             "teacher.epochs=1",
             "teacher.batch_size=4",
-            "distill.epochs=1",
+            "distill.epochs=2",
             "distill.batch_size=4",
-            "distill.probe_images=2",
+            "distill.probe_images=3",
             "distill.top_k=4",
+            "distill.connector_warmup=4",
+            "distill.timeframe_steps=0",
+            "distill.grad_log_every=2",
+            "distill.teacher_cache=false",
         ],
     )
     url = image_project.as_uri()
-    outputs = kfp_pipeline.run_local(
+    artifacts = kfp_pipeline.run_local_artifacts(
         p,
         tmp_path / "root",
         data_repo=url,
@@ -356,10 +366,60 @@ def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_proj
         results_git_repo=url,
         results_git_branch="results/b1",
     )
+    outputs = {name: a.path for name, a in artifacts.items()}
+    classes = ["road", "car", "sky"]
+    # The confusion matrix as Kubeflow shows it: class names, rows of pixel counts that sum to the test pixels.
+    matrix = artifacts["confusion"].metadata["confusionMatrix"]
+    assert [c["displayName"] for c in matrix["annotationSpecs"]] == classes
+    assert [r["row"] for r in matrix["rows"]] and all(len(r["row"]) == 3 for r in matrix["rows"])
+    assert sum(map(sum, (r["row"] for r in matrix["rows"]))) > 0
+    ious = artifacts["class_iou"].metadata
+    assert set(ious) <= {f"iou/{c}" for c in classes} and ious and all(0 <= v <= 1 for v in ious.values())
+    meta = verify_prepared(outputs["prepared"], check_digests=True)
+    assert meta["resolution"] == [48, 96] and sum(meta["counts"].values()) == 36 and meta["classes"] == classes
+    # prepare ran with prepare.root at the folder the source step fetched (a path of this run), so its params
+    # digest is that of these params with that root: it names the run's params, not the user's file.
+    assert meta["params_digest"] == lineage.read(outputs["prepared"])["params_digest"] != p.digest("prepare")
+    for task in ("seg", "depth"):
+        _, record = load_model(f"{outputs[f'teacher_{task}']}/model.pt")
+        assert record["task"] == task
+    model, record = load_model(f"{outputs['student']}/student.pt")
+    assert record["mode"] == "full" and set(model.config.tasks) == {"seg", "depth"}
+    report = json.loads(Path(outputs["student"], "report.json").read_text())
+    run_facts = json.loads(Path(outputs["student"], "run.json").read_text())
+    # 2 timeframes (one per epoch) × 3 probe images × top-4 points × 2 tasks
+    assert run_facts["teacher_forward_images"] > 0 and report["trajectory"]["rows"] == 2 * 3 * 4 * 2
+    assert Path(outputs["student"], "weights.csv").read_text().count("\n") == 1 + 2 * 3
+    evaluation = json.loads(Path(outputs["evaluation"], "report.json").read_text())
+    assert "delta_m" in evaluation["student"]["test"] and Path(outputs["evaluation"], "report.html").exists()
+    # Lineage in every output: the pinned data, these params, the code by content, each parent's digest.
     commit_b = run(image_project, "git", "rev-parse", "B")
-    for name in ("prepared", "student", "onnx_model"):
-        data = lineage.read(outputs[name])["data"]
+    stages = {
+        "prepared": ("prepare",),
+        "teacher_seg": ("teacher", "seg"),
+        "teacher_depth": ("teacher", "depth"),
+        "student": ("distill",),
+        "evaluation": ("evaluate",),
+        "onnx_model": ("export",),
+    }
+    for name, stage in stages.items():
+        lin = lineage.read(outputs[name])
+        data = lin["data"]
         assert (data["kind"], data["rev"], data["commit"]) == ("dvc", "B", commit_b), name
+        assert lin["params_digest"] == p.digest(*stage) or name == "prepared", name
+        # Code named by content, not by git: the same source gives the same record in any checkout.
+        assert lin["code"]["version"] and lin["code"]["source"].startswith("sha256:") and "commit" not in lin["code"]
+    assert lineage.read(outputs["teacher_seg"])["parents"] == {"prepared": lineage.folder_digest(outputs["prepared"])}
+    assert lineage.read(outputs["student"])["parents"] == {
+        n: lineage.folder_digest(outputs[n]) for n in ("prepared", "teacher_seg", "teacher_depth")
+    }
+    assert set(lineage.read(outputs["onnx_model"])["parents"]) == {"prepared", "student"}
+    parity = json.loads(Path(outputs["onnx_model"], "parity.json").read_text())
+    assert parity["passed"] and Path(outputs["onnx_model"], "MODEL_CARD.md").exists()
+    s = ort.InferenceSession(f"{outputs['onnx_model']}/student.onnx", providers=["CPUExecutionProvider"])
+    seg, depth = s.run(None, {"image": np.zeros((2, 3, 48, 96), np.float32)})
+    assert seg.shape == (2, len(classes), 48, 96) and depth.shape == (2, 1, 48, 96) and (depth > 0).all()
+
     # The pointers: an artifact of the last step, and a commit on the project's branch.
     pointers = next(Path(tmp_path / "root").rglob("runs/b1/RESULTS.json"))
     record = json.loads(pointers.read_text())
@@ -374,8 +434,6 @@ def test_whole_pipeline_pinned_then_results_pulled_into_a_fresh_clone(image_proj
     assert sorted(record["outputs"]) == sorted(names) and record["remote"] == "gs://pinned-images/dvc"
     assert record["outputs"]["student"]["lineage"]["data"]["rev"] == "B"
     assert run(image_project, "git", "log", "-1", "--format=%s", "results/b1") == "jointdistill results: runs/b1"
-    from jointdistill.config import params_from_dict
-
     ran = params_from_dict(__import__("yaml").safe_load((pointers.parent / "params.yaml").read_text()))
     assert ran.digest("distill") == p.digest("distill") == record["outputs"]["student"]["lineage"]["params_digest"]
     # A laptop: a fresh clone of the project, the results branch, dvc pull.
