@@ -28,7 +28,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not bench"
 
-## test-slow: kills and resumes, DDP, every pipeline variant, dvc remotes
+## test-slow: kills and resumes, DDP, pinned source steps, DVC remotes, a forced re-run's byte identity
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow and not bench"
 
