@@ -328,10 +328,13 @@ def test_ddp_two_gloo_processes(prepared, tiny_teachers, tmp_path):
 
 
 def test_cli_help_and_errors(tiny_teachers, prepared):
-    r = subprocess.run(
-        [sys.executable, "-m", "jointdistill", "distill", "--help"], env=ENV, capture_output=True, text=True
-    )
-    assert r.returncode == 0
+    """In process: the help text and the one-line refusal of teachers given in the wrong order."""
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    r = CliRunner().invoke(app, ["distill", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert r.exit_code == 0
     for word in (
         "--data",
         "--teachers",
@@ -344,14 +347,10 @@ def test_cli_help_and_errors(tiny_teachers, prepared):
     ):
         assert word in r.stdout, word
     seg, depth = map(str, tiny_teachers)
-    r = subprocess.run(
-        [sys.executable, "-m", "jointdistill", "distill", "--data", str(prepared), "--teachers", depth, seg, *sets()],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert r.returncode == 2 and r.stderr.startswith("error: seg teacher") and "Traceback" not in r.stderr
+    args = ["distill", "--params", str(REPO / "params.yaml"), "--data", str(prepared), "--teachers", depth, seg]
+    r = CliRunner().invoke(app, [*args, *sets()])
+    assert r.exit_code == 2 and r.stderr.startswith("error: seg teacher") and "Traceback" not in r.output
+    assert isinstance(r.exception, SystemExit)
 
 
 def test_bf16_autocast_on_cpu(prepared, tiny_teachers, tmp_path):

@@ -253,10 +253,10 @@ def test_ablation_table_is_mean_and_std_of_the_runs(prepared, tmp_path):
 
 
 def test_ablate_cli_rejects_unknown_mode(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "jointdistill", "ablate", "--modes", "mtl,eata,mtl+cache", "--out", str(tmp_path / "a")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert r.returncode == 2 and "unknown ['eata', 'mtl+cache']" in r.stderr
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    args = ["ablate", "--params", str(REPO / "params.yaml"), "--modes", "mtl,eata,mtl+cache", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "unknown ['eata', 'mtl+cache']" in r.stderr
