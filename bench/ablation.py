@@ -1,5 +1,5 @@
 """The ablation (modes single, mtl, static_kd, adaptive, full; seeds 0–4) on the embedded default, through
-`jointdistill.stages.ablate`: one row per mode, Δm mean (min–max = mean ± std), every metric in the note.
+`jointdistill.ablation`: one row per mode, Δm mean (min–max = mean ± std), every metric in the note.
 `teacher-cache`: full with the cache (the default) and with live teachers (``full+live``) on the same seeds.
 The recorded run (`make ablation`: the table, paired differences with 95 % intervals, the gate, the plots) is
 in bench/results/ablation/."""
@@ -18,7 +18,8 @@ RUN = """
 import json, os
 os.environ["JOINTDISTILL_PROGRESS"] = "off"
 from jointdistill.config import apply_overrides, params_from_dict
-from jointdistill.stages import ablate, prepare
+from jointdistill import ablation as ablate
+from jointdistill.stages import prepare
 tmp = {tmp!r}
 p = params_from_dict(apply_overrides(json.loads({data!r}), {sets!r}))
 prepare.run(p, tmp + "/prepared")

@@ -15,7 +15,7 @@ from pathlib import Path
 def machine_info() -> dict:
     import numpy
 
-    from jointdistill.records import cpu_model, usable_cores
+    from jointdistill.provenance.records import cpu_model, usable_cores
 
     return {
         "cpu": cpu_model(),

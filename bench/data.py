@@ -15,7 +15,7 @@ from .common import run_json, summary
 
 GENERATOR = """
 import json, time
-from jointdistill.data.synthetic import SyntheticScenes, tune_allocator
+from jointdistill.data.sources.street_scenes import SyntheticScenes, tune_allocator
 g = SyntheticScenes({h}, {w}, seed=0, tune_memory={tune})
 for i in range(3):
     g.render(10_000 + i)  # warm-up

@@ -90,9 +90,9 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
 
     from jointdistill.distill.connector import Connector
     from jointdistill.distill.model import DistillModel
-    from jointdistill.distill.task import StudentTask
+    from jointdistill.distill.objective import StudentTask
     from jointdistill.models import build_student, build_teacher
-    from jointdistill.tasks import make_task
+    from jointdistill.training.objectives import make_task
 
     torch.manual_seed(0)
     if kind.startswith("teacher-"):
@@ -145,7 +145,7 @@ def _start_trajectory(model, task) -> None:
 def _batch(ds, bs: int, device, channels_last: bool, teachers) -> dict:
     import torch
 
-    from jointdistill.engine import _to
+    from jointdistill.training.engine import _to
 
     items = [ds[i % len(ds)] for i in range(bs)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "label", "depth")}
@@ -171,7 +171,7 @@ def _setup(kind: str, variant: dict, probes, params, arch: dict, device, **spec_
     schedule and scaler the stages would build (not compiled yet: callers choose when)."""
     import torch
 
-    from jointdistill import engine
+    from jointdistill.training import engine
 
     model, task, teachers = _build(kind, 7, probes, params, arch)
     spec = (params.teacher if kind.startswith("teacher-") else params.distill).model_copy(
@@ -205,7 +205,7 @@ def measure(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from jointdistill import engine
+    from jointdistill.training import engine
 
     torch.backends.cudnn.benchmark = variant.get("cudnn_benchmark", False)
     r = _setup(kind, variant, probes, params, arch, device)
@@ -302,7 +302,7 @@ QUICK_PLAN = [
 def loader_rows(ds, bs: int, device, workers: list[int], epochs: int) -> list[dict]:
     """Images/s the loader delivers (prepared frames + augmentation, pinned memory), no model: whole epochs
     through a fresh loader each, as `fit` makes them (worker start-up included)."""
-    from jointdistill.engine import EpochSampler, make_loader
+    from jointdistill.training.engine import EpochSampler, make_loader
 
     out = []
     for w in workers:
@@ -320,7 +320,7 @@ def loader_rows(ds, bs: int, device, workers: list[int], epochs: int) -> list[di
 
 def epoch_row(ds, params, arch: dict, bs: int, device, workers: int, variant: dict, probes) -> dict:
     """One real `train_one_epoch` (loader included) of the seg teacher with ``variant``."""
-    from jointdistill import engine
+    from jointdistill.training import engine
 
     r = _setup("teacher-seg", variant, probes, params, arch, device, batch_size=bs, num_workers=workers)
     if engine.use_compile(r.spec, device):

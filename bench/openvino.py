@@ -43,8 +43,8 @@ def rows(quick: bool, params: str, model: str | Path | None = None, data: str | 
 
     from jointdistill.data.contract import verify_prepared
     from jointdistill.data.prepared import PreparedDataset
-    from jointdistill.infer import StudentSession
-    from jointdistill.metrics import ConfusionMatrix, DepthMeter
+    from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter
+    from jointdistill.serving.infer import StudentSession
 
     model, data = Path(model or DEFAULT_EXPORT), Path(data or DEFAULT_DATA)
     if not model.is_file():

@@ -34,7 +34,7 @@ DEFAULT_MODEL = ROOT / "data" / "export" / "student.onnx"
 DIRECT = """
 import json, statistics, time
 import numpy as np
-from jointdistill.infer import StudentSession
+from jointdistill.serving.infer import StudentSession
 s = StudentSession({model!r}, "cpu", threads={threads})
 h, w = s.input_size
 out = []
@@ -138,8 +138,8 @@ def level(port: int, body: bytes, headers: dict, concurrency: int, seconds: floa
 def rows(quick: bool, params: str, model: str | Path | None = None) -> list[dict]:
     from PIL import Image
 
-    from jointdistill.infer import StudentSession
-    from jointdistill.serve import encode_request
+    from jointdistill.serving.client import encode_request
+    from jointdistill.serving.infer import StudentSession
 
     model = Path(model or DEFAULT_MODEL)
     if not model.is_file():

@@ -20,27 +20,18 @@ def evaluate(
     (with class names: the run page's confusion-matrix widget), its IoU per class, and the report as HTML."""
     import shutil
 
-    from jointdistill import lineage
     from jointdistill.config import params_from_dict
     from jointdistill.stages import evaluate as stage
+    from jointdistill.stages.results import record_artifact
 
     cfg = params_from_dict(params, "pipeline parameter 'params'")
     result = stage.run(cfg, prepared.path, (teacher_seg.path, teacher_depth.path), student.path, evaluation.path)
-    split = cfg.evaluate.split
-    for model, by_split in result.items():
-        if isinstance(by_split, dict) and split in by_split:
-            for name, value in by_split[split].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    metrics.log_metric(f"{model}/{name}", value)
-    student_split = result["student"][split]
-    classes = list(student_split["per_class_iou"])
-    confusion.log_confusion_matrix(classes, student_split["confusion_matrix"])
+    record_artifact(evaluation, result, metrics)
+    student_split = result["student"][result.split]
+    confusion.log_confusion_matrix(list(student_split["per_class_iou"]), student_split["confusion_matrix"])
     for name, iou in student_split["per_class_iou"].items():
         if iou is not None:  # a class absent from the split has no IoU
             class_iou.log_metric(f"iou/{name}", iou)
-    evaluation.metadata["lineage"] = lineage.read(evaluation.path)
-    evaluation.metadata["source_commit"] = lineage.source_commit() or ""
-    evaluation.metadata.update({"split": split, "delta_m": result["student"][split]["delta_m"]})
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)
 
 

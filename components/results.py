@@ -30,7 +30,7 @@ def push_results(
 ):
     """Push the six outputs to ``remote``; the pointers (and RESULTS.json) go to ``pointers``, under ``prefix``
     (default ``runs/<the KFP run's name>``)."""
-    from jointdistill import dvc_results
+    from jointdistill.cloud import dvc_results
 
     prefix = prefix or f"runs/{run_name}"
     outputs = {

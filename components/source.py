@@ -16,7 +16,7 @@ def source(repo: str, rev: str, path: str, data: Output[Dataset]):
     import json
     import os
 
-    from jointdistill.data import pinned
+    from jointdistill.cloud import pinned
     from jointdistill.errors import DataError
 
     if not repo:

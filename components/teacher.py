@@ -8,52 +8,27 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 
-def record(report: dict, task: str, teacher, metrics) -> None:
-    """The step's artifact metadata and metrics from the stage's metrics.json."""
-    from jointdistill import lineage
-
-    key = report["monitor"]
-    teacher.metadata["lineage"] = lineage.read(teacher.path)
-    teacher.metadata["source_commit"] = lineage.source_commit() or ""
-    teacher.metadata.update(
-        {
-            "task": task,
-            "monitor": key,
-            "val": report["val"][key],
-            "test": report["test"][key],
-            "best_epoch": report["best_epoch"],
-            "params_digest": report["params_digest"],
-        }
-    )
-    for split in ("val", "test"):
-        for name, value in report[split].items():
-            if isinstance(value, (int, float)):
-                metrics.log_metric(f"{split}/{name}", value)
-
-
 def train_teacher(params: dict, task: str, prepared: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]):
     """Train the `task` teacher on the prepared data; the model folder is the output artifact."""
-    from jointdistill.components.teacher import record
-
     from jointdistill.config import params_from_dict
     from jointdistill.stages import teacher as stage
+    from jointdistill.stages.results import record_artifact
 
-    report = stage.run(params_from_dict(params, "pipeline parameter 'params'"), task, prepared.path, teacher.path)
-    record(report, task, teacher, metrics)
+    result = stage.run(params_from_dict(params, "pipeline parameter 'params'"), task, prepared.path, teacher.path)
+    record_artifact(teacher, result, metrics)
 
 
 def train_teacher_job(
     params: dict, task: str, image: str, prepared: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]
 ):
     """Train the `task` teacher in a Kubeflow Trainer job (N nodes × M GPUs) and wait for it."""
-    from jointdistill.components.teacher import record
-
-    from jointdistill import trainjob
+    from jointdistill.cloud import trainjob
     from jointdistill.config import params_from_dict
+    from jointdistill.stages.results import TeacherResult, record_artifact
 
     cfg = params_from_dict(params, "pipeline parameter 'params'")
     report = trainjob.run_step(cfg, "teacher", image, {"data": prepared.uri}, teacher.uri, teacher.path, task=task)
-    record(report, task, teacher, metrics)
+    record_artifact(teacher, TeacherResult(report), metrics)
 
 
 def component(image: str):

@@ -14,17 +14,17 @@ import functools
 from pathlib import Path
 from typing import NamedTuple
 
+from jointdistill.components import distill as distill_component
+from jointdistill.components import evaluate as evaluate_component
+from jointdistill.components import export as export_component
+from jointdistill.components import prepare as prepare_component
+from jointdistill.components import results as results_component
+from jointdistill.components import source as source_component
+from jointdistill.components import teacher as teacher_component
 from kfp import compiler, dsl
 
-from .. import __version__
-from ..components import distill as distill_component
-from ..components import evaluate as evaluate_component
-from ..components import export as export_component
-from ..components import prepare as prepare_component
-from ..components import results as results_component
-from ..components import source as source_component
-from ..components import teacher as teacher_component
-from ..config import Params, StepResources
+from jointdistill import __version__
+from jointdistill.config import Params, StepResources
 
 PIPELINE_NAME = "jointdistill"
 # The project image (one for every step; see the Dockerfile). Its kfp is the version pinned in pyproject.

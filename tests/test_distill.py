@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jointdistill import records
 from jointdistill.config import load_params
 from jointdistill.distill.weights import update
 from jointdistill.errors import ConfigError, DataError, ModelError
 from jointdistill.models import load_model
+from jointdistill.provenance import records
 from jointdistill.stages import distill
 
 from .conftest import REPO, TINY

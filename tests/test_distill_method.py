@@ -10,15 +10,16 @@ import pytest
 import torch
 from scipy import stats
 
+from jointdistill import ablation as ablate
 from jointdistill.config import load_params
 from jointdistill.distill.connector import Connector
 from jointdistill.distill.losses import kd_depth, kd_seg
 from jointdistill.distill.model import DistillModel
-from jointdistill.distill.task import StudentTask
+from jointdistill.distill.objective import StudentTask
 from jointdistill.distill.trajectory import top_k_points
-from jointdistill.metrics import depth_loss, seg_loss
+from jointdistill.evaluation.metrics import depth_loss, seg_loss
 from jointdistill.models import build_student, build_teacher, model_flops
-from jointdistill.stages import ablate, distill
+from jointdistill.stages import distill
 from jointdistill.stages.distill import needs_connector
 
 from .conftest import REPO, TINY

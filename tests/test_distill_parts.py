@@ -259,7 +259,7 @@ def test_kd_depth_on_valid_pixels():
 
 
 def test_kd_pixels_cover_every_pixel_of_an_unlabelled_image_only():
-    from jointdistill.distill.task import kd_pixels
+    from jointdistill.distill.objective import kd_pixels
 
     label = torch.tensor([[[0, 255], [2, 1]], [[255, 255], [255, 255]]])  # a labelled image, an unlabelled one
     depth = torch.tensor([[[[0.0, 3.0], [4.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
@@ -328,8 +328,8 @@ def test_probe_pass_leaves_batch_norm_statistics_alone():
 
 def test_student_and_connector_gradients_are_clipped_separately():
     from jointdistill.distill.model import DistillModel
-    from jointdistill.engine import clip_gradients
     from jointdistill.models import build_student
+    from jointdistill.training.engine import clip_gradients
 
     teachers = [build_teacher("seg", "tiny", "light", 7), build_teacher("depth", "tiny", "light", 7)]
     student = build_student("tiny", "light", 7)

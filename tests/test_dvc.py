@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import yaml
 
-from jointdistill import lineage
 from jointdistill.data.contract import verify_prepared
+from jointdistill.provenance import lineage
 
 from .conftest import REPO
 
@@ -127,7 +127,7 @@ def test_repro_runs_every_stage_and_dvc_reads_its_results(project, reproduced):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["prepare"]["params"]["params.yaml"]["prepare"]["height"] == 40
     assert {d["path"] for d in lock["stages"]["prepare"]["deps"]} >= {
-        "src/jointdistill/data/synthetic.py",
+        "src/jointdistill/data/sources/street_scenes.py",
         "src/jointdistill/stages/prepare.py",
     }
 
@@ -224,7 +224,7 @@ def test_fresh_clone_prepares_the_data_the_committed_lock_names(tmp_path):
     """`make run` in a fresh clone: prepare, at the committed params, gives exactly the data/prepared hash that
     the committed dvc.lock records. Floats may differ in the last bits between CPU models, so the check runs on
     the kind of machine that made the lock (metrics/prepare/run.json says which)."""
-    from jointdistill.records import machine
+    from jointdistill.provenance.records import machine
 
     made_on = json.loads((REPO / "metrics" / "prepare" / "run.json").read_text())["machine"]["cpu"]
     if made_on != machine()["cpu"]:

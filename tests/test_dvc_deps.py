@@ -6,8 +6,8 @@ import ast
 import pytest
 import yaml
 
-from jointdistill import codeid
 from jointdistill.config import STAGE_PARAMS
+from jointdistill.provenance import codeid
 
 from .conftest import REPO
 
@@ -64,18 +64,20 @@ def test_each_stage_reads_only_its_sections():
         assert sections <= set(STAGE_PARAMS[module]), f"{module} reads {sections - set(STAGE_PARAMS[module])}"
 
 
-def test_closure_follows_relative_and_lazy_imports(tmp_path):
+def test_closure_follows_imports_and_parent_packages(tmp_path):
     closure = {p.relative_to(codeid.ROOT).as_posix() for p in codeid.closure("jointdistill.stages.export")}
     assert {
         "stages/export.py",
-        "export.py",
-        "infer.py",
+        "models/export.py",
+        "serving/infer.py",
+        "serving/onnx_file.py",
         "data/prepared.py",
         "__init__.py",
         "stages/__init__.py",
+        "serving/__init__.py",
         "models/__init__.py",
     } <= closure
-    assert "serve.py" not in closure and "cli.py" not in closure
+    assert "serving/server.py" not in closure and "cli.py" not in closure
 
 
 def test_code_digest_ignores_comments_and_docstrings_not_code(tmp_path, monkeypatch):

@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
-from jointdistill import engine
 from jointdistill.config import TeacherParams
 from jointdistill.distill.connector import Connector
 from jointdistill.distill.model import DistillModel
 from jointdistill.models import build_student, build_teacher
-from jointdistill.tasks import SegTask
+from jointdistill.training import engine
+from jointdistill.training.objectives import SegTask
 
 
 def _batch(n=2, h=32, w=48):
@@ -118,7 +118,7 @@ def test_fused_adamw_only_on_cuda():
 def test_resume_drops_dvclive_rows_the_checkpoint_does_not_hold(tmp_path):
     """A run killed after logging validation 1 but before checkpointing it resumes with one validation in its
     history: the rows of steps ≥ 1 are dropped, so the re-logged step 1 is not a duplicate (0, 1, 1 → 0, 1)."""
-    from jointdistill.engine import prune_live
+    from jointdistill.training.engine import prune_live
 
     live = tmp_path / "dvclive" / "plots" / "metrics" / "val"
     live.mkdir(parents=True)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jointdistill import records
+from jointdistill import ablation as ablate
 from jointdistill.config import load_params
 from jointdistill.errors import ModelError
-from jointdistill.evaluation import DepthBins, delta_m, depth_edges
-from jointdistill.stages import ablate, distill, evaluate
+from jointdistill.evaluation.scoring import DepthBins, delta_m, depth_edges
+from jointdistill.provenance import records
+from jointdistill.stages import distill, evaluate
 
 from .conftest import REPO, TINY
 

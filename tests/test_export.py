@@ -15,9 +15,9 @@ from PIL import Image
 from jointdistill.config import load_params
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.errors import ModelError
-from jointdistill.export import OnnxStudent, export_onnx
-from jointdistill.infer import StudentSession, choose_providers, read_metadata
 from jointdistill.models import build_student, load_model
+from jointdistill.models.export import OnnxStudent, export_onnx
+from jointdistill.serving.infer import StudentSession, choose_providers, read_metadata
 from jointdistill.stages import export
 
 from .conftest import EXPORT, NO_TORCH, REPO

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from jointdistill.metrics import ConfusionMatrix, DepthMeter, class_ids, depth_loss, seg_loss
+from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter, class_ids, depth_loss, seg_loss
 
 
 def test_confusion_matrix_hand_computed():

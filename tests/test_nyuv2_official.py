@@ -8,7 +8,7 @@ import pytest
 import yaml
 from scipy.io import savemat
 
-from jointdistill.data.nyuv2_mat import CLASSES_40, read_class_map
+from jointdistill.data.sources.nyuv2_mat import CLASSES_40, read_class_map
 from jointdistill.errors import DataError
 from jointdistill.stages import prepare
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jointdistill.data.pinned import fetch
+from jointdistill.cloud.pinned import fetch
 from jointdistill.errors import DataError
 
 from .conftest import make_bucket
@@ -230,8 +230,8 @@ def test_kfp_source_and_prepare_steps_pinned_to_two_revisions(image_project, tmp
     from jointdistill.pipelines.pipeline import pipeline_params
     from kfp import dsl, local
 
-    from jointdistill import lineage
     from jointdistill.config import load_params
+    from jointdistill.provenance import lineage
 
     from .conftest import REPO
 
@@ -284,7 +284,7 @@ def test_kfp_source_and_prepare_steps_pinned_to_two_revisions(image_project, tmp
 
 
 def test_local_data_lineage_and_folder_digests(project, tmp_path):
-    from jointdistill import lineage
+    from jointdistill.provenance import lineage
 
     root, commits = project
     head = run(root, "git", "rev-parse", "HEAD")
@@ -325,10 +325,10 @@ def test_whole_pipeline_under_kfp_local_pinned_then_results_pulled_into_a_fresh_
     import onnxruntime as ort
     from jointdistill.pipelines import pipeline as kfp_pipeline
 
-    from jointdistill import lineage
     from jointdistill.config import load_params, params_from_dict
     from jointdistill.data.contract import verify_prepared
     from jointdistill.models import load_model
+    from jointdistill.provenance import lineage
 
     from .conftest import REPO
 
@@ -446,7 +446,7 @@ def test_whole_pipeline_under_kfp_local_pinned_then_results_pulled_into_a_fresh_
 
 
 def test_push_results_errors_leave_nothing_behind(gcs_emulator, tmp_path):
-    from jointdistill import dvc_results
+    from jointdistill.cloud import dvc_results
     from jointdistill.errors import ConfigError
 
     (tmp_path / "student").mkdir()

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from jointdistill.config import load_params
-from jointdistill.data.base import Sample, SampleRef
 from jointdistill.data.contract import SPLITS, verify_prepared
-from jointdistill.data.synthetic import CLASSES, PALETTE
+from jointdistill.data.sample import Sample, SampleRef
+from jointdistill.data.sources.street_scenes import CLASSES, PALETTE
 from jointdistill.errors import DataError, OutputError
 from jointdistill.stages import prepare
 
@@ -173,7 +173,7 @@ def test_every_dataset_has_an_adapter_and_an_unknown_one_is_a_clear_error(tiny_p
     from typing import get_args
 
     from jointdistill.config import PrepareParams
-    from jointdistill.data import base
+    from jointdistill.data import sample as base
     from jointdistill.errors import ConfigError
 
     base.make_source(tiny_params.prepare, 0)  # imports (registers) every adapter

@@ -18,10 +18,11 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from jointdistill import deploy, serve
 from jointdistill.cli import app
 from jointdistill.errors import ConfigError
-from jointdistill.infer import StudentSession
+from jointdistill.serving import deploy
+from jointdistill.serving import server as serve
+from jointdistill.serving.infer import StudentSession
 
 from .conftest import NO_TORCH, make_bucket
 
@@ -430,7 +431,7 @@ def test_refuses_to_start_on_a_file_that_is_not_a_student(tiny_export, tmp_path)
 def test_serves_a_published_model_from_gcs(gcs_emulator, tiny_export, tmp_path):
     root, _ = tiny_export
     make_bucket("served-models")
-    manifest = __import__("jointdistill.storage", fromlist=["publish"]).publish(
+    manifest = __import__("jointdistill.cloud.storage", fromlist=["publish"]).publish(
         root / "export", "gs://served-models/student", "v1"
     )
     assert manifest["url"] == "gs://served-models/student/v1/"
@@ -521,7 +522,7 @@ def test_manifest_command_writes_both_services(tmp_path):
 def test_publish_lays_out_a_triton_repository(gcs_emulator, tiny_export, tmp_path):
     root, _ = tiny_export
     make_bucket("triton-models")
-    from jointdistill.storage import fetch_model, publish
+    from jointdistill.cloud.storage import fetch_model, publish
 
     publish(root / "export", "gs://triton-models/s", "v1")
     got = fetch_model("gs://triton-models/s/v1", tmp_path / "fetched")

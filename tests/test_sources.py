@@ -234,7 +234,7 @@ def make_cityscapes(root, n_train=5, n_val=2, h=16, w=24):
 
 @pytest.mark.parametrize("n_classes", [7, 19])
 def test_cityscapes_value_by_value(tmp_path, n_classes):
-    from jointdistill.data.cityscapes_source import LABELS
+    from jointdistill.data.sources.cityscapes import LABELS
 
     truth = make_cityscapes(tmp_path / "cs")
     p = params("cityscapes", tmp_path / "cs", f"prepare.cityscapes_classes={n_classes}", "prepare.max_depth=1000000")

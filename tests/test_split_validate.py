@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from jointdistill.config import PrepareParams
-from jointdistill.data.base import Sample, SampleRef
+from jointdistill.data.sample import Sample, SampleRef
+from jointdistill.data.sources.synthetic import SyntheticSource
 from jointdistill.data.split import assign_splits, hash_fraction
-from jointdistill.data.synthetic_source import SyntheticSource
 from jointdistill.data.validate import validate_sample
 from jointdistill.errors import DataError
 

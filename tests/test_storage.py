@@ -7,8 +7,8 @@ from google.api_core.exceptions import PreconditionFailed
 from typer.testing import CliRunner
 
 from jointdistill.cli import app
+from jointdistill.cloud.storage import MANIFEST, fetch_model, parse_url, publish
 from jointdistill.errors import DataError, OutputError
-from jointdistill.storage import MANIFEST, fetch_model, parse_url, publish
 
 from .conftest import make_bucket
 

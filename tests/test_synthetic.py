@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from jointdistill.data.resize import nearest_indices
-from jointdistill.data.synthetic import CLASSES, HUMAN, SKY, VEHICLE, SyntheticScenes
+from jointdistill.data.sources.street_scenes import CLASSES, HUMAN, SKY, VEHICLE, SyntheticScenes
 
 
 @pytest.fixture(scope="module")

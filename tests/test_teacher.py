@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from jointdistill import records
 from jointdistill.config import load_params
 from jointdistill.errors import DataError, ModelError
 from jointdistill.models import load_model
+from jointdistill.provenance import records
 from jointdistill.stages import teacher
 
 from .conftest import REPO, TINY
@@ -217,7 +217,7 @@ class CountingTask:
     """A seg task with the optional timeframe hook and state, as the student's task will have."""
 
     def __init__(self):
-        from jointdistill.tasks import SegTask
+        from jointdistill.training.objectives import SegTask
 
         self.inner = SegTask(7)
         self.monitor, self.higher_is_better = "miou", True
@@ -248,8 +248,8 @@ class CountingTask:
 
 def test_engine_task_hooks_run_each_timeframe_and_resume_with_their_state(prepared, tmp_path):
     from jointdistill.data.prepared import PreparedDataset
-    from jointdistill.engine import fit
     from jointdistill.models import build_teacher
+    from jointdistill.training.engine import fit
 
     spec = params("teacher.epochs=2").teacher.for_task("seg")
     train, val = PreparedDataset(prepared, "train"), PreparedDataset(prepared, "val")

@@ -15,7 +15,7 @@ from jointdistill.pipelines.pipeline import compile_pipeline
 from kfp import components
 from kubeflow_trainer_api import models
 
-from jointdistill import storage, trainjob
+from jointdistill.cloud import storage, trainjob
 from jointdistill.config import load_params
 from jointdistill.errors import ConfigError, DataError, OutputError
 

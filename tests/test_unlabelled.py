@@ -13,9 +13,9 @@ from jointdistill.data.contract import SPLITS, UNLABELLED, verify_prepared
 from jointdistill.data.prepared import PreparedDataset, TrainingSet
 from jointdistill.data.split import hash_fraction
 from jointdistill.data.transforms import JointTransform
-from jointdistill.engine import EpochSampler
 from jointdistill.errors import DataError
 from jointdistill.stages import distill, prepare
+from jointdistill.training.engine import EpochSampler
 
 from .conftest import REPO, TINY
 

@@ -14,8 +14,8 @@ from typing import Annotated
 import typer
 import typer.core
 
-from . import __version__
-from .errors import ConfigError, JointDistillError, brief
+from jointdistill import __version__
+from jointdistill.errors import ConfigError, JointDistillError, brief
 
 app = typer.Typer(
     name="jointdistill",
@@ -147,7 +147,7 @@ def main(
 
 def _params_epilog(section: str) -> str:
     """The params a stage reads, with their defaults and meaning, from the pydantic models."""
-    from .config import Params
+    from jointdistill.config import Params
 
     model = Params.model_fields[section].annotation
     lines = [f"Params ({section}.*, set in params.yaml or with --set):"]
@@ -175,17 +175,12 @@ def prepare(
     The val split is a deterministic prepare.val_fraction of the source's training samples (seeded hash of the
     sample id); the source's own test split becomes test. Params read: seed, prepare.*.
     """
-    from .config import load_params
-    from .stages import prepare as stage
+    from jointdistill.config import load_params
+    from jointdistill.stages import prepare as stage
 
     cfg = load_params(params, set_)
-    meta = stage.run(cfg, out, metrics_dir=metrics)
-    counts = meta["counts"]
-    typer.echo(
-        f"prepared {meta['dataset']} → {out}  (train {counts['train']}, val {counts['val']}, test {counts['test']}"
-        + (f", unlabelled {counts['unlabelled']}" if counts.get("unlabelled") else "")
-        + f"; gallery: {out / 'gallery.png'})"
-    )
+    result = stage.run(cfg, out, metrics_dir=metrics)
+    typer.echo(f"prepared → {out}  ({result.headline()}; gallery: {out / 'gallery.png'})")
 
 
 class TeacherTask(StrEnum):
@@ -214,19 +209,15 @@ def train_teacher(
     Under torchrun (--nproc_per_node N) it trains with DDP (gloo on CPU, nccl on GPU).
     Params read: seed, augment.*, teacher.* (teacher.seg.* / teacher.depth.* override for one task).
     """
-    from .config import load_params
-    from .stages import teacher as stage
-    from .staging import staging
+    from jointdistill.cloud.staging import staging
+    from jointdistill.config import load_params
+    from jointdistill.stages import teacher as stage
 
     out = out or f"data/teachers/{task.value}"
     with staging() as paths:
         cfg = load_params(paths.input(params), set_)
-        report = stage.run(cfg, task.value, paths.input(data), paths.output(out), checkpoints, resume, metrics)
-    key = report["monitor"]
-    typer.echo(
-        f"teacher {task.value} → {out}  (val {key} {report['val'][key]:.4f}, test {key} {report['test'][key]:.4f}; "
-        f"baseline {report['baseline']['test'][key]:.4f})"
-    )
+        result = stage.run(cfg, task.value, paths.input(data), paths.output(out), checkpoints, resume, metrics)
+    typer.echo(f"teacher {task.value} → {out}  ({result.headline()})")
 
 
 @app.command("distill", epilog=_params_epilog("distill"))
@@ -259,22 +250,17 @@ def distill(
     distill.teacher_cache the teachers run once over train/val and training reads their cached features.
     Params read: seed, augment.*, student.*, distill.*.
     """
-    from .config import load_params
-    from .stages import distill as stage
-    from .staging import staging
+    from jointdistill.cloud.staging import staging
+    from jointdistill.config import load_params
+    from jointdistill.stages import distill as stage
 
     with staging() as paths:
         cfg = load_params(paths.input(params), set_)
         teacher_dirs = None if cfg.distill.mode == "mtl" else tuple(paths.input(t) for t in teachers)
-        report = stage.run(
+        result = stage.run(
             cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume, teacher_cache, metrics
         )
-    test = report["test"]
-    omega = ", ".join(f"{k} {v:.3f}" for k, v in report["weights"]["final"].items())
-    typer.echo(
-        f"student ({report['mode']}) → {out}  (test mIoU {test['miou']:.4f}, pixAcc {test['pixacc']:.4f}, "
-        f"AbsErr {test['abs_err']:.3f} m, RelErr {test['rel_err']:.4f}; final ω: {omega})"
-    )
+    typer.echo(f"student ({result['mode']}) → {out}  ({result.headline()})")
 
 
 @app.command("evaluate", epilog=_params_epilog("evaluate"))
@@ -297,16 +283,12 @@ def evaluate(
     (self-contained), OUT/plots/ (CSV for `dvc plots show`, PNG figures), METRICS/metrics.json and
     METRICS/run.json. Params read: evaluate.*.
     """
-    from .config import load_params
-    from .stages import evaluate as stage
+    from jointdistill.config import load_params
+    from jointdistill.stages import evaluate as stage
 
     cfg = load_params(params, set_)
     result = stage.run(cfg, data, teachers, student, out, mtl, metrics)
-    m = result["student"][cfg.evaluate.split]
-    typer.echo(
-        f"evaluation → {out}  (student Δm {m['delta_m']:+.2f} % vs teachers; mIoU {m['miou']:.4f}, "
-        f"AbsErr {m['abs_err']:.3f} m; report: {out / 'report.html'})"
-    )
+    typer.echo(f"evaluation → {out}  ({result.headline()}; report: {out / 'report.html'})")
 
 
 @app.command("export", epilog=_params_epilog("export"))
@@ -328,23 +310,12 @@ def export(
     student.fp16.onnx / student.int8.onnx. If onnxruntime's outputs break the tolerance the stage fails and
     leaves OUT as it was. Params read: seed, export.*.
     """
-    from .config import load_params
-    from .stages import export as stage
+    from jointdistill.config import load_params
+    from jointdistill.stages import export as stage
 
     cfg = load_params(params, set_)
-    report = stage.run(cfg, data, student, out, metrics)
-    val = report["parity"]["fp32"]["val"]
-    extra = "".join(
-        f", {name} mIoU {t['miou']:.4f}"
-        for name, t in report["test_by_model"].items()
-        if name not in ("pytorch", "onnx")
-    )
-    typer.echo(
-        f"exported → {out / 'student.onnx'}  (parity on {val['images']} val images: seg argmax agreement "
-        f"{100 * val['segmentation_logits']['argmax_agreement']:.3f} %, depth max rel err "
-        f"{val['depth']['max_rel_err']:.1e}; test mIoU {report['test']['miou']:.4f}, AbsErr "
-        f"{report['test']['abs_err']:.3f} m{extra}; card: {out / 'MODEL_CARD.md'})"
-    )
+    result = stage.run(cfg, data, student, out, metrics)
+    typer.echo(f"exported → {out / 'student.onnx'}  ({result.headline()}; card: {out / 'MODEL_CARD.md'})")
 
 
 class Device(StrEnum):
@@ -371,8 +342,8 @@ def predict(
     predictions back to the image's size. An unreadable image is reported and the others are still
     written; the exit status is then 1.
     """
-    from .infer import StudentSession, collect_images
-    from .infer import predict as run_predict
+    from jointdistill.serving.infer import StudentSession, collect_images
+    from jointdistill.serving.infer import predict as run_predict
 
     files = collect_images(images)
     if not files:
@@ -429,7 +400,7 @@ def serve_run(
     GET /v2/models/NAME gives the inputs, outputs and the model's metadata (classes, palette, size rules).
     The file is checked at start-up: anything that is not a jointdistill student is refused. No PyTorch needed.
     """
-    from .serve import serve
+    from jointdistill.serving.server import serve
 
     serve(model, host=host, port=port, name=name, device=device.value, max_payload_mb=max_payload_mb, threads=threads)
 
@@ -450,7 +421,7 @@ def serve_manifest(
     """Write KServe InferenceService YAML for a published model: OUT/NAME.yaml (our predictor: our image, the
     `serve` command, readiness on the v2 path) and OUT/NAME-triton.yaml (KServe's Triton runtime on the
     Triton model repository `publish` lays out, no code of ours)."""
-    from .deploy import write_manifests
+    from jointdistill.serving.deploy import write_manifests
 
     paths = write_manifests(
         out,
@@ -490,7 +461,7 @@ def publish(
     Each object is checked against the local file's md5 and crc32c after upload; manifest.json (sha256 of
     every file) is written last. A published version is never overwritten; an interrupted publish can be re-run.
     Credentials: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS), or STORAGE_EMULATOR_HOST."""
-    from .storage import publish as run_publish
+    from jointdistill.cloud.storage import publish as run_publish
 
     manifest = run_publish(export_dir, url, version, triton=triton)
     typer.echo(f"published {len(manifest['files'])} files → {manifest['url']}")
@@ -503,7 +474,7 @@ def fetch_model(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder to write (replaced atomically)")] = Path("model"),
 ) -> None:
     """Download a published model version and verify every file against its manifest (sha256, size)."""
-    from .storage import fetch_model as run_fetch
+    from jointdistill.cloud.storage import fetch_model as run_fetch
 
     manifest = run_fetch(url, out)
     typer.echo(f"fetched {manifest['version']} ({len(manifest['files'])} files, checksums verified) → {out}")
@@ -520,8 +491,8 @@ def fetch_data(
 ) -> None:
     """Fetch one version of a DVC-tracked dataset (DVC's API, from the project's remote) and check every file
     against the md5 the project records at that revision. Prints the provenance: repo, rev, commit, md5."""
-    from .data.pinned import fetch
-    from .io import write_json
+    from jointdistill.cloud.pinned import fetch
+    from jointdistill.io import write_json
 
     record = fetch(repo, rev, path, out)
     if provenance:
@@ -541,7 +512,7 @@ def push_results(
 ) -> None:
     """Push output folders into a DVC remote (DVC's API and layout) and write `.dvc` pointers, so that
     `dvc pull PREFIX` in a clone of a project using that remote gets exactly these bytes."""
-    from .dvc_results import push
+    from jointdistill.cloud.dvc_results import push
 
     outputs = {}
     for item in output:
@@ -597,9 +568,9 @@ def ablate(
     OUT/runs/seed-S/ (each run's normal stage outputs). Finished runs with the
     same params are reused and interrupted ones resume, so re-running a killed ablation continues it.
     """
-    from .config import load_params
-    from .errors import ConfigError
-    from .stages import ablate as stage
+    from jointdistill import ablation as stage
+    from jointdistill.config import load_params
+    from jointdistill.errors import ConfigError
 
     cfg = load_params(params, set_)
     try:
@@ -616,7 +587,7 @@ def ablate(
 @_friendly
 def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Validate a params file and print every value, defaults included, as JSON."""
-    from .config import load_params
+    from jointdistill.config import load_params
 
     cfg = load_params(params, set_)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -630,70 +601,22 @@ def summary(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Say where the pipeline's outputs are and what they hold (printed at the end of `make run`)."""
-    from .data.contract import read_meta
+    from jointdistill.stages import results
 
-    prepared = data / "prepared"
-    meta = read_meta(prepared)
-    c = meta["counts"]
-    h, w = meta["resolution"]
-    typer.echo(
-        f"prepared data : {prepared.resolve()}  ({meta['dataset']}, {h}×{w}; "
-        f"train {c['train']}, val {c['val']}, test {c['test']}"
-        + (f", unlabelled {c['unlabelled']}" if c.get("unlabelled") else "")
-        + ")"
-    )
-    if (prepared / "gallery.png").exists():
-        typer.echo(f"gallery       : {(prepared / 'gallery.png').resolve()}")
-    for task in ("seg", "depth"):
-        folder = data / "teachers" / task
-        if not (folder / "report.json").exists():
-            continue
-        m = json.loads((folder / "report.json").read_text())
-        test, base = m["test"], m["baseline"]["test"]
-        if task == "seg":
-            figures = (
-                f"test mIoU {test['miou']:.3f} (baseline {base['miou']:.3f}), "
-                f"pixAcc {test['pixacc']:.3f} (baseline {base['pixacc']:.3f})"
-            )
-        else:
-            figures = (
-                f"test AbsErr {test['abs_err']:.2f} m (baseline {base['abs_err']:.2f}), "
-                f"RelErr {test['rel_err']:.3f} (baseline {base['rel_err']:.3f})"
-            )
-        typer.echo(f"teacher {task:<6}: {folder.resolve()}  ({figures})")
-    folder = data / "student"
-    if (folder / "report.json").exists():
-        m = json.loads((folder / "report.json").read_text())
-        test = m["test"]
-        omega = "/".join(f"{v:.2f}" for v in m["weights"]["final"].values())
-        typer.echo(
-            f"student       : {folder.resolve()}  ({m['mode']}: test mIoU {test['miou']:.3f}, "
-            f"pixAcc {test['pixacc']:.3f}, AbsErr {test['abs_err']:.2f} m, RelErr {test['rel_err']:.3f}; "
-            f"final ω seg/depth {omega})"
-        )
-    folder = data / "eval"
-    if (folder / "report.json").exists():
-        m = json.loads((folder / "report.json").read_text())
-        split = next(iter(m["student"]))
-        typer.echo(
-            f"evaluation    : {(folder / 'report.html').resolve()}  (student Δm "
-            f"{m['student'][split]['delta_m']:+.2f} % vs the teachers on {split})"
-        )
-    folder = data / "export"
-    if (folder / "report.json").exists():
-        m = json.loads((folder / "report.json").read_text())
-        run = next(
-            (json.loads(f.read_text()) for f in (folder / "run.json", metrics / "export" / "run.json") if f.is_file()),
-            {},
-        )
-        lat = (run.get("latency_ms") or {}).get("onnx", {}).get("batch1_ms")
-        latency = f", {lat:.1f} ms/image at batch 1 on this CPU" if lat is not None else ""
-        typer.echo(
-            f"ONNX student  : {(folder / 'student.onnx').resolve()}  (test mIoU {m['test']['miou']:.3f} in "
-            f"onnxruntime{latency}; "
-            f"variants: {', '.join(sorted(set(m['file_bytes']) - {'fp32'})) or 'none'}; "
-            f"card: {folder / 'MODEL_CARD.md'})"
-        )
+    outputs = [
+        ("prepared data", results.PrepareResult, data / "prepared", "prepare", ""),
+        ("teacher seg", results.TeacherResult, data / "teachers" / "seg", "teacher-seg", ""),
+        ("teacher depth", results.TeacherResult, data / "teachers" / "depth", "teacher-depth", ""),
+        ("student", results.StudentResult, data / "student", "distill", ""),
+        ("evaluation", results.EvaluationResult, data / "eval", "evaluate", "report.html"),
+        ("ONNX student", results.ExportResult, data / "export", "export", "student.onnx"),
+    ]
+    for label, kind, folder, stage, file in outputs:
+        result = kind.read(folder, metrics / stage)
+        if result is not None:
+            typer.echo(f"{label:<14}: {(folder / file).resolve()}  ({result.headline()})")
+    if (data / "prepared" / "gallery.png").exists():
+        typer.echo(f"{'gallery':<14}: {(data / 'prepared' / 'gallery.png').resolve()}")
 
 
 @pipeline_app.command("compile")
@@ -705,8 +628,8 @@ def pipeline_compile(
     image: Annotated[str | None, typer.Option(help="container image for every step")] = None,
 ) -> None:
     """Compile the Kubeflow pipeline to one IR YAML file; params become the pipeline's default parameters."""
-    from .config import load_params
-    from .pipelines import pipeline as kfp_pipeline
+    from jointdistill.config import load_params
+    from jointdistill.pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
     kfp_pipeline.compile_pipeline(output, cfg, image=image)
@@ -777,9 +700,9 @@ def pipeline_trainjob(
     """
     import yaml
 
-    from . import trainjob
-    from .config import load_params
-    from .pipelines.pipeline import DEFAULT_IMAGE
+    from jointdistill.cloud import trainjob
+    from jointdistill.config import load_params
+    from jointdistill.pipelines.pipeline import DEFAULT_IMAGE
 
     cfg = load_params(params, set_)
     root = root.rstrip("/")
@@ -832,9 +755,9 @@ def pipeline_submit(
     $KFP_TOKEN when set (e.g. KFP_TOKEN=$(gcloud auth print-access-token) or a service-account token)."""
     import os
 
-    from .config import load_params
-    from .errors import OutputError
-    from .pipelines import pipeline as kfp_pipeline
+    from jointdistill.config import load_params
+    from jointdistill.errors import OutputError
+    from jointdistill.pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
     try:
@@ -878,8 +801,8 @@ def pipeline_run_local(
     """Run the pipeline on this machine with kfp.local (SubprocessRunner, current environment).
 
     kfp.local ignores resource requests and accelerators."""
-    from .config import load_params
-    from .pipelines import pipeline as kfp_pipeline
+    from jointdistill.config import load_params
+    from jointdistill.pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
     outputs = kfp_pipeline.run_local(

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from .errors import ConfigError
+from jointdistill.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -12,9 +12,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import OutputError
+from jointdistill.errors import OutputError
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> object: ...
+
 
 _TMP = ".tmp-"
 _OLD = ".old-"
@@ -147,10 +152,17 @@ class NpyStream:
             self._file.close()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+def hash_file(path: str | os.PathLike, *hashers: Hasher) -> tuple[Hasher, ...]:
+    """Feed a file to every hasher (``hashlib`` objects, or anything with ``update(bytes)``) in one pass of 1 MiB
+    chunks, and return them. The one place that reads a file to hash it."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+            for h in hashers:
+                h.update(chunk)
+    return hashers
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file."""
+    (h,) = hash_file(path, hashlib.sha256())
     return h.hexdigest()

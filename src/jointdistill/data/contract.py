@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from jointdistill.errors import DataError
 
 SPLITS = ("train", "val", "test")  # labelled
 UNLABELLED = "unlabelled"  # images only (prepare.labelled_fraction < 1); absent from older prepared folders
@@ -86,7 +86,7 @@ def sample_digest(image: np.ndarray, label: np.ndarray | None = None, depth: np.
 
 def write_checksums(root: str | Path) -> dict:
     """Record the size and sha256 of every file of a prepared folder in its checksums.json (`prepare` does)."""
-    from ..io import file_sha256, write_json
+    from jointdistill.io import file_sha256, write_json
 
     root = Path(root)
     files = {
@@ -102,7 +102,7 @@ def write_checksums(root: str | Path) -> dict:
 def verify_checksums(root: str | Path) -> None:
     """Check every file against the checksums prepare recorded (size, then sha256; about 1 s per GB): bytes
     changed in place, even at the same size, are one DataError naming the file, before anything reads them."""
-    from ..io import file_sha256
+    from jointdistill.io import file_sha256
 
     root = Path(root)
     path = root / CHECKSUMS

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .contract import UNLABELLED, open_split, read_meta
-from .transforms import JointTransform
+from jointdistill.data.contract import UNLABELLED, open_split, read_meta
+from jointdistill.data.transforms import JointTransform
 
 
 class PreparedDataset(Dataset):

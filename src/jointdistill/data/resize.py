@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .base import Sample
+from jointdistill.data.sample import Sample
 
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:

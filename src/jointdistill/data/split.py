@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .base import SampleRef
+from jointdistill.data.sample import SampleRef
 
 
 def hash_fraction(sample_id: str, seed: int, salt: str) -> float:

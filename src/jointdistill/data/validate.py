@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DataError
-from .base import Sample
+from jointdistill.data.sample import Sample
+from jointdistill.errors import DataError
 
 
 @dataclass

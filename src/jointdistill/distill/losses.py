@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..metrics import IGNORE_INDEX
+from jointdistill.evaluation.metrics import IGNORE_INDEX
 
 
 def kd_seg(

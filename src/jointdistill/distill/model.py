@@ -20,9 +20,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..metrics import IGNORE_INDEX
-from ..models import DenseNet
-from .connector import Connector
+from jointdistill.distill.connector import Connector
+from jointdistill.evaluation.metrics import IGNORE_INDEX
+from jointdistill.models import DenseNet
 
 _PROBE_CHUNK = 16
 
@@ -115,6 +115,13 @@ class DistillModel(nn.Module):
         if self._probe_teacher is not None:
             self._probe_teacher = fn(self._probe_teacher)
         return self
+
+    def compile_targets(self) -> list[nn.Module]:
+        """What `engine.compile_networks` compiles: every network's encoder and heads, and the connector."""
+        nets = (self.student, *self._teachers)
+        return [m for net in nets for m in net.compile_targets()] + (
+            [self.connector] if self.connector is not None else []
+        )
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """The student and the connector have their gradients clipped separately (see engine.clip_gradients)."""

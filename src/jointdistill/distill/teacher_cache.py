@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.contract import UNLABELLED, split_count
-from ..data.prepared import PreparedDataset
-from ..io import NpyStream, atomic_dir, write_json
-from ..models import DenseNet
+from jointdistill.data.contract import UNLABELLED, split_count
+from jointdistill.data.prepared import PreparedDataset
+from jointdistill.io import NpyStream, atomic_dir, write_json
+from jointdistill.models import DenseNet
 
 log = logging.getLogger(__name__)
 FORMAT = "jointdistill.teacher-cache/2"

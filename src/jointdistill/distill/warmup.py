@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DistillParams
-from ..engine import EpochSampler, make_loader
-from ..metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
-from ..serialization import load_safe, save_atomic
-from .model import DistillModel, rescale_depth
+from jointdistill.config import DistillParams
+from jointdistill.distill.model import DistillModel, rescale_depth
+from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
+from jointdistill.models.serialization import load_safe, save_atomic
+from jointdistill.training.engine import EpochSampler, make_loader
 
 log = logging.getLogger(__name__)
 WARMUP_FORMAT = "jointdistill.connector-warmup/1"

@@ -7,7 +7,7 @@ See `nets.DenseNet` for the output interface shared by every model. Presets: the
 
 from __future__ import annotations
 
-from .nets import TASKS, DenseNet, ModelConfig
+from jointdistill.models.nets import TASKS, DenseNet, ModelConfig
 
 __all__ = ["TASKS", "DenseNet", "ModelConfig", "build_teacher", "build_student"]
 
@@ -37,7 +37,7 @@ def build_from_config(config: ModelConfig | dict) -> DenseNet:
     return DenseNet(config)
 
 
-from .flops import model_flops  # noqa: E402
-from .store import load_model, save_model  # noqa: E402
+from jointdistill.models.flops import model_flops  # noqa: E402
+from jointdistill.models.store import load_model, save_model  # noqa: E402
 
 __all__ += ["load_model", "save_model", "build_from_config", "model_flops"]

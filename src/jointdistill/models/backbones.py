@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from ..serialization import check_fit, load_safe
+from jointdistill.errors import ModelError
+from jointdistill.models.serialization import check_fit, load_safe
 
 # torchvision is imported only when a ResNet is built: importing it loads every torchvision model and op, and
 # with them torch._dynamo, about 7 s of every process's start-up that the tiny preset never needs.

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import build_backbone
-from .heads import build_head, init_depth_bias
+from jointdistill.models.backbones import build_backbone
+from jointdistill.models.heads import build_head, init_depth_bias
 
 TASKS = ("seg", "depth")
 _LOG_DEPTH_RANGE = (-5.0, 6.5)  # 7 mm .. 665 m: keeps exp() finite early in training
@@ -63,6 +63,10 @@ class DenseNet(nn.Module):
             self.heads[task] = build_head(config.head, self.feature_channels, out, config.head_channels)
         if "depth" in self.heads:
             init_depth_bias(self.heads["depth"])
+
+    def compile_targets(self) -> list[nn.Module]:
+        """What `engine.compile_networks` compiles: the encoder and each head (where the FLOPs are)."""
+        return [self.backbone, *self.heads.values()]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The stride-8 feature map alone (what the knowledge trajectory reads), without the heads."""

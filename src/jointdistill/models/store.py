@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from ..serialization import check_fit, load_safe, save_atomic
-from .nets import DenseNet, ModelConfig
+from jointdistill.errors import ModelError
+from jointdistill.models.nets import DenseNet, ModelConfig
+from jointdistill.models.serialization import check_fit, load_safe, save_atomic
 
 MODEL_FORMAT = "jointdistill.model/1"
 

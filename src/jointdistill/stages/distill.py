@@ -13,89 +13,34 @@ connector is scored on val and the trajectories are recorded on a fixed set of t
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .. import codeid, lineage, records
-from ..config import DistillParams, Params
-from ..data.contract import UNLABELLED, split_count, verify_prepared
-from ..data.prepared import PreparedDataset, TrainingSet
-from ..data.transforms import JointTransform
-from ..distill import teacher_cache as tcache
-from ..distill.connector import Connector
-from ..distill.model import DistillModel
-from ..distill.task import TASKS, StudentTask
-from ..distill.warmup import connector_metrics, warm_up
-from ..distill.weights import task_score
-from ..engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
-from ..errors import ConfigError, DataError, ModelError
-from ..io import atomic_dir, write_json
-from ..models import DenseNet, build_student, load_model, model_flops, save_model
-from ..tasks import make_task
+from jointdistill.config import DistillParams, Params
+from jointdistill.data.contract import UNLABELLED, split_count, verify_prepared
+from jointdistill.data.prepared import PreparedDataset, TrainingSet
+from jointdistill.data.transforms import JointTransform
+from jointdistill.distill import teacher_cache as tcache
+from jointdistill.distill.connector import Connector
+from jointdistill.distill.model import DistillModel
+from jointdistill.distill.objective import StudentTask
+from jointdistill.distill.warmup import connector_metrics, warm_up
+from jointdistill.distill.weights import task_score
+from jointdistill.errors import ConfigError
+from jointdistill.models import TASKS, DenseNet, build_student, model_flops, save_model
+from jointdistill.models.checked import load_teacher
+from jointdistill.provenance import codeid, lineage
+from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
+from jointdistill.stages.results import StudentResult
+from jointdistill.training.engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
+from jointdistill.training.objectives import make_task
 
 log = logging.getLogger(__name__)
 MODES = ("mtl", "static_kd", "adaptive", "full")
-TRAJECTORY_COLUMNS = ("timeframe", "step", "image", "rank", "y", "x", "value", "source")
-WEIGHTS_COLUMNS = ("timeframe", "step", "task", "feedback", "omega")
-
-
-# ----------------------------------------------------------------------------- inputs
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[DenseNet, dict]:
-    """A teacher folder (or its model.pt), checked against its task and the prepared data."""
-    path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
-    if not file.exists():
-        raise ModelError(f"{task} teacher: {file}: missing (train it with `jointdistill train-teacher --task {task}`)")
-    model, record = load_model(file)
-    tasks = tuple(model.config.tasks)
-    if tasks != (task,):
-        what = "a multi-task model" if len(tasks) > 1 else f"the {tasks[0]} teacher"
-        raise ModelError(
-            f"{task} teacher {file}: this is {what}, not the {task} teacher "
-            "(--teachers takes the seg teacher first, then the depth teacher)"
-        )
-    if task == "seg" and list(record.get("classes") or []) != list(meta["classes"]):
-        raise DataError(
-            f"seg teacher {file} predicts classes {record.get('classes')}, the prepared data has "
-            f"{meta['classes']}: distill on data with the teacher's classes, or retrain the teacher"
-        )
-    norm = record.get("normalization")
-    if norm is not None and norm != meta["normalization"]:
-        raise DataError(
-            f"{task} teacher {file} was trained on images normalised with {norm}, the prepared data "
-            f"uses {meta['normalization']}"
-        )
-    if record.get("data_checksum") and record["data_checksum"] != meta.get("source_checksum"):
-        log.warning(
-            "%s teacher %s was trained on other prepared data (checksum %s, this data %s)",
-            task,
-            file,
-            record["data_checksum"],
-            meta.get("source_checksum"),
-        )
-    return model, {
-        "path": str(path),
-        "file_digest": _file_digest(file),
-        "backbone": model.config.backbone,
-        "head": model.config.head,
-        "feature_channels": model.feature_channels,
-    }
 
 
 def needs_connector(cfg: DistillParams) -> bool:
@@ -151,52 +96,6 @@ def _check_top_k(student: DenseNet, cfg: DistillParams, h: int, w: int) -> None:
 
 
 # ----------------------------------------------------------------------------- outputs
-def write_weights_csv(path: Path, task: StudentTask) -> int:
-    rows = []
-    if task.weights is not None:
-        rows = [{"timeframe": 0, "step": 0, "task": t, "feedback": "", "omega": 1.0} for t in TASKS]
-        rows += task.weights.history
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=WEIGHTS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return len(rows)
-
-
-def write_trajectory(path: Path, task: StudentTask) -> int:
-    """trajectory.parquet: one row per essential point (timeframe, step, image, rank, y, x, value, source);
-    ``image`` is the probe image's index in train."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols: dict[str, list] = {c: [] for c in TRAJECTORY_COLUMNS}
-    ids = np.asarray(task.probe_ids, dtype=np.int32)
-    for source, pts in task.trajectories:
-        p, k = pts.ys.shape
-        cols["timeframe"].append(np.full(p * k, pts.timeframe, np.int32))
-        cols["step"].append(np.full(p * k, pts.step, np.int64))
-        cols["image"].append(np.repeat(ids, k))
-        cols["rank"].append(np.tile(np.arange(k, dtype=np.int16), p))
-        cols["y"].append(pts.ys.reshape(-1).numpy().astype(np.int16))
-        cols["x"].append(pts.xs.reshape(-1).numpy().astype(np.int16))
-        cols["value"].append(pts.values.reshape(-1).numpy().astype(np.float32))
-        cols["source"].append(np.full(p * k, source, dtype=object))
-    empty = {
-        "timeframe": np.int32,
-        "step": np.int64,
-        "image": np.int32,
-        "rank": np.int16,
-        "y": np.int16,
-        "x": np.int16,
-        "value": np.float32,
-        "source": object,
-    }
-    arrays = {c: (np.concatenate(v) if v else np.zeros(0, empty[c])) for c, v in cols.items()}
-    arrays["source"] = pa.array(arrays["source"].tolist(), type=pa.dictionary(pa.int8(), pa.string()))
-    pq.write_table(pa.table(arrays), path, compression="zstd")
-    return len(arrays["timeframe"])
-
-
 # ----------------------------------------------------------------------------- the stage
 def run(
     params: Params,
@@ -207,7 +106,7 @@ def run(
     resume: bool = False,
     teacher_cache: str | Path | None = None,
     metrics_dir: str | Path | None = None,
-) -> dict:
+) -> StudentResult:
     """Distil the student on ``data`` from ``teachers`` = (seg folder, depth folder) into ``out``.
 
     With ``distill.teacher_cache`` the teachers' features come from a cache in ``teacher_cache`` (default: the
@@ -287,20 +186,17 @@ def run(
 
     job = StudentTask(model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val)
 
-    digest = hashlib.sha256(
-        json.dumps(
-            {
-                "distill": cfg.model_dump(mode="json"),
-                "student": params.student.model_dump(mode="json"),
-                "augment": params.augment.model_dump(mode="json"),
-                "seed": params.seed,
-                "data": meta.get("source_checksum"),
-                "code": codeid.source_digest(__name__),
-                "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    digest = run_key(
+        {
+            "distill": cfg.model_dump(mode="json"),
+            "student": params.student.model_dump(mode="json"),
+            "augment": params.augment.model_dump(mode="json"),
+            "seed": params.seed,
+            "data": meta.get("source_checksum"),
+            "code": codeid.source_digest(__name__),
+            "teachers": {t: i["file_digest"] for t, i in (teacher_info or {}).items()},
+        }
+    )
 
     def training_split(split: str) -> PreparedDataset:
         return PreparedDataset(
@@ -351,10 +247,8 @@ def run(
 
     best = {k.removeprefix("student."): v for k, v in result.best_state.items() if k.startswith("student.")}
     student.load_state_dict(best)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    test_ds = PreparedDataset(data, "test")
-    sampler = EpochSampler(len(test_ds), cfg.batch_size, params.seed, False, rank, world, drop_last=False)
-    test = evaluate(student.to(device), job, make_loader(test_ds, sampler, cfg.batch_size, 0, device, False), device)
+    rank, world = rank_and_world()
+    test = test_metrics(student, job, PreparedDataset(data, "test"), cfg.batch_size, params.seed, device)
     ips = float(np.mean([e["train/images_per_second"] for e in result.history])) if result.history else None
     report = {
         "mode": cfg.mode,
@@ -404,7 +298,8 @@ def run(
         "params_digest": params.digest("distill"),
     }
     if rank == 0:
-        with atomic_dir(out) as tmp:
+
+        def files(tmp: Path) -> None:
             save_model(
                 tmp / "student.pt",
                 student,
@@ -422,15 +317,12 @@ def run(
                 val=result.best_metrics,
                 teachers={t: i["file_digest"] for t, i in (teacher_info or {}).items()},
             )
-            write_weights_csv(tmp / "weights.csv", job)
-            n_rows = write_trajectory(tmp / "trajectory.parquet", job)
-            report["trajectory"] = _trajectory_report(job, model, tmp / "trajectory.parquet", n_rows, train_seconds)
-            content, run_facts = records.split(report)
-            write_json(tmp / records.REPORT, content)
-            parents = {"prepared": data, **dict(zip(("teacher_seg", "teacher_depth"), teachers or ()))}
-            lineage.write(tmp, lineage.record("distill", params.digest("distill"), parents, module=__name__))
-            with records.folder(tmp, metrics_dir) as mdir:
-                records.write(mdir, curated(report), run_facts, checkpoints / "dvclive")
+            job.write_weights(tmp / "weights.csv")
+            report["trajectory"] = job.write_trajectory(tmp / "trajectory.parquet", train_seconds)
+
+        parents = {"prepared": data, **dict(zip(("teacher_seg", "teacher_depth"), teachers or ()))}
+        record = lineage.record("distill", params.digest("distill"), parents, module=__name__)
+        write_output(out, files, report, curated, record, metrics_dir, checkpoints / "dvclive")
         log.info(
             "distill-%s: best epoch %d, val mIoU %.4f AbsErr %.3f, test mIoU %.4f AbsErr %.3f → %s",
             cfg.mode,
@@ -441,10 +333,8 @@ def run(
             test["abs_err"],
             out,
         )
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return report
+    end_distributed()
+    return StudentResult(report)
 
 
 def curated(report: dict) -> dict:
@@ -457,25 +347,3 @@ def curated(report: dict) -> dict:
 
 def _short(metrics: dict) -> dict:
     return {k: round(float(metrics[k]), 5) for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1") if k in metrics}
-
-
-def _trajectory_report(job: StudentTask, model: DistillModel, file: Path, rows: int, train_seconds: float) -> dict:
-    """What the trajectory costs: its file against storing the fused maps of the probe set every timeframe."""
-    timeframes = len(job.timeframes)
-    channels = model.connector.out_channels if model.connector is not None else model.student.feature_channels
-    gh, gw = job.grid or (0, 0)
-    full = len(job.probe_ids) * channels * gh * gw * 4 * timeframes  # float32 maps of the probe set, every timeframe
-    size = file.stat().st_size
-    return {
-        "timeframes": timeframes,
-        "probe_images": len(job.probe_ids),
-        "top_k": job.cfg.top_k,
-        "grid": list(job.grid) if job.grid else None,
-        "rows": rows,
-        "bytes": size,
-        "full_maps_bytes": full,
-        "storage_ratio": size / full if full else None,
-        "logging_seconds": round(job.logging_seconds, 4),
-        "logging_share": job.logging_seconds / train_seconds if train_seconds > 0 else None,
-        "per_timeframe": job.timeframes,
-    }

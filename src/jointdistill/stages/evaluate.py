@@ -18,33 +18,22 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .. import lineage, plots, records
-from .. import report as rp
-from ..config import Params
-from ..data.contract import open_split, verify_prepared
-from ..data.prepared import PreparedDataset
-from ..engine import resolve_device
-from ..errors import DataError, ModelError
-from ..evaluation import DELTA_M_METRICS, delta_m, depth_edges, evaluate_model
-from ..io import atomic_dir, write_json
-from ..models import load_model
-from .distill import load_teacher
+from jointdistill.config import Params
+from jointdistill.data.contract import open_split, verify_prepared
+from jointdistill.data.prepared import PreparedDataset
+from jointdistill.errors import DataError
+from jointdistill.evaluation import plots
+from jointdistill.evaluation import report as rp
+from jointdistill.evaluation.gate import capacity_gate, gate_failure
+from jointdistill.evaluation.scoring import DELTA_M_METRICS, delta_m, depth_edges, evaluate_model
+from jointdistill.io import atomic_dir, write_json
+from jointdistill.models.checked import load_student, load_teacher
+from jointdistill.provenance import lineage, records
+from jointdistill.stages.results import EvaluationResult
+from jointdistill.training.engine import resolve_device
 
 log = logging.getLogger(__name__)
 SHOWN = ("miou", "pixacc", "abs_err", "rel_err", "delta1")
-
-
-def load_student(path: str | Path, meta: dict, what: str = "student"):
-    path = Path(path)
-    file = path / "student.pt" if path.is_dir() else path
-    if not file.exists():
-        raise ModelError(f"{what}: {file}: missing (train it with `jointdistill distill`)")
-    model, record = load_model(file)
-    if set(model.config.tasks) != {"seg", "depth"}:
-        raise ModelError(f"{what} {file}: a single-task model ({model.config.tasks[0]}), not a multi-task student")
-    if list(record.get("classes") or []) != list(meta["classes"]):
-        raise DataError(f"{what} {file} predicts classes {record.get('classes')}, the data has {meta['classes']}")
-    return model, record
 
 
 def _read_json(path: Path) -> dict | None:
@@ -69,7 +58,7 @@ def run(
     out: str | Path,
     mtl: str | Path | None = None,
     metrics_dir: str | Path | None = None,
-) -> dict:
+) -> EvaluationResult:
     cfg = params.evaluate
     data, out, student = Path(data), Path(out), Path(student)
     t_start = time.perf_counter()
@@ -215,7 +204,7 @@ def run(
     log.info(
         "evaluate: student Δm %+.2f %% vs the teachers on %s → %s", metrics["student"][split]["delta_m"], split, out
     )
-    return metrics
+    return EvaluationResult(metrics)
 
 
 def curated(metrics: dict) -> dict:
@@ -231,20 +220,6 @@ def curated(metrics: dict) -> dict:
     return out
 
 
-def capacity_gate(teachers: dict, mtl: dict) -> dict:
-    """Do the teachers beat plain multi-task training by ≥ 5 mIoU points and ≥ 5 % AbsErr? A benchmark where they
-    do not cannot show distillation (the same rule as `jointdistill ablate`'s gate, here for one seed)."""
-    from .ablate import GATE_ABS_ERR, GATE_MIOU_POINTS
-
-    miou_gap = teachers["miou"] - mtl["miou"]
-    abs_gap = (mtl["abs_err"] - teachers["abs_err"]) / mtl["abs_err"]
-    return {
-        "miou_points": 100 * miou_gap,
-        "abs_err_percent": 100 * abs_gap,
-        "passed": bool(miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR),
-    }
-
-
 def inference_cost(models: dict, size: tuple[int, int], device, runs: int = 5) -> dict:
     """FLOPs of one image at the training size, and PyTorch latency at batch 1 (median of ``runs``), per model;
     and the student's share of the two teachers' together."""
@@ -252,7 +227,7 @@ def inference_cost(models: dict, size: tuple[int, int], device, runs: int = 5) -
 
     import torch
 
-    from ..models import model_flops
+    from jointdistill.models import model_flops
 
     out: dict = {"flops": {}, "latency_ms": {}}
     x = torch.zeros(1, 3, *size, device=device)
@@ -368,8 +343,6 @@ def _report_blocks(
             )
         )
     else:
-        from .ablate import gate_failure
-
         b.append(
             rp.text(
                 f"Gate failed: the teachers beat the MTL baseline by only {gate['miou_points']:.1f} mIoU "

@@ -21,18 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, codeid, lineage, records
-from ..config import Params
-from ..data.contract import verify_prepared
-from ..data.prepared import PreparedDataset
-from ..errors import DataError, ModelError
-from ..evaluation import evaluate_model
-from ..export import (
+from jointdistill import __version__
+from jointdistill.config import Params
+from jointdistill.data.contract import verify_prepared
+from jointdistill.data.prepared import PreparedDataset
+from jointdistill.errors import DataError, ModelError
+from jointdistill.evaluation.scoring import evaluate_model, evaluate_session
+from jointdistill.io import atomic_dir, atomic_write_text, write_json
+from jointdistill.models.checked import load_student
+from jointdistill.models.export import eager_outputs, export_onnx
+from jointdistill.provenance import codeid, lineage, records
+from jointdistill.serving.infer import StudentSession
+from jointdistill.serving.onnx_file import (
     Parity,
     check_graph,
-    eager_outputs,
-    evaluate_session,
-    export_onnx,
     fp16_variant,
     int8_variant,
     median_ms,
@@ -40,9 +42,7 @@ from ..export import (
     parity_problems,
     set_metadata,
 )
-from ..infer import StudentSession
-from ..io import atomic_dir, atomic_write_text, write_json
-from .evaluate import load_student
+from jointdistill.stages.results import ExportResult
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("miou", "pixacc", "abs_err", "rel_err", "delta1")
@@ -97,7 +97,7 @@ def _latency(fn_for_batch, size: tuple[int, int], runs: int, rng: np.random.Gene
 
 def run(
     params: Params, data: str | Path, student: str | Path, out: str | Path, metrics_dir: str | Path | None = None
-) -> dict:
+) -> ExportResult:
     cfg = params.export
     data, student, out = Path(data), Path(student), Path(out)
     t_start = time.perf_counter()
@@ -235,7 +235,7 @@ def run(
         report["test"]["abs_err"],
         report["seconds"],
     )
-    return {"parity": parity, **report}
+    return ExportResult({"parity": parity, **report})
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -244,7 +244,7 @@ def _fmt(v, digits: int = 4) -> str:
 
 def _flops(model, student_dir: Path, size: tuple[int, int]) -> dict:
     """FLOPs of one image at the training size: the student's, and its teachers' as recorded by distill."""
-    from ..models import model_flops
+    from jointdistill.models import model_flops
 
     info = {}
     try:

@@ -23,17 +23,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .. import __version__, lineage, records
-from ..config import Params
-from ..data.base import SampleRef, Source, make_source
-from ..data.contract import SPLITS, UNLABELLED, sample_digest, write_checksums
-from ..data.resize import resize_sample
-from ..data.sensor import degrade
-from ..data.split import assign_splits
-from ..data.validate import DepthMaskCounts, validate_sample
-from ..errors import DataError
-from ..io import NpyStream, atomic_dir, write_json
-from ..viz import gallery, save_png
+from jointdistill import __version__
+from jointdistill.config import Params
+from jointdistill.data.contract import SPLITS, UNLABELLED, sample_digest, write_checksums
+from jointdistill.data.resize import resize_sample
+from jointdistill.data.sample import SampleRef, Source
+from jointdistill.data.sensor import degrade
+from jointdistill.data.sources.registry import make_source
+from jointdistill.data.split import assign_splits
+from jointdistill.data.validate import DepthMaskCounts, validate_sample
+from jointdistill.errors import DataError
+from jointdistill.evaluation.pictures import gallery, save_png
+from jointdistill.io import NpyStream, atomic_dir, write_json
+from jointdistill.provenance import lineage, records
+from jointdistill.stages.results import PrepareResult
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ def _write_unlabelled(source, refs, tmp, params, progress):
 
 def run(
     params: Params, out: str | Path, data_lineage: dict | None = None, metrics_dir: str | Path | None = None
-) -> dict:
+) -> PrepareResult:
     """Prepare the configured source into ``out``; metrics.json (split sizes) and run.json (time, machine) go to
     ``metrics_dir`` (default: ``out``). Returns meta.json's content.
 
@@ -260,7 +263,7 @@ def run(
         seconds,
         out,
     )
-    return meta
+    return PrepareResult(meta)
 
 
 def _manifest_digest(manifest: pd.DataFrame) -> str:
@@ -271,14 +274,14 @@ def _manifest_digest(manifest: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def run_from_source(params: Params, source: str | Path, data_lineage: dict | None, out: str | Path) -> dict:
+def run_from_source(params: Params, source: str | Path, data_lineage: dict | None, out: str | Path) -> PrepareResult:
     """Prepare from a fetched source folder (a KFP ``Dataset`` of the `source` step). By the lineage's kind:
     ``synthetic`` → the embedded generator as configured; a folder that is already a prepared dataset (pinned
     ``data/prepared``) → checked against its manifest checksums and passed on; anything else → the raw dataset
     ``prepare.dataset`` reads, with ``prepare.root`` pointed at it. Returns meta.json's content."""
     import shutil
 
-    from ..data.contract import verify_prepared
+    from jointdistill.data.contract import verify_prepared
 
     source = Path(source)
     if not data_lineage or data_lineage.get("kind") == "synthetic":
@@ -292,7 +295,7 @@ def run_from_source(params: Params, source: str | Path, data_lineage: dict | Non
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
             lineage.write(tmp, lineage.record("prepare", params.digest("prepare"), data=data_lineage, module=__name__))
             write_checksums(tmp)
-        return meta
+        return PrepareResult(meta)
     if params.prepare.dataset == "synthetic":
         raise DataError(
             f"{source}: a pinned raw dataset needs prepare.dataset set to its format "

@@ -7,29 +7,26 @@ Checkpoints live in a separate folder that survives failed runs; ``resume=True``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .. import codeid, lineage, records
-from ..config import Params
-from ..data.contract import UNLABELLED, open_split, split_count, verify_prepared
-from ..data.prepared import PreparedDataset
-from ..data.transforms import JointTransform
-from ..engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
-from ..io import atomic_dir, write_json
-from ..metrics import ConfusionMatrix, DepthMeter
-from ..models import build_teacher, model_flops, save_model
-from ..tasks import make_task
+from jointdistill.config import Params
+from jointdistill.data.contract import UNLABELLED, open_split, split_count, verify_prepared
+from jointdistill.data.prepared import PreparedDataset
+from jointdistill.data.transforms import JointTransform
+from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter
+from jointdistill.models import TASKS, build_teacher, model_flops, save_model
+from jointdistill.provenance import codeid, lineage
+from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
+from jointdistill.stages.results import TeacherResult
+from jointdistill.training.engine import fit, resolve_device, seed_everything
+from jointdistill.training.objectives import make_task
 
 log = logging.getLogger(__name__)
-TASKS = ("seg", "depth")
 
 
 def curated(report: dict) -> dict:
@@ -70,7 +67,7 @@ def run(
     checkpoints: str | Path | None = None,
     resume: bool = False,
     metrics_dir: str | Path | None = None,
-) -> dict:
+) -> TeacherResult:
     """Train the ``task`` teacher on ``data`` into ``out`` (model.pt, report.json, lineage.json); metrics.json,
     run.json and dvclive/ go to ``metrics_dir`` (default: ``out``). Returns the full report (rank 0)."""
     if task not in TASKS:
@@ -80,19 +77,16 @@ def run(
     meta = verify_prepared(data)
     h, w = meta["resolution"]
     checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
-    digest = hashlib.sha256(
-        json.dumps(
-            {
-                "task": task,
-                "spec": spec.model_dump(mode="json"),
-                "augment": params.augment.model_dump(mode="json"),
-                "seed": params.seed,
-                "data": meta.get("source_checksum"),
-                "code": codeid.source_digest(__name__),
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    digest = run_key(
+        {
+            "task": task,
+            "spec": spec.model_dump(mode="json"),
+            "augment": params.augment.model_dump(mode="json"),
+            "seed": params.seed,
+            "data": meta.get("source_checksum"),
+            "code": codeid.source_digest(__name__),
+        }
+    )
 
     seed_everything(params.seed)
     model = build_teacher(
@@ -130,10 +124,8 @@ def run(
 
     # Test metrics of the best epoch, evaluated on every rank's shard and reduced.
     model.load_state_dict(result.best_state)
-    device = resolve_device(spec.device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sampler = EpochSampler(len(test_ds), spec.batch_size, params.seed, False, rank, world, drop_last=False)
-    test = evaluate(model.to(device), job, make_loader(test_ds, sampler, spec.batch_size, 0, device, False), device)
+    test = test_metrics(model, job, test_ds, spec.batch_size, params.seed, resolve_device(spec.device))
+    rank, world = rank_and_world()
     report = {
         "task": task,
         "monitor": job.monitor,
@@ -158,7 +150,8 @@ def run(
         "params_digest": params.digest("teacher", task),
     }
     if rank == 0:
-        with atomic_dir(out) as tmp:
+
+        def files(tmp: Path) -> None:
             save_model(
                 tmp / "model.pt",
                 model,
@@ -174,16 +167,11 @@ def run(
                 best_epoch=result.best_epoch,
                 val=result.best_metrics,
             )
-            content, run_facts = records.split(report)
-            write_json(tmp / records.REPORT, content)
-            lineage.write(
-                tmp,
-                lineage.record(
-                    f"train-teacher-{task}", params.digest("teacher", task), {"prepared": data}, module=__name__
-                ),
-            )
-            with records.folder(tmp, metrics_dir) as mdir:
-                records.write(mdir, curated(report), run_facts, checkpoints / "dvclive")
+
+        record = lineage.record(
+            f"train-teacher-{task}", params.digest("teacher", task), {"prepared": data}, module=__name__
+        )
+        write_output(out, files, report, curated, record, metrics_dir, checkpoints / "dvclive")
         log.info(
             "teacher-%s: best epoch %d, val %s=%.4f, test %s=%.4f → %s",
             task,
@@ -194,7 +182,5 @@ def run(
             test[job.monitor],
             out,
         )
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return report
+    end_distributed()
+    return TeacherResult(report)

@@ -1,0 +1,384 @@
+"""The ablation study (modes single, mtl, static_kd, adaptive, full), run in-process: for every seed, both
+teachers once and one student per mode trained from them on the same prepared data, each evaluated on test;
+then one table, mean ± std over seeds, rows = modes, columns = mIoU, pixAcc, AbsErr, RelErr, Δm (against that
+seed's teachers), and the paired differences that decide the method's claim (static_kd − mtl, adaptive −
+static_kd, full − adaptive, full − mtl): mean, 95 % t-interval and sign count over seeds.
+
+``single`` is the teachers themselves (seg metrics from the seg teacher, depth metrics from the depth teacher;
+Δm = 0 by definition). A KD mode can carry variants after a ``+``: ``+cache`` / ``+live`` (``distill.
+teacher_cache`` on / off: what the cache costs in accuracy), ``+progress`` / ``+deficit`` (the direction of
+``distill.feedback``) and ``+valid`` / ``+all`` (``distill.kd_depth_pixels``), e.g. ``adaptive+deficit``. The
+seed changes initialisation, data order and augmentation, never the data. Every run is a normal stage output
+under ``out/runs/seed-S/``; a run already finished with the same params is reused, and an interrupted one resumes
+from its checkpoint, so a killed ablation picks up where it stopped.
+
+The gate: a benchmark whose teachers are not clearly better than plain multi-task training cannot show
+distillation. For every seed, the teachers must beat ``mtl`` on test by at least 5 mIoU points and 5 % AbsErr.
+Under a label budget (an unlabelled split that the KD modes learn from) the gate does not bound distillation: the
+KD students also see frames that mtl cannot use, so the ablation says so instead of calling the benchmark unable.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import statistics
+from pathlib import Path
+
+from jointdistill.config import Params, params_from_dict
+from jointdistill.data.contract import verify_prepared
+from jointdistill.data.prepared import PreparedDataset
+from jointdistill.errors import ConfigError
+from jointdistill.evaluation import plots
+from jointdistill.evaluation.gate import GATE_ABS_ERR, GATE_MIOU_POINTS, gate_failure
+from jointdistill.evaluation.scoring import delta_m, evaluate_model
+from jointdistill.io import atomic_write_text, write_json
+from jointdistill.models import load_model
+from jointdistill.stages import distill, teacher
+from jointdistill.training.engine import resolve_device
+
+log = logging.getLogger(__name__)
+MODES = ("single", "mtl", "static_kd", "adaptive", "full")
+VARIANTS = {
+    "cache": ("teacher_cache", True),
+    "live": ("teacher_cache", False),
+    "progress": ("feedback", "progress"),
+    "deficit": ("feedback", "deficit"),
+    "valid": ("kd_depth_pixels", "valid"),
+    "all": ("kd_depth_pixels", "all"),
+}
+SEEDS = (0, 1, 2, 3, 4)
+COLUMNS = ("miou", "pixacc", "abs_err", "rel_err", "delta_m")
+LABELS = {"miou": "mIoU ↑", "pixacc": "pixAcc ↑", "abs_err": "AbsErr (m) ↓", "rel_err": "RelErr ↓", "delta_m": "Δm % ↑"}
+# The paper's order, one step at a time, and the whole claim.
+PAIRS = (("static_kd", "mtl"), ("adaptive", "static_kd"), ("full", "adaptive"), ("full", "mtl"))
+PAIR_METRICS = ("delta_m", "miou", "abs_err")
+HIGHER_IS_BETTER = {"miou": True, "pixacc": True, "abs_err": False, "rel_err": False, "delta_m": True}
+
+
+def parse_mode(mode: str) -> tuple[str, dict]:
+    """``"full+deficit"`` → ("full", {"distill.feedback": "deficit"}); unknown names are a ConfigError."""
+    base, *variants = mode.split("+")
+    if base not in MODES or (variants and base in ("single", "mtl")) or any(v not in VARIANTS for v in variants):
+        raise ConfigError(f"unknown mode {mode!r}")
+    return base, {f"distill.{VARIANTS[v][0]}": VARIANTS[v][1] for v in variants}
+
+
+def _done(folder: Path, digest: str) -> bool:
+    try:
+        return json.loads((folder / "report.json").read_text()).get("params_digest") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def teacher_key(params: Params) -> str:
+    """What a teacher depends on (seed, data, augmentation, the teacher section): a change elsewhere, e.g. to
+    distill, reuses the seed's teachers instead of training them again."""
+    keep = {k: v for k, v in params.model_dump(mode="json").items() if k in ("seed", "prepare", "augment", "teacher")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _teacher_done(folder: Path, params: Params) -> bool:
+    if _done(folder, params.digest("teacher", folder.name)):
+        return True
+    try:
+        return (folder.parent / f"{folder.name}.key").read_text().strip() == teacher_key(params) and (
+            folder / "model.pt"
+        ).exists()
+    except OSError:
+        return False
+
+
+def _with(params: Params, **changes) -> Params:
+    data = params.model_dump(mode="json")
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (data[section] if section else data)[name] = value
+    return params_from_dict(data)
+
+
+def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SEEDS, jobs: int = 1) -> list[dict]:
+    """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,json,png}).
+
+    ``jobs`` > 1 trains that many seeds at once, each in its own process with an equal share of the CPU threads.
+    The rows do not depend on it beyond what the thread count does to float reductions (see `run_seed`)."""
+    unknown = []
+    for m in modes:
+        try:
+            parse_mode(m)
+        except ConfigError:
+            unknown.append(m)
+    if unknown or not modes:
+        raise ConfigError(
+            f"--modes: unknown {unknown} (choose from {', '.join(MODES)}; a KD mode may add +{', +'.join(VARIANTS)})"
+        )
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give at least 1")
+    data, out = Path(data), Path(out)
+    meta = verify_prepared(data)
+    jobs = min(jobs, len(seeds))
+    if jobs == 1:
+        per_seed = [run_seed(params, data, out, modes, seed, meta) for seed in seeds]
+    else:
+        per_seed = _in_parallel(params, data, out, modes, seeds, jobs, meta)
+    results = [row for rows in per_seed for row in rows]
+    table = summarise(results, modes)
+    pairs = paired(results, modes)
+    kd_pool = meta["counts"].get("unlabelled", 0) if params.distill.unlabelled_batch else 0
+    checks = gate(results, kd_pool)
+    write_outputs(out, results, table, seeds, pairs, checks)
+    return table
+
+
+def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict) -> list[dict]:
+    """One seed of the ablation: its two teachers (once), then one student per mode, each evaluated on test.
+    Returns that seed's rows. Every run is a resumable stage output under ``out/runs/seed-S/``.
+
+    Results are deterministic for a given machine and thread count: torch's CPU kernels split their reductions
+    by thread, so a run at one thread and a run at two differ in the last bits, and from there in training."""
+    test = PreparedDataset(data, "test")
+    device = resolve_device(params.evaluate.device)
+    n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
+    base = _with(params, seed=seed)
+    root = out / "runs" / f"seed-{seed}"
+    for task in ("seg", "depth"):
+        folder = root / "teachers" / task
+        if not _teacher_done(folder, base):
+            log.info("ablate: seed %d, %s teacher", seed, task)
+            teacher.run(base, task, data, folder, root / "checkpoints" / f"teacher-{task}", resume=True)
+            atomic_write_text(folder.parent / f"{task}.key", teacher_key(base) + "\n")
+    tm = {t: json.loads((root / "teachers" / t / "report.json").read_text())["test"] for t in ("seg", "depth")}
+    reference = {
+        "miou": tm["seg"]["miou"],
+        "pixacc": tm["seg"]["pixacc"],
+        "abs_err": tm["depth"]["abs_err"],
+        "rel_err": tm["depth"]["rel_err"],
+    }
+    rows = []
+    for mode in modes:
+        if mode == "single":
+            rows.append({"seed": seed, "mode": mode, **reference, "delta_m": 0.0})
+            continue
+        name, changes = parse_mode(mode)
+        p = _with(base, **{"distill.mode": name, **changes})
+        folder = root / mode
+        if not _done(folder, p.digest("distill")):
+            log.info("ablate: seed %d, mode %s", seed, mode)
+            teachers = None if name == "mtl" else (root / "teachers" / "seg", root / "teachers" / "depth")
+            distill.run(
+                p,
+                data,
+                teachers,
+                folder,
+                root / "checkpoints" / mode,
+                resume=True,
+                teacher_cache=root / "teacher_cache",
+            )
+        model, _ = load_model(folder / "student.pt")
+        m = evaluate_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
+        rows.append({"seed": seed, "mode": mode, **{k: m[k] for k in COLUMNS[:4]}, "delta_m": delta_m(m, reference)})
+    return rows
+
+
+def _worker_init(threads: int, level: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _seed_job(params: dict, data: str, out: str, modes: list[str], seed: int, meta: dict) -> list[dict]:
+    return run_seed(params_from_dict(params), Path(data), Path(out), modes, seed, meta)
+
+
+def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int, meta: dict) -> list[list[dict]]:
+    """Seeds in ``jobs`` spawned processes (not forked: torch's thread pools do not survive a fork), each with
+    1/jobs of the threads; the rows come back in seed order. On a 2-core CPU, two seeds at one thread each train
+    faster than one seed at two threads after another: the small networks' kernels do not scale to both cores
+    (measured: 33 s against 43 s per teacher epoch)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from jointdistill.provenance.records import usable_cores
+
+    threads = max(1, usable_cores() // jobs)
+    log.info("ablate: %d seeds in %d processes, %d thread(s) each", len(seeds), jobs, threads)
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(
+        jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads, level)
+    ) as pool:
+        futures = [
+            pool.submit(_seed_job, params.model_dump(mode="json"), str(data), str(out), list(modes), seed, meta)
+            for seed in seeds
+        ]
+        return [f.result() for f in futures]
+
+
+def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of a two-sided Student-t interval of the mean. One value has no interval (low and high
+    None): a single seed can never resolve a difference."""
+    from scipy import stats
+
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, None, None
+    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def paired(results: list[dict], modes) -> list[dict]:
+    """For each pair (a, b) of PAIRS present (variants too: ``full+deficit`` pairs with ``adaptive+deficit``
+    and with ``mtl``): per metric the mean of a − b over the seeds both ran, its 95 % t-interval, and how many
+    seeds favour a (higher mIoU and Δm, lower AbsErr)."""
+    by = {(r["mode"], r["seed"]): r for r in results}
+    out = []
+    for a_base, b_base in PAIRS:
+        for a in [m for m in modes if m.split("+")[0] == a_base]:
+            suffix = a[len(a_base) :]
+            b = b_base + suffix if b_base + suffix in modes else b_base
+            if b not in modes:
+                continue
+            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+            if not seeds:
+                continue
+            row = {"a": a, "b": b, "seeds": len(seeds)}
+            for key in PAIR_METRICS:
+                diffs = [by[(a, s)][key] - by[(b, s)][key] for s in seeds]
+                mean, low, high = t_interval(diffs)
+                better = sum((d > 0) if HIGHER_IS_BETTER[key] else (d < 0) for d in diffs)
+                row[key] = {"mean": mean, "low": low, "high": high, "better": better}
+            out.append(row)
+    return out
+
+
+def gate(results: list[dict], unlabelled: int = 0) -> dict:
+    """Per seed: do the teachers beat mtl by ≥ 5 mIoU points and ≥ 5 % AbsErr on test? ``unlabelled``: frames
+    without labels that the KD modes learn from (then the gate does not bound what distillation can add)."""
+    by = {(r["mode"], r["seed"]): r for r in results}
+    seeds = sorted(s for (m, s) in by if m == "mtl" and ("single", s) in by)
+    rows = []
+    for s in seeds:
+        t, m = by[("single", s)], by[("mtl", s)]
+        miou_gap = t["miou"] - m["miou"]
+        abs_gap = (m["abs_err"] - t["abs_err"]) / m["abs_err"]
+        rows.append(
+            {
+                "seed": s,
+                "miou_points": 100 * miou_gap,
+                "abs_err_percent": 100 * abs_gap,
+                "passed": miou_gap >= GATE_MIOU_POINTS and abs_gap >= GATE_ABS_ERR,
+            }
+        )
+    return {
+        "seeds": rows,
+        "passed": bool(rows) and all(r["passed"] for r in rows),
+        "rule": f"teachers beat mtl on test by >= {100 * GATE_MIOU_POINTS:g} mIoU points and "
+        f">= {100 * GATE_ABS_ERR:g} % AbsErr, for every seed",
+        "unlabelled": unlabelled,
+    }
+
+
+def summarise(results: list[dict], modes) -> list[dict]:
+    """Mean and sample standard deviation over seeds per mode (std 0 for one seed)."""
+    table = []
+    for mode in modes:
+        rows = [r for r in results if r["mode"] == mode]
+        entry = {"mode": mode, "seeds": len(rows)}
+        for key in COLUMNS:
+            values = [r[key] for r in rows]
+            entry[f"{key}_mean"] = statistics.fmean(values)
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict], seeds, pairs: list[dict] | None = None, checks: dict | None = None) -> str:
+    lines = [
+        f"Ablation on test, mean ± std over seeds {', '.join(map(str, seeds))} "
+        "(Δm against each seed's single-task teachers).",
+        "",
+        "| mode | " + " | ".join(LABELS[k] for k in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for row in table:
+        cells = []
+        for key in COLUMNS:
+            digits = 2 if key in ("abs_err", "delta_m") else 4
+            cells.append(f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}")
+        lines.append(f"| {row['mode']} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += [
+            "",
+            "Paired by seed: mean difference [95 % t-interval] (seeds where the first is better / seeds). "
+            "mIoU in points, AbsErr in m.",
+            "",
+            "| pair | Δm % | mIoU (points) | AbsErr (m) | resolved |",
+            "|---|---|---|---|---|",
+        ]
+        for p in pairs:
+            cells = []
+            for key in PAIR_METRICS:
+                f = 100.0 if key == "miou" else 1.0
+                d = p[key]
+                interval = "no interval" if d["low"] is None else f"{f * d['low']:+.2f}, {f * d['high']:+.2f}"
+                cells.append(f"{f * d['mean']:+.2f} [{interval}] ({d['better']}/{p['seeds']})")
+            dm = p["delta_m"]
+            verdict = (
+                "no: one seed"
+                if dm["low"] is None
+                else "yes: better"
+                if dm["low"] > 0
+                else "yes: worse"
+                if dm["high"] < 0
+                else "no"
+            )
+            lines.append(f"| {p['a']} − {p['b']} | " + " | ".join(cells) + f" | {verdict} |")
+    if checks and checks["seeds"]:
+        lines += [
+            "",
+            f"Gate ({checks['rule']}): **{'passed' if checks['passed'] else 'FAILED'}**"
+            + ("" if checks["passed"] else gate_failure(checks.get("unlabelled", 0)))
+            + ".",
+            "",
+        ]
+        lines += [
+            f"- seed {r['seed']}: {r['miou_points']:+.1f} mIoU points, {r['abs_err_percent']:+.1f} % AbsErr"
+            f" ({'ok' if r['passed'] else 'below'})"
+            for r in checks["seeds"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict], fields: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(
+    out: Path,
+    results: list[dict],
+    table: list[dict],
+    seeds,
+    pairs: list[dict] | None = None,
+    checks: dict | None = None,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "ablation.md", markdown(table, seeds, pairs, checks))
+    atomic_write_text(out / "ablation.csv", _csv(table, list(table[0])))
+    atomic_write_text(out / "runs.csv", _csv(results, ["seed", "mode", *COLUMNS]))
+    write_json(
+        out / "ablation.json",
+        {"seeds": list(seeds), "table": table, "pairs": pairs or [], "gate": checks or {}, "runs": results},
+    )
+    plots.ablation_bars(table, list(COLUMNS), out / "ablation.png")
+    if pairs:
+        plots.paired_differences(pairs, list(PAIR_METRICS), out / "paired.png")

@@ -1,0 +1,2 @@
+"""Evaluation: metrics (confusion matrix, depth meters), scoring a model on a split and Δm, the report and
+its figures and pictures."""

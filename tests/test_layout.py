@@ -1,0 +1,104 @@
+"""The layout's rules, checked on the source (see docs/architecture.md): which way imports go, no import cycles,
+a serving package without torch, and one place for the habits written once."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jointdistill.provenance import codeid
+
+from .conftest import NO_TORCH
+
+ROOT = codeid.ROOT
+MODULES = {codeid._name_of(p): p for p in sorted(ROOT.rglob("*.py"))}
+IMPORTS = {name: codeid._imports(path) - {name} for name, path in MODULES.items()}
+STAGES = {f"jointdistill.stages.{n}" for n in ("prepare", "teacher", "distill", "evaluate", "export")}
+LIBRARY = ("data", "models", "training", "distill", "evaluation", "serving", "cloud", "provenance")
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_stage_modules_never_import_each_other():
+    for stage in STAGES:
+        others = sorted(m for m in IMPORTS[stage] if m in STAGES)
+        assert not others, f"{stage} imports the stage module(s) {others}; move what they share below the stages"
+
+
+@pytest.mark.parametrize("package", LIBRARY)
+def test_the_library_never_imports_stages_or_adapters(package):
+    for name, deps in IMPORTS.items():
+        if _within(name, f"jointdistill.{package}"):
+            up = sorted(
+                m for m in deps if any(_within(m, f"jointdistill.{p}") for p in ("stages", "cli", "ablation"))
+            )
+            assert not up, f"{name} imports {up}: the library sits below the stages and the CLI"
+
+
+def test_no_import_cycles():
+    """No chain of imports (lazy ones included) leads from a module back to itself."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for dep in sorted(IMPORTS.get(m, ())):
+            if dep not in MODULES:
+                continue
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep) :] + [dep] if dep in path else [m, dep]
+                pytest.fail("import cycle: " + " → ".join(cycle))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[m] = 2
+
+    for m in MODULES:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_the_source_registry_imports_no_adapter():
+    adapters = {m for m in MODULES if _within(m, "jointdistill.data.sources")} - {
+        "jointdistill.data.sources",
+        "jointdistill.data.sources.registry",
+    }
+    assert not IMPORTS["jointdistill.data.sources.registry"] & adapters
+    # ...while the package imports every adapter, so that each registers itself
+    assert {m for m in adapters if m not in ("jointdistill.data.sources.readers",)} <= (
+        _closure("jointdistill.data.sources")
+    )
+
+
+def _closure(module: str) -> set[str]:
+    return {codeid._name_of(p) for p in codeid.closure(module)}
+
+
+def test_no_serving_module_imports_torch():
+    """Every module of `jointdistill.serving` imports in a process where importing torch fails, and leaves torch
+    out of sys.modules (deployments install the package without it)."""
+    serving = sorted(m for m in MODULES if _within(m, "jointdistill.serving"))
+    assert "jointdistill.serving.server" in serving and len(serving) >= 6
+    code = NO_TORCH + "".join(f"import {m}\n" for m in serving) + "assert 'torch' not in sys.modules\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_files_are_hashed_in_one_place():
+    """Reading a file in chunks to hash it is `io.hash_file`'s job alone."""
+    readers = sorted(
+        name
+        for name, path in MODULES.items()
+        if "iter(lambda: f.read" in path.read_text(encoding="utf-8") and name != "jointdistill.io"
+    )
+    assert not readers, f"chunked file hashing outside io.hash_file: {readers}"
+
+
+def test_tasks_are_named_in_one_place():
+    """``("seg", "depth")`` is `models.TASKS`; every other module reads it from there."""
+    defining = sorted(
+        name
+        for name, path in MODULES.items()
+        if any(line.startswith("TASKS = ") for line in path.read_text(encoding="utf-8").splitlines())
+    )
+    assert defining == ["jointdistill.models.nets"], defining
