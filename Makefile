@@ -36,10 +36,13 @@ test-slow: setup
 test-bench: setup
 	$(BIN)/python -m pytest -m bench
 
-## lint: formatting, lint (with complexity limits) and the generated benchmarks page; CI runs it before the tests
+## lint: formatting, lint (with complexity limits), types (mypy), dvc.yaml code deps and the generated benchmarks page;
+## CI runs it before the tests
 lint: setup
 	$(BIN)/ruff format --check src tests components pipelines bench
 	$(BIN)/ruff check src tests components pipelines bench
+	$(BIN)/mypy
+	$(BIN)/python scripts/dvc_deps.py --check
 	$(BIN)/python -m bench.docs --check
 
 ## lock: re-resolve requirements.lock from pyproject.toml (needs the network)

@@ -90,14 +90,18 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
 
     from jointdistill.distill.connector import Connector
     from jointdistill.distill.model import DistillModel
-    from jointdistill.distill.objective import StudentTask
+    from jointdistill.distill.objective import StudentObjective
     from jointdistill.models import build_student, build_teacher
-    from jointdistill.training.objectives import make_task
+    from jointdistill.training.objectives import make_objective
 
     torch.manual_seed(0)
     if kind.startswith("teacher-"):
         task = kind.removeprefix("teacher-")
-        return build_teacher(task, arch["teacher_backbone"], arch["head"], classes), make_task(task, classes), False
+        return (
+            build_teacher(task, arch["teacher_backbone"], arch["head"], classes),
+            make_objective(task, classes),
+            False,
+        )
     mode = {"distill-mtl": "mtl", "distill-full": "full", "distill-full-cache": "full"}[kind]
     # The training step as such: no gradient-norm measurements (an extra backward per term every
     # grad_log_every steps) and a fixed trajectory weight instead of its calibration.
@@ -113,7 +117,7 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
     student = build_student(arch["student_backbone"], arch["head"], classes)
     if mode == "mtl":
         model = DistillModel(student, probes=probes)
-        return model, StudentTask(model, cfg, classes, 255, None, list(range(probes.shape[0]))), False
+        return model, StudentObjective(model, cfg, classes, 255, None, list(range(probes.shape[0]))), False
     teachers = [build_teacher(t, arch["teacher_backbone"], arch["head"], classes) for t in ("seg", "depth")]
     connector = Connector([t.feature_channels for t in teachers], classes, cfg.connector_channels)
     cached = kind.endswith("-cache")
@@ -131,7 +135,7 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
         probe_teacher_features=probe_feats,
         target_teachers=teachers if cfg.kd_target == "teachers" and not cached else None,
     )
-    task = StudentTask(model, cfg, classes, 255, {"seg": 0.5, "depth": 0.5}, list(range(probes.shape[0])))
+    task = StudentObjective(model, cfg, classes, 255, {"seg": 0.5, "depth": 0.5}, list(range(probes.shape[0])))
     return model, task, teachers if cached else False
 
 

@@ -15,7 +15,7 @@ from jointdistill.config import load_params
 from jointdistill.distill.connector import Connector
 from jointdistill.distill.losses import kd_depth, kd_seg
 from jointdistill.distill.model import DistillModel
-from jointdistill.distill.objective import StudentTask
+from jointdistill.distill.objective import StudentObjective
 from jointdistill.distill.trajectory import top_k_points
 from jointdistill.evaluation.metrics import depth_loss, seg_loss
 from jointdistill.models import build_student, build_teacher, model_flops
@@ -63,7 +63,7 @@ def _task(mode="full", **over):
     con = Connector([16, 16], 3, hidden=8)
     probes = torch.randn(4, 3, 32, 48)
     model = DistillModel(student, con, teachers, probes, traj_every=1, traj_batch=2).train()
-    job = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [0, 1, 2, 3])
+    job = StudentObjective(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [0, 1, 2, 3])
     g = torch.Generator().manual_seed(1)
     batch = {
         "image": torch.randn(2, 3, 32, 48, generator=g),
@@ -289,7 +289,7 @@ def test_kd_target_teachers_are_the_teachers_own_predictions():
             torch.testing.assert_close(out["targets"][task], expected[task])
     # The KD term then measures the student against the teachers, not the connector.
     cfg = params("distill.mode=static_kd", "distill.kd_target=teachers").distill
-    job = StudentTask(live, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
+    job = StudentObjective(live, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
     batch = {"image": x, "label": torch.randint(0, 3, (2, 32, 48)), "depth": torch.rand(2, 1, 32, 48) + 1}
     out = live(x)
     _, parts = job.loss(out, batch)
@@ -317,7 +317,7 @@ def test_static_kd_and_adaptive_from_the_teachers_train_no_connector():
     for mode in ("static_kd", "adaptive"):
         cfg = params(f"distill.mode={mode}", "distill.kd_target=teachers").distill
         for model, kwargs in ((live, {}), (cached, {"target_seg": expected["seg"], "target_depth": expected["depth"]})):
-            job = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
+            job = StudentObjective(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
             assert job.model_inputs == (() if model is live else ("target_seg", "target_depth"))
             out = model(x, **kwargs)
             assert "connector" not in out and model.clip_groups() == [list(student.parameters())]
@@ -332,7 +332,7 @@ def test_static_kd_and_adaptive_from_the_teachers_train_no_connector():
             )
             assert "connector_seg_ce" not in parts and torch.isfinite(total)
     # mtl: no targets, no KD term.
-    mtl = StudentTask(DistillModel(student), params("distill.mode=mtl").distill, 3, 255, None, [])
+    mtl = StudentObjective(DistillModel(student), params("distill.mode=mtl").distill, 3, 255, None, [])
     _, parts = mtl.loss(DistillModel(student).train()(x), batch)
     assert "kd_seg" not in parts
 
@@ -362,7 +362,7 @@ def test_kd_depth_pixels_all_fills_the_ground_truths_holes():
         cfg = params(
             "distill.mode=static_kd", "distill.kd_target=teachers", f"distill.kd_depth_pixels={pixels}"
         ).distill
-        _, parts = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, []).loss(out, batch)
+        _, parts = StudentObjective(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, []).loss(out, batch)
         assert parts["kd_depth"] == pytest.approx(kd_depth(s, t, gt, "log_l1").item(), rel=1e-6)
     assert kd_depth(s, t, depth, "log_l1").item() != pytest.approx(kd_depth(s, t, None, "log_l1").item())
 
@@ -420,7 +420,7 @@ def test_connector_runs_on_the_labelled_rows_alone_where_its_outputs_are_not_sof
     batch = {"image": x, "label": label, "depth": depth}
     model = DistillModel(student, con, teachers, target_teachers=teachers, connector_on_labelled=True).train()
     cfg = params("distill.mode=full", "distill.kd_target=teachers", "distill.grad_log_every=0").distill
-    job = StudentTask(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
+    job = StudentObjective(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
     assert job.model_inputs == ("label",)
     out = model(x, label=label)
     c = out["connector"]
@@ -441,7 +441,7 @@ def test_connector_runs_on_the_labelled_rows_alone_where_its_outputs_are_not_sof
     assert "rows" not in model(x[[0, 2]], label=label[[0, 2]])["connector"]
     # kd_target=connector: its outputs are the soft targets of every row.
     full_rows = DistillModel(student, con, teachers).train()
-    job = StudentTask(
+    job = StudentObjective(
         full_rows,
         params("distill.mode=full", "distill.kd_target=connector").distill,
         3,

@@ -139,6 +139,54 @@ def test_repro_runs_every_stage_and_dvc_reads_its_results(project, reproduced):
     assert "up to date" in run(["dvc", "status"], project)
 
 
+def test_summary_shows_each_output_with_the_headline_its_stage_printed(project, reproduced):
+    """`jointdistill summary` (the end of `make run`) reads each output back as the typed result its stage
+    returned, run facts included (the export's latency comes from metrics/export/run.json)."""
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+    from jointdistill.stages import results
+
+    r = CliRunner().invoke(app, ["summary", "--data", str(project / "data"), "--metrics", str(project / "metrics")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    expected = [
+        ("prepared data", results.PrepareResult, "prepared", "prepare"),
+        ("teacher seg", results.TeacherResult, "teachers/seg", "teacher-seg"),
+        ("teacher depth", results.TeacherResult, "teachers/depth", "teacher-depth"),
+        ("student", results.StudentResult, "student", "distill"),
+        ("evaluation", results.EvaluationResult, "eval", "evaluate"),
+        ("ONNX student", results.ExportResult, "export", "export"),
+    ]
+    for label, kind, folder, stage in expected:
+        result = kind.read(project / "data" / folder, project / "metrics" / stage)
+        assert result is not None, folder
+        line = next(line for line in lines if line.startswith(f"{label:<14}:"))
+        assert line.endswith(f"({result.headline()})"), line
+    assert "test mIoU" in lines[1] and "baseline" in lines[1]  # the seg teacher against its trivial baseline
+    assert "ms/image at batch 1" in next(line for line in lines if line.startswith("ONNX student"))
+    assert results.TeacherResult.read(project / "data" / "nothing-here") is None
+
+
+def test_a_result_read_back_is_the_report_with_its_run_facts():
+    """`records.split` takes a report's run facts out (to run.json); reading a result puts them back."""
+    from jointdistill.provenance import records
+    from jointdistill.stages.results import StudentResult, _merged
+
+    report = {
+        "mode": "full",
+        "test": {"miou": 0.5, "abs_err": 3.0},
+        "train_seconds": 12.5,
+        "trajectory": {"rows": 48, "logging_seconds": 0.2},
+        "history": [{"epoch": 1, "train/images_per_second": 9.0}],
+    }
+    content, run_facts = records.split(report)
+    assert "train_seconds" not in content and run_facts["trajectory"] == {"logging_seconds": 0.2}
+    assert _merged(content, run_facts) == report
+    result = StudentResult(report)
+    assert json.loads(json.dumps(result)) == report and result["test"]["miou"] == 0.5
+
+
 TRAINING = {"distill", "evaluate", "export"}
 
 
@@ -169,11 +217,12 @@ def test_a_params_change_invalidates_its_stages_and_what_follows(project, reprod
 @pytest.mark.parametrize(
     ("path", "changed"),
     [
-        # the training engine: both teachers, the student, and the stages that load them
-        ("engine.py", ALL - {"prepare"}),
-        ("distill/weights.py", {"distill", "evaluate", "export"}),  # the method
-        ("report.py", {"evaluate", "export"}),
-        ("infer.py", {"export"}),
+        # the training engine: both teachers, the student, and evaluate (which runs the models with it); export
+        # re-runs only when the student it reads changes (`would_run` covers that)
+        ("training/engine.py", ALL - {"prepare", "export"}),
+        ("distill/weights.py", {"distill"}),  # the method
+        ("evaluation/report.py", {"evaluate"}),
+        ("serving/infer.py", {"export"}),
     ],
 )
 def test_a_code_change_invalidates_the_stages_that_import_it(project, reproduced, path, changed):

@@ -11,7 +11,7 @@ from jointdistill.distill.connector import Connector
 from jointdistill.distill.model import DistillModel
 from jointdistill.models import build_student, build_teacher
 from jointdistill.training import engine
-from jointdistill.training.objectives import SegTask
+from jointdistill.training.objectives import SegObjective
 
 
 def _batch(n=2, h=32, w=48):
@@ -35,14 +35,14 @@ def _setup(**over):
 def test_train_step_returns_floats_and_updates_weights():
     model, spec, opt, sched, scaler = _setup()
     before = [p.detach().clone() for p in model.parameters()]
-    loss, parts = engine.train_step(model, SegTask(7), _batch(), opt, sched, scaler, spec, None)
+    loss, parts = engine.train_step(model, SegObjective(7), _batch(), opt, sched, scaler, spec, None)
     assert isinstance(loss, float) and math.isfinite(loss) and loss > 0
     assert list(parts) == ["seg_ce"] and parts["seg_ce"] == pytest.approx(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert sched.last_epoch == 1
 
 
-class _NaNTask(SegTask):
+class _NaNTask(SegObjective):
     def loss(self, outputs, batch):
         loss, parts = super().loss(outputs, batch)
         return loss * float("nan"), parts
@@ -75,7 +75,7 @@ def test_one_host_read_per_step(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", count("item", item))
     monkeypatch.setattr(torch.Tensor, "tolist", count("tolist", tolist))
-    engine.train_step(model, SegTask(7), _batch(), opt, sched, scaler, spec, None)
+    engine.train_step(model, SegObjective(7), _batch(), opt, sched, scaler, spec, None)
     assert calls == {"item": 0, "tolist": 1}
 
 

@@ -31,9 +31,7 @@ def test_stage_modules_never_import_each_other():
 def test_the_library_never_imports_stages_or_adapters(package):
     for name, deps in IMPORTS.items():
         if _within(name, f"jointdistill.{package}"):
-            up = sorted(
-                m for m in deps if any(_within(m, f"jointdistill.{p}") for p in ("stages", "cli", "ablation"))
-            )
+            up = sorted(m for m in deps if any(_within(m, f"jointdistill.{p}") for p in ("stages", "cli", "ablation")))
             assert not up, f"{name} imports {up}: the library sits below the stages and the CLI"
 
 

@@ -377,9 +377,9 @@ def test_whole_pipeline_under_kfp_local_pinned_then_results_pulled_into_a_fresh_
     assert set(ious) <= {f"iou/{c}" for c in classes} and ious and all(0 <= v <= 1 for v in ious.values())
     meta = verify_prepared(outputs["prepared"], check_digests=True)
     assert meta["resolution"] == [48, 96] and sum(meta["counts"].values()) == 36 and meta["classes"] == classes
-    # prepare ran with prepare.root at the folder the source step fetched (a path of this run), so its params
-    # digest is that of these params with that root: it names the run's params, not the user's file.
-    assert meta["params_digest"] == lineage.read(outputs["prepared"])["params_digest"] != p.digest("prepare")
+    # prepare ran with prepare.root at the folder the source step fetched (a path of this run); its params digest
+    # is still the user's params', as every other stage's is.
+    assert meta["params_digest"] == lineage.read(outputs["prepared"])["params_digest"] == p.digest("prepare")
     for task in ("seg", "depth"):
         _, record = load_model(f"{outputs[f'teacher_{task}']}/model.pt")
         assert record["task"] == task
@@ -406,7 +406,7 @@ def test_whole_pipeline_under_kfp_local_pinned_then_results_pulled_into_a_fresh_
         lin = lineage.read(outputs[name])
         data = lin["data"]
         assert (data["kind"], data["rev"], data["commit"]) == ("dvc", "B", commit_b), name
-        assert lin["params_digest"] == p.digest(*stage) or name == "prepared", name
+        assert lin["params_digest"] == p.digest(*stage), name
         # Code named by content, not by git: the same source gives the same record in any checkout.
         assert lin["code"]["version"] and lin["code"]["source"].startswith("sha256:") and "commit" not in lin["code"]
     assert lineage.read(outputs["teacher_seg"])["parents"] == {"prepared": lineage.folder_digest(outputs["prepared"])}

@@ -173,14 +173,14 @@ def test_every_dataset_has_an_adapter_and_an_unknown_one_is_a_clear_error(tiny_p
     from typing import get_args
 
     from jointdistill.config import PrepareParams
-    from jointdistill.data import sample as base
+    from jointdistill.data.sources import make_source, registry
     from jointdistill.errors import ConfigError
 
-    base.make_source(tiny_params.prepare, 0)  # imports (registers) every adapter
-    assert set(get_args(PrepareParams.model_fields["dataset"].annotation)) == set(base._REGISTRY)
+    make_source(tiny_params.prepare, 0)
+    assert set(get_args(PrepareParams.model_fields["dataset"].annotation)) == set(registry._REGISTRY)
     bogus = PrepareParams.model_construct(**{**tiny_params.prepare.model_dump(), "dataset": "kitti"})
     with pytest.raises(ConfigError, match=r"'kitti' adapter is not available .*cityscapes, folder, nyuv2, synthetic"):
-        base.make_source(bogus, 0)
+        make_source(bogus, 0)
 
 
 @pytest.mark.slow

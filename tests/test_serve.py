@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from jointdistill.cli import app
 from jointdistill.errors import ConfigError
-from jointdistill.serving import deploy
+from jointdistill.serving import client, deploy
 from jointdistill.serving import server as serve
 from jointdistill.serving.infer import StudentSession
 
@@ -112,9 +112,9 @@ def post(url: str, body: bytes, headers: dict) -> tuple[int, bytes, dict]:
 
 
 def infer(url: str, **kw) -> dict[str, np.ndarray]:
-    status, body, headers = post(url, *serve.encode_request(**kw))
+    status, body, headers = post(url, *client.encode_request(**kw))
     assert status == 200, body[:500]
-    return serve.decode_response(body, headers)
+    return client.decode_response(body, headers)
 
 
 def _batch(session: StudentSession, n: int, seed: int = 0) -> np.ndarray:
@@ -256,8 +256,8 @@ def test_a_bad_request_gets_400_and_the_server_keeps_serving(server, model, case
 
 def test_bad_binary_requests(server, model):
     session = StudentSession(model, "cpu")
-    good, headers = serve.encode_request(tensor=_batch(session, 1), binary=True)
-    json_length = int(headers[serve.HEADER_LENGTH])
+    good, headers = client.encode_request(tensor=_batch(session, 1), binary=True)
+    json_length = int(headers[client.HEADER_LENGTH])
     cases = {
         "the tensor is cut short": (good[:-100], headers, "runs past the body"),
         "the shape does not match the data": (
@@ -267,13 +267,13 @@ def test_bad_binary_requests(server, model):
         ),
         "the header length is past the body": (
             good,
-            {**headers, serve.HEADER_LENGTH: str(len(good) + 1)},
+            {**headers, client.HEADER_LENGTH: str(len(good) + 1)},
             "does not fit a body",
         ),
         "the header is not JSON": (b"x" * json_length + good[json_length:], headers, "is not JSON"),
         "binary_data_size runs past the body": (
             good.replace(b'"binary_data_size": ', b'"binary_data_size": 9'),
-            {**headers, serve.HEADER_LENGTH: str(json_length + 1)},
+            {**headers, client.HEADER_LENGTH: str(json_length + 1)},
             "runs past the body",
         ),
     }
@@ -285,7 +285,7 @@ def test_bad_binary_requests(server, model):
 
 def test_images_of_different_sizes_in_one_request(server):
     files = [_png(np.zeros((40, 60, 3), np.uint8)), _png(np.zeros((50, 60, 3), np.uint8))]
-    status, text, _ = post(server, *serve.encode_request(images=files))
+    status, text, _ = post(server, *client.encode_request(images=files))
     assert status == 400 and b"different sizes" in text
     infer(server, images=files[:1])
 
@@ -344,7 +344,7 @@ def test_unknown_model_and_bad_encoding_get_one_log_line_each(model):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(urllib.request.Request(f"{url}/v2/models/nope/infer", data=b"{}"))
         assert err.value.code == 404
-        body, headers = serve.encode_request(tensor=np.zeros((1, 3, 48, 96), np.float32))
+        body, headers = client.encode_request(tensor=np.zeros((1, 3, 48, 96), np.float32))
         status, text, _ = post(url, body, {**headers, "Content-Encoding": "br"})
         assert status == 400 and "Content-Encoding 'br' is not supported" in json.loads(text)["error"]
         status, text, _ = post(url, b"not gzip at all", {**headers, "Content-Encoding": "gzip"})
@@ -363,7 +363,7 @@ def test_unknown_model_and_bad_encoding_get_one_log_line_each(model):
 def test_a_payload_over_the_limit_gets_400(server, model):
     big = np.zeros((3, 3, 256, 512), np.float32)  # 4.7 MB > 1 MB
     for binary in (True, False):
-        status, text, _ = post(server, *serve.encode_request(tensor=big, binary=binary))
+        status, text, _ = post(server, *client.encode_request(tensor=big, binary=binary))
         assert status == 400 and b"over the server's limit" in text, text[:300]
     session = StudentSession(model, "cpu")
     infer(server, tensor=_batch(session, 1), binary=True)
@@ -373,7 +373,7 @@ def test_a_chunked_payload_over_the_limit_gets_400(server, model):
     """No Content-Length: the server counts what arrives and stops at the limit."""
     import http.client
 
-    body, headers = serve.encode_request(tensor=np.zeros((3, 3, 256, 512), np.float32), binary=True)
+    body, headers = client.encode_request(tensor=np.zeros((3, 3, 256, 512), np.float32), binary=True)
     conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
     chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
     conn.request("POST", "/v2/models/student/infer", body=chunks, headers=headers, encode_chunked=True)
@@ -385,7 +385,7 @@ def test_a_chunked_payload_over_the_limit_gets_400(server, model):
 
 def test_an_image_over_the_pixel_limit_gets_400(server, model):
     huge = _png(np.zeros((5001, 8000), np.uint8))  # 40 M pixels, a few kB as PNG
-    status, text, _ = post(server, *serve.encode_request(images=[huge], binary=True))
+    status, text, _ = post(server, *client.encode_request(images=[huge], binary=True))
     assert status == 400 and "8000×5001 pixels is over the limit" in json.loads(text)["error"]
     infer(server, images=[_png(np.zeros((48, 96, 3), np.uint8))])
 

@@ -217,9 +217,9 @@ class CountingTask:
     """A seg task with the optional timeframe hook and state, as the student's task will have."""
 
     def __init__(self):
-        from jointdistill.training.objectives import SegTask
+        from jointdistill.training.objectives import SegObjective
 
-        self.inner = SegTask(7)
+        self.inner = SegObjective(7)
         self.monitor, self.higher_is_better = "miou", True
         self.calls = []
 

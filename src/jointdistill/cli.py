@@ -9,7 +9,7 @@ import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 import typer.core
@@ -117,8 +117,9 @@ def _plain_metavar(display_type_rich):
     return show
 
 
-typer.core.TyperOption.display_type_rich = _plain_metavar(typer.core.TyperOption.display_type_rich)
-typer.core.TyperArgument.display_type_rich = _plain_metavar(typer.core.TyperArgument.display_type_rich)
+# Typer has no hook for this: its two parameter classes get the method replaced (the one patch in this package).
+typer.core.TyperOption.display_type_rich = _plain_metavar(typer.core.TyperOption.display_type_rich)  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = _plain_metavar(typer.core.TyperArgument.display_type_rich)  # type: ignore[method-assign]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -147,9 +148,11 @@ def main(
 
 def _params_epilog(section: str) -> str:
     """The params a stage reads, with their defaults and meaning, from the pydantic models."""
+    from pydantic import BaseModel
+
     from jointdistill.config import Params
 
-    model = Params.model_fields[section].annotation
+    model = cast(type[BaseModel], Params.model_fields[section].annotation)
     lines = [f"Params ({section}.*, set in params.yaml or with --set):"]
     for name, field in model.model_fields.items():
         lines.append(f"  {section}.{name} = {field.default!r}: {field.description or ''}")
@@ -224,7 +227,7 @@ def train_teacher(
 @_friendly
 def distill(
     data: StagedDataOpt = "data/prepared",
-    teachers: StagedTeachersOpt = tuple(map(str, TEACHERS)),
+    teachers: StagedTeachersOpt = (str(TEACHERS[0]), str(TEACHERS[1])),
     out: Annotated[str, typer.Option("--out", "-o", help="output folder (replaced atomically)" + _GS)] = "data/student",
     checkpoints: CheckpointsOpt = None,
     resume: ResumeOpt = False,
@@ -256,7 +259,7 @@ def distill(
 
     with staging() as paths:
         cfg = load_params(paths.input(params), set_)
-        teacher_dirs = None if cfg.distill.mode == "mtl" else tuple(paths.input(t) for t in teachers)
+        teacher_dirs = None if cfg.distill.mode == "mtl" else (paths.input(teachers[0]), paths.input(teachers[1]))
         result = stage.run(
             cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume, teacher_cache, metrics
         )
@@ -514,7 +517,7 @@ def push_results(
     `dvc pull PREFIX` in a clone of a project using that remote gets exactly these bytes."""
     from jointdistill.cloud.dvc_results import push
 
-    outputs = {}
+    outputs: dict[str, str | Path] = {}
     for item in output:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
@@ -603,7 +606,7 @@ def summary(
     """Say where the pipeline's outputs are and what they hold (printed at the end of `make run`)."""
     from jointdistill.stages import results
 
-    outputs = [
+    outputs: list[tuple[str, type[results.StageResult], Path, str, str]] = [
         ("prepared data", results.PrepareResult, data / "prepared", "prepare", ""),
         ("teacher seg", results.TeacherResult, data / "teachers" / "seg", "teacher-seg", ""),
         ("teacher depth", results.TeacherResult, data / "teachers" / "depth", "teacher-depth", ""),

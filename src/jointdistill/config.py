@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import yaml
 from pydantic import (
@@ -174,12 +174,16 @@ class TrainParams(ModelParams, OptimParams):
 def _optional_copy(model: type[BaseModel], name: str) -> type[BaseModel]:
     """The same fields, all optional (None = inherit), with the same constraints."""
     fields = {
-        n: (f.annotation | None, FieldInfo.merge_field_infos(f, default=None)) for n, f in model.model_fields.items()
+        n: (cast(Any, f.annotation) | None, FieldInfo.merge_field_infos(f, default=None))
+        for n, f in model.model_fields.items()
     }
-    return create_model(name, __base__=_Section, **fields)
+    return create_model(name, __base__=_Section, **cast(Any, fields))
 
 
-TrainOverrides = _optional_copy(TrainParams, "TrainOverrides")
+if TYPE_CHECKING:  # a type checker sees the fields; at run time each one is optional
+    TrainOverrides = TrainParams
+else:
+    TrainOverrides = _optional_copy(TrainParams, "TrainOverrides")
 
 
 class TeacherParams(TrainParams):

@@ -10,15 +10,18 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from jointdistill.errors import OutputError
 
 
 class Hasher(Protocol):
     def update(self, data: bytes, /) -> object: ...
+
+
+H = TypeVar("H", bound=Hasher)
 
 
 _TMP = ".tmp-"
@@ -115,7 +118,7 @@ class NpyStream:
     memory stays at one row however large the array grows. The file is byte-identical to ``np.save``'s.
     """
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype) -> None:
+    def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype) -> None:
         import numpy as np
 
         self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
@@ -152,7 +155,7 @@ class NpyStream:
             self._file.close()
 
 
-def hash_file(path: str | os.PathLike, *hashers: Hasher) -> tuple[Hasher, ...]:
+def hash_file(path: str | os.PathLike, *hashers: H) -> tuple[H, ...]:
     """Feed a file to every hasher (``hashlib`` objects, or anything with ``update(bytes)``) in one pass of 1 MiB
     chunks, and return them. The one place that reads a file to hash it."""
     with open(path, "rb") as f:

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from jointdistill.errors import ConfigError, DataError, brief
 from jointdistill.io import atomic_dir
@@ -167,7 +168,7 @@ def push(
         with _quiet_dvc():  # DVC greets a new project and reports each step on its logger
             entries = _push(folders, remote, prefix, Path(tmp))
         # The outputs' lineage names their code by content; the commit of the code that pushed them goes here.
-        record = {
+        record: dict[str, Any] = {
             "format": FORMAT,
             "remote": remote,
             "prefix": prefix,

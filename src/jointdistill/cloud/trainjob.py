@@ -106,9 +106,10 @@ def request(
         args += ["--teachers", *teacher_urls]
     args += ["--out", out]
     env = {"DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-    if not cfg.gpus_per_node and (cfg.cpu_per_node or "").isdigit():
+    cpus = cfg.cpu_per_node or ""
+    if not cfg.gpus_per_node and cpus.isdigit():
         # torchrun would set 1 thread per process; give each CPU process its share of the node instead.
-        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpu_per_node) // nproc))
+        env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // nproc))
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
     return JobRequest(
         name=job_name(stage, task, output_uri),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class PreparedDataset(Dataset):
         else:  # the unlabelled split: no label anywhere, no valid depth (the task losses skip such pixels)
             label = torch.full(image.shape[-2:], self.ignore_index, dtype=torch.long)
             depth = torch.zeros(1, *image.shape[-2:])
-        item = {"index": i}
+        item: dict[str, Any] = {"index": i}
         feats = None if self.features is None else torch.from_numpy(np.array(self.features[i]))
         preds = None if self.targets is None else torch.from_numpy(np.array(self.targets[i])).float()
         if preds is not None:

@@ -20,7 +20,7 @@ class SampleRef:
     """One sample as the source lists it, before any pixels are read."""
 
     sample_id: str
-    source_split: SourceSplit  # the source's own split: "train" feeds train/val, "test" becomes test
+    source_split: str  # the source's own split (a SourceSplit): "train" feeds train/val, "test" becomes test
     paths: tuple[str, ...] = ()  # source files (or a generator URI), recorded in the manifest
 
 

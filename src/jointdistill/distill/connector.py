@@ -4,6 +4,7 @@ task from it; its outputs, weighted by ω, are the student's soft targets. Disca
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ class Connector(nn.Module):
         )
         self.heads = nn.ModuleDict({t: nn.Conv2d(hidden, num_classes if t == "seg" else 1, 1) for t in tasks})
         if "depth" in self.heads:
-            nn.init.zeros_(self.heads["depth"].weight)
-            nn.init.constant_(self.heads["depth"].bias, math.log(10.0))
+            depth = cast(nn.Conv2d, self.heads["depth"])
+            nn.init.zeros_(depth.weight)
+            nn.init.constant_(cast(torch.Tensor, depth.bias), math.log(10.0))
         self.out_channels = hidden
 
     def fused(self, teacher_features: list[torch.Tensor]) -> torch.Tensor:

@@ -60,6 +60,8 @@ def rescale_depth(outputs: dict, scale: torch.Tensor | None) -> dict:
 
 
 class DistillModel(nn.Module):
+    steps: torch.Tensor  # a buffer: training forwards so far
+
     def __init__(
         self,
         student: DenseNet,
@@ -138,6 +140,7 @@ class DistillModel(nn.Module):
 
     def probe_slice(self, step: int) -> torch.Tensor:
         """The probe images used at ``step``: ``traj_batch`` of them, cycling through the probe set."""
+        assert self._probes is not None, "no probe images: the trajectory is off"
         p = self._probes.shape[0]
         start = (step // self.traj_every) * self.traj_batch
         return torch.arange(start, start + min(self.traj_batch, p)) % p
@@ -172,9 +175,10 @@ class DistillModel(nn.Module):
         if self.trajectory_on and step % self.traj_every == 0:
             idx = self.probe_slice(step)
             # Inside the (DDP) forward, so its gradient is reduced with the rest of the step's.
+            assert self._probes is not None
             with frozen_batchnorm(self.student):
-                feats = self.student.encode(self._probes[idx.to(self._probes.device)])
-            out["probe"] = {"features": feats, "index": idx}
+                probe_feats = self.student.encode(self._probes[idx.to(self._probes.device)])
+            out["probe"] = {"features": probe_feats, "index": idx}
         self.steps += 1
         return out
 
@@ -188,6 +192,7 @@ class DistillModel(nn.Module):
                 rows = labelled.nonzero().squeeze(1)
                 feats = [f[rows] for f in feats]
                 scale = scale[rows] if scale is not None else None
+        assert self.connector is not None
         out = rescale_depth(self.connector(feats, size), scale)
         return out if rows is None else {**out, "rows": rows}
 
@@ -217,6 +222,7 @@ class DistillModel(nn.Module):
         self.eval()
         fused, student = [], []
         try:
+            assert self._probes is not None, "no probe images: the trajectory is off"
             for i, chunk in enumerate(self._probes.split(_PROBE_CHUNK)):
                 if self.connector is not None:
                     feats = (

@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def mt_score(metrics: dict) -> float:
     return 0.5 * (metrics["miou"] + metrics["delta1"])
 
 
-class StudentTask:
+class StudentObjective:
     monitor, higher_is_better = "mt_score", True
 
     def __init__(
@@ -168,6 +169,7 @@ class StudentTask:
             parts.update(kd_seg=d_seg.detach(), kd_depth=d_depth.detach())
         traj = None
         if "probe" in outputs:
+            assert self.grid is not None  # set by the first timeframe, before any probe forward
             att = resize_attention(attention_map(outputs["probe"]["features"]), self.grid)
             traj = trajectory_loss(att, self.buffer, outputs["probe"]["index"])
             parts["traj"] = traj.detach()
@@ -177,7 +179,7 @@ class StudentTask:
             self.measure_gradients(step, terms, traj)
         if traj is not None:
             terms["traj"] = (self.traj_scale or 0.0) * traj
-        total = sum(terms.values())
+        total = cast(torch.Tensor, sum(terms.values()))
         if connector_loss is not None:
             total = total + connector_loss
         return total, parts
@@ -297,18 +299,19 @@ class StudentTask:
         k = self.cfg.top_k
         fused, student = model.probe_features()
         ref = fused if fused is not None else student
-        self.grid = tuple(ref.shape[-2:])
-        student_att = resize_attention(attention_map(student), self.grid)
+        gh, gw = ref.shape[-2:]
+        grid = self.grid = (int(gh), int(gw))
+        student_att = resize_attention(attention_map(student), grid)
         stu = top_k_points(student_att, k, timeframe, step)
         self.trajectories.append(("student", _cpu(stu)))
-        stats = {"timeframe": timeframe, "step": step}
+        stats: dict[str, Any] = {"timeframe": timeframe, "step": step}
         if fused is not None:
             con = top_k_points(attention_map(fused), k, timeframe, step)
             self.trajectories.append(("connector", _cpu(con)))
             self.buffer.append(_cpu(con))
             # How far the student's trajectory is from the connector's: rank-wise L1 of the values, L1 of the
             # student's attention at the connector's points (L_traj on this timeframe alone), shared points.
-            at_points = student_att.flatten(1).cpu().gather(1, (con.ys * self.grid[1] + con.xs).cpu())
+            at_points = student_att.flatten(1).cpu().gather(1, (con.ys * grid[1] + con.xs).cpu())
             stats.update(
                 l1_values=trajectory_distance(con, stu),
                 l1_at_points=float((at_points - con.values.cpu()).abs().mean()),

@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,8 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
         for split in key["splits"]:
             ds = PreparedDataset(data, split)
             with contextlib.ExitStack() as stack:
-                out = preds = None
+                out: NpyStream | None = None
+                preds: NpyStream | None = None
                 for start in range(0, len(ds), batch_size):
                     x = torch.stack([ds[i]["image"] for i in range(start, min(start + batch_size, len(ds)))])
                     maps = [t.encode(x.to(device)).float() for t in teachers]
@@ -108,6 +110,7 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
                         preds = stack.enter_context(
                             NpyStream(tmp / f"{split}_targets.npy", shapes[f"{split}_targets"], np.float16)
                         )
+                    assert out is not None and preds is not None
                     feats = torch.cat(maps, 1).clamp(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()
                     for row in feats:
                         out.append(row)
@@ -115,7 +118,7 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
                         preds.append(row)
                     images += x.shape[0]
         seconds = time.perf_counter() - t0
-        info = {
+        info: dict[str, Any] = {
             "key": key,
             "channels": channels,
             "grid": list(grid),

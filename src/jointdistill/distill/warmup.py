@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sized
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset
@@ -32,6 +34,7 @@ _EPOCH_OFFSET = 1_000_000
 
 def _connector_outputs(model: DistillModel, batch: dict) -> dict:
     x = batch["image"]
+    assert model.connector is not None
     if "teacher_features" in batch:
         feats = [batch["teacher_features"].to(x.dtype)]
     else:
@@ -56,6 +59,7 @@ def warm_up(
     """
     steps = cfg.connector_warmup
     connector = model.connector
+    assert connector is not None, "warm-up needs a connector"
     if resume and file.exists():
         state = load_safe(file, "connector warm-up", WARMUP_FORMAT)
         if state.get("digest") == digest:
@@ -67,7 +71,7 @@ def warm_up(
     opt = torch.optim.AdamW(connector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Poly decay to 0 over the warm-up; the joint phase then starts the connector at its own schedule's peak.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - min(s, steps) / max(steps, 1)) ** 0.9)
-    sampler = EpochSampler(len(train_ds), cfg.batch_size, seed, True)
+    sampler = EpochSampler(len(cast(Sized, train_ds)), cfg.batch_size, seed, True)
     done, epoch, losses = 0, 0, []
     while done < steps:
         sampler.set_epoch(_EPOCH_OFFSET + epoch)
@@ -122,10 +126,11 @@ def connector_metrics(
 
     ``val_ds`` brings ``teacher_features`` when the teachers' features are cached; else the teachers run."""
     connector = model.connector
+    assert connector is not None, "scoring needs a connector"
     was = connector.training
     connector.eval()
     seg, dep = ConfusionMatrix(num_classes, ignore_index), DepthMeter()
-    sampler = EpochSampler(len(val_ds), batch_size, 0, False, drop_last=False)
+    sampler = EpochSampler(len(cast(Sized, val_ds)), batch_size, 0, False, drop_last=False)
     try:
         for batch in make_loader(val_ds, sampler, batch_size, 0, device, False):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

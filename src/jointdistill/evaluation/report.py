@@ -7,6 +7,7 @@ import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:3px 9px;
@@ -17,7 +18,7 @@ border:1px solid #eee}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-s
 @dataclass
 class Block:
     kind: str  # heading | text | table | image | code
-    body: object
+    body: Any  # str, (header, rows) for a table, a Path for an image
     level: int = 2
     caption: str = ""
 

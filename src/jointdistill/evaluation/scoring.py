@@ -7,13 +7,20 @@ positive means the model beats the reference on average (in % of the reference).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from jointdistill.evaluation.metrics import HIGHER_IS_BETTER, ConfusionMatrix, DepthMeter, class_ids
-from jointdistill.serving.infer import StudentSession
+
+
+class BatchRunner(Protocol):
+    """What `evaluate_session` runs: an exported model (`serving.infer.StudentSession`) or anything alike."""
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 DELTA_M_METRICS = ("miou", "pixacc", "abs_err", "rel_err")
 
@@ -133,7 +140,7 @@ def evaluate_model(
     return Evaluation(metrics, cm.mat.numpy() if cm is not None else None, bins.rows() if bins else None, samples)
 
 
-def evaluate_session(session: StudentSession, dataset, batch_size: int, num_classes: int, ignore_index: int) -> dict:
+def evaluate_session(session: BatchRunner, dataset, batch_size: int, num_classes: int, ignore_index: int) -> dict:
     """Exact test-set metrics (the same accumulation as the PyTorch evaluation) of an onnxruntime session."""
     cm, dm = ConfusionMatrix(num_classes, ignore_index), DepthMeter()
     for start in range(0, len(dataset), batch_size):

@@ -13,6 +13,7 @@ ResNet's state dict (``fc.*`` keys are ignored), read with ``torch.load(weights_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ class TinyEncoder(nn.Module):
 def _dilate_basic_resnet(net: nn.Module) -> None:
     """Turn layer3/layer4 of a BasicBlock ResNet from stride 2 into dilation 2 and 4 (output stride 8)."""
     for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
-        for i, block in enumerate(layer):
+        for i, block in enumerate(cast(Any, layer)):  # torchvision's BasicBlocks
             if i == 0:
                 block.conv1.stride = (1, 1)
                 if block.downsample is not None:

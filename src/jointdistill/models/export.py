@@ -68,6 +68,7 @@ def export_onnx(
         raise ModelError(f"ONNX export failed: {brief(exc)}") from exc
     # The exporter notes its symbolic shape constraints on the graph, printed from a set whose order changes
     # between processes: dropped, so that the same student always gives the same file (and DVC the same hash).
+    assert program is not None  # dynamo=True always returns a program
     model = program.model_proto
     _drop_metadata(model.graph, "pkg.torch.export.")
     # Each node also carries the Python stack that traced it: absolute paths of this checkout and line numbers,

@@ -30,4 +30,5 @@ def init_depth_bias(head: nn.Module, typical_depth_m: float = 10.0) -> None:
     """Depth heads predict log-metres: start them at a typical depth rather than at 1 m."""
     last = [m for m in head.modules() if isinstance(m, nn.Conv2d)][-1]
     nn.init.zeros_(last.weight)
+    assert last.bias is not None  # the heads' last convolutions have a bias
     nn.init.constant_(last.bias, math.log(typical_depth_m))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from jointdistill.errors import ModelError
 from jointdistill.models.nets import DenseNet, ModelConfig
@@ -26,7 +25,7 @@ def save_model(path: str | Path, model: DenseNet, state_dict: dict | None = None
     )
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DenseNet, dict]:
     """Rebuild a saved model (weights_only loading); any mismatch is a `ModelError` naming the keys."""
     record = load_safe(path, "model", MODEL_FORMAT, map_location)
     try:

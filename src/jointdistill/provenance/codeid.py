@@ -80,20 +80,25 @@ def closure(module: str) -> tuple[Path, ...]:
         if m in seen:
             continue
         seen.add(m)
-        for dep in _imports(module_path(m)):
-            todo.extend(_with_parents(dep) - seen)
-    return tuple(sorted({module_path(m) for m in seen}))
+        path = module_path(m)
+        if path is not None:
+            todo.extend(dep for dep in _with_parents_of(_imports(path)) if dep not in seen)
+    return tuple(sorted(p for p in map(module_path, seen) if p is not None))
+
+
+def _with_parents_of(modules: set[str]) -> set[str]:
+    return {p for m in modules for p in _with_parents(m)}
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
+            first = body[0] if body else None
             if (
-                body
-                and isinstance(body[0], ast.Expr)
-                and isinstance(getattr(body[0], "value", None), ast.Constant)
-                and isinstance(body[0].value.value, str)
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
             ):
                 node.body = body[1:] or [ast.Pass()]
     return tree

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from jointdistill.io import file_sha256, write_json
@@ -104,7 +105,7 @@ def local_data(root: str | Path | None) -> dict:
 def record(
     stage: str,
     params_digest: str,
-    parents: dict[str, str | Path] | None = None,
+    parents: Mapping[str, str | Path] | None = None,
     data: dict | None = None,
     module: str = "jointdistill.stages",
 ) -> dict:

@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from jointdistill.io import atomic_dir, write_json
 
@@ -67,7 +68,7 @@ def split(report):
 
 def numbers(metrics: dict, where: str = "metrics") -> dict:
     """``metrics`` checked to hold only finite numbers (nested one level at most); None values are dropped."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
             out[key] = numbers(value, f"{where}.{key}")

@@ -39,6 +39,7 @@ def encode_request(
         else:
             inp["data"] = x.reshape(-1).tolist()
     else:
+        assert images is not None
         inp = {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [len(images)]}
         if binary:  # the v2 BYTES layout: each element's length (uint32, little-endian), then its bytes
             raw = b"".join(len(b).to_bytes(4, "little") + b for b in images)

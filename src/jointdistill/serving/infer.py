@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -83,7 +84,7 @@ class StudentSession:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self._argmax = None  # the post-processing session, made on first use
+        self._argmax: Any = None  # the post-processing session (onnxruntime), made on first use
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such model file")
         providers, self.fallback_reason = choose_providers(device)
@@ -110,7 +111,8 @@ class StudentSession:
             )
         self.classes: list[str] = list(self.meta["classes"])
         self.palette = np.asarray(self.meta["palette"], np.uint8)
-        self.input_size: tuple[int, int] = tuple(int(v) for v in self.meta["input_size"])
+        ih, iw = (int(v) for v in self.meta["input_size"])
+        self.input_size = (ih, iw)
         self.mean = np.asarray(self.meta["mean"], np.float32).reshape(1, 1, 3)
         self.std = np.asarray(self.meta["std"], np.float32).reshape(1, 1, 3)
 
@@ -122,7 +124,7 @@ class StudentSession:
         """H×W×3 uint8 RGB → 3×h×w float32 at the model's input size, normalised as in training."""
         h, w = self.input_size
         if rgb.shape[:2] != (h, w):
-            rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+            rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
         x = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
@@ -164,8 +166,8 @@ class StudentSession:
         for im, lb, d in zip(images, labels, depth[:, 0], strict=True):
             h, w = im.shape[:2]
             if lb.shape != (h, w):
-                lb = np.asarray(Image.fromarray(lb).resize((w, h), Image.NEAREST))
-                d = np.asarray(Image.fromarray(d.astype(np.float32)).resize((w, h), Image.BILINEAR))
+                lb = np.asarray(Image.fromarray(lb).resize((w, h), Image.Resampling.NEAREST))
+                d = np.asarray(Image.fromarray(d.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
             out.append((lb, d.astype(np.float32)))
         return out
 

@@ -27,7 +27,7 @@ from jointdistill.data.transforms import JointTransform
 from jointdistill.distill import teacher_cache as tcache
 from jointdistill.distill.connector import Connector
 from jointdistill.distill.model import DistillModel
-from jointdistill.distill.objective import StudentTask
+from jointdistill.distill.objective import StudentObjective
 from jointdistill.distill.warmup import connector_metrics, warm_up
 from jointdistill.distill.weights import task_score
 from jointdistill.errors import ConfigError
@@ -37,7 +37,7 @@ from jointdistill.provenance import codeid, lineage
 from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
 from jointdistill.stages.results import StudentResult
 from jointdistill.training.engine import EpochSampler, evaluate, fit, make_loader, resolve_device, seed_everything
-from jointdistill.training.objectives import make_task
+from jointdistill.training.objectives import make_objective
 
 log = logging.getLogger(__name__)
 MODES = ("mtl", "static_kd", "adaptive", "full")
@@ -73,7 +73,7 @@ def _load_teachers(folders, meta: dict, val_ds, cfg: DistillParams, seed: int, d
         sampler = EpochSampler(len(val_ds), cfg.batch_size, seed, False, drop_last=False)
         val = evaluate(
             model.to(device),
-            make_task(task, n_cls, ignore),
+            make_objective(task, n_cls, ignore),
             make_loader(val_ds, sampler, cfg.batch_size, 0, device, False),
             device,
         )
@@ -154,6 +154,7 @@ def run(
     probes = torch.stack([plain_train[i]["image"] for i in probe_ids])
     cache, cache_report, probe_feats = None, None, None
     if kd and cfg.teacher_cache:
+        assert teacher_info is not None
         folder = Path(teacher_cache) if teacher_cache else checkpoints / "teacher_cache"
         key = tcache.cache_key({t: i["file_digest"] for t, i in teacher_info.items()}, meta)
         cache, reused = tcache.ensure(folder, teacher_models, key, data, device, cfg.batch_size)
@@ -184,7 +185,7 @@ def run(
         def connector_val() -> dict:
             return connector_metrics(model, val_c, cfg.batch_size, device, num_classes, ignore)
 
-    job = StudentTask(model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val)
+    job = StudentObjective(model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val)
 
     digest = run_key(
         {

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -154,7 +155,7 @@ def run(
         # --- pictures
         raw = open_split(data, split, meta)
         idx = list(range(keep))
-        figs = {}
+        figs: dict[str, Any] = {}
         if keep:
             figs["qualitative"] = plots.qualitative_grid(
                 [np.asarray(raw["images"][i]) for i in idx],

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,8 @@ def run(
     model, record = load_student(student, meta)
     model = model.eval()
     num_classes, ignore = len(meta["classes"]), int(meta["ignore_index"])
-    size = tuple(int(v) for v in (record.get("resolution") or meta["resolution"]))
+    h, w = (int(v) for v in (record.get("resolution") or meta["resolution"]))
+    size = (h, w)
     stride = int(model.feature_stride)
     multiple = stride if cfg.dynamic_size and size[0] % stride == 0 and size[1] % stride == 0 else None
     if cfg.dynamic_size and multiple is None:
@@ -132,7 +134,7 @@ def run(
         export_seconds = time.perf_counter() - t0
         session = StudentSession(onnx_path, "cpu")
 
-        fp32 = {
+        fp32: dict[str, Any] = {
             "val": _compare(model, session, _batches(val, n_parity, cfg.batch_size)),
             "random": _compare(
                 model, session, [rng.standard_normal((2, 3, *size), dtype=np.float32) for _ in range(2)]
@@ -141,7 +143,7 @@ def run(
         }
         problems = [f"{group}: {p}" for group in ("val", "random") for p in parity_problems(fp32[group], **tolerance)]
         problems += [f"shape {row['shape']}: {p}" for row in fp32["shapes"] for p in parity_problems(row, **tolerance)]
-        parity = {
+        parity: dict[str, Any] = {
             "passed": not problems,
             "problems": problems,
             "tolerance": tolerance,
@@ -207,7 +209,7 @@ def run(
             del vs
 
         sizes = {name: p.stat().st_size for name, p in files.items()}
-        report = {
+        report: dict[str, Any] = {
             "test": test_metrics["onnx"],
             "test_by_model": test_metrics,
             "latency_ms": latency,

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -147,13 +148,19 @@ def _write_unlabelled(source, refs, tmp, params, progress):
 
 
 def run(
-    params: Params, out: str | Path, data_lineage: dict | None = None, metrics_dir: str | Path | None = None
+    params: Params,
+    out: str | Path,
+    data_lineage: dict | None = None,
+    metrics_dir: str | Path | None = None,
+    params_digest: str | None = None,
 ) -> PrepareResult:
     """Prepare the configured source into ``out``; metrics.json (split sizes) and run.json (time, machine) go to
     ``metrics_dir`` (default: ``out``). Returns meta.json's content.
 
     ``data_lineage``: what the source is (e.g. a DVC-pinned fetch's provenance) for ``lineage.json``; by default
-    the embedded generator, or ``prepare.root`` looked up in its DVC project."""
+    the embedded generator, or ``prepare.root`` looked up in its DVC project. ``params_digest``: the params digest
+    to record, when it is not these params' own (a pinned fetch points ``prepare.root`` at a folder of the run)."""
+    params_digest = params_digest or params.digest("prepare")
     t0 = time.perf_counter()
     p = params.prepare
     source = make_source(p, params.seed)
@@ -180,7 +187,7 @@ def run(
         )
 
     n_classes = len(source.classes)
-    stats = {
+    stats: dict[str, Any] = {
         "masked": DepthMaskCounts(),
         "class_pixels": {s: np.zeros(n_classes, np.int64) for s in SPLITS},
         "ignored_pixels": dict.fromkeys(SPLITS, 0),
@@ -236,12 +243,12 @@ def run(
                 else "as the source gives them"
             ),
             "source_checksum": _manifest_digest(manifest),
-            "params_digest": params.digest("prepare"),
+            "params_digest": params_digest,
             "jointdistill_version": __version__,
         }
         write_json(tmp / "meta.json", meta)
         data = data_lineage or lineage.local_data(None if p.dataset == "synthetic" else p.root)
-        lineage.write(tmp, lineage.record("prepare", params.digest("prepare"), data=data, module=__name__))
+        lineage.write(tmp, lineage.record("prepare", params_digest, data=data, module=__name__))
 
         if p.gallery_images:
             k = p.gallery_images
@@ -301,5 +308,6 @@ def run_from_source(params: Params, source: str | Path, data_lineage: dict | Non
             f"{source}: a pinned raw dataset needs prepare.dataset set to its format "
             "(folder, nyuv2 or cityscapes), not 'synthetic'"
         )
+    # prepare.root points at the folder the source step fetched, a path of this run: the digest is the user's.
     pinned = params.model_copy(update={"prepare": params.prepare.model_copy(update={"root": str(source)})})
-    return run(pinned, out, data_lineage)
+    return run(pinned, out, data_lineage, params_digest=params.digest("prepare"))

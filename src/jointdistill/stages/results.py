@@ -5,7 +5,7 @@
 - ``metadata()``: the KFP output artifact's metadata (besides its lineage, which `record_artifact` adds);
 - ``metrics()``: the scalars a KFP ``Metrics`` artifact logs.
 
-A result is a read-only mapping over the report, so ``result["test"]["miou"]`` reads the report itself.
+A result is the report itself (a ``dict``: ``result["test"]["miou"]``, ``json.dumps(result)``) with these views.
 ``read(folder)`` rebuilds the result of a finished output from its files (``report.json``, and ``run.json``
 from the metrics folder for run facts such as latency), which is how ``summary`` and a Kubeflow Trainer step
 get the same object a local run returns.
@@ -14,37 +14,22 @@ get the same object a local run returns.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 
-class StageResult(Mapping[str, Any]):
+class StageResult(dict[str, Any]):
     """The report of one stage run (``report.json``'s content, plus the run facts when the stage ran here)."""
 
     stage: ClassVar[str]
     report_file: ClassVar[str] = "report.json"
 
-    def __init__(self, report: Mapping[str, Any]):
-        self.report = dict(report)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.report[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.report)
-
-    def __len__(self) -> int:
-        return len(self.report)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.headline()})"
-
     def headline(self) -> str:
         raise NotImplementedError
 
     def metadata(self) -> dict[str, Any]:
-        return {"params_digest": self.report.get("params_digest", "")}
+        return {"params_digest": self.get("params_digest", "")}
 
     def metrics(self) -> dict[str, float]:
         return {}
@@ -69,6 +54,8 @@ def _merged(content: Any, run: Any) -> Any:
     """``records.split`` undone: the run facts put back at their places in the content."""
     if isinstance(content, dict) and isinstance(run, dict):
         return {**content, **{k: _merged(content.get(k), v) for k, v in run.items()}}
+    if isinstance(content, list) and isinstance(run, list) and len(content) == len(run):
+        return [_merged(c, r) for c, r in zip(content, run, strict=True)]
     return content if run is None else run
 
 
@@ -85,23 +72,23 @@ class PrepareResult(StageResult):
     report_file = "meta.json"
 
     def headline(self) -> str:
-        c = self.report["counts"]
-        h, w = self.report["resolution"]
-        return f"{self.report['dataset']}, {h}×{w}; train {c['train']}, val {c['val']}, test {c['test']}" + (
+        c = self["counts"]
+        h, w = self["resolution"]
+        return f"{self['dataset']}, {h}×{w}; train {c['train']}, val {c['val']}, test {c['test']}" + (
             f", unlabelled {c['unlabelled']}" if c.get("unlabelled") else ""
         )
 
     def metadata(self) -> dict[str, Any]:
         keys = ("dataset", "counts", "resolution", "source_checksum", "params_digest")
-        return {k: self.report[k] for k in keys}
+        return {k: self[k] for k in keys}
 
 
 class TeacherResult(StageResult):
     stage = "train-teacher"
 
     def headline(self) -> str:
-        test, base = self.report["test"], self.report["baseline"]["test"]
-        if self.report["task"] == "seg":
+        test, base = self["test"], self["baseline"]["test"]
+        if self["task"] == "seg":
             return (
                 f"test mIoU {test['miou']:.4f} (baseline {base['miou']:.4f}), "
                 f"pixAcc {test['pixacc']:.4f} (baseline {base['pixacc']:.4f})"
@@ -112,45 +99,45 @@ class TeacherResult(StageResult):
         )
 
     def metadata(self) -> dict[str, Any]:
-        key = self.report["monitor"]
+        key = self["monitor"]
         return {
-            "task": self.report["task"],
+            "task": self["task"],
             "monitor": key,
-            "val": self.report["val"][key],
-            "test": self.report["test"][key],
-            "best_epoch": self.report["best_epoch"],
+            "val": self["val"][key],
+            "test": self["test"][key],
+            "best_epoch": self["best_epoch"],
             **super().metadata(),
         }
 
     def metrics(self) -> dict[str, float]:
-        return {**_numbers(self.report["val"], "val/"), **_numbers(self.report["test"], "test/")}
+        return {**_numbers(self["val"], "val/"), **_numbers(self["test"], "test/")}
 
 
 class StudentResult(StageResult):
     stage = "distill"
 
     def headline(self) -> str:
-        test = self.report["test"]
-        omega = ", ".join(f"{k} {v:.3f}" for k, v in self.report["weights"]["final"].items())
+        test = self["test"]
+        omega = ", ".join(f"{k} {v:.3f}" for k, v in self["weights"]["final"].items())
         return (
-            f"{self.report['mode']}: test mIoU {test['miou']:.4f}, pixAcc {test['pixacc']:.4f}, "
+            f"{self['mode']}: test mIoU {test['miou']:.4f}, pixAcc {test['pixacc']:.4f}, "
             f"AbsErr {test['abs_err']:.3f} m, RelErr {test['rel_err']:.4f}; final ω: {omega}"
         )
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "mode": self.report["mode"],
-            "best_epoch": self.report["best_epoch"],
-            "final_weights": self.report["weights"]["final"],
+            "mode": self["mode"],
+            "best_epoch": self["best_epoch"],
+            "final_weights": self["weights"]["final"],
             **super().metadata(),
-            **{f"test_{k}": self.report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err")},
+            **{f"test_{k}": self["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err")},
         }
 
     def metrics(self) -> dict[str, float]:
         return {
-            **_numbers(self.report["val"], "val/"),
-            **_numbers(self.report["test"], "test/"),
-            **_numbers(self.report["weights"]["final"], "omega/"),
+            **_numbers(self["val"], "val/"),
+            **_numbers(self["test"], "test/"),
+            **_numbers(self["weights"]["final"], "omega/"),
         }
 
 
@@ -162,21 +149,21 @@ class EvaluationResult(StageResult):
     @property
     def split(self) -> str:
         """The split evaluated (``evaluate.split``): the one key of each model's entry."""
-        return next(iter(self.report["student"]))
+        return next(iter(self["student"]))
 
     def headline(self) -> str:
-        m = self.report["student"][self.split]
+        m = self["student"][self.split]
         return (
             f"student Δm {m['delta_m']:+.2f} % vs the teachers on {self.split}; mIoU {m['miou']:.4f}, "
             f"AbsErr {m['abs_err']:.3f} m"
         )
 
     def metadata(self) -> dict[str, Any]:
-        return {"split": self.split, "delta_m": self.report["student"][self.split]["delta_m"]}
+        return {"split": self.split, "delta_m": self["student"][self.split]["delta_m"]}
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for model, by_split in self.report.items():
+        for model, by_split in self.items():
             if isinstance(by_split, dict) and isinstance(by_split.get(self.split), dict):
                 out.update(_numbers(by_split[self.split], f"{model}/"))
         return out
@@ -189,14 +176,14 @@ class ExportResult(StageResult):
     def read(cls, folder: str | Path, metrics_dir: str | Path | None = None) -> StageResult | None:
         result = super().read(folder, metrics_dir)
         if result is not None and (Path(folder) / "parity.json").is_file():
-            result.report["parity"] = json.loads((Path(folder) / "parity.json").read_text())
+            result["parity"] = json.loads((Path(folder) / "parity.json").read_text())
         return result
 
     def headline(self) -> str:
-        val = self.report["parity"]["fp32"]["val"]
-        test = self.report["test"]
-        variants = ", ".join(sorted(set(self.report["file_bytes"]) - {"fp32"})) or "none"
-        lat = ((self.report.get("latency_ms") or {}).get("onnx") or {}).get("batch1_ms")
+        val = self["parity"]["fp32"]["val"]
+        test = self["test"]
+        variants = ", ".join(sorted(set(self["file_bytes"]) - {"fp32"})) or "none"
+        lat = ((self.get("latency_ms") or {}).get("onnx") or {}).get("batch1_ms")
         return (
             f"parity on {val['images']} val images: seg argmax agreement "
             f"{100 * val['segmentation_logits']['argmax_agreement']:.3f} %, depth max rel err "
@@ -207,12 +194,12 @@ class ExportResult(StageResult):
         )
 
     def metadata(self) -> dict[str, Any]:
-        val = self.report["parity"]["fp32"]["val"]
+        val = self["parity"]["fp32"]["val"]
         return {
             "framework": "onnx",
             "file": "student.onnx",
-            "opset": self.report["opset"],
-            "variants": sorted(self.report["file_bytes"]),
+            "opset": self["opset"],
+            "variants": sorted(self["file_bytes"]),
             **super().metadata(),
             "parity_seg_argmax_agreement": val["segmentation_logits"]["argmax_agreement"],
             "parity_depth_max_rel_err": val["depth"]["max_rel_err"],
@@ -220,9 +207,9 @@ class ExportResult(StageResult):
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for model, values in self.report["test_by_model"].items():
+        for model, values in self["test_by_model"].items():
             out.update(_numbers(values, f"test/{model}/"))
-        for runtime, lat in (self.report.get("latency_ms") or {}).items():
+        for runtime, lat in (self.get("latency_ms") or {}).items():
             out.update(_numbers(lat, f"latency/{runtime}/"))
         return out
 

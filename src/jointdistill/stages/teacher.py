@@ -24,7 +24,7 @@ from jointdistill.provenance import codeid, lineage
 from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
 from jointdistill.stages.results import TeacherResult
 from jointdistill.training.engine import fit, resolve_device, seed_everything
-from jointdistill.training.objectives import make_task
+from jointdistill.training.objectives import make_objective
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def trivial_baseline(data_dir: Path, task: str, meta: dict, split: str = "test")
     mean = total / max(count, 1)
     dm = DepthMeter()
     for i in range(0, len(arrays["depth"]), 64):
-        d = torch.from_numpy(np.array(arrays["depth"][i : i + 64]))
-        dm.update(torch.full_like(d, mean), d)
+        gt = torch.from_numpy(np.array(arrays["depth"][i : i + 64]))
+        dm.update(torch.full_like(gt, mean), gt)
     return {"predict": f"{mean:.3f} m everywhere", **dm.compute()}
 
 
@@ -102,7 +102,7 @@ def run(
     train_ds = PreparedDataset(data, "train", transform, seed=params.seed)
     val_ds = PreparedDataset(data, "val")
     test_ds = PreparedDataset(data, "test")
-    job = make_task(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
+    job = make_objective(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
     # Under a label budget (`prepare.labelled_fraction`) an epoch still draws as many samples as the whole train
     # split had, from the labelled ones: a budget takes labels away, not optimiser steps.
     pool = split_count(meta, UNLABELLED)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from jointdistill.config import TrainParams
+from jointdistill.config import OptimParams
 from jointdistill.errors import ModelError
 from jointdistill.io import atomic_write_text
 from jointdistill.models.serialization import load_safe, save_atomic
@@ -42,8 +42,9 @@ CHECKPOINT_FORMAT = "jointdistill.checkpoint/1"
 
 
 # ----------------------------------------------------------------------------- tasks
-class Task(Protocol):
-    """What `fit` needs from a task. Optional extras, used when present:
+class Objective(Protocol):
+    """What `fit` needs from an objective (`training.objectives`, `distill.objective`). Optional extras, used when
+    present:
 
     - ``end_timeframe(timeframe, global_step, val_metrics, model) -> dict`` runs after each validation
       (a timeframe: the student's weight update and trajectory recording hook in here); the
@@ -209,7 +210,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": {
             "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(cast(np.ndarray, keys).astype(np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),
@@ -236,13 +237,17 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- optimisation
-def build_optimizer(model: nn.Module, spec: TrainParams) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, spec: OptimParams) -> torch.optim.Optimizer:
     # No weight decay on norms and biases.
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": spec.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=True)
     # The fused CUDA kernel: one launch for all parameters instead of several per tensor.
@@ -250,7 +255,7 @@ def build_optimizer(model: nn.Module, spec: TrainParams) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=spec.lr, fused=fused)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, spec: TrainParams, total_steps: int):
+def build_scheduler(opt: torch.optim.Optimizer, spec: OptimParams, total_steps: int):
     warm = spec.warmup_steps
 
     def factor(step: int) -> float:
@@ -266,11 +271,11 @@ def build_scheduler(opt: torch.optim.Optimizer, spec: TrainParams, total_steps: 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def use_compile(spec: TrainParams, device: torch.device) -> bool:
+def use_compile(spec: OptimParams, device: torch.device) -> bool:
     return spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda")
 
 
-def amp_dtype(spec: TrainParams, device: torch.device) -> torch.dtype | None:
+def amp_dtype(spec: OptimParams, device: torch.device) -> torch.dtype | None:
     if spec.amp == "off" or (spec.amp == "auto" and device.type != "cuda"):
         return None
     if spec.amp == "fp16":
@@ -283,8 +288,8 @@ def clip_gradients(model: nn.Module, max_norm: float) -> list[torch.Tensor]:
     ``clip_groups()`` (networks trained side by side with their own objectives, e.g. the student and the
     connector: one's large gradients must not shrink the other's step). Returns the norms before clipping,
     as 0-d tensors on the model's device (reading them would wait for the GPU)."""
-    inner = _unwrap(model)
-    groups = inner.clip_groups() if hasattr(inner, "clip_groups") else [list(model.parameters())]
+    clip_groups = getattr(_unwrap(model), "clip_groups", None)
+    groups = clip_groups() if clip_groups is not None else [list(model.parameters())]
     return [torch.nn.utils.clip_grad_norm_(g, max_norm) for g in groups if g]
 
 
@@ -302,7 +307,8 @@ def compile_networks(model: nn.Module) -> int:
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
     inner = _unwrap(model)
-    targets = inner.compile_targets() if hasattr(inner, "compile_targets") else [inner]
+    compile_targets = getattr(inner, "compile_targets", None)
+    targets = compile_targets() if compile_targets is not None else [inner]
     for m in targets:
         m.compile()
     return len(targets)
@@ -458,7 +464,7 @@ def prune_live(folder: Path, steps: int) -> None:
             atomic_write_text(tsv, "".join(kept))
 
 
-def _place(model: nn.Module, spec: TrainParams, device: torch.device) -> tuple[nn.Module, bool, torch.dtype | None]:
+def _place(model: nn.Module, spec: OptimParams, device: torch.device) -> tuple[nn.Module, bool, torch.dtype | None]:
     """The model on ``device``, in channels_last and compiled where ``spec`` says: (model, channels_last, amp)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -472,9 +478,10 @@ def _place(model: nn.Module, spec: TrainParams, device: torch.device) -> tuple[n
     return model, channels_last, amp
 
 
-def _resume(ckpt_path: Path, digest: str, model, opt, sched, scaler, task, log_name: str):
+def _resume(ckpt_path: Path, digest: str, objects: tuple[Any, ...], log_name: str):
     """Load the last checkpoint into the model, optimiser, schedule, scaler, task and RNG: (run state, best
     weights); or None, with a warning, when it was made with other params, data or code."""
+    model, opt, sched, scaler, task = objects
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("digest") != digest:
         log.warning("%s: checkpoint %s was made with other params, data or code; starting afresh", log_name, ckpt_path)
@@ -505,7 +512,7 @@ def _restore(run_dir: Path, ckpt_path: Path, resume: bool, main: bool, digest: s
     ``objects``: model, optimiser, schedule, scaler and task, loaded in place. A fresh run must not inherit an old
     checkpoint or logs: rank 0 removes them, and only them (the folder itself may be one the user chose)."""
     if resume and ckpt_path.exists():
-        return _resume(ckpt_path, digest, *objects, log_name)
+        return _resume(ckpt_path, digest, objects, log_name)
     if not resume and main:
         ckpt_path.unlink(missing_ok=True)
         shutil.rmtree(run_dir / "dvclive", ignore_errors=True)
@@ -559,7 +566,7 @@ def _log_live(live, history: list[dict]) -> None:
 
 def _validation_due(step: int, eval_every: int | None, total_steps: int) -> bool:
     """With ``eval_every``, validate every that many steps and after the last one (else once per epoch)."""
-    return bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+    return eval_every is not None and eval_every > 0 and (step % eval_every == 0 or step == total_steps)
 
 
 def fit(
@@ -567,7 +574,7 @@ def fit(
     task,
     train_ds,
     val_ds,
-    spec: TrainParams,
+    spec: OptimParams,
     seed: int,
     run_dir: Path,
     digest: str,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
 
 
-class SegTask:
+class SegObjective:
     monitor, higher_is_better = "miou", True
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
@@ -26,7 +26,7 @@ class SegTask:
         return meters["seg"].compute()
 
 
-class DepthTask:
+class DepthObjective:
     monitor, higher_is_better = "abs_err", False
 
     def __init__(self, kind: str = "l1"):
@@ -46,9 +46,9 @@ class DepthTask:
         return meters["depth"].compute()
 
 
-def make_task(task: str, num_classes: int, ignore_index: int = 255, depth_loss_kind: str = "l1"):
+def make_objective(task: str, num_classes: int, ignore_index: int = 255, depth_loss_kind: str = "l1"):
     if task == "seg":
-        return SegTask(num_classes, ignore_index)
+        return SegObjective(num_classes, ignore_index)
     if task == "depth":
-        return DepthTask(depth_loss_kind)
+        return DepthObjective(depth_loss_kind)
     raise ValueError(f"unknown task {task!r} (expected 'seg' or 'depth')")

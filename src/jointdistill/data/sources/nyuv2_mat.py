@@ -259,7 +259,7 @@ def read_splits(path: Path, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
         if idx.size == 0 or (idx != np.round(idx)).any() or idx.min() < 1 or idx.max() > n_frames:
             raise DataError(f"{path}: {key} must hold frame numbers 1..{n_frames}")
         out.append(np.unique(idx.astype(np.int64)) - 1)
-    if np.intersect1d(*out).size:
+    if np.intersect1d(out[0], out[1]).size:
         raise DataError(f"{path}: trainNdxs and testNdxs share frames")
     return out[0], out[1]
 

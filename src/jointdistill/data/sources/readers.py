@@ -42,7 +42,8 @@ def parse_classes(table, path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, 
             color = entry.get("color", default_color(i))
             if not (isinstance(color, (list, tuple)) and len(color) == 3 and all(0 <= int(c) <= 255 for c in color)):
                 raise DataError(f"{path}: class {entry['name']!r}: color must be [r, g, b] in 0..255")
-            colors.append(tuple(int(c) for c in color))
+            r, g, b = (int(c) for c in color)
+            colors.append((r, g, b))
         else:
             raise DataError(f"{path}: classes[{i}] must be a name or {{name: …, color: [r, g, b]}}")
     if len(set(names)) != len(names):
