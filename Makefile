@@ -18,11 +18,11 @@ run: setup
 	dvc repro
 	@jointdistill summary --params $(PARAMS)
 
-## test: the tests in two lanes, fast then slow (the slow lane runs only when the fast one passes).
-## Benchmarks are not tests: `make bench` measures, `make test-bench` checks the benchmark code at toy sizes.
+## test: the tests in two lanes, fast then slow, in one session that shares its fixtures (the slow lane runs only
+## when the fast one passes). Benchmarks are not tests: `make bench` measures, `make test-bench` checks the
+## benchmark code at toy sizes.
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not bench"
-	$(BIN)/python -m pytest -m "slow and not bench"
+	$(BIN)/python -m pytest -m "not bench"
 
 ## test-fast: unit tests plus one end-to-end run each of dvc repro, kfp.local and the model server
 test-fast: setup

@@ -40,6 +40,18 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """One session, two lanes: the fast lane's tests first, then the slow lane's (marked slow), so that both
+    share the session's fixtures (one dvc repro, one kfp project, one set of tiny models)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: file order within a lane
+
+
+def pytest_runtest_setup(item):
+    """The slow lane runs only when the fast lane passed (its failures say more, and sooner)."""
+    if item.get_closest_marker("slow") is not None and item.session.testsfailed:
+        pytest.skip("the fast lane failed; the slow lane does not run")
+
+
 @pytest.fixture(scope="session")
 def tiny_params():
     return load_params(REPO / "params.yaml", TINY)

@@ -55,7 +55,7 @@ def would_run(project) -> set[str]:
     return ran(run(["dvc", "repro", "--dry", "--force-downstream"], project))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by both lanes (see conftest)
 def project(tmp_path_factory):
     dst = tmp_path_factory.mktemp("dvcproject")
     files = subprocess.run(
@@ -75,7 +75,7 @@ def project(tmp_path_factory):
     return dst
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by both lanes (see conftest)
 def reproduced(project):
     """The one whole `dvc repro` of the fast lane; the tests below read it, change inputs and put them back."""
     return run(["dvc", "repro"], project)

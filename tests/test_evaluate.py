@@ -67,7 +67,7 @@ def test_depth_bins_by_hand():
 
 
 # ----------------------------------------------------------------------------- the stage
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by both lanes (see conftest)
 def evaluated(prepared, tiny_teachers, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     distill.run(params(), prepared, tiny_teachers, root / "student")

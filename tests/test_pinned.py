@@ -200,7 +200,7 @@ def _frames(folder, n, seed):
         Image.fromarray(rng.integers(1000, 30000, (48, 96), dtype=np.uint16)).save(t / "depth" / f"{stem}.png")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by both lanes (see conftest)
 def image_project(gcs_emulator, tmp_path_factory):
     """A DVC project whose data/raw/street is a folder-format dataset: 30 frames at tag A, 36 (6 added, one
     replaced) at tag B; both pushed to gs://pinned-images."""

@@ -263,7 +263,7 @@ def distill(
         result = stage.run(
             cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume, teacher_cache, metrics
         )
-    typer.echo(f"student ({result['mode']}) → {out}  ({result.headline()})")
+    typer.echo(f"student → {out}  ({result.headline()})")
 
 
 @app.command("evaluate", epilog=_params_epilog("evaluate"))
