@@ -21,7 +21,7 @@ LATENCY = """
 import json, os, statistics, time
 import numpy as np, torch, onnxruntime as ort
 from jointdistill.config import load_params
-from jointdistill.serving.onnx_file import export_onnx
+from jointdistill.models.export import export_onnx
 from jointdistill.models import build_student, build_teacher
 p = load_params({params!r}, {sets!r})
 h, w = p.prepare.height, p.prepare.width
