@@ -7,7 +7,7 @@
 - images/s, step time and peak GPU memory of one optimisation step (`engine.train_step`, the function the
   stages train with) for the DeepLabV3-ResNet-101 teachers and the ResNet-50 + ASPP student (mtl; full
   JointDistill with the teachers running; full with the teacher-output cache), at 256×512, in fp32,
-  bf16 autocast, bf16 + channels_last, and bf16 + channels_last + torch.compile (`engine.compile_networks`);
+  bf16 autocast, bf16 + channels_last, and bf16 + channels_last + torch.compile (`devices.compile_networks`);
 - each step's model FLOPs (`torch.utils.flop_counter`, forward + backward, every network that runs) and so
   the FLOP-bound limit in images/s and the model-FLOPs utilisation (MFU) against the measured bf16 rate;
 - the data loader (prepared synthetic frames with the training augmentation, pinned memory) at 0/4/8 worker
@@ -149,7 +149,7 @@ def _start_trajectory(model, task) -> None:
 def _batch(ds, bs: int, device, channels_last: bool, teachers) -> dict:
     import torch
 
-    from jointdistill.training.engine import _to
+    from jointdistill.training.sampling import to_device as _to
 
     items = [ds[i % len(ds)] for i in range(bs)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "label", "depth")}
@@ -175,14 +175,14 @@ def _setup(kind: str, variant: dict, probes, params, arch: dict, device, **spec_
     schedule and scaler the stages would build (not compiled yet: callers choose when)."""
     import torch
 
-    from jointdistill.training import engine
+    from jointdistill.training import devices, engine
 
     model, task, teachers = _build(kind, 7, probes, params, arch)
     spec = (params.teacher if kind.startswith("teacher-") else params.distill).model_copy(
         update={"amp": variant["amp"], "channels_last": variant["cl"], "compile": variant["compile"], **spec_update}
     )
     channels_last = spec.channels_last == "on"
-    amp = engine.amp_dtype(spec, device)
+    amp = devices.amp_dtype(spec, device)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -209,7 +209,7 @@ def measure(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from jointdistill.training import engine
+    from jointdistill.training import devices, engine
 
     torch.backends.cudnn.benchmark = variant.get("cudnn_benchmark", False)
     r = _setup(kind, variant, probes, params, arch, device)
@@ -220,7 +220,7 @@ def measure(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    compiled = engine.compile_networks(model) if engine.use_compile(spec, device) else 0
+    compiled = devices.compile_networks(model) if devices.use_compile(spec, device) else 0
 
     def step():
         return engine.train_step(model, task, batch, opt, sched, scaler, spec, amp)
@@ -306,7 +306,7 @@ QUICK_PLAN = [
 def loader_rows(ds, bs: int, device, workers: list[int], epochs: int) -> list[dict]:
     """Images/s the loader delivers (prepared frames + augmentation, pinned memory), no model: whole epochs
     through a fresh loader each, as `fit` makes them (worker start-up included)."""
-    from jointdistill.training.engine import EpochSampler, make_loader
+    from jointdistill.training.sampling import EpochSampler, make_loader
 
     out = []
     for w in workers:
@@ -324,18 +324,18 @@ def loader_rows(ds, bs: int, device, workers: list[int], epochs: int) -> list[di
 
 def epoch_row(ds, params, arch: dict, bs: int, device, workers: int, variant: dict, probes) -> dict:
     """One real `train_one_epoch` (loader included) of the seg teacher with ``variant``."""
-    from jointdistill.training import engine
+    from jointdistill.training import checkpoints, devices, engine, sampling
 
     r = _setup("teacher-seg", variant, probes, params, arch, device, batch_size=bs, num_workers=workers)
-    if engine.use_compile(r.spec, device):
-        engine.compile_networks(r.model)
-    sampler = engine.EpochSampler(len(ds), bs, 0, True)
+    if devices.use_compile(r.spec, device):
+        devices.compile_networks(r.model)
+    sampler = sampling.EpochSampler(len(ds), bs, 0, True)
     res = []
     for epoch in range(2):  # the first epoch warms up (and compiles); the second is reported
         sampler.set_epoch(epoch)
         ds.set_epoch(epoch)
-        loader = engine.make_loader(ds, sampler, bs, workers, device, True)
-        state = engine.RunState(epoch=epoch)
+        loader = sampling.make_loader(ds, sampler, bs, workers, device, True)
+        state = checkpoints.RunState(epoch=epoch)
         t0 = time.perf_counter()
         engine.train_one_epoch(
             r.model,

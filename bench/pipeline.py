@@ -98,7 +98,7 @@ import numpy as np, torch
 from jointdistill.config import load_params
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.data.transforms import JointTransform
-from jointdistill.training.engine import EpochSampler, make_loader
+from jointdistill.training.sampling import EpochSampler, make_loader
 from jointdistill.evaluation.metrics import depth_loss, seg_loss
 from jointdistill.models import build_student
 from jointdistill.stages import prepare

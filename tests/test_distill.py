@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jointdistill.config import load_params
+from jointdistill.distill.builder import probe_indices
 from jointdistill.distill.weights import update
 from jointdistill.errors import ConfigError, DataError, ModelError
 from jointdistill.models import load_model
@@ -117,7 +118,7 @@ def test_trajectory_file_and_distance(runs, prepared):
     assert len(table) == EPOCHS * PROBES * K * 2
     # The probe images are train images (val decides the feedback and the best checkpoint), fixed by the seed.
     n_train = json.loads((prepared / "meta.json").read_text())["counts"]["train"]
-    assert sorted(set(table["image"])) == distill.probe_indices(n_train, PROBES, 0)
+    assert sorted(set(table["image"])) == probe_indices(n_train, PROBES, 0)
     for _, frame in table.groupby(["timeframe", "source"], observed=True):
         assert frame["image"].nunique() == PROBES and frame["image"].between(0, n_train - 1).all()
         for _, pts in frame.groupby("image"):

@@ -16,11 +16,11 @@ from jointdistill.distill.connector import Connector
 from jointdistill.distill.losses import kd_depth, kd_seg
 from jointdistill.distill.model import DistillModel
 from jointdistill.distill.objective import StudentObjective
+from jointdistill.distill.plan import DistillPlan
 from jointdistill.distill.trajectory import top_k_points
 from jointdistill.evaluation.metrics import depth_loss, seg_loss
 from jointdistill.models import build_student, build_teacher, model_flops
 from jointdistill.stages import distill
-from jointdistill.stages.distill import needs_connector
 
 from .conftest import REPO, TINY
 
@@ -301,10 +301,10 @@ def test_static_kd_and_adaptive_from_the_teachers_train_no_connector():
     """With kd_target=teachers the connector only serves the trajectory (full): static_kd and adaptive leave it out,
     and their KD term still reads the teachers' predictions, live or from the cache."""
     assert [
-        needs_connector(params(f"distill.mode={m}", "distill.kd_target=teachers").distill)
+        DistillPlan.from_params(params(f"distill.mode={m}", "distill.kd_target=teachers").distill).connector
         for m in ("mtl", "static_kd", "adaptive", "full")
     ] == [False, False, False, True]
-    assert needs_connector(params("distill.mode=static_kd", "distill.kd_target=connector").distill)
+    assert DistillPlan.from_params(params("distill.mode=static_kd", "distill.kd_target=connector").distill).connector
     torch.manual_seed(0)
     student = build_student("tiny", "light", 3, tiny_widths=(8, 8, 16, 16), head_channels=8)
     teachers = [build_teacher(t, "tiny", "light", 3, tiny_widths=(8, 8, 16, 16)).eval() for t in ("seg", "depth")]
@@ -315,8 +315,9 @@ def test_static_kd_and_adaptive_from_the_teachers_train_no_connector():
     live = DistillModel(student, None, teachers, target_teachers=teachers).train()
     cached = DistillModel(student, None, None, target_teachers=teachers).train()
     for mode in ("static_kd", "adaptive"):
-        cfg = params(f"distill.mode={mode}", "distill.kd_target=teachers").distill
         for model, kwargs in ((live, {}), (cached, {"target_seg": expected["seg"], "target_depth": expected["depth"]})):
+            cache = "false" if model is live else "true"
+            cfg = params(f"distill.mode={mode}", "distill.kd_target=teachers", f"distill.teacher_cache={cache}").distill
             job = StudentObjective(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
             assert job.model_inputs == (() if model is live else ("target_seg", "target_depth"))
             out = model(x, **kwargs)
@@ -419,7 +420,9 @@ def test_connector_runs_on_the_labelled_rows_alone_where_its_outputs_are_not_sof
     label[[1, 3]], depth[[1, 3]] = 255, 0.0  # rows 1 and 3: the unlabelled split
     batch = {"image": x, "label": label, "depth": depth}
     model = DistillModel(student, con, teachers, target_teachers=teachers, connector_on_labelled=True).train()
-    cfg = params("distill.mode=full", "distill.kd_target=teachers", "distill.grad_log_every=0").distill
+    cfg = params(
+        "distill.mode=full", "distill.kd_target=teachers", "distill.grad_log_every=0", "distill.teacher_cache=false"
+    ).distill
     job = StudentObjective(model, cfg, 3, 255, {"seg": 0.5, "depth": 0.2}, [])
     assert job.model_inputs == ("label",)
     out = model(x, label=label)

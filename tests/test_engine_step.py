@@ -1,4 +1,4 @@
-"""engine.train_step and engine.compile_networks: what the GPU path relies on, checked on the CPU."""
+"""engine.train_step and devices.compile_networks: what the GPU path relies on, checked on the CPU."""
 
 import math
 import sys
@@ -10,7 +10,7 @@ from jointdistill.config import TeacherParams
 from jointdistill.distill.connector import Connector
 from jointdistill.distill.model import DistillModel
 from jointdistill.models import build_student, build_teacher
-from jointdistill.training import engine
+from jointdistill.training import devices, engine
 from jointdistill.training.objectives import SegObjective
 
 
@@ -86,7 +86,7 @@ def test_compile_networks_covers_every_network_and_keeps_state_dict_keys():
     model = DistillModel(student, con, teachers, torch.randn(2, 3, 32, 48))
     keys = list(model.state_dict())
     # student: backbone + 2 heads; each teacher: backbone + 1 head; the connector
-    assert engine.compile_networks(model) == 3 + 2 + 2 + 1
+    assert devices.compile_networks(model) == 3 + 2 + 2 + 1
     compiled = [
         m
         for m in (
@@ -107,7 +107,7 @@ def test_compile_networks_covers_every_network_and_keeps_state_dict_keys():
     [("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False)],
 )
 def test_compile_setting(setting, device, expected):
-    assert engine.use_compile(TeacherParams(compile=setting), torch.device(device)) is expected
+    assert devices.use_compile(TeacherParams(compile=setting), torch.device(device)) is expected
 
 
 def test_fused_adamw_only_on_cuda():
@@ -118,7 +118,7 @@ def test_fused_adamw_only_on_cuda():
 def test_resume_drops_dvclive_rows_the_checkpoint_does_not_hold(tmp_path):
     """A run killed after logging validation 1 but before checkpointing it resumes with one validation in its
     history: the rows of steps ≥ 1 are dropped, so the re-logged step 1 is not a duplicate (0, 1, 1 → 0, 1)."""
-    from jointdistill.training.engine import prune_live
+    from jointdistill.training.checkpoints import prune_live
 
     live = tmp_path / "dvclive" / "plots" / "metrics" / "val"
     live.mkdir(parents=True)

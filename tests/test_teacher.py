@@ -17,6 +17,7 @@ from jointdistill.errors import DataError, ModelError
 from jointdistill.models import load_model
 from jointdistill.provenance import records
 from jointdistill.stages import teacher
+from jointdistill.training.objectives import Objective
 
 from .conftest import REPO, TINY
 
@@ -213,14 +214,15 @@ def test_fresh_run_removes_only_its_own_files(prepared, tmp_path):
     assert torch.load(ckpt / "last.pt", weights_only=True)["format"].startswith("jointdistill.checkpoint")
 
 
-class CountingTask:
-    """A seg task with the optional timeframe hook and state, as the student's task will have."""
+class CountingObjective(Objective):
+    """A seg objective with the timeframe hook and state overridden, as the student's objective has them."""
+
+    monitor, higher_is_better = "miou", True
 
     def __init__(self):
         from jointdistill.training.objectives import SegObjective
 
         self.inner = SegObjective(7)
-        self.monitor, self.higher_is_better = "miou", True
         self.calls = []
 
     def loss(self, outputs, batch):
@@ -246,18 +248,18 @@ class CountingTask:
         self.calls = [tuple(c) for c in state["calls"]]
 
 
-def test_engine_task_hooks_run_each_timeframe_and_resume_with_their_state(prepared, tmp_path):
+def test_engine_objective_hooks_run_each_timeframe_and_resume_with_their_state(prepared, tmp_path):
     from jointdistill.data.prepared import PreparedDataset
     from jointdistill.models import build_teacher
     from jointdistill.training.engine import fit
 
     spec = params("teacher.epochs=2").teacher.for_task("seg")
     train, val = PreparedDataset(prepared, "train"), PreparedDataset(prepared, "val")
-    task = CountingTask()
+    task = CountingObjective()
     result = fit(build_teacher("seg", "tiny", "light", 7), task, train, val, spec, 0, tmp_path / "run", "d1")
     assert [c[0] for c in task.calls] == [1, 2] and task.calls[1][1] == 2 * (len(train) // 4)
     assert [h["hook/calls"] for h in result.history] == [1.0, 2.0]
     assert task.calls[-1][2] == round(result.history[-1]["val/miou"], 6)
-    resumed = CountingTask()
+    resumed = CountingObjective()
     fit(build_teacher("seg", "tiny", "light", 7), resumed, train, val, spec, 0, tmp_path / "run", "d1", resume=True)
     assert resumed.calls == task.calls  # restored from the checkpoint; the finished run adds no timeframe

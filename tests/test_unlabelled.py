@@ -15,7 +15,7 @@ from jointdistill.data.split import hash_fraction
 from jointdistill.data.transforms import JointTransform
 from jointdistill.errors import DataError
 from jointdistill.stages import distill, prepare
-from jointdistill.training.engine import EpochSampler
+from jointdistill.training.sampling import EpochSampler
 
 from .conftest import REPO, TINY
 

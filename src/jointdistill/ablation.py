@@ -39,7 +39,7 @@ from jointdistill.evaluation.scoring import delta_m, evaluate_model
 from jointdistill.io import atomic_write_text, write_json
 from jointdistill.models import load_model
 from jointdistill.stages import distill, teacher
-from jointdistill.training.engine import resolve_device
+from jointdistill.training.devices import resolve_device
 
 log = logging.getLogger(__name__)
 MODES = ("single", "mtl", "static_kd", "adaptive", "full")

@@ -22,7 +22,7 @@ from torch import nn
 
 from jointdistill.distill.connector import Connector
 from jointdistill.evaluation.metrics import IGNORE_INDEX
-from jointdistill.models import DenseNet
+from jointdistill.models import MultiHeadNet, Network
 
 _PROBE_CHUNK = 16
 
@@ -59,19 +59,19 @@ def rescale_depth(outputs: dict, scale: torch.Tensor | None) -> dict:
     return {**outputs, "depth": outputs["depth"] / scale.to(outputs["depth"].dtype).view(-1, 1, 1, 1)}
 
 
-class DistillModel(nn.Module):
+class DistillModel(Network):
     steps: torch.Tensor  # a buffer: training forwards so far
 
     def __init__(
         self,
-        student: DenseNet,
+        student: MultiHeadNet,
         connector: Connector | None = None,
-        teachers: list[DenseNet] | None = None,
+        teachers: list[MultiHeadNet] | None = None,
         probes: torch.Tensor | None = None,
         traj_every: int = 1,
         traj_batch: int = 4,
         probe_teacher_features: torch.Tensor | None = None,
-        target_teachers: list[DenseNet] | None = None,
+        target_teachers: list[MultiHeadNet] | None = None,
         connector_on_labelled: bool = False,
         ignore_index: int = IGNORE_INDEX,
     ):
@@ -101,7 +101,7 @@ class DistillModel(nn.Module):
         self.teacher_images = 0  # images the teachers have seen in this process (mtl: stays 0)
 
     @property
-    def teachers(self) -> tuple[DenseNet, ...]:
+    def teachers(self) -> tuple[MultiHeadNet, ...]:
         return self._teachers
 
     @property
@@ -119,14 +119,14 @@ class DistillModel(nn.Module):
         return self
 
     def compile_targets(self) -> list[nn.Module]:
-        """What `engine.compile_networks` compiles: every network's encoder and heads, and the connector."""
+        """What `training.devices.compile_networks` compiles: every network's encoder and heads, and the connector."""
         nets = (self.student, *self._teachers)
         return [m for net in nets for m in net.compile_targets()] + (
             [self.connector] if self.connector is not None else []
         )
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
-        """The student and the connector have their gradients clipped separately (see engine.clip_gradients)."""
+        """The student and the connector have their gradients clipped separately (`training.engine.clip_gradients`)."""
         groups = [list(self.student.parameters())]
         if self.connector is not None:
             groups.append(list(self.connector.parameters()))

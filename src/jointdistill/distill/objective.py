@@ -1,12 +1,13 @@
-"""The student's task for the engine: its loss in each mode, its metrics, and what happens at the
-end of every timeframe (feedback → teacher weights ω; the connector's and the student's trajectories).
+"""The student's objective for the engine: its loss in each mode, its metrics, and what happens at the end of
+every timeframe (feedback → teacher weights ω; the connector's and the student's trajectories). Which terms exist
+is the plan's decision (`distill.plan`); this module only follows it.
 
 Loss of one step, with ω the current teacher weights and L_depth the configured depth loss (default L1 of log
 depth, so that depth does not drown segmentation on the shared encoder):
 
     L   = λ_seg·CE(S_seg, y) + λ_depth·L_depth(S_depth, d)                              (every mode)
-        + λ_KD·Σ_i ω_i·D_i(S_i, C_i)   (C_i: the connector's, or with kd_target=teachers T_i's)  (KD modes)
-        + s_traj·L_traj                                                                 (full, once the buffer fills)
+        + λ_KD·Σ_i ω_i·D_i(S_i, p_i)   (p_i: the plan's soft targets, the teachers' or the connector's)  (KD)
+        + s_traj·L_traj                                                 (the trajectory, once the buffer fills)
     L_C = Σ_i L_task,i(C_i, y_i)                                        (the connector, on labels, where it trains)
 
 ω weights what the student takes from each teacher, never the connector's own label loss. s_traj is λ_traj, or,
@@ -18,8 +19,8 @@ backward per term through the encoder) and kept in ``grad_norms``: the balance b
 
 The engine minimises L + L_C in one backward: the two touch disjoint parameters (the connector's outputs are
 detached where the student uses them) and their gradients are clipped separately (`DistillModel.clip_groups`),
-so this is the same as training them side by side. (Clipped jointly, the connector's larger gradients would shrink
-the student's step: on the default run the connector held 40–65 % of the joint norm at every step.)
+so this is the same as training them side by side. Clipped jointly, the connector's larger gradients would shrink
+the student's step (how much was measured: docs/method.md, "Evidence").
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from jointdistill.config import DistillParams
 from jointdistill.distill.losses import kd_depth, kd_seg
 from jointdistill.distill.model import DistillModel, labelled_rows
+from jointdistill.distill.plan import DistillPlan
 from jointdistill.distill.trajectory import (
     Points,
     TrajectoryBuffer,
@@ -51,6 +54,7 @@ from jointdistill.distill.trajectory import (
 from jointdistill.distill.weights import TeacherWeights, task_score
 from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
 from jointdistill.models.nets import TASKS
+from jointdistill.training.objectives import Objective
 
 TRAJECTORY_COLUMNS = ("timeframe", "step", "image", "rank", "y", "x", "value", "source")
 WEIGHTS_COLUMNS = ("timeframe", "step", "task", "feedback", "omega")
@@ -85,7 +89,7 @@ def mt_score(metrics: dict) -> float:
     return 0.5 * (metrics["miou"] + metrics["delta1"])
 
 
-class StudentObjective:
+class StudentObjective(Objective):
     monitor, higher_is_better = "mt_score", True
 
     def __init__(
@@ -97,21 +101,22 @@ class StudentObjective:
         teacher_scores: dict[str, float] | None,
         probe_ids: list[int],
         connector_eval: Callable[[], dict] | None = None,
+        plan: DistillPlan | None = None,
     ):
+        """``plan``: how this student is distilled (default: the plan of ``cfg`` alone)."""
         self.model, self.cfg = model, cfg
+        self.plan = plan = plan if plan is not None else DistillPlan.from_params(cfg)
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.kd = cfg.mode != "mtl"
-        self.use_trajectory = cfg.mode == "full"
         self.weights = None
-        if self.kd:
+        if plan.teachers:
             if teacher_scores is None:
-                raise ValueError(f"mode {cfg.mode} needs the teachers' val scores")
+                raise ValueError(f"mode {plan.mode} needs the teachers' val scores")
             self.weights = TeacherWeights(
                 TASKS,
                 teacher_scores,
                 cfg.alpha,
                 cfg.beta,
-                adaptive=cfg.mode != "static_kd",
+                adaptive=plan.adaptive,
                 w_min=cfg.weight_min,
                 w_max=cfg.weight_max,
                 direction=cfg.feedback,
@@ -127,14 +132,7 @@ class StudentObjective:
         self.grad_norms: list[dict] = []  # per-term gradient norms on the student's encoder
         self._last_step: int | None = None
         self.traj_scale: float | None = None if cfg.traj_share else cfg.lambda_traj
-        self.model_inputs: tuple[str, ...] = ()
-        if self.kd and not model.teachers:  # the teacher cache brings what the teachers gave
-            if model.connector is not None:
-                self.model_inputs = ("teacher_features", "feature_scale")
-            if cfg.kd_target == "teachers":
-                self.model_inputs += ("target_seg", "target_depth")
-        if model.connector is not None and model.connector_on_labelled:
-            self.model_inputs += ("label",)
+        self.model_inputs = plan.model_inputs()
 
     # ------------------------------------------------------------------ training
     def omega(self) -> dict[str, float]:
@@ -157,7 +155,7 @@ class StudentObjective:
             connector_loss = c_ce + c_dl
             parts.update(connector_seg_ce=c_ce.detach(), connector_depth=c_dl.detach())
         soft = outputs.get("targets", outputs.get("connector"))  # the teachers' own (kd_target), or the connector's
-        if self.kd and soft is not None:
+        if self.plan.teachers and soft is not None:
             w = self.omega()
             kd_label, kd_gt = kd_pixels(label, depth, self.ignore_index)
             d_seg = kd_seg(s["seg"], soft["seg"], kd_label, cfg.temperature, self.ignore_index)
@@ -244,7 +242,7 @@ class StudentObjective:
             "share": {t: v / total for t, v in mean.items()},
             "depth_seg_ratio": sum(ratios) / len(ratios),
             "depth_seg_ratio_with_kd": sum(with_kd) / len(with_kd),
-            "traj_scale": self.traj_scale if self.use_trajectory else None,
+            "traj_scale": self.traj_scale if self.plan.trajectory else None,
         }
 
     def progress(self, parts: dict) -> dict[str, str]:
@@ -272,7 +270,8 @@ class StudentObjective:
         return out
 
     # ------------------------------------------------------------------ timeframes
-    def end_timeframe(self, timeframe: int, step: int, val: dict, model: DistillModel) -> dict:
+    def end_timeframe(self, timeframe: int, step: int, val: dict, model: nn.Module) -> dict:
+        assert isinstance(model, DistillModel)  # the engine hands back the model it trains
         logs = {}
         if self.weights is not None:
             w = self.weights.step(timeframe, step, {t: task_score(t, val) for t in TASKS})
@@ -318,7 +317,7 @@ class StudentObjective:
                 overlap=point_overlap(con, stu),
             )
         self.timeframes.append(stats)
-        model.trajectory_on = self.use_trajectory and len(self.buffer) > 0
+        model.trajectory_on = self.plan.trajectory and len(self.buffer) > 0
         self.logging_seconds += time.perf_counter() - t0
         return {f"traj/{k}": v for k, v in stats.items() if k not in ("timeframe", "step")}
 
@@ -349,7 +348,7 @@ class StudentObjective:
         self.grad_norms = list(state.get("grad_norms", []))
         self.traj_scale = state.get("traj_scale", self.traj_scale)
         self._last_step = state.get("last_step")
-        self.model.trajectory_on = self.use_trajectory and len(self.buffer) > 0
+        self.model.trajectory_on = self.plan.trajectory and len(self.buffer) > 0
 
     # ------------------------------------------------------------------ the tables this objective records
     def write_weights(self, path: Path) -> int:

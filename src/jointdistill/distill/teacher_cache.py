@@ -37,7 +37,7 @@ import torch
 from jointdistill.data.contract import UNLABELLED, split_count
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.io import NpyStream, atomic_dir, write_json
-from jointdistill.models import DenseNet
+from jointdistill.models import MultiHeadNet
 
 log = logging.getLogger(__name__)
 FORMAT = "jointdistill.teacher-cache/2"
@@ -79,7 +79,9 @@ def open_cache(folder: Path, key: dict) -> dict | None:
 
 
 @torch.no_grad()
-def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device: torch.device, batch_size: int) -> dict:
+def build(
+    folder: Path, teachers: list[MultiHeadNet], key: dict, data: Path, device: torch.device, batch_size: int
+) -> dict:
     """Run ``teachers`` once over train and val of ``data`` into ``folder`` (replaced atomically)."""
     t0 = time.perf_counter()
     for t in teachers:
@@ -122,7 +124,7 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
             "key": key,
             "channels": channels,
             "grid": list(grid),
-            "stride": DenseNet.feature_stride,
+            "stride": MultiHeadNet.feature_stride,
             "dtype": "float16",
             "shapes": shapes,
             "teacher_forward_images": images,
@@ -144,7 +146,7 @@ def build(folder: Path, teachers: list[DenseNet], key: dict, data: Path, device:
 
 def ensure(
     folder: Path,
-    teachers: list[DenseNet],
+    teachers: list[MultiHeadNet],
     key: dict,
     data: Path,
     device: torch.device,

@@ -24,7 +24,7 @@ from jointdistill.config import DistillParams
 from jointdistill.distill.model import DistillModel, rescale_depth
 from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter, depth_loss, seg_loss
 from jointdistill.models.serialization import load_safe, save_atomic
-from jointdistill.training.engine import EpochSampler, make_loader
+from jointdistill.training.sampling import EpochSampler, make_loader
 
 log = logging.getLogger(__name__)
 WARMUP_FORMAT = "jointdistill.connector-warmup/1"
@@ -140,3 +140,8 @@ def connector_metrics(
     finally:
         connector.train(was)
     return {**seg.compute(), **dep.compute()}
+
+
+def short_metrics(metrics: dict) -> dict:
+    """The connector's headline metrics, rounded, for the report."""
+    return {k: round(float(metrics[k]), 5) for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1") if k in metrics}

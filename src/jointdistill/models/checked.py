@@ -8,13 +8,13 @@ from pathlib import Path
 
 from jointdistill.errors import DataError, ModelError
 from jointdistill.io import file_sha256
-from jointdistill.models.nets import DenseNet
+from jointdistill.models.nets import MultiHeadNet
 from jointdistill.models.store import load_model
 
 log = logging.getLogger(__name__)
 
 
-def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[DenseNet, dict]:
+def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[MultiHeadNet, dict]:
     """A teacher folder (or its model.pt), checked against its task and the prepared data."""
     path = Path(path)
     file = path / "model.pt" if path.is_dir() else path
@@ -56,7 +56,7 @@ def load_teacher(path: str | Path, task: str, meta: dict) -> tuple[DenseNet, dic
     }
 
 
-def load_student(path: str | Path, meta: dict, what: str = "student") -> tuple[DenseNet, dict]:
+def load_student(path: str | Path, meta: dict, what: str = "student") -> tuple[MultiHeadNet, dict]:
     """A student folder (or its student.pt), checked to be multi-task and to predict the data's classes."""
     path = Path(path)
     file = path / "student.pt" if path.is_dir() else path

@@ -47,7 +47,22 @@ class ModelConfig:
         return cls(**d)
 
 
-class DenseNet(nn.Module):
+class Network(nn.Module):
+    """What the training engine asks of any network it trains, with the defaults: compile the whole module, clip
+    all its gradients as one group. A network made of parts with their own objectives overrides them."""
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules `training.devices.compile_networks` compiles (where the FLOPs are)."""
+        return [self]
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradient norms are clipped separately (see `training.engine.clip_gradients`)."""
+        return [list(self.parameters())]
+
+
+class MultiHeadNet(Network):
+    """An encoder with one dense-prediction head per task: a teacher has one head, the student both."""
+
     feature_stride = 8
 
     def __init__(self, config: ModelConfig, pretrained_backbone: str | None = None):
@@ -65,7 +80,7 @@ class DenseNet(nn.Module):
             init_depth_bias(self.heads["depth"])
 
     def compile_targets(self) -> list[nn.Module]:
-        """What `engine.compile_networks` compiles: the encoder and each head (where the FLOPs are)."""
+        """The encoder and each head (where the FLOPs are)."""
         return [self.backbone, *self.heads.values()]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from jointdistill.errors import ModelError
-from jointdistill.models.nets import DenseNet, ModelConfig
+from jointdistill.models.nets import ModelConfig, MultiHeadNet
 from jointdistill.models.serialization import check_fit, load_safe, save_atomic
 
 MODEL_FORMAT = "jointdistill.model/1"
 
 
-def save_model(path: str | Path, model: DenseNet, state_dict: dict | None = None, **info) -> None:
+def save_model(path: str | Path, model: MultiHeadNet, state_dict: dict | None = None, **info) -> None:
     save_atomic(
         path,
         {
@@ -25,11 +25,11 @@ def save_model(path: str | Path, model: DenseNet, state_dict: dict | None = None
     )
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DenseNet, dict]:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MultiHeadNet, dict]:
     """Rebuild a saved model (weights_only loading); any mismatch is a `ModelError` naming the keys."""
     record = load_safe(path, "model", MODEL_FORMAT, map_location)
     try:
-        model = DenseNet(ModelConfig.from_dict(record["config"]))
+        model = MultiHeadNet(ModelConfig.from_dict(record["config"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"model {path}: bad model config ({exc})") from None
     state = record.get("state_dict", {})

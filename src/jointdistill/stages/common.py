@@ -17,7 +17,8 @@ from torch import nn
 
 from jointdistill.io import atomic_dir, write_json
 from jointdistill.provenance import lineage, records
-from jointdistill.training.engine import EpochSampler, evaluate, make_loader
+from jointdistill.training.engine import evaluate
+from jointdistill.training.sampling import EpochSampler, make_loader
 
 
 def run_key(inputs: dict) -> str:

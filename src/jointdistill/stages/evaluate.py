@@ -31,7 +31,7 @@ from jointdistill.io import atomic_dir, write_json
 from jointdistill.models.checked import load_student, load_teacher
 from jointdistill.provenance import lineage, records
 from jointdistill.stages.results import EvaluationResult
-from jointdistill.training.engine import resolve_device
+from jointdistill.training.devices import resolve_device
 
 log = logging.getLogger(__name__)
 SHOWN = ("miou", "pixacc", "abs_err", "rel_err", "delta1")

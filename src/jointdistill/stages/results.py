@@ -116,6 +116,93 @@ class TeacherResult(StageResult):
 class StudentResult(StageResult):
     stage = "distill"
 
+    @classmethod
+    def from_run(
+        cls,
+        params: Any,
+        plan: Any,
+        meta: dict,
+        built: Any,
+        fitted: Any,
+        test: dict,
+        warmup: dict | None,
+        train_seconds: float,
+    ) -> StudentResult:
+        """The report of a distill run: ``built`` (`distill.builder.Built`), ``fitted`` (`engine.FitResult`), the
+        best weights' ``test`` metrics, the connector's ``warmup`` report, the training time (warm-up included)."""
+        import numpy as np
+
+        from jointdistill.distill.warmup import short_metrics
+        from jointdistill.models import model_flops
+        from jointdistill.stages.common import rank_and_world
+
+        cfg, objective, student = params.distill, built.objective, built.student
+        h, w = meta["resolution"]
+        history = fitted.history
+        ips = float(np.mean([e["train/images_per_second"] for e in history])) if history else None
+        pool, pool_batch = built.pool
+        cache = built.cache_report
+        return cls(
+            {
+                "mode": plan.mode,
+                "monitor": objective.monitor,
+                "val": fitted.best_metrics,
+                "test": test,
+                "teachers": built.teacher_info,
+                "weights": {
+                    "final": objective.omega(),
+                    "history": list(objective.weights.history) if objective.weights else [],
+                },
+                "trajectory": {},
+                "best_epoch": fitted.best_epoch,
+                "best_step": fitted.best_step,
+                "epochs": cfg.epochs,
+                # Labelled images, the unlabelled split's size and how many of them each step adds (KD modes), and
+                # the labelled samples an epoch draws.
+                "data": {
+                    "train": len(built.train_ds),
+                    "unlabelled": pool,
+                    "unlabelled_batch": pool_batch,
+                    "epoch_samples": built.epoch_samples or len(built.train_ds),
+                },
+                "timeframes": len(history),
+                "train_seconds": round(train_seconds, 2),
+                # Validation, the ω update, connector scoring and trajectory records: the price of the timeframes.
+                "validation_seconds": round(fitted.validation_seconds, 2),
+                "validation_share": round(fitted.validation_seconds / train_seconds, 4) if train_seconds > 0 else None,
+                "connector": {
+                    "warmup": warmup,
+                    "history": [short_metrics(c) | {"timeframe": c["timeframe"]} for c in objective.connector_history],
+                },
+                "gradients": objective.gradient_summary(),
+                "flops": {"student": model_flops(student, h, w)},
+                # Training loop only (data, forward, backward, step), per process; validation excluded.
+                "seconds_per_step": round((cfg.batch_size + pool_batch) / ips, 5) if ips else None,
+                "train_images_per_second": round(ips, 2) if ips else None,
+                # Images the teachers ran on in this process: per step without the cache, once when it was built.
+                "teacher_forward_images": built.model.teacher_images
+                + (cache["teacher_forward_images"] if cache and not cache["reused"] else 0),
+                "teacher_cache": cache,
+                "history": history,
+                "resumed_from_step": fitted.resumed_from,
+                "world_size": rank_and_world()[1],
+                "model": {
+                    "backbone": params.student.backbone,
+                    "head": params.student.head,
+                    "parameters": sum(p.numel() for p in student.parameters()),
+                },
+                "params_digest": params.digest("distill"),
+            }
+        )
+
+    @staticmethod
+    def curated(report: dict) -> dict:
+        """The student's few numbers for metrics.json: test metrics and training time (the rest is in report.json)."""
+        return {
+            **{k: report["test"][k] for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1")},
+            "seconds": report["train_seconds"],
+        }
+
     def headline(self) -> str:
         test = self["test"]
         omega = ", ".join(f"{k} {v:.3f}" for k, v in self["weights"]["final"].items())

@@ -23,7 +23,9 @@ from jointdistill.models import TASKS, build_teacher, model_flops, save_model
 from jointdistill.provenance import codeid, lineage
 from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
 from jointdistill.stages.results import TeacherResult
-from jointdistill.training.engine import fit, resolve_device, seed_everything
+from jointdistill.training.checkpoints import seed_everything
+from jointdistill.training.devices import resolve_device
+from jointdistill.training.engine import fit
 from jointdistill.training.objectives import make_objective
 
 log = logging.getLogger(__name__)
