@@ -18,11 +18,12 @@ def distill(
 ):
     """Train the multi-task student (distill.mode) into the output artifact's directory."""
     from jointdistill.config import params_from_dict
+    from jointdistill.distill.plan import uses_teachers
     from jointdistill.stages import distill as stage
     from jointdistill.stages.results import record_artifact
 
     cfg = params_from_dict(params, "pipeline parameter 'params'")
-    teachers = None if cfg.distill.mode == "mtl" else (teacher_seg.path, teacher_depth.path)
+    teachers = (teacher_seg.path, teacher_depth.path) if uses_teachers(cfg.distill.mode) else None
     result = stage.run(cfg, prepared.path, teachers, student.path)
     record_artifact(student, result, metrics)
 

@@ -32,17 +32,21 @@ from pathlib import Path
 from jointdistill.config import Params, params_from_dict
 from jointdistill.data.contract import verify_prepared
 from jointdistill.data.prepared import PreparedDataset
+from jointdistill.distill.plan import MODES as DISTILL_MODES
+from jointdistill.distill.plan import MTL, uses_teachers
 from jointdistill.errors import ConfigError
 from jointdistill.evaluation import plots
 from jointdistill.evaluation.gate import GATE_ABS_ERR, GATE_MIOU_POINTS, gate_failure
-from jointdistill.evaluation.scoring import delta_m, evaluate_model
+from jointdistill.evaluation.scoring import delta_m, score_model
 from jointdistill.io import atomic_write_text, write_json
 from jointdistill.models import load_model
 from jointdistill.stages import distill, teacher
 from jointdistill.training.devices import resolve_device
 
 log = logging.getLogger(__name__)
-MODES = ("single", "mtl", "static_kd", "adaptive", "full")
+# The table's rows: the teachers themselves, then one student per distill mode.
+TEACHERS_ROW = "single"
+MODES = (TEACHERS_ROW, *DISTILL_MODES)
 VARIANTS = {
     "cache": ("teacher_cache", True),
     "live": ("teacher_cache", False),
@@ -63,7 +67,8 @@ HIGHER_IS_BETTER = {"miou": True, "pixacc": True, "abs_err": False, "rel_err": F
 def parse_mode(mode: str) -> tuple[str, dict]:
     """``"full+deficit"`` → ("full", {"distill.feedback": "deficit"}); unknown names are a ConfigError."""
     base, *variants = mode.split("+")
-    if base not in MODES or (variants and base in ("single", "mtl")) or any(v not in VARIANTS for v in variants):
+    kd = base != TEACHERS_ROW and uses_teachers(base)
+    if base not in MODES or (variants and not kd) or any(v not in VARIANTS for v in variants):
         raise ConfigError(f"unknown mode {mode!r}")
     return base, {f"distill.{VARIANTS[v][0]}": VARIANTS[v][1] for v in variants}
 
@@ -170,7 +175,7 @@ def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict
         folder = root / mode
         if not _done(folder, p.digest("distill")):
             log.info("ablate: seed %d, mode %s", seed, mode)
-            teachers = None if name == "mtl" else (root / "teachers" / "seg", root / "teachers" / "depth")
+            teachers = (root / "teachers" / "seg", root / "teachers" / "depth") if uses_teachers(name) else None
             distill.run(
                 p,
                 data,
@@ -181,7 +186,7 @@ def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict
                 teacher_cache=root / "teacher_cache",
             )
         model, _ = load_model(folder / "student.pt")
-        m = evaluate_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
+        m = score_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
         rows.append({"seed": seed, "mode": mode, **{k: m[k] for k in COLUMNS[:4]}, "delta_m": delta_m(m, reference)})
     return rows
 
@@ -261,10 +266,10 @@ def gate(results: list[dict], unlabelled: int = 0) -> dict:
     """Per seed: do the teachers beat mtl by ≥ 5 mIoU points and ≥ 5 % AbsErr on test? ``unlabelled``: frames
     without labels that the KD modes learn from (then the gate does not bound what distillation can add)."""
     by = {(r["mode"], r["seed"]): r for r in results}
-    seeds = sorted(s for (m, s) in by if m == "mtl" and ("single", s) in by)
+    seeds = sorted(s for (m, s) in by if m == MTL and (TEACHERS_ROW, s) in by)
     rows = []
     for s in seeds:
-        t, m = by[("single", s)], by[("mtl", s)]
+        t, m = by[(TEACHERS_ROW, s)], by[(MTL, s)]
         miou_gap = t["miou"] - m["miou"]
         abs_gap = (m["abs_err"] - t["abs_err"]) / m["abs_err"]
         rows.append(

@@ -255,11 +255,12 @@ def distill(
     """
     from jointdistill.cloud.staging import staging
     from jointdistill.config import load_params
+    from jointdistill.distill.plan import uses_teachers
     from jointdistill.stages import distill as stage
 
     with staging() as paths:
         cfg = load_params(paths.input(params), set_)
-        teacher_dirs = None if cfg.distill.mode == "mtl" else (paths.input(teachers[0]), paths.input(teachers[1]))
+        teacher_dirs = (paths.input(teachers[0]), paths.input(teachers[1])) if uses_teachers(cfg.distill.mode) else None
         result = stage.run(
             cfg, paths.input(data), teacher_dirs, paths.output(out), checkpoints, resume, teacher_cache, metrics
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jointdistill.config import Params, TrainJobParams
+from jointdistill.distill.plan import uses_teachers
 from jointdistill.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def request(
             raise ConfigError(f"teacher task {task!r}: expected seg or depth")
         args += ["--task", task]
     args += ["--params", params_url, "--data", data_url]
-    if stage == "distill" and params.distill.mode != "mtl":
+    if stage == "distill" and uses_teachers(params.distill.mode):
         if not teacher_urls:
             raise ConfigError(f"distill mode {params.distill.mode!r} needs the two teachers' URLs")
         args += ["--teachers", *teacher_urls]

@@ -31,7 +31,7 @@ from jointdistill.errors import ConfigError
 from jointdistill.models import TASKS, MultiHeadNet, build_student, model_flops
 from jointdistill.models.checked import load_teacher
 from jointdistill.training.checkpoints import seed_everything
-from jointdistill.training.engine import evaluate
+from jointdistill.training.engine import compute_metrics
 from jointdistill.training.objectives import make_objective
 from jointdistill.training.sampling import EpochSampler, make_loader
 
@@ -65,7 +65,7 @@ def load_teachers(folders, meta: dict, val_ds, cfg: DistillParams, seed: int, de
     for task, model in zip(TASKS, models, strict=True):
         info[task]["flops"] = model_flops(model, h, w)
         sampler = EpochSampler(len(val_ds), cfg.batch_size, seed, False, drop_last=False)
-        val = evaluate(
+        val = compute_metrics(
             model.to(device),
             make_objective(task, n_cls, ignore),
             make_loader(val_ds, sampler, cfg.batch_size, 0, device, False),
@@ -167,7 +167,7 @@ def build(
         cfg.traj_every,
         cfg.traj_batch,
         probe_teacher_features=probe_feats,
-        target_teachers=teacher_models if plan.kd_source == "teachers" else None,
+        target_teachers=teacher_models if plan.targets_from_teachers else None,
         connector_on_labelled=plan.connector_on_labelled,
         ignore_index=ignore,
     )
@@ -178,9 +178,7 @@ def build(
         def connector_val() -> dict:
             return connector_metrics(model, val_c, cfg.batch_size, device, num_classes, ignore)
 
-    objective = StudentObjective(
-        model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val, plan=plan
-    )  # fmt: skip
+    objective = StudentObjective(model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val, plan=plan)
 
     def training_split(split: str) -> PreparedDataset:
         return PreparedDataset(

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from jointdistill.config import DistillParams
 from jointdistill.data.contract import UNLABELLED, split_count
 
-MODES = ("mtl", "static_kd", "adaptive", "full")
+MTL = "mtl"  # labels alone: the baseline every KD mode must beat
+MODES = (MTL, "static_kd", "adaptive", "full")
 KdSource = Literal["teachers", "connector"]
 
 
@@ -75,6 +76,11 @@ class DistillPlan:
         )
 
     @property
+    def targets_from_teachers(self) -> bool:
+        """The soft targets are the teachers' own predictions (their heads run, live or from the cache)."""
+        return self.kd_source == "teachers"
+
+    @property
     def live_teachers(self) -> bool:
         """The teachers run on every batch (no cache)."""
         return self.teachers and not self.cache
@@ -100,4 +106,4 @@ class DistillPlan:
 def uses_teachers(mode: str) -> bool:
     """Whether a student of ``mode`` needs the teachers (every mode but mtl): what the adapters ask before they
     pass teacher folders."""
-    return mode != "mtl"
+    return mode != MTL

@@ -17,7 +17,7 @@ from jointdistill.evaluation.metrics import HIGHER_IS_BETTER, ConfusionMatrix, D
 
 
 class BatchRunner(Protocol):
-    """What `evaluate_session` runs: an exported model (`serving.infer.StudentSession`) or anything alike."""
+    """What `score_session` runs: an exported model (`serving.infer.StudentSession`) or anything alike."""
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -95,7 +95,7 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate_model(
+def score_model(
     model: nn.Module,
     tasks: tuple[str, ...],
     dataset,
@@ -140,7 +140,7 @@ def evaluate_model(
     return Evaluation(metrics, cm.mat.numpy() if cm is not None else None, bins.rows() if bins else None, samples)
 
 
-def evaluate_session(session: BatchRunner, dataset, batch_size: int, num_classes: int, ignore_index: int) -> dict:
+def score_session(session: BatchRunner, dataset, batch_size: int, num_classes: int, ignore_index: int) -> dict:
     """Exact test-set metrics (the same accumulation as the PyTorch evaluation) of an onnxruntime session."""
     cm, dm = ConfusionMatrix(num_classes, ignore_index), DepthMeter()
     for start in range(0, len(dataset), batch_size):

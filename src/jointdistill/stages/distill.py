@@ -16,7 +16,7 @@ from pathlib import Path
 from jointdistill.config import Params
 from jointdistill.data.contract import verify_prepared
 from jointdistill.data.prepared import PreparedDataset
-from jointdistill.distill.builder import build
+from jointdistill.distill.builder import Built, build
 from jointdistill.distill.plan import DistillPlan
 from jointdistill.distill.warmup import short_metrics, warm_up
 from jointdistill.errors import ConfigError
@@ -51,54 +51,42 @@ def run(
     data, out = Path(data), Path(out)
     meta = verify_prepared(data)
     plan = DistillPlan.from_params(cfg, meta)
-    if plan.teachers and not teachers:
-        raise ConfigError(
-            f"distill.mode={cfg.mode} needs the two teachers (--teachers SEG_DIR DEPTH_DIR); "
-            "only mode mtl trains without them"
-        )
-    if teachers is not None and len(teachers) != 2:
-        raise ConfigError(f"--teachers takes two folders (seg, then depth), got {len(teachers)}")
+    _check_teachers(plan, cfg.mode, teachers)
     checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
     device = resolve_device(cfg.device)
 
     built = build(params, plan, data, meta, teachers, device, Path(teacher_cache or checkpoints / "teacher_cache"))
-    digest = run_key(
-        {
-            "distill": cfg.model_dump(mode="json"),
-            "student": params.student.model_dump(mode="json"),
-            "augment": params.augment.model_dump(mode="json"),
-            "seed": params.seed,
-            "data": meta.get("source_checksum"),
-            "code": codeid.source_digest(__name__),
-            "teachers": built.teacher_digests,
-        }
-    )
+    digest = _run_key(params, meta, built)
     t0 = time.perf_counter()
-    warmup = None
-    if plan.connector and cfg.connector_warmup:
-        assert built.connector_val is not None
-        before = short_metrics(built.connector_val())
-        warmup = warm_up(built.model, built.train_ds, cfg, params.seed, device, meta["ignore_index"],
-                         checkpoints / "connector-warmup.pt", digest, resume)  # fmt: skip
-        warmup["val_before"], warmup["val"] = before, short_metrics(built.connector_val())
-        log.info("distill: connector after warm-up: val %s", warmup["val"])
-        seed_everything(params.seed)  # the student's run draws the same numbers whether or not it warmed up here
-    fitted = fit(built.model, built.objective, built.train_set, built.val_ds, cfg, params.seed, checkpoints, digest,
-                 resume=resume, log_name=f"distill-{cfg.mode}", eval_every=cfg.timeframe_steps or None,
-                 epoch_samples=built.epoch_samples, pool=built.pool)  # fmt: skip
+    warmup = _warm_up(params, plan, built, meta, device, checkpoints, digest, resume)
+    fitted = fit(
+        built.model,
+        built.objective,
+        built.train_set,
+        built.val_ds,
+        cfg,
+        params.seed,
+        checkpoints,
+        digest,
+        resume=resume,
+        log_name=f"distill-{cfg.mode}",
+        eval_every=cfg.timeframe_steps or None,
+        epoch_samples=built.epoch_samples,
+        pool=built.pool,
+    )
     train_seconds = time.perf_counter() - t0
 
     best = {k.removeprefix("student."): v for k, v in fitted.best_state.items() if k.startswith("student.")}
     built.student.load_state_dict(best)
-    test = test_metrics(built.student, built.objective, PreparedDataset(data, "test"), cfg.batch_size,
-                        params.seed, device)  # fmt: skip
+    test_ds = PreparedDataset(data, "test")
+    test = test_metrics(built.student, built.objective, test_ds, cfg.batch_size, params.seed, device)
     report = StudentResult.from_run(params, plan, meta, built, fitted, test, warmup, train_seconds)
     if rank_and_world()[0] == 0:
 
         def files(tmp: Path) -> None:
-            save_model(tmp / "student.pt", built.student, best, task="multi", mode=cfg.mode,
-                       **_model_record(meta), params_digest=params.digest("distill"), best_epoch=fitted.best_epoch,
-                       val=fitted.best_metrics, teachers=built.teacher_digests)  # fmt: skip
+            record = {"mode": cfg.mode, **_data_record(meta), "params_digest": params.digest("distill")}
+            record |= {"best_epoch": fitted.best_epoch, "val": fitted.best_metrics, "teachers": built.teacher_digests}
+            save_model(tmp / "student.pt", built.student, best, task="multi", **record)
             built.objective.write_weights(tmp / "weights.csv")
             report["trajectory"] = built.objective.write_trajectory(tmp / "trajectory.parquet", train_seconds)
 
@@ -110,7 +98,47 @@ def run(
     return report
 
 
-def _model_record(meta: dict) -> dict:
+def _check_teachers(plan: DistillPlan, mode: str, teachers) -> None:
+    if plan.teachers and not teachers:
+        raise ConfigError(
+            f"distill.mode={mode} needs the two teachers (--teachers SEG_DIR DEPTH_DIR); only mode mtl trains "
+            "without them"
+        )
+    if teachers is not None and len(teachers) != 2:
+        raise ConfigError(f"--teachers takes two folders (seg, then depth), got {len(teachers)}")
+
+
+def _run_key(params: Params, meta: dict, built: Built) -> str:
+    """The key of this run's checkpoints: everything that decides it (params, data, code, the teachers' files)."""
+    return run_key(
+        {
+            "distill": params.distill.model_dump(mode="json"),
+            "student": params.student.model_dump(mode="json"),
+            "augment": params.augment.model_dump(mode="json"),
+            "seed": params.seed,
+            "data": meta.get("source_checksum"),
+            "code": codeid.source_digest(__name__),
+            "teachers": built.teacher_digests,
+        }
+    )
+
+
+def _warm_up(params, plan, built: Built, meta, device, checkpoints: Path, digest: str, resume: bool) -> dict | None:
+    """The connector trained alone first, where it has a role (see `distill.warmup`): its report, or None."""
+    if not (plan.connector and params.distill.connector_warmup):
+        return None
+    assert built.connector_val is not None
+    before = short_metrics(built.connector_val())
+    file = checkpoints / "connector-warmup.pt"
+    ignore = meta["ignore_index"]
+    report = warm_up(built.model, built.train_ds, params.distill, params.seed, device, ignore, file, digest, resume)
+    report["val_before"], report["val"] = before, short_metrics(built.connector_val())
+    log.info("distill: connector after warm-up: val %s", report["val"])
+    seed_everything(params.seed)  # the student's run draws the same numbers whether or not it warmed up here
+    return report
+
+
+def _data_record(meta: dict) -> dict:
     """What a model file carries about the data it was trained on."""
     keys = ("classes", "palette", "normalization", "resolution", "ignore_index")
     return {**{k: meta[k] for k in keys}, "data_checksum": meta.get("source_checksum")}

@@ -23,11 +23,12 @@ from jointdistill.config import Params
 from jointdistill.data.contract import open_split, verify_prepared
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.errors import DataError
-from jointdistill.evaluation import plots
+from jointdistill.evaluation import plots, templates
 from jointdistill.evaluation import report as rp
 from jointdistill.evaluation.gate import capacity_gate, gate_failure
-from jointdistill.evaluation.scoring import DELTA_M_METRICS, delta_m, depth_edges, evaluate_model
+from jointdistill.evaluation.scoring import DELTA_M_METRICS, delta_m, depth_edges, score_model
 from jointdistill.io import atomic_dir, write_json
+from jointdistill.models import TASKS
 from jointdistill.models.checked import load_student, load_teacher
 from jointdistill.provenance import lineage, records
 from jointdistill.stages.results import EvaluationResult
@@ -51,6 +52,9 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         w.writerows(rows)
 
 
+MTL_BASELINE = "mtl"  # the report's key of the optional plain multi-task baseline (`--mtl`)
+
+
 def run(
     params: Params,
     data: str | Path,
@@ -64,36 +68,80 @@ def run(
     data, out, student = Path(data), Path(out), Path(student)
     t_start = time.perf_counter()
     meta = verify_prepared(data)
-    classes, palette, ignore = meta["classes"], meta["palette"], meta["ignore_index"]
-    num_classes = len(classes)
-    s_model, s_record = load_student(student, meta)
-    t_seg, _ = load_teacher(teachers[0], "seg", meta)
-    t_depth, _ = load_teacher(teachers[1], "depth", meta)
-    m_model = load_student(mtl, meta, "mtl baseline")[0] if mtl else None
+    models, s_record = _load_models(student, teachers, mtl, meta)
     ds = PreparedDataset(data, cfg.split)
     if len(ds) == 0:
         raise DataError(f"{data}: split {cfg.split!r} is empty")
     device = resolve_device(cfg.device)
     lo, hi = meta.get("depth_range") or (0.5, params.prepare.max_depth)
-    edges = depth_edges(lo, hi, cfg.depth_bins)
     keep = min(cfg.qualitative_images, len(ds))
-
-    def ev(model, tasks, k=0):
-        return evaluate_model(model, tasks, ds, num_classes, ignore, cfg.batch_size, device, edges, keep=k)
-
     res = {
-        "student": ev(s_model, ("seg", "depth"), keep),
-        "teacher_seg": ev(t_seg, ("seg",)),
-        "teacher_depth": ev(t_depth, ("depth",)),
+        name: score_model(
+            model,
+            tasks,
+            ds,
+            len(meta["classes"]),
+            meta["ignore_index"],
+            cfg.batch_size,
+            device,
+            depth_edges(lo, hi, cfg.depth_bins),
+            keep=keep if name == "student" else 0,
+        )
+        for name, (model, tasks) in models.items()
     }
-    if m_model is not None:
-        res["mtl"] = ev(m_model, ("seg", "depth"))
+    s_info = _read_json(student / "report.json") or {}
+    metrics = compare_models(res, meta["classes"], cfg.split, s_info)
+    networks = {name: models[name][0] for name in ("student", "teacher_seg", "teacher_depth")}
+    metrics["cost"] = inference_cost(networks, tuple(meta["resolution"]), device)
+    weights_rows = _read_rows(student / "weights.csv")
+
+    with atomic_dir(out) as tmp:
+        parents = {"prepared": data, "teacher_seg": teachers[0], "teacher_depth": teachers[1], "student": student}
+        lineage.write(tmp, lineage.record("evaluate", params.digest("evaluate"), parents, module=__name__))
+        write_plot_data(tmp / "plots", res, meta["classes"], weights_rows, s_info)
+        trajectory = _read_trajectory(student / "trajectory.parquet")
+        figs = draw_figures(
+            tmp / "plots", res, data, meta, cfg.split, keep, hi, weights_rows, trajectory, s_info, models["student"][0]
+        )
+        metrics["evaluate_seconds"] = round(time.perf_counter() - t_start, 2)
+        content, run_facts = records.split(metrics)
+        write_json(tmp / records.REPORT, content)
+        context = report_context(params, meta, data, content, cfg.split, s_record, s_info, teachers, figs)
+        markdown = rp.render(templates.EVALUATION, **context)
+        (tmp / "report.md").write_text(markdown)
+        (tmp / "report.html").write_text(rp.markdown_to_html(markdown, tmp))
+        with records.folder(tmp, metrics_dir) as mdir:
+            records.write(mdir, curated(metrics), run_facts)
+    log.info(
+        "evaluate: student Δm %+.2f %% vs the teachers on %s → %s",
+        content["student"][cfg.split]["delta_m"],
+        cfg.split,
+        out,
+    )
+    return EvaluationResult(metrics)
+
+
+def _load_models(student: Path, teachers, mtl, meta: dict) -> tuple[dict, dict]:
+    """Every model compared, checked against the data, with the tasks it is scored on: ({name: (model, tasks)},
+    the student's record)."""
+    s_model, s_record = load_student(student, meta)
+    models = {
+        "student": (s_model, TASKS),
+        "teacher_seg": (load_teacher(teachers[0], "seg", meta)[0], ("seg",)),
+        "teacher_depth": (load_teacher(teachers[1], "depth", meta)[0], ("depth",)),
+    }
+    if mtl:
+        models[MTL_BASELINE] = (load_student(mtl, meta, "mtl baseline")[0], TASKS)
+    return models, s_record
+
+
+def compare_models(res: dict, classes: list[str], split: str, s_info: dict) -> dict:
+    """The report's numbers: each model's metrics on ``split`` (per-class IoU by name, the confusion matrix), Δm of
+    the multi-task models against the teachers, and with an MTL baseline Δm against it and the capacity gate."""
     reference = {
         **{k: res["teacher_seg"].metrics[k] for k in ("miou", "pixacc")},
         **{k: res["teacher_depth"].metrics[k] for k in ("abs_err", "rel_err")},
     }
-
-    split = cfg.split
     metrics: dict = {}
     for name, r in res.items():
         m = {k: v for k, v in r.metrics.items() if k != "per_class_iou"}
@@ -101,111 +149,134 @@ def run(
             m["per_class_iou"] = dict(zip(classes, r.metrics["per_class_iou"], strict=True))
         if r.confusion is not None:  # pixel counts, rows: ground truth, columns: prediction (Kubeflow's widget)
             m["confusion_matrix"] = np.asarray(r.confusion).astype(int).tolist()
-        if name in ("student", "mtl"):
+        if name in ("student", MTL_BASELINE):
             m["delta_m"] = delta_m(r.metrics, reference)
         metrics[name] = {split: m}
-    s_info = _read_json(student / "report.json") or {}
-    if "mtl" in res:
-        metrics["student"][split]["delta_m_vs_mtl"] = delta_m(res["student"].metrics, res["mtl"].metrics)
-        metrics["gate"] = capacity_gate(reference, res["mtl"].metrics)
+    if MTL_BASELINE in res:
+        baseline = res[MTL_BASELINE].metrics
+        metrics["student"][split]["delta_m_vs_mtl"] = delta_m(res["student"].metrics, baseline)
+        metrics["gate"] = capacity_gate(reference, baseline)
         # Unlabelled frames the student learnt from (a label budget): then the gate does not bound distillation.
         metrics["gate"]["unlabelled"] = int((s_info.get("data") or {}).get("unlabelled", 0))
     metrics["reference"] = {split: reference}
-    metrics["cost"] = inference_cost(
-        {"student": s_model, "teacher_seg": t_seg, "teacher_depth": t_depth}, tuple(meta["resolution"]), device
-    )
+    return metrics
 
-    weights_rows = _read_rows(student / "weights.csv")
-    trajectory = _read_trajectory(student / "trajectory.parquet")
 
-    with atomic_dir(out) as tmp:
-        parents = {"prepared": data, "teacher_seg": teachers[0], "teacher_depth": teachers[1], "student": student}
-        lineage.write(tmp, lineage.record("evaluate", params.digest("evaluate"), parents, module=__name__))
-        pdir = tmp / "plots"
-        pdir.mkdir()
-        # --- plot data for `dvc plots show`
-        # One file per model: DVC draws one colour (bars side by side, one line) per file, where rows of several
-        # models in one file would be stacked into one bar or joined into one zig-zag line.
-        (pdir / "per_class_iou").mkdir()
-        (pdir / "depth_error").mkdir()
-        for name, r in res.items():
-            if "per_class_iou" in r.metrics:
-                _write_csv(
-                    pdir / "per_class_iou" / f"{name}.csv",
-                    [{"class": c, "iou": r.metrics["per_class_iou"][i] or 0.0} for i, c in enumerate(classes)],
-                    ["class", "iou"],
-                )
-            if r.depth_bins:
-                _write_csv(
-                    pdir / "depth_error" / f"{name}.csv",
-                    r.depth_bins,
-                    ["distance_m", "from_m", "to_m", "pixels", "abs_err", "rel_err"],
-                )
-        wide = _weights_wide(weights_rows)
-        _write_csv(
-            pdir / "weights.csv", wide, ["timeframe", "omega_seg", "omega_depth", "feedback_seg", "feedback_depth"]
-        )
-        traj_rows = _trajectory_rows(s_info)
-        _write_csv(
-            pdir / "trajectory_loss.csv",
-            traj_rows,
-            ["timeframe", "train_traj_loss", "l1_at_points", "l1_values", "overlap"],
-        )
+def write_plot_data(pdir: Path, res: dict, classes: list[str], weights_rows: list[dict], s_info: dict) -> None:
+    """The CSV files `dvc plots show` draws. One file per model: DVC draws one colour (bars side by side, one
+    line) per file, where rows of several models in one file would be stacked into one bar or joined into one
+    zig-zag line."""
+    for sub in ("per_class_iou", "depth_error"):
+        (pdir / sub).mkdir(parents=True)
+    for name, r in res.items():
+        if "per_class_iou" in r.metrics:
+            rows = [{"class": c, "iou": r.metrics["per_class_iou"][i] or 0.0} for i, c in enumerate(classes)]
+            _write_csv(pdir / "per_class_iou" / f"{name}.csv", rows, ["class", "iou"])
+        if r.depth_bins:
+            fields = ["distance_m", "from_m", "to_m", "pixels", "abs_err", "rel_err"]
+            _write_csv(pdir / "depth_error" / f"{name}.csv", r.depth_bins, fields)
+    fields = ["timeframe", "omega_seg", "omega_depth", "feedback_seg", "feedback_depth"]
+    _write_csv(pdir / "weights.csv", _weights_wide(weights_rows), fields)
+    fields = ["timeframe", "train_traj_loss", "l1_at_points", "l1_values", "overlap"]
+    _write_csv(pdir / "trajectory_loss.csv", _trajectory_rows(s_info), fields)
 
-        # --- pictures
+
+def draw_figures(
+    pdir, res, data, meta, split, keep, max_depth, weights_rows, trajectory, s_info, student_model
+) -> dict:
+    """The report's pictures (PNG in ``pdir``): {figure: path}; how many examples the qualitative grid shows and
+    the probe image the trajectory is drawn on."""
+    palette, ignore, classes = meta["palette"], meta["ignore_index"], meta["classes"]
+    figs: dict[str, Any] = {}
+    if keep:
         raw = open_split(data, split, meta)
-        idx = list(range(keep))
-        figs: dict[str, Any] = {}
-        if keep:
-            figs["qualitative"] = plots.qualitative_grid(
-                [np.asarray(raw["images"][i]) for i in idx],
-                [np.asarray(raw["labels"][i]) for i in idx],
-                res["student"].samples["seg"],
-                [np.asarray(raw["depth"][i]) for i in idx],
-                res["student"].samples["depth"],
-                palette,
-                hi,
-                pdir / "qualitative.png",
-                ignore,
-            )
-        figs["confusion"] = plots.confusion_matrix(res["student"].confusion, classes, pdir / "confusion.png")
-        figs["per_class"] = plots.per_class_iou(
-            {n: r.metrics["per_class_iou"] for n, r in res.items() if "per_class_iou" in r.metrics},
-            classes,
-            pdir / "per_class_iou.png",
+        figs["qualitative"] = plots.qualitative_grid(
+            [np.asarray(raw["images"][i]) for i in range(keep)],
+            [np.asarray(raw["labels"][i]) for i in range(keep)],
+            res["student"].samples["seg"],
+            [np.asarray(raw["depth"][i]) for i in range(keep)],
+            res["student"].samples["depth"],
+            palette,
+            max_depth,
+            pdir / "qualitative.png",
+            ignore,
         )
-        figs["depth_error"] = plots.depth_error_by_distance(
-            {n: r.depth_bins for n, r in res.items() if r.depth_bins}, pdir / "depth_error.png"
+        figs["examples"] = len(res["student"].samples["seg"])
+    figs["confusion"] = plots.confusion_matrix(res["student"].confusion, classes, pdir / "confusion.png")
+    per_class = {n: r.metrics["per_class_iou"] for n, r in res.items() if "per_class_iou" in r.metrics}
+    figs["per_class"] = plots.per_class_iou(per_class, classes, pdir / "per_class_iou.png")
+    depth_bins = {n: r.depth_bins for n, r in res.items() if r.depth_bins}
+    figs["depth_error"] = plots.depth_error_by_distance(depth_bins, pdir / "depth_error.png")
+    if weights_rows:
+        figs["weights"] = plots.teacher_weights(weights_rows, pdir / "weights.png")
+    if trajectory is not None and len(trajectory):
+        image_id = int(trajectory["image"].min())
+        probes = open_split(data, "train", meta)  # the probe images are train images
+        grid = tuple(s_info.get("trajectory", {}).get("grid") or _grid_of(student_model, meta))
+        figs["trajectory"] = plots.trajectory(
+            np.asarray(probes["images"][image_id]),
+            trajectory[trajectory["image"] == image_id],
+            grid,
+            pdir / "trajectory.png",
         )
-        if weights_rows:
-            figs["weights"] = plots.teacher_weights(weights_rows, pdir / "weights.png")
-        if trajectory is not None and len(trajectory):
-            image_id = int(trajectory["image"].min())
-            probes = open_split(data, "train", meta)  # the probe images are train images
-            grid = tuple(s_info.get("trajectory", {}).get("grid") or _grid_of(s_model, meta))
-            figs["trajectory"] = plots.trajectory(
-                np.asarray(probes["images"][image_id]),
-                trajectory[trajectory["image"] == image_id],
-                grid,
-                pdir / "trajectory.png",
-            )
-            figs["trajectory_image"] = image_id
+        figs["trajectory_image"] = image_id
+    return figs
 
-        metrics["evaluate_seconds"] = round(time.perf_counter() - t_start, 2)
-        content, run_facts = records.split(metrics)
-        write_json(tmp / records.REPORT, content)
-        blocks = _report_blocks(
-            params, meta, data, res, content, split, reference, s_record, s_info, teachers, figs, weights_rows, tmp
+
+def report_context(params, meta, data, metrics, split, s_record, s_info, teachers, figs) -> dict:
+    """What the evaluation report's template shows (`evaluation.templates.EVALUATION`)."""
+    mode = s_record.get("mode", "?")
+    names = {
+        "teacher_seg": "seg teacher",
+        "teacher_depth": "depth teacher",
+        MTL_BASELINE: "MTL baseline",
+        "student": f"student ({mode})",
+    }
+    per = {n: metrics[n][split]["per_class_iou"] for n in ("teacher_seg", MTL_BASELINE, "student") if n in metrics}
+    gate = metrics.get("gate")
+    tr = s_info.get("trajectory", {})
+    per_tf = tr.get("per_timeframe", [])
+    models = []
+    for name, info in (
+        ("seg teacher", _read_json(Path(teachers[0]) / "report.json") or {}),
+        ("depth teacher", _read_json(Path(teachers[1]) / "report.json") or {}),
+        (f"student ({mode})", s_info),
+    ):
+        mod = info.get("model", {})
+        models.append(
+            [name, *(mod.get(k, "?") for k in ("backbone", "head", "parameters")), info.get("best_epoch", "?")]
         )
-        title = "jointdistill — evaluation report"
-        (tmp / "report.md").write_text(rp.to_markdown(title, blocks, tmp))
-        (tmp / "report.html").write_text(rp.to_html(title, blocks))
-        with records.folder(tmp, metrics_dir) as mdir:
-            records.write(mdir, curated(metrics), run_facts)
-    log.info(
-        "evaluate: student Δm %+.2f %% vs the teachers on %s → %s", metrics["student"][split]["delta_m"], split, out
-    )
-    return EvaluationResult(metrics)
+    return {
+        "mode": mode,
+        "split": split,
+        "st": metrics["student"][split],
+        "shown": SHOWN,
+        "rows": [
+            (names[n], metrics[n][split])
+            for n in ("teacher_seg", "teacher_depth", MTL_BASELINE, "student")
+            if n in metrics
+        ],
+        "gate": gate,
+        "gate_failure": gate_failure(gate.get("unlabelled", 0)) if gate else "",
+        "cost": metrics["cost"],
+        "delta_m_metrics": DELTA_M_METRICS,
+        "per_class_models": [names[n] for n in per],
+        "per_class_rows": [[c, *(rp.fmt(per[n][c]) for n in per)] for c in meta["classes"]],
+        "examples": figs.get("examples", 0),
+        "final_weights": s_info.get("weights", {}).get("final", {}) if "weights" in figs else None,
+        "trajectory": {
+            **{k: tr.get(k) for k in ("top_k", "rows", "bytes")},
+            "storage_ratio": tr.get("storage_ratio") or 0,
+            "image": figs.get("trajectory_image"),
+            "per_timeframe": per_tf if per_tf and "l1_at_points" in per_tf[0] else [],
+        }
+        if "trajectory" in figs
+        else None,
+        "data": data,
+        "meta": meta,
+        "models": models,
+        "params_yaml": yaml.safe_dump(params.stage_params("evaluate"), sort_keys=False).rstrip("\n"),
+    }
 
 
 def curated(metrics: dict) -> dict:
@@ -288,167 +359,3 @@ def _trajectory_rows(s_info: dict) -> list[dict]:
         if "train/traj" in h:
             frames.setdefault(i, {"timeframe": i})["train_traj_loss"] = h["train/traj"]
     return [frames[k] for k in sorted(frames) if "l1_at_points" in frames[k] or "train_traj_loss" in frames[k]]
-
-
-def _report_blocks(
-    params, meta, data, res, metrics, split, reference, s_record, s_info, teachers, figs, weights_rows, root
-) -> list:
-    b = []
-    st = metrics["student"][split]
-    mode = s_record.get("mode", "?")
-    verdict = "better" if st["delta_m"] > 0 else "worse"
-    lead = (
-        f"The **{mode}** student scores Δm = **{st['delta_m']:+.2f} %** against the two single-task teachers on "
-        f"`{split}` ({verdict} on average over mIoU, pixel accuracy, AbsErr and RelErr)"
-    )
-    if "delta_m_vs_mtl" in st:
-        lead += f", and Δm = **{st['delta_m_vs_mtl']:+.2f} %** against the MTL baseline"
-    b.append(rp.text(lead + ".", lead=True))
-
-    b.append(rp.heading("Metrics"))
-    header = ["model", "mIoU ↑", "pixAcc ↑", "AbsErr (m) ↓", "RelErr ↓", "δ<1.25 ↑", "Δm vs teachers"]
-    rows = []
-    names = {
-        "teacher_seg": "seg teacher",
-        "teacher_depth": "depth teacher",
-        "mtl": "MTL baseline",
-        "student": f"student ({mode})",
-    }
-    for name in ("teacher_seg", "teacher_depth", "mtl", "student"):
-        if name not in res:
-            continue
-        m = metrics[name][split]
-        rows.append(
-            [
-                names[name],
-                *(rp.fmt(m.get(k)) for k in SHOWN),
-                f"{m['delta_m']:+.2f} %" if "delta_m" in m else "(reference)",
-            ]
-        )
-    b.append(rp.table(header, rows))
-    gate = metrics.get("gate")
-    if gate is None:
-        b.append(
-            rp.text(
-                "Can this benchmark show distillation? Only if the teachers beat plain multi-task training "
-                "by at least 5 mIoU points and 5 % AbsErr: give an MTL baseline (`--mtl`) to check it "
-                "here, or run `jointdistill ablate`, which checks it for every seed."
-            )
-        )
-    elif gate["passed"]:
-        b.append(
-            rp.text(
-                f"Gate passed: the teachers beat the MTL baseline by {gate['miou_points']:.1f} mIoU points "
-                f"and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5), so this benchmark can show "
-                "distillation."
-            )
-        )
-    else:
-        b.append(
-            rp.text(
-                f"Gate failed: the teachers beat the MTL baseline by only {gate['miou_points']:.1f} mIoU "
-                f"points and {gate['abs_err_percent']:.1f} % AbsErr (needed: 5 and 5)"
-                f"{gate_failure(gate.get('unlabelled', 0))}."
-            )
-        )
-    cost = metrics["cost"]
-    b.append(
-        rp.text(
-            f"Cost: the student needs {cost['flops']['student'] / 1e9:.2f} GFLOP per image, "
-            f"{100 * cost['student_flops_vs_teachers']:.0f} % of the two teachers' together "
-            f"({cost['flops']['teacher_seg'] / 1e9:.2f} and {cost['flops']['teacher_depth'] / 1e9:.2f}). "
-            "Latency, measured on the machine that ran this, is in the stage's run.json."
-        )
-    )
-    b.append(
-        rp.text(
-            f"Δm = (1/4)·Σ_k (−1)^l_k·(M_k − M_ref,k)/M_ref,k·100 over {', '.join(DELTA_M_METRICS)}; "
-            "l_k = 1 where lower is better; the reference is the seg teacher's mIoU/pixAcc and the depth "
-            "teacher's AbsErr/RelErr. Exact metrics over the whole split (one confusion matrix, pixel sums)."
-        )
-    )
-    b.append(rp.heading("Per-class IoU", 3))
-    per = {n: metrics[n][split]["per_class_iou"] for n in ("teacher_seg", "mtl", "student") if n in res}
-    b.append(
-        rp.table(["class", *[names[n] for n in per]], [[c, *(rp.fmt(per[n][c]) for n in per)] for c in meta["classes"]])
-    )
-    b.append(rp.image(figs["per_class"], "IoU per class on the test split"))
-    b.append(rp.image(figs["confusion"], "student confusion matrix (rows: ground truth)"))
-    b.append(rp.image(figs["depth_error"], "depth AbsErr against ground-truth distance"))
-    if "qualitative" in figs:
-        b.append(rp.heading("Examples"))
-        b.append(rp.image(figs["qualitative"], f"the first {len(res['student'].samples['seg'])} {split} images"))
-
-    b.append(rp.heading("How the student learned"))
-    if weights_rows:
-        final = s_info.get("weights", {}).get("final", {})
-        b.append(
-            rp.text(
-                "Teacher weights ω are updated after each timeframe from the feedback a = student score / "
-                "teacher score on val (mIoU; 1/AbsErr). Final ω: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in final.items())
-                + "."
-            )
-        )
-        b.append(rp.image(figs["weights"], "teacher weights and feedback over timeframes"))
-    if "trajectory" in figs:
-        tr = s_info.get("trajectory", {})
-        b.append(
-            rp.text(
-                f"Knowledge trajectory: top-{tr.get('top_k')} attention points of the connector (○) and "
-                f"the student (×) on train probe image {figs['trajectory_image']}, per timeframe. Stored as "
-                f"{tr.get('rows')} rows, {tr.get('bytes')} bytes ({100 * (tr.get('storage_ratio') or 0):.3f} "
-                "% of the fused maps)."
-            )
-        )
-        b.append(rp.image(figs["trajectory"], "essential points over timeframes"))
-        per_tf = tr.get("per_timeframe", [])
-        if per_tf and "l1_at_points" in per_tf[0]:
-            b.append(
-                rp.table(
-                    ["timeframe", "L1 at connector points", "L1 of values by rank", "shared points"],
-                    [
-                        [f["timeframe"], rp.fmt(f["l1_at_points"]), rp.fmt(f["l1_values"]), rp.fmt(f["overlap"], 2)]
-                        for f in per_tf
-                    ],
-                )
-            )
-
-    b.append(rp.heading("Data and models"))
-    c = meta["counts"]
-    b.append(
-        rp.text(
-            f"Data `{data}`: {meta['dataset']}, {meta['resolution'][0]}×{meta['resolution'][1]}, "
-            f"train {c['train']} / val {c['val']} / test {c['test']}"
-            + (f" / unlabelled {c['unlabelled']}" if c.get("unlabelled") else "")
-            + f", classes: {', '.join(meta['classes'])}; "
-            f"source checksum `{str(meta.get('source_checksum'))[:16]}`."
-        )
-    )
-    mrows = []
-    for name, folder in (("seg teacher", teachers[0]), ("depth teacher", teachers[1])):
-        info = _read_json(Path(folder) / "report.json") or {}
-        mod = info.get("model", {})
-        mrows.append(
-            [
-                name,
-                mod.get("backbone", "?"),
-                mod.get("head", "?"),
-                mod.get("parameters", "?"),
-                info.get("best_epoch", "?"),
-            ]
-        )
-    mod = s_info.get("model", {})
-    mrows.append(
-        [
-            f"student ({mode})",
-            mod.get("backbone", "?"),
-            mod.get("head", "?"),
-            mod.get("parameters", "?"),
-            s_info.get("best_epoch", "?"),
-        ]
-    )
-    b.append(rp.table(["model", "backbone", "head", "parameters", "best epoch"], mrows))
-    b.append(rp.heading("Params"))
-    b.append(rp.code(yaml.safe_dump(params.stage_params("evaluate"), sort_keys=False), "yaml"))
-    return b

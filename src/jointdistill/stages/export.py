@@ -27,7 +27,7 @@ from jointdistill.config import Params
 from jointdistill.data.contract import verify_prepared
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.errors import DataError, ModelError
-from jointdistill.evaluation.scoring import evaluate_model, evaluate_session
+from jointdistill.evaluation.scoring import score_model, score_session
 from jointdistill.io import atomic_dir, atomic_write_text, write_json
 from jointdistill.models.checked import load_student
 from jointdistill.models.export import eager_outputs, export_onnx
@@ -83,9 +83,7 @@ def _shape_checks(
 def _test_metrics(
     session: StudentSession, test: PreparedDataset, batch_size: int, num_classes: int, ignore: int
 ) -> dict:
-    return {
-        k: v for k, v in evaluate_session(session, test, batch_size, num_classes, ignore).items() if k in METRIC_KEYS
-    }
+    return {k: v for k, v in score_session(session, test, batch_size, num_classes, ignore).items() if k in METRIC_KEYS}
 
 
 def _latency(fn_for_batch, size: tuple[int, int], runs: int, rng: np.random.Generator) -> dict:
@@ -168,7 +166,7 @@ def run(
         test_metrics = {
             "pytorch": {
                 k: v
-                for k, v in evaluate_model(
+                for k, v in score_model(
                     model, ("seg", "depth"), test, num_classes, ignore, cfg.batch_size, torch.device("cpu")
                 ).metrics.items()
                 if k in METRIC_KEYS

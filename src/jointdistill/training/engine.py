@@ -1,6 +1,6 @@
 """The training loop shared by the teachers and the student.
 
-Read top to bottom: `train_step`, `train_one_epoch`, `evaluate`, `fit`. An `Objective` supplies what differs
+Read top to bottom: `train_step`, `train_one_epoch`, `compute_metrics`, `fit`. An `Objective` supplies what differs
 between the things trained (the loss, the metrics and the number that selects the best weights); the loop owns the
 optimiser and schedule, gradient clipping, progress, validation and logging. What surrounds it lives beside it:
 `sampling` (data order, loaders), `checkpoints` (checkpoints, RNG state, resume), `devices` (device, AMP,
@@ -160,7 +160,7 @@ def interval_logs(state: RunState, train_seconds: float, images: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(
+def compute_metrics(
     model: nn.Module, objective: Objective, loader, device: torch.device, amp=None, channels_last=False
 ) -> dict:
     """Exact metrics over the whole split (all ranks' shards reduced)."""
@@ -248,6 +248,41 @@ class _Run:
     validation_seconds: float = 0.0
     train_t0: float = 0.0
 
+    def train(self, train_ds, sampler: EpochSampler, steps_per_epoch: int) -> float:
+        """Every remaining epoch (from where a resumed run stopped); returns the seconds it took."""
+        state, spec, trainee = self.state, self.spec, self.trainee
+        show = _show_progress(self.ddp.main)
+        t0 = self.train_t0 = time.perf_counter()
+        while state.epoch < spec.epochs:
+            sampler.set_epoch(state.epoch, skip_batches=state.step_in_epoch)
+            if hasattr(train_ds, "set_epoch"):  # a dataset that draws augmentation per epoch (not a hook)
+                train_ds.set_epoch(state.epoch)
+            loader = make_loader(train_ds, sampler, sampler.step_size, spec.num_workers, self.device, True)
+            train_one_epoch(
+                trainee.model,
+                trainee.objective,
+                loader,
+                trainee.opt,
+                trainee.sched,
+                trainee.scaler,
+                spec,
+                self.device,
+                state,
+                self.amp,
+                self.channels_last,
+                self.on_step,
+                show,
+                steps_per_epoch,
+            )
+            if not self.eval_every:
+                self.validate()
+            state.epoch += 1
+            state.step_in_epoch = 0
+            self.checkpoint()
+        if self.live is not None:
+            self.live.end()
+        return time.perf_counter() - t0
+
     def checkpoint(self) -> None:
         if self.ddp.main:
             self.trainee.save(self.run_dir / "last.pt", self.digest, self.state, self.best_state)
@@ -267,7 +302,7 @@ class _Run:
         t_val = time.perf_counter()
         train_logs = interval_logs(state, t_val - self.train_t0, state.epoch_seen)
         loader = make_loader(self.val_ds, self.val_sampler, spec.batch_size, spec.num_workers, self.device, False)
-        val = evaluate(model, objective, loader, self.device, self.amp, self.channels_last)
+        val = compute_metrics(model, objective, loader, self.device, self.amp, self.channels_last)
         value = val[objective.monitor]
         better = _is_better(value, state.best_value, objective.higher_is_better)
         if better:
@@ -356,26 +391,14 @@ def fit(
         eval_every=eval_every,
         total_steps=spec.epochs * steps_per_epoch,
     )
-    show = _show_progress(ddp.main)
-    t0 = run.train_t0 = time.perf_counter()
-    while state.epoch < spec.epochs:
-        train_sampler.set_epoch(state.epoch, skip_batches=state.step_in_epoch)
-        if hasattr(train_ds, "set_epoch"):  # a dataset that draws augmentation per epoch (not a hook)
-            train_ds.set_epoch(state.epoch)
-        loader = make_loader(train_ds, train_sampler, train_sampler.step_size, spec.num_workers, device, True)
-        train_one_epoch(
-            model, objective, loader, opt, sched, scaler, spec, device, state, amp, channels_last, run.on_step, show,
-            steps_per_epoch,
-        )  # fmt: skip
-        if not eval_every:
-            run.validate()
-        state.epoch += 1
-        state.step_in_epoch = 0
-        run.checkpoint()
-    if run.live is not None:
-        run.live.end()
-    seconds = time.perf_counter() - t0
+    seconds = run.train(train_ds, train_sampler, steps_per_epoch)
     return FitResult(
-        run.best_state, state.best_metrics, state.best_epoch + 1, state.history, seconds, resumed_from,
-        run.validation_seconds, state.best_step,
-    )  # fmt: skip
+        run.best_state,
+        state.best_metrics,
+        state.best_epoch + 1,
+        state.history,
+        seconds,
+        resumed_from,
+        run.validation_seconds,
+        state.best_step,
+    )
