@@ -10,6 +10,7 @@ import numpy as np
 
 from jointdistill.errors import DataError
 
+FORMAT_VERSION = 1  # of meta.json
 SPLITS = ("train", "val", "test")  # labelled
 UNLABELLED = "unlabelled"  # images only (prepare.labelled_fraction < 1); absent from older prepared folders
 ARRAYS = {"images": (np.uint8, 4), "labels": (np.uint8, 3), "depth": (np.float32, 3)}

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from jointdistill import __version__
 from jointdistill.config import Params
 from jointdistill.data.contract import SPLITS, UNLABELLED, sample_digest, write_checksums
 from jointdistill.data.resize import resize_sample
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FORMAT_VERSION = 1
 
 
 def _check_listing(source: Source, refs: list[SampleRef]) -> None:
@@ -166,7 +164,35 @@ def run(
     source = make_source(p, params.seed)
     refs = source.list()
     _check_listing(source, refs)
-    splits = assign_splits(refs, p.val_fraction, params.seed, p.labelled_fraction)
+    splits = _assign(source, refs, p, params.seed)
+    stats = _new_stats(len(source.classes))
+    with atomic_dir(out) as tmp:
+        rows = []
+        with tqdm(total=len(refs), desc=f"prepare {source.name}", unit="frame", disable=None) as bar:
+            for split in SPLITS:
+                rows += _write_split(source, splits[split], split, tmp, params, stats, bar)
+            if splits[UNLABELLED]:
+                rows += _write_unlabelled(source, splits[UNLABELLED], tmp, params, bar)
+        checksum = _write_manifest(rows, tmp / "manifest.parquet")
+        meta = PrepareResult.from_run(
+            params, source, splits, stats, _normalization(p.normalization, stats), checksum, params_digest
+        )
+        write_json(tmp / "meta.json", meta)
+        data = data_lineage or lineage.local_data(None if p.dataset == "synthetic" else p.root)
+        lineage.write(tmp, lineage.record("prepare", params_digest, data=data, module=__name__))
+        if p.gallery_images:
+            _write_gallery(tmp, p.gallery_images, source, p.max_depth)
+        write_checksums(tmp)  # last: every later stage checks the files against it before reading them
+        seconds = time.perf_counter() - t0
+        with records.folder(tmp, metrics_dir) as mdir:
+            records.write(mdir, dict(meta["counts"]), {"seconds": round(seconds, 2)})
+    log.info("prepared %s in %.1fs → %s", meta.headline(), seconds, out)
+    return meta
+
+
+def _assign(source: Source, refs: list[SampleRef], p, seed: int) -> dict[str, list[SampleRef]]:
+    """Every sample's split; an empty split is an error, and a budget that drops a user's labels is warned of."""
+    splits = assign_splits(refs, p.val_fraction, seed, p.labelled_fraction)
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
         sizes = ", ".join(f"{s}={len(splits[s])}" for s in SPLITS)
@@ -185,9 +211,12 @@ def run(
             len(splits["train"]) + len(splits[UNLABELLED]),
             p.labelled_fraction,
         )
+    return splits
 
-    n_classes = len(source.classes)
-    stats: dict[str, Any] = {
+
+def _new_stats(n_classes: int) -> dict[str, Any]:
+    """What writing the splits counts (pixels per class, depth coverage, the image moments)."""
+    return {
         "masked": DepthMaskCounts(),
         "class_pixels": {s: np.zeros(n_classes, np.int64) for s in SPLITS},
         "ignored_pixels": dict.fromkeys(SPLITS, 0),
@@ -198,79 +227,30 @@ def run(
         "sumsq": np.zeros(3),
         "npx": 0,
     }
-    with atomic_dir(out) as tmp:
-        rows = []
-        with tqdm(total=len(refs), desc=f"prepare {source.name}", unit="frame", disable=None) as bar:
-            for split in SPLITS:
-                rows += _write_split(source, splits[split], split, tmp, params, stats, bar)
-            if splits[UNLABELLED]:
-                rows += _write_unlabelled(source, splits[UNLABELLED], tmp, params, bar)
-        # Through pyarrow without pandas' schema metadata: the file's bytes (and so DVC's hash) must not depend on
-        # which pandas wrote it.
-        manifest = pd.DataFrame(rows)
-        table = pa.Table.from_pandas(manifest, preserve_index=False).replace_schema_metadata(None)
-        pq.write_table(table, tmp / "manifest.parquet")
 
-        if p.normalization == "dataset":
-            mean = stats["sum"] / stats["npx"]
-            std = np.sqrt(np.maximum(stats["sumsq"] / stats["npx"] - mean**2, 1e-12))
-            norm = {"kind": "dataset", "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
-        else:
-            norm = {"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dataset": source.name,
-            "classes": list(source.classes),
-            "palette": [list(c) for c in source.palette],
-            "ignore_index": source.ignore_index,
-            "depth_unit": "m",
-            "depth_range": [stats["depth_min"] if stats["depth_valid"]["train"] else 0.0, p.max_depth],
-            "depth_observed_max": stats["depth_max"],
-            "resolution": [p.height, p.width],
-            "normalization": norm,
-            "counts": {s: len(splits[s]) for s in (*SPLITS, UNLABELLED)},
-            "labelled_fraction": p.labelled_fraction,
-            "val_fraction": p.val_fraction,
-            "seed": params.seed,
-            "class_pixels": {s: stats["class_pixels"][s].tolist() for s in SPLITS},
-            "ignored_pixels": stats["ignored_pixels"],
-            "valid_depth_pixels": stats["depth_valid"],
-            "masked_depth_pixels": stats["masked"].as_dict(),
-            "source": source.describe(),
-            "train_targets": (
-                {"sensor": p.sensor.model_dump()}
-                if p.sensor.enabled and source.name == "synthetic"
-                else "as the source gives them"
-            ),
-            "source_checksum": _manifest_digest(manifest),
-            "params_digest": params_digest,
-            "jointdistill_version": __version__,
-        }
-        write_json(tmp / "meta.json", meta)
-        data = data_lineage or lineage.local_data(None if p.dataset == "synthetic" else p.root)
-        lineage.write(tmp, lineage.record("prepare", params_digest, data=data, module=__name__))
 
-        if p.gallery_images:
-            k = p.gallery_images
-            arrays = {a: np.load(tmp / "train" / f"{a}.npy", mmap_mode="r")[:k] for a in ("images", "labels", "depth")}
-            pic = gallery(
-                arrays["images"], arrays["labels"], arrays["depth"], source.palette, p.max_depth, source.classes
-            )
-            save_png(pic, tmp / "gallery.png")
-        write_checksums(tmp)  # last: every later stage checks the files against it before reading them
-        seconds = time.perf_counter() - t0
-        with records.folder(tmp, metrics_dir) as mdir:
-            records.write(mdir, dict(meta["counts"]), {"seconds": round(seconds, 2)})
-    log.info(
-        "prepared %s: train=%d val=%d test=%d unlabelled=%d at %dx%d in %.1fs → %s",
-        source.name,
-        *(len(splits[s]) for s in (*SPLITS, UNLABELLED)),
-        p.height,
-        p.width,
-        seconds,
-        out,
-    )
-    return PrepareResult(meta)
+def _write_manifest(rows: list[dict], path: Path) -> str:
+    """manifest.parquet; returns the checksum over every sample's content. Through pyarrow without pandas'
+    schema metadata: the file's bytes (and so DVC's hash) must not depend on which pandas wrote it."""
+    manifest = pd.DataFrame(rows)
+    table = pa.Table.from_pandas(manifest, preserve_index=False).replace_schema_metadata(None)
+    pq.write_table(table, path)
+    return _manifest_digest(manifest)
+
+
+def _normalization(kind: str, stats: dict) -> dict:
+    """The input normalisation: the train images' own mean and std, or ImageNet's."""
+    if kind == "dataset":
+        mean = stats["sum"] / stats["npx"]
+        std = np.sqrt(np.maximum(stats["sumsq"] / stats["npx"] - mean**2, 1e-12))
+        return {"kind": "dataset", "mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
+    return {"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def _write_gallery(tmp: Path, k: int, source: Source, max_depth: float) -> None:
+    arrays = {a: np.load(tmp / "train" / f"{a}.npy", mmap_mode="r")[:k] for a in ("images", "labels", "depth")}
+    pic = gallery(arrays["images"], arrays["labels"], arrays["depth"], source.palette, max_depth, source.classes)
+    save_png(pic, tmp / "gallery.png")
 
 
 def _manifest_digest(manifest: pd.DataFrame) -> str:

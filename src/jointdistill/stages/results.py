@@ -71,6 +71,55 @@ class PrepareResult(StageResult):
     stage = "prepare"
     report_file = "meta.json"
 
+    @classmethod
+    def from_run(
+        cls,
+        params: Any,
+        source: Any,
+        splits: dict,
+        stats: dict,
+        normalization: dict,
+        checksum: str,
+        params_digest: str,
+    ) -> PrepareResult:
+        """meta.json of a prepare run: what ``source`` is, the ``splits`` it was cut into, what writing them
+        counted (``stats``), the normalisation, the checksum over every sample."""
+        from jointdistill import __version__
+        from jointdistill.data.contract import FORMAT_VERSION, SPLITS, UNLABELLED
+
+        p = params.prepare
+        return cls(
+            {
+                "format_version": FORMAT_VERSION,
+                "dataset": source.name,
+                "classes": list(source.classes),
+                "palette": [list(c) for c in source.palette],
+                "ignore_index": source.ignore_index,
+                "depth_unit": "m",
+                "depth_range": [stats["depth_min"] if stats["depth_valid"]["train"] else 0.0, p.max_depth],
+                "depth_observed_max": stats["depth_max"],
+                "resolution": [p.height, p.width],
+                "normalization": normalization,
+                "counts": {s: len(splits[s]) for s in (*SPLITS, UNLABELLED)},
+                "labelled_fraction": p.labelled_fraction,
+                "val_fraction": p.val_fraction,
+                "seed": params.seed,
+                "class_pixels": {s: stats["class_pixels"][s].tolist() for s in SPLITS},
+                "ignored_pixels": stats["ignored_pixels"],
+                "valid_depth_pixels": stats["depth_valid"],
+                "masked_depth_pixels": stats["masked"].as_dict(),
+                "source": source.describe(),
+                "train_targets": (
+                    {"sensor": p.sensor.model_dump()}
+                    if p.sensor.enabled and source.name == "synthetic"
+                    else "as the source gives them"
+                ),
+                "source_checksum": checksum,
+                "params_digest": params_digest,
+                "jointdistill_version": __version__,
+            }
+        )
+
     def headline(self) -> str:
         c = self["counts"]
         h, w = self["resolution"]
@@ -85,6 +134,56 @@ class PrepareResult(StageResult):
 
 class TeacherResult(StageResult):
     stage = "train-teacher"
+
+    @classmethod
+    def from_run(
+        cls,
+        params: Any,
+        task: str,
+        objective: Any,
+        model: Any,
+        fitted: Any,
+        test: dict,
+        baseline: dict,
+        train_images: int,
+        epoch_samples: int | None,
+        train_seconds: float,
+        size: tuple[int, int],
+    ) -> TeacherResult:
+        """The report of a teacher run: ``fitted`` (`engine.FitResult`), the best weights' ``test`` metrics next to
+        the trivial ``baseline``'s, the labelled train images and how many samples an epoch drew."""
+        import numpy as np
+
+        from jointdistill.models import model_flops
+        from jointdistill.stages.common import rank_and_world
+
+        spec = params.teacher.for_task(task)
+        history = fitted.history
+        return cls(
+            {
+                "task": task,
+                "monitor": objective.monitor,
+                "val": fitted.best_metrics,
+                "test": test,
+                "baseline": {"test": baseline},
+                "best_epoch": fitted.best_epoch,
+                "epochs": spec.epochs,
+                "data": {"train": train_images, "epoch_samples": epoch_samples or train_images},
+                "train_seconds": round(train_seconds, 2),
+                "train_images_per_second": round(float(np.mean([e["train/images_per_second"] for e in history])), 2)
+                if history
+                else None,
+                "resumed_from_step": fitted.resumed_from,
+                "world_size": rank_and_world()[1],
+                "model": {  # one image at the training size
+                    "backbone": spec.backbone,
+                    "head": spec.head,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "flops": model_flops(model, *size),
+                },
+                "params_digest": params.digest("teacher", task),
+            }
+        )
 
     def headline(self) -> str:
         test, base = self["test"], self["baseline"]["test"]

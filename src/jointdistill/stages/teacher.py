@@ -19,7 +19,7 @@ from jointdistill.data.contract import UNLABELLED, open_split, split_count, veri
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.data.transforms import JointTransform
 from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter
-from jointdistill.models import TASKS, build_teacher, model_flops, save_model
+from jointdistill.models import TASKS, build_teacher, save_model
 from jointdistill.provenance import codeid, lineage
 from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
 from jointdistill.stages.results import TeacherResult
@@ -80,14 +80,8 @@ def run(
     h, w = meta["resolution"]
     checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
     digest = run_key(
-        {
-            "task": task,
-            "spec": spec.model_dump(mode="json"),
-            "augment": params.augment.model_dump(mode="json"),
-            "seed": params.seed,
-            "data": meta.get("source_checksum"),
-            "code": codeid.source_digest(__name__),
-        }
+        {"task": task, "spec": spec.model_dump(mode="json"), "augment": params.augment.model_dump(mode="json")}
+        | {"seed": params.seed, "data": meta.get("source_checksum"), "code": codeid.source_digest(__name__)}
     )
 
     seed_everything(params.seed)
@@ -100,11 +94,8 @@ def run(
         head_channels=spec.head_channels,
         tiny_widths=tuple(spec.widths),
     )
-    transform = JointTransform.from_params(params.augment, h, w)
-    train_ds = PreparedDataset(data, "train", transform, seed=params.seed)
-    val_ds = PreparedDataset(data, "val")
-    test_ds = PreparedDataset(data, "test")
-    job = make_objective(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
+    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed)
+    objective = make_objective(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
     # Under a label budget (`prepare.labelled_fraction`) an epoch still draws as many samples as the whole train
     # split had, from the labelled ones: a budget takes labels away, not optimiser steps.
     pool = split_count(meta, UNLABELLED)
@@ -112,9 +103,9 @@ def run(
     t0 = time.perf_counter()
     result = fit(
         model,
-        job,
+        objective,
         train_ds,
-        val_ds,
+        PreparedDataset(data, "val"),
         spec,
         params.seed,
         checkpoints,
@@ -123,35 +114,17 @@ def run(
         log_name=f"teacher-{task}",
         epoch_samples=epoch_samples,
     )
+    train_seconds = time.perf_counter() - t0
 
     # Test metrics of the best epoch, evaluated on every rank's shard and reduced.
     model.load_state_dict(result.best_state)
-    test = test_metrics(model, job, test_ds, spec.batch_size, params.seed, resolve_device(spec.device))
-    rank, world = rank_and_world()
-    report = {
-        "task": task,
-        "monitor": job.monitor,
-        "val": result.best_metrics,
-        "test": test,
-        "baseline": {"test": trivial_baseline(data, task, meta)},
-        "best_epoch": result.best_epoch,
-        "epochs": spec.epochs,
-        "data": {"train": len(train_ds), "epoch_samples": epoch_samples or len(train_ds)},
-        "train_seconds": round(time.perf_counter() - t0, 2),
-        "train_images_per_second": round(float(np.mean([e["train/images_per_second"] for e in result.history])), 2)
-        if result.history
-        else None,
-        "resumed_from_step": result.resumed_from,
-        "world_size": world,
-        "model": {
-            "backbone": spec.backbone,
-            "head": spec.head,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "flops": model_flops(model, h, w),
-        },  # one image at the training size
-        "params_digest": params.digest("teacher", task),
-    }
-    if rank == 0:
+    test_ds = PreparedDataset(data, "test")
+    test = test_metrics(model, objective, test_ds, spec.batch_size, params.seed, resolve_device(spec.device))
+    baseline = trivial_baseline(data, task, meta)
+    report = TeacherResult.from_run(
+        params, task, objective, model, result, test, baseline, len(train_ds), epoch_samples, train_seconds, (h, w)
+    )
+    if rank_and_world()[0] == 0:
 
         def files(tmp: Path) -> None:
             save_model(
@@ -159,30 +132,21 @@ def run(
                 model,
                 result.best_state,
                 task=task,
-                classes=meta["classes"],
-                palette=meta["palette"],
-                normalization=meta["normalization"],
-                resolution=meta["resolution"],
-                ignore_index=meta["ignore_index"],
-                data_checksum=meta.get("source_checksum"),
+                **_data_record(meta),
                 params_digest=params.digest("teacher", task),
                 best_epoch=result.best_epoch,
                 val=result.best_metrics,
             )
 
-        record = lineage.record(
-            f"train-teacher-{task}", params.digest("teacher", task), {"prepared": data}, module=__name__
-        )
+        digest_of = params.digest("teacher", task)
+        record = lineage.record(f"train-teacher-{task}", digest_of, {"prepared": data}, module=__name__)
         write_output(out, files, report, curated, record, metrics_dir, checkpoints / "dvclive")
-        log.info(
-            "teacher-%s: best epoch %d, val %s=%.4f, test %s=%.4f → %s",
-            task,
-            result.best_epoch,
-            job.monitor,
-            result.best_metrics[job.monitor],
-            job.monitor,
-            test[job.monitor],
-            out,
-        )
+        log.info("teacher-%s: %s → %s", task, report.headline(), out)
     end_distributed()
-    return TeacherResult(report)
+    return report
+
+
+def _data_record(meta: dict) -> dict:
+    """What a model file carries about the data it was trained on."""
+    keys = ("classes", "palette", "normalization", "resolution", "ignore_index")
+    return {**{k: meta[k] for k in keys}, "data_checksum": meta.get("source_checksum")}
