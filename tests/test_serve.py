@@ -435,7 +435,9 @@ def test_serves_a_published_model_from_gcs(gcs_emulator, tiny_export, tmp_path):
         root / "export", "gs://served-models/student", "v1"
     )
     assert manifest["url"] == "gs://served-models/student/v1/"
-    path = serve.resolve_model("gs://served-models/student/v1", tmp_path / "cache")
+    from jointdistill.cloud.storage import fetch_model_file
+
+    path = fetch_model_file("gs://served-models/student/v1", tmp_path / "cache")
     assert path.read_bytes() == (root / "export" / "student.onnx").read_bytes()
     assert serve.make_model(path, "student", "cpu").ready
 

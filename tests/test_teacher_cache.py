@@ -16,7 +16,7 @@ from jointdistill.distill.model import DistillModel
 from jointdistill.models import build_student, load_model
 from jointdistill.stages import distill
 
-from .test_distill import params
+from .test_distill_stage import params
 
 
 def _smooth_image(h, w):

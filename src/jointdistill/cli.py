@@ -404,9 +404,12 @@ def serve_run(
     GET /v2/models/NAME gives the inputs, outputs and the model's metadata (classes, palette, size rules).
     The file is checked at start-up: anything that is not a jointdistill student is refused. No PyTorch needed.
     """
+    from jointdistill.cloud import storage
     from jointdistill.serving.server import serve
 
-    serve(model, host=host, port=port, name=name, device=device.value, max_payload_mb=max_payload_mb, threads=threads)
+    # A published gs:// model is fetched here, by the adapter: the server only ever loads a local file.
+    local = storage.fetch_model_file(model) if storage.is_url(model) else model
+    serve(local, host=host, port=port, name=name, device=device.value, max_payload_mb=max_payload_mb, threads=threads)
 
 
 @serve_app.command("manifest")

@@ -213,6 +213,16 @@ def fetch_model(url: str, out: str | Path) -> dict:
 # --- folders on gs:// (the data a Kubeflow Trainer job reads and writes; see trainjob.py) ---
 
 
+def fetch_model_file(url: str, cache: str | Path | None = None) -> Path:
+    """A published ``gs://…/VERSION`` fetched (checksums checked) into ``cache`` (default: a new temporary folder):
+    the path of its ``student.onnx``, what `serving.server.serve` loads."""
+    import tempfile
+
+    dest = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="jointdistill-serve-")) / "model"
+    fetch_model(url, dest)
+    return dest / "student.onnx"
+
+
 def is_url(path: str | Path) -> bool:
     return str(path).startswith("gs://")
 

@@ -350,17 +350,9 @@ async def _malformed(request, exc):
     )
 
 
-def resolve_model(source: str, cache: str | Path | None = None) -> Path:
-    """A local ``student.onnx`` (or a folder holding one), or a published ``gs://…/VERSION`` fetched (checksums
-    checked) into ``cache``."""
-    from jointdistill.cloud import storage
-
-    if storage.is_url(source):
-        import tempfile
-
-        dest = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="jointdistill-serve-")) / "model"
-        storage.fetch_model(source, dest)
-        return dest / "student.onnx"
+def resolve_model(source: str | Path) -> Path:
+    """A local ``student.onnx``, or the export folder holding one. (A published ``gs://`` model is fetched by the
+    caller first: `cloud.storage.fetch_model_file`; serving knows nothing of where models are stored.)"""
     path = Path(source)
     if path.is_dir():
         path = path / "student.onnx"
@@ -370,7 +362,7 @@ def resolve_model(source: str, cache: str | Path | None = None) -> Path:
 
 
 def serve(
-    source: str,
+    source: str | Path,
     host: str = "127.0.0.1",
     port: int = 8080,
     name: str = "student",

@@ -18,6 +18,7 @@ import numpy as np
 
 from jointdistill.config import PrepareParams
 from jointdistill.data.sample import Sample, SampleRef
+from jointdistill.data.sources.categories import CATEGORIES, CATEGORY_PALETTE
 from jointdistill.data.sources.readers import read_png_array, read_rgb
 from jointdistill.data.sources.registry import register
 from jointdistill.errors import DataError
@@ -103,16 +104,6 @@ TRAIN_PALETTE = (
     (0, 80, 100),
     (0, 0, 230),
     (119, 11, 32),
-)
-CATEGORIES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
-CATEGORY_PALETTE = (
-    (128, 64, 128),
-    (70, 70, 70),
-    (153, 153, 153),
-    (107, 142, 35),
-    (70, 130, 180),
-    (220, 20, 60),
-    (0, 0, 142),
 )
 SPLITS = {"train": "train", "val": "test"}  # official split → source split
 

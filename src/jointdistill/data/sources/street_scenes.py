@@ -24,17 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CLASSES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
-# The Cityscapes category colours.
-PALETTE = (
-    (128, 64, 128),
-    (70, 70, 70),
-    (153, 153, 153),
-    (107, 142, 35),
-    (70, 130, 180),
-    (220, 20, 60),
-    (0, 0, 142),
-)
+from jointdistill.data.sources.categories import CATEGORIES as CLASSES
+from jointdistill.data.sources.categories import CATEGORY_PALETTE as PALETTE
+
 FLAT, CONSTRUCTION, OBJECT, NATURE, SKY, HUMAN, VEHICLE = range(7)
 
 # Bump when a change alters the frames a (seed, index) produces: it goes into meta.json and the
