@@ -206,7 +206,7 @@ def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int,
     """Seeds in ``jobs`` spawned processes (not forked: torch's thread pools do not survive a fork), each with
     1/jobs of the threads; the rows come back in seed order. On a 2-core CPU, two seeds at one thread each train
     faster than one seed at two threads after another: the small networks' kernels do not scale to both cores
-    (measured: 33 s against 43 s per teacher epoch)."""
+    (the measurement: docs/method.md, Evidence)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 

@@ -8,7 +8,7 @@ DDP never see them) nor ``state_dict()`` (checkpoints hold only what is trained)
 In eval mode the model is just the student, so the engine's validation measures the student alone.
 Where the connector's outputs are not soft targets (``kd_target: teachers``, mode ``full``) its only loss is on
 labels, so it runs on the batch's labelled rows alone: under a label budget half of every batch is unlabelled, and
-running the connector there was work no loss read (on CPU: a fifth of a ``full`` step at one thread, 5 % at two).
+running the connector there was work no loss read (what it saved: docs/method.md, Evidence).
 With the teacher-output cache there are no teachers here at all: each training batch brings the teachers'
 (augmented) feature maps, and the probe set's maps come precomputed.
 """

@@ -5,8 +5,8 @@ a teacher per step; the loader warps each cached map with the sample's augmentat
 (`JointTransform.warp_features`).
 
 The teachers' own predictions are stored too, at full resolution (``distill.kd_target: teachers``). Predictions
-made from warped stride-8 maps are not the teachers' predictions: measured on the default preset, the seg
-teacher's pixel accuracy fell from 0.958 to 0.929 that way (below the student trained alone, 0.946). The loader
+made from warped stride-8 maps are not the teachers' predictions: they are blurred, and on the default preset less
+accurate than the student trained alone (docs/method.md, Evidence). The loader
 warps the stored predictions with the sample's augmentation exactly as it warps the labels (bilinear logits;
 nearest depth, divided by the zoom), so the soft targets stay the teachers' own.
 

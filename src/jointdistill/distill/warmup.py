@@ -1,7 +1,7 @@
 """The connector's warm-up and its val metrics.
 
-A connector trained from scratch beside the student gives poor soft targets for a long time (measured: 5–11
-mIoU points below the teachers, and at times worse than the student on depth), so the KD modes first train
+A connector trained from scratch beside the student gives poor soft targets for a long time (well below the
+teachers, at times worse than the student on depth: docs/method.md, Evidence), so the KD modes first train
 the connector alone on the frozen teachers' features for ``distill.connector_warmup`` steps; the student's KD
 and trajectory terms start from targets about as good as the teachers' own. The warm-up is cheap with the
 teacher cache (no teacher and no student runs), and its result is kept beside the checkpoints, so a resumed run

@@ -96,8 +96,8 @@ def tune_allocator() -> bool:
     """Keep freed memory in the process heap instead of returning it to the OS (glibc only).
 
     Rendering makes hundreds of short-lived frame-sized temporaries per frame. With glibc's defaults each
-    one is a fresh mmap or a trimmed-and-regrown heap, i.e. page faults on every operation: that costs
-    about 30 % of the generator's time. Raising the top pad and the trim and mmap thresholds keeps a few
+    one is a fresh mmap or a trimmed-and-regrown heap, i.e. page faults on every operation: a large share of
+    the generator's time (bench/results/data.md). Raising the top pad and the trim and mmap thresholds keeps a few
     tens of MB of freed memory for reuse. Process-wide, so done once, and skipped when the user has set
     any MALLOC_*_ variable or JOINTDISTILL_NO_MALLOPT=1. Returns whether the setting was applied.
     """
