@@ -218,11 +218,13 @@ def test_a_params_change_invalidates_its_stages_and_what_follows(project, reprod
 @pytest.mark.parametrize(
     ("path", "changed"),
     [
-        # the training engine: both teachers, the student, and evaluate (which runs the models with it); export
-        # re-runs only when the student it reads changes (`would_run` covers that)
-        ("training/engine.py", ALL - {"prepare", "export"}),
+        # the training loop: both teachers and the student; where they run (devices): evaluate too, which runs the
+        # models there; export re-runs only when the student it reads changes (`would_run` covers that)
+        ("training/engine.py", {"train-teacher@seg", "train-teacher@depth", "distill"}),
+        ("training/devices.py", ALL - {"prepare", "export"}),
         ("distill/weights.py", {"distill"}),  # the method
-        ("evaluation/report.py", {"evaluate"}),
+        ("distill/plan.py", {"distill"}),
+        ("evaluation/templates.py", {"evaluate", "export"}),  # the report and the model card
         ("serving/infer.py", {"export"}),
     ],
 )

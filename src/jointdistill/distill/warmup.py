@@ -140,8 +140,3 @@ def connector_metrics(
     finally:
         connector.train(was)
     return {**seg.compute(), **dep.compute()}
-
-
-def short_metrics(metrics: dict) -> dict:
-    """The connector's headline metrics, rounded, for the report."""
-    return {k: round(float(metrics[k]), 5) for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1") if k in metrics}

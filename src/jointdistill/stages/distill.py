@@ -18,12 +18,12 @@ from jointdistill.data.contract import verify_prepared
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.distill.builder import Built, build
 from jointdistill.distill.plan import DistillPlan
-from jointdistill.distill.warmup import short_metrics, warm_up
+from jointdistill.distill.warmup import warm_up
 from jointdistill.errors import ConfigError
-from jointdistill.models import save_model
+from jointdistill.models import model_flops, save_model
 from jointdistill.provenance import codeid, lineage
 from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
-from jointdistill.stages.results import StudentResult
+from jointdistill.stages.results import StudentResult, short_metrics
 from jointdistill.training.checkpoints import seed_everything
 from jointdistill.training.devices import resolve_device
 from jointdistill.training.engine import fit
@@ -80,8 +80,10 @@ def run(
     built.student.load_state_dict(best)
     test_ds = PreparedDataset(data, "test")
     test = test_metrics(built.student, built.objective, test_ds, cfg.batch_size, params.seed, device)
-    report = StudentResult.from_run(params, plan, meta, built, fitted, test, warmup, train_seconds)
-    if rank_and_world()[0] == 0:
+    flops = model_flops(built.student, *meta["resolution"])
+    rank, world = rank_and_world()
+    report = StudentResult.from_run(params, plan, meta, built, fitted, test, warmup, train_seconds, flops, world)
+    if rank == 0:
 
         def files(tmp: Path) -> None:
             record = {"mode": cfg.mode, **_data_record(meta), "params_digest": params.digest("distill")}

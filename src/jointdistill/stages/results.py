@@ -59,6 +59,11 @@ def _merged(content: Any, run: Any) -> Any:
     return content if run is None else run
 
 
+def short_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A model's headline metrics, rounded (the connector's in the student's report)."""
+    return {k: round(float(metrics[k]), 5) for k in ("miou", "pixacc", "abs_err", "rel_err", "delta1") if k in metrics}
+
+
 def _numbers(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
     return {
         f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -148,14 +153,12 @@ class TeacherResult(StageResult):
         train_images: int,
         epoch_samples: int | None,
         train_seconds: float,
-        size: tuple[int, int],
+        flops: int,
+        world: int,
     ) -> TeacherResult:
         """The report of a teacher run: ``fitted`` (`engine.FitResult`), the best weights' ``test`` metrics next to
         the trivial ``baseline``'s, the labelled train images and how many samples an epoch drew."""
         import numpy as np
-
-        from jointdistill.models import model_flops
-        from jointdistill.stages.common import rank_and_world
 
         spec = params.teacher.for_task(task)
         history = fitted.history
@@ -174,12 +177,12 @@ class TeacherResult(StageResult):
                 if history
                 else None,
                 "resumed_from_step": fitted.resumed_from,
-                "world_size": rank_and_world()[1],
+                "world_size": world,
                 "model": {  # one image at the training size
                     "backbone": spec.backbone,
                     "head": spec.head,
                     "parameters": sum(p.numel() for p in model.parameters()),
-                    "flops": model_flops(model, *size),
+                    "flops": flops,
                 },
                 "params_digest": params.digest("teacher", task),
             }
@@ -226,17 +229,15 @@ class StudentResult(StageResult):
         test: dict,
         warmup: dict | None,
         train_seconds: float,
+        flops: int,
+        world: int,
     ) -> StudentResult:
         """The report of a distill run: ``built`` (`distill.builder.Built`), ``fitted`` (`engine.FitResult`), the
-        best weights' ``test`` metrics, the connector's ``warmup`` report, the training time (warm-up included)."""
+        best weights' ``test`` metrics, the connector's ``warmup`` report, the training time (warm-up included),
+        the student's FLOPs per image and the number of processes."""
         import numpy as np
 
-        from jointdistill.distill.warmup import short_metrics
-        from jointdistill.models import model_flops
-        from jointdistill.stages.common import rank_and_world
-
         cfg, objective, student = params.distill, built.objective, built.student
-        h, w = meta["resolution"]
         history = fitted.history
         ips = float(np.mean([e["train/images_per_second"] for e in history])) if history else None
         pool, pool_batch = built.pool
@@ -274,7 +275,7 @@ class StudentResult(StageResult):
                     "history": [short_metrics(c) | {"timeframe": c["timeframe"]} for c in objective.connector_history],
                 },
                 "gradients": objective.gradient_summary(),
-                "flops": {"student": model_flops(student, h, w)},
+                "flops": {"student": flops},
                 # Training loop only (data, forward, backward, step), per process; validation excluded.
                 "seconds_per_step": round((cfg.batch_size + pool_batch) / ips, 5) if ips else None,
                 "train_images_per_second": round(ips, 2) if ips else None,
@@ -284,7 +285,7 @@ class StudentResult(StageResult):
                 "teacher_cache": cache,
                 "history": history,
                 "resumed_from_step": fitted.resumed_from,
-                "world_size": rank_and_world()[1],
+                "world_size": world,
                 "model": {
                     "backbone": params.student.backbone,
                     "head": params.student.head,

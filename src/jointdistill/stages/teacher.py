@@ -19,7 +19,7 @@ from jointdistill.data.contract import UNLABELLED, open_split, split_count, veri
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.data.transforms import JointTransform
 from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter
-from jointdistill.models import TASKS, build_teacher, save_model
+from jointdistill.models import TASKS, build_teacher, model_flops, save_model
 from jointdistill.provenance import codeid, lineage
 from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
 from jointdistill.stages.results import TeacherResult
@@ -121,10 +121,23 @@ def run(
     test_ds = PreparedDataset(data, "test")
     test = test_metrics(model, objective, test_ds, spec.batch_size, params.seed, resolve_device(spec.device))
     baseline = trivial_baseline(data, task, meta)
+    rank, world = rank_and_world()
+    flops = model_flops(model, h, w)
     report = TeacherResult.from_run(
-        params, task, objective, model, result, test, baseline, len(train_ds), epoch_samples, train_seconds, (h, w)
+        params,
+        task,
+        objective,
+        model,
+        result,
+        test,
+        baseline,
+        len(train_ds),
+        epoch_samples,
+        train_seconds,
+        flops,
+        world,
     )
-    if rank_and_world()[0] == 0:
+    if rank == 0:
 
         def files(tmp: Path) -> None:
             save_model(
