@@ -84,22 +84,7 @@ def run(
         | {"seed": params.seed, "data": meta.get("source_checksum"), "code": codeid.source_digest(__name__)}
     )
 
-    seed_everything(params.seed)
-    model = build_teacher(
-        task,
-        spec.backbone,
-        spec.head,
-        len(meta["classes"]),
-        spec.pretrained_backbone,
-        head_channels=spec.head_channels,
-        tiny_widths=tuple(spec.widths),
-    )
-    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed)
-    objective = make_objective(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
-    # Under a label budget (`prepare.labelled_fraction`) an epoch still draws as many samples as the whole train
-    # split had, from the labelled ones: a budget takes labels away, not optimiser steps.
-    pool = split_count(meta, UNLABELLED)
-    epoch_samples = len(train_ds) + pool if pool else None
+    model, objective, train_ds, epoch_samples = _build(params, task, data, meta)
     t0 = time.perf_counter()
     result = fit(
         model,
@@ -157,6 +142,29 @@ def run(
         log.info("teacher-%s: %s → %s", task, report.headline(), out)
     end_distributed()
     return report
+
+
+def _build(params: Params, task: str, data: Path, meta: dict):
+    """The teacher (its initial weights drawn from the seed), its objective, its augmented train split and how many
+    samples an epoch draws."""
+    spec = params.teacher.for_task(task)
+    h, w = meta["resolution"]
+    seed_everything(params.seed)
+    model = build_teacher(
+        task,
+        spec.backbone,
+        spec.head,
+        len(meta["classes"]),
+        spec.pretrained_backbone,
+        head_channels=spec.head_channels,
+        tiny_widths=tuple(spec.widths),
+    )
+    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed)
+    objective = make_objective(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
+    # Under a label budget (`prepare.labelled_fraction`) an epoch still draws as many samples as the whole train
+    # split had, from the labelled ones: a budget takes labels away, not optimiser steps.
+    pool = split_count(meta, UNLABELLED)
+    return model, objective, train_ds, len(train_ds) + pool if pool else None
 
 
 def _data_record(meta: dict) -> dict:
