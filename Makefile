@@ -54,9 +54,8 @@ lock: setup
 bench: setup
 	$(BIN)/python -m bench
 
-## ablation: the five modes over 5 seeds on the default benchmark (a seed takes about 47 min of one thread on a
-## 2-core Xeon, 10 of them the teachers; two seeds run side by side (ABLATION_JOBS): 5 seeds in about 2 h; never
-## part of `make test`).
+## ablation: the five modes over 5 seeds on the default benchmark (hours on a 2-core CPU: docs/method.md, Evidence;
+## two seeds run side by side (ABLATION_JOBS); never part of `make test`).
 ## Runs land in $(ABLATION_DIR) (a killed run resumes); the tables are copied to $(ABLATION_RESULTS).
 ## ABLATION_SET: params changes for both commands, e.g. ABLATION_SET="prepare.labelled_fraction=1.0" (every frame labelled).
 ABLATION_MODES ?= single,mtl,static_kd,adaptive,full
