@@ -85,12 +85,13 @@ def ceilings(device, quick: bool) -> dict:
 
 # ----------------------------------------------------------------------------- the models under test
 def _build(kind: str, classes: int, probes, params, arch: dict):
-    """(model, task, needs_cached_features) for one configuration, freshly initialised on the CPU."""
+    """(model, objective, needs_cached_features) for one configuration, freshly initialised on the CPU."""
     import torch
 
     from jointdistill.distill.connector import Connector
     from jointdistill.distill.model import DistillModel
     from jointdistill.distill.objective import StudentObjective
+    from jointdistill.distill.plan import DistillPlan
     from jointdistill.models import build_student, build_teacher
     from jointdistill.training.objectives import make_objective
 
@@ -103,6 +104,7 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
             False,
         )
     mode = {"distill-mtl": "mtl", "distill-full": "full", "distill-full-cache": "full"}[kind]
+    cached = kind.endswith("-cache")
     # The training step as such: no gradient-norm measurements (an extra backward per term every
     # grad_log_every steps) and a fixed trajectory weight instead of its calibration.
     cfg = params.distill.model_copy(
@@ -112,15 +114,16 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
             "traj_batch": min(params.distill.traj_batch, probes.shape[0]),
             "grad_log_every": 0,
             "traj_share": 0.0,
+            "teacher_cache": cached,
         }
     )
+    plan = DistillPlan.from_params(cfg)
     student = build_student(arch["student_backbone"], arch["head"], classes)
-    if mode == "mtl":
+    if not plan.teachers:
         model = DistillModel(student, probes=probes)
         return model, StudentObjective(model, cfg, classes, 255, None, list(range(probes.shape[0]))), False
     teachers = [build_teacher(t, arch["teacher_backbone"], arch["head"], classes) for t in ("seg", "depth")]
     connector = Connector([t.feature_channels for t in teachers], classes, cfg.connector_channels)
-    cached = kind.endswith("-cache")
     probe_feats = None
     if cached:
         with torch.no_grad():  # batch statistics: see _batch
@@ -133,16 +136,18 @@ def _build(kind: str, classes: int, probes, params, arch: dict):
         cfg.traj_every,
         cfg.traj_batch,
         probe_teacher_features=probe_feats,
-        target_teachers=teachers if cfg.kd_target == "teachers" and not cached else None,
+        target_teachers=teachers if plan.targets_from_teachers and not cached else None,
     )
-    task = StudentObjective(model, cfg, classes, 255, {"seg": 0.5, "depth": 0.5}, list(range(probes.shape[0])))
-    return model, task, teachers if cached else False
+    objective = StudentObjective(model, cfg, classes, 255, {"seg": 0.5, "depth": 0.5}, list(range(probes.shape[0])))
+    return model, objective, teachers if cached else False
 
 
-def _start_trajectory(model, task) -> None:
+def _start_trajectory(model, objective) -> None:
     """Full mode from its second timeframe on: the buffer holds a timeframe, so each step has L_traj."""
-    if getattr(task, "use_trajectory", False):
-        task.record_trajectories(1, 0, model)
+    from jointdistill.distill.objective import StudentObjective
+
+    if isinstance(objective, StudentObjective) and objective.plan.trajectory:
+        objective.record_trajectories(1, 0, model)
         assert model.trajectory_on
 
 
@@ -177,7 +182,7 @@ def _setup(kind: str, variant: dict, probes, params, arch: dict, device, **spec_
 
     from jointdistill.training import devices, engine
 
-    model, task, teachers = _build(kind, 7, probes, params, arch)
+    model, objective, teachers = _build(kind, 7, probes, params, arch)
     spec = (params.teacher if kind.startswith("teacher-") else params.distill).model_copy(
         update={"amp": variant["amp"], "channels_last": variant["cl"], "compile": variant["compile"], **spec_update}
     )
@@ -191,7 +196,7 @@ def _setup(kind: str, variant: dict, probes, params, arch: dict, device, **spec_
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return SimpleNamespace(
         model=model,
-        task=task,
+        objective=objective,
         teachers=teachers,
         spec=spec,
         channels_last=channels_last,
@@ -213,9 +218,9 @@ def measure(
 
     torch.backends.cudnn.benchmark = variant.get("cudnn_benchmark", False)
     r = _setup(kind, variant, probes, params, arch, device)
-    model, task, spec, amp, opt, sched, scaler = r.model, r.task, r.spec, r.amp, r.opt, r.sched, r.scaler
+    model, objective, spec, amp, opt, sched, scaler = r.model, r.objective, r.spec, r.amp, r.opt, r.sched, r.scaler
     batch = _batch(ds, bs, device, r.channels_last, r.teachers)
-    _start_trajectory(model, task)
+    _start_trajectory(model, objective)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -223,7 +228,7 @@ def measure(
     compiled = devices.compile_networks(model) if devices.use_compile(spec, device) else 0
 
     def step():
-        return engine.train_step(model, task, batch, opt, sched, scaler, spec, amp)
+        return engine.train_step(model, objective, batch, opt, sched, scaler, spec, amp)
 
     if kind not in flops:  # FLOPs of one step do not depend on precision or layout: counted once, eagerly
         assert not compiled
@@ -339,7 +344,7 @@ def epoch_row(ds, params, arch: dict, bs: int, device, workers: int, variant: di
         t0 = time.perf_counter()
         engine.train_one_epoch(
             r.model,
-            r.task,
+            r.objective,
             loader,
             r.opt,
             r.sched,

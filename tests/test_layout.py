@@ -161,6 +161,7 @@ def test_the_plan_is_the_one_place_that_interprets_the_mode():
     found = []
     sources = {**MODULES, **{f"components.{p.stem}": p for p in (REPO / "components").glob("*.py")}}
     sources |= {f"pipelines.{p.stem}": p for p in (REPO / "pipelines").glob("*.py")}
+    sources |= {f"bench.{p.stem}": p for p in (REPO / "bench").glob("*.py")}
     for name, path in sources.items():
         if name == "jointdistill.distill.plan":
             continue

@@ -18,6 +18,7 @@ from torch import nn
 from jointdistill.io import atomic_dir, write_json
 from jointdistill.provenance import lineage, records
 from jointdistill.training.engine import compute_metrics
+from jointdistill.training.objectives import Objective
 from jointdistill.training.sampling import EpochSampler, make_loader
 
 
@@ -31,11 +32,13 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def test_metrics(model: nn.Module, job, test_ds, batch_size: int, seed: int, device) -> dict:
-    """``job``'s metrics of ``model`` on the test split, every rank on its shard, reduced across ranks."""
+def test_metrics(model: nn.Module, objective: Objective, test_ds, batch_size: int, seed: int, device) -> dict:
+    """``objective``'s metrics of ``model`` on the test split, every rank on its shard, reduced across ranks."""
     rank, world = rank_and_world()
     sampler = EpochSampler(len(test_ds), batch_size, seed, False, rank, world, drop_last=False)
-    return compute_metrics(model.to(device), job, make_loader(test_ds, sampler, batch_size, 0, device, False), device)
+    return compute_metrics(
+        model.to(device), objective, make_loader(test_ds, sampler, batch_size, 0, device, False), device
+    )
 
 
 def write_output(
