@@ -198,7 +198,7 @@ def _worker_init(threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _seed_job(params: dict, data: str, out: str, modes: list[str], seed: int, meta: dict) -> list[dict]:
+def _seed_worker(params: dict, data: str, out: str, modes: list[str], seed: int, meta: dict) -> list[dict]:
     return run_seed(params_from_dict(params), Path(data), Path(out), modes, seed, meta)
 
 
@@ -219,7 +219,7 @@ def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int,
         jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads, level)
     ) as pool:
         futures = [
-            pool.submit(_seed_job, params.model_dump(mode="json"), str(data), str(out), list(modes), seed, meta)
+            pool.submit(_seed_worker, params.model_dump(mode="json"), str(data), str(out), list(modes), seed, meta)
             for seed in seeds
         ]
         return [f.result() for f in futures]

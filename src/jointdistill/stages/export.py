@@ -158,19 +158,11 @@ def run(
             files[name] = path
             del vs
 
-        report: dict[str, Any] = {
-            "test": test_metrics["onnx"],
-            "test_by_model": test_metrics,
-            "latency_ms": latency,
-            "latency_runs": cfg.latency_runs,
-            "file_bytes": {name: p.stat().st_size for name, p in files.items()},
-            "export_seconds": round(export_seconds, 2),
-            "seconds": round(time.perf_counter() - t_start, 2),
-            "opset": cfg.opset,
-            "code": code,
-            "params_digest": record.get("params_digest"),
-            "flops": _flops(model, student, size),
-        }
+        sizes = {name: p.stat().st_size for name, p in files.items()}
+        seconds = (export_seconds, time.perf_counter() - t_start)
+        report = ExportResult.from_run(
+            cfg, record, test_metrics, latency, sizes, seconds, code, _flops(model, student, size)
+        )
         write_json(tmp / "parity.json", parity)
         content, run_facts = records.split(report)
         write_json(tmp / records.REPORT, content)

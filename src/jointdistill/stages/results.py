@@ -360,6 +360,36 @@ class ExportResult(StageResult):
     stage = "export"
 
     @classmethod
+    def from_run(
+        cls,
+        cfg: Any,
+        record: dict,
+        test_by_model: dict,
+        latency: dict,
+        file_bytes: dict,
+        seconds: tuple[float, float],
+        code: str,
+        flops: dict,
+    ) -> ExportResult:
+        """The report of an export run (without its parity, which is its own file): test metrics of every file
+        (the fp32 ONNX one's first), latency, sizes, (export, total) ``seconds``, the code digest and FLOPs."""
+        return cls(
+            {
+                "test": test_by_model["onnx"],
+                "test_by_model": test_by_model,
+                "latency_ms": latency,
+                "latency_runs": cfg.latency_runs,
+                "file_bytes": file_bytes,
+                "export_seconds": round(seconds[0], 2),
+                "seconds": round(seconds[1], 2),
+                "opset": cfg.opset,
+                "code": code,
+                "params_digest": record.get("params_digest"),
+                "flops": flops,
+            }
+        )
+
+    @classmethod
     def read(cls, folder: str | Path, metrics_dir: str | Path | None = None) -> StageResult | None:
         result = super().read(folder, metrics_dir)
         if result is not None and (Path(folder) / "parity.json").is_file():
