@@ -62,6 +62,12 @@ def write_output(
             records.write(mdir, curated(report), run_facts, live)
 
 
+def data_record(meta: dict) -> dict:
+    """What a model file carries about the data it was trained on."""
+    keys = ("classes", "palette", "normalization", "resolution", "ignore_index")
+    return {**{k: meta[k] for k in keys}, "data_checksum": meta.get("source_checksum")}
+
+
 def end_distributed() -> None:
     """Wait for every rank (rank 0 was writing), then leave the process group."""
     if dist.is_initialized():

@@ -22,7 +22,7 @@ from jointdistill.distill.warmup import warm_up
 from jointdistill.errors import ConfigError
 from jointdistill.models import model_flops, save_model
 from jointdistill.provenance import codeid, lineage
-from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
+from jointdistill.stages.common import data_record, end_distributed, rank_and_world, run_key, test_metrics, write_output
 from jointdistill.stages.results import StudentResult, short_metrics
 from jointdistill.training.checkpoints import seed_everything
 from jointdistill.training.devices import resolve_device
@@ -86,7 +86,7 @@ def run(
     if rank == 0:
 
         def files(tmp: Path) -> None:
-            record = {"mode": cfg.mode, **_data_record(meta), "params_digest": params.digest("distill")}
+            record = {"mode": cfg.mode, **data_record(meta), "params_digest": params.digest("distill")}
             record |= {"best_epoch": fitted.best_epoch, "val": fitted.best_metrics, "teachers": built.teacher_digests}
             save_model(tmp / "student.pt", built.student, best, task="multi", **record)
             built.objective.write_weights(tmp / "weights.csv")
@@ -138,9 +138,3 @@ def _warm_up(params, plan, built: Built, meta, device, checkpoints: Path, digest
     log.info("distill: connector after warm-up: val %s", report["val"])
     seed_everything(params.seed)  # the student's run draws the same numbers whether or not it warmed up here
     return report
-
-
-def _data_record(meta: dict) -> dict:
-    """What a model file carries about the data it was trained on."""
-    keys = ("classes", "palette", "normalization", "resolution", "ignore_index")
-    return {**{k: meta[k] for k in keys}, "data_checksum": meta.get("source_checksum")}

@@ -21,7 +21,7 @@ from jointdistill.data.transforms import JointTransform
 from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter
 from jointdistill.models import TASKS, build_teacher, model_flops, save_model
 from jointdistill.provenance import codeid, lineage
-from jointdistill.stages.common import end_distributed, rank_and_world, run_key, test_metrics, write_output
+from jointdistill.stages.common import data_record, end_distributed, rank_and_world, run_key, test_metrics, write_output
 from jointdistill.stages.results import TeacherResult
 from jointdistill.training.checkpoints import seed_everything
 from jointdistill.training.devices import resolve_device
@@ -130,7 +130,7 @@ def run(
                 model,
                 result.best_state,
                 task=task,
-                **_data_record(meta),
+                **data_record(meta),
                 params_digest=params.digest("teacher", task),
                 best_epoch=result.best_epoch,
                 val=result.best_metrics,
@@ -165,9 +165,3 @@ def _build(params: Params, task: str, data: Path, meta: dict):
     # split had, from the labelled ones: a budget takes labels away, not optimiser steps.
     pool = split_count(meta, UNLABELLED)
     return model, objective, train_ds, len(train_ds) + pool if pool else None
-
-
-def _data_record(meta: dict) -> dict:
-    """What a model file carries about the data it was trained on."""
-    keys = ("classes", "palette", "normalization", "resolution", "ignore_index")
-    return {**{k: meta[k] for k in keys}, "data_checksum": meta.get("source_checksum")}
