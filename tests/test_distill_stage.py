@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jointdistill.config import load_params
+from jointdistill.distill import builder
 from jointdistill.distill.builder import probe_indices
 from jointdistill.distill.weights import update
 from jointdistill.errors import ConfigError, DataError, ModelError
@@ -178,7 +179,7 @@ def test_mtl_never_runs_the_teachers(runs, prepared, tiny_teachers, tmp_path, mo
     def boom(*a, **k):
         raise AssertionError("mtl loaded a teacher")
 
-    monkeypatch.setattr(distill, "load_teacher", boom)
+    monkeypatch.setattr(builder, "load_teacher", boom)
     report = distill.run(params("distill.mode=mtl", "distill.epochs=1"), prepared, tiny_teachers, tmp_path / "o")
     assert report["teacher_forward_images"] == 0
 
