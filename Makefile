@@ -54,11 +54,11 @@ lock: setup
 bench: setup
 	$(BIN)/python -m bench
 
-## ablation: the five modes over 5 seeds on the default benchmark (hours on a 2-core CPU: docs/method.md, Evidence;
-## two seeds run side by side (ABLATION_JOBS); never part of `make test`).
+## ablation: the modes over 5 seeds on the default benchmark, each seed with its own labelled frames (hours on a
+## 2-core CPU: docs/method.md, Evidence; two seeds run side by side (ABLATION_JOBS); never part of `make test`).
 ## Runs land in $(ABLATION_DIR) (a killed run resumes); the tables are copied to $(ABLATION_RESULTS).
-## ABLATION_SET: params changes for both commands, e.g. ABLATION_SET="prepare.labelled_fraction=1.0" (every frame labelled).
-ABLATION_MODES ?= single,mtl,static_kd,adaptive,full
+## ABLATION_SET: params changes, e.g. ABLATION_SET="prepare.budget.seg=1.0" (every frame labelled).
+ABLATION_MODES ?= single,mtl,self_train,static_kd,adaptive,adaptive+deficit,full,mtl+noval
 ABLATION_SEEDS ?= 0,1,2,3,4
 ABLATION_SET ?=
 ABLATION_JOBS ?= 2
@@ -66,8 +66,7 @@ ABLATION_DIR ?= data/ablation
 ABLATION_RESULTS ?= bench/results/ablation
 ABLATION_SETS := $(foreach s,$(ABLATION_SET),--set $(s))
 ablation: setup
-	$(BIN)/jointdistill prepare --params $(PARAMS) $(ABLATION_SETS) --out $(ABLATION_DIR)/prepared
-	$(BIN)/jointdistill ablate --params $(PARAMS) $(ABLATION_SETS) --data $(ABLATION_DIR)/prepared --out $(ABLATION_DIR) \
+	$(BIN)/jointdistill ablate --params $(PARAMS) $(ABLATION_SETS) --out $(ABLATION_DIR) \
 		--modes $(ABLATION_MODES) --seeds $(ABLATION_SEEDS) --jobs $(ABLATION_JOBS)
 	mkdir -p $(ABLATION_RESULTS)
 	cp $(ABLATION_DIR)/ablation.md $(ABLATION_DIR)/ablation.csv $(ABLATION_DIR)/ablation.json $(ABLATION_DIR)/ablation.png \

@@ -28,7 +28,7 @@ print(json.dumps(ablate.run(p, tmp + "/prepared", tmp + "/ablation", {modes!r}, 
 
 
 QUICK = [
-    "prepare.labelled_fraction=1.0",
+    "prepare.budget.seg=1.0",
     "prepare.num_samples=60",
     "prepare.height=48",
     "prepare.width=96",

@@ -33,7 +33,7 @@ import json, resource, time
 from jointdistill.config import load_params
 from jointdistill.stages import prepare
 # Every frame labelled: the labelled path (images, labels, depth) is the one whose throughput matters.
-params = load_params({params!r}, ["prepare.labelled_fraction=1.0", f"prepare.num_samples={n}"])
+params = load_params({params!r}, ["prepare.budget.seg=1.0", f"prepare.num_samples={n}"])
 t = time.perf_counter()
 prepare.run(params, {out!r})
 seconds = time.perf_counter() - t
@@ -88,7 +88,7 @@ import json, resource, time
 from jointdistill.config import load_params
 from jointdistill.stages import prepare
 params = load_params({params!r}, ["prepare.dataset=cityscapes", "prepare.root={root}", "prepare.height=256",
-                                  "prepare.width=512", "prepare.gallery_images=0", "prepare.labelled_fraction=1.0"])
+                                  "prepare.width=512", "prepare.gallery_images=0", "prepare.budget.seg=1.0"])
 t = time.perf_counter()
 meta = prepare.run(params, {out!r})
 seconds = time.perf_counter() - t

@@ -56,7 +56,7 @@ def _throughput(out: Path) -> float:
 def rows(quick: bool, params: str, nprocs: int = 2) -> list[dict]:
     sets = (
         [
-            "prepare.labelled_fraction=1.0",
+            "prepare.budget.seg=1.0",
             "prepare.num_samples=80",
             "prepare.height=48",
             "prepare.width=96",

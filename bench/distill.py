@@ -52,7 +52,7 @@ VARIANTS = [
 # The paper's networks (DeepLabV3-ResNet-101 teachers, ResNet-50 + ASPP student) on this CPU at a small size:
 # step-time ratios only (teachers trained 1 epoch); where the teachers dominate a step, as on a GPU.
 PAPER = [
-    "prepare.labelled_fraction=1.0",
+    "prepare.budget.seg=1.0",
     "prepare.num_samples=40",
     "prepare.height=64",
     "prepare.width=128",
@@ -110,7 +110,7 @@ def paper_rows(quick: bool, params: str) -> list[dict]:
 def rows(quick: bool, params: str) -> list[dict]:
     sets = (
         [
-            "prepare.labelled_fraction=1.0",
+            "prepare.budget.seg=1.0",
             "prepare.num_samples=80",
             "prepare.height=48",
             "prepare.width=96",

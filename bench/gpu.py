@@ -385,7 +385,7 @@ def run(quick: bool, params_file: str) -> dict:
         apply_overrides(
             raw,
             [
-                "prepare.labelled_fraction=1.0",
+                "prepare.budget.seg=1.0",
                 f"prepare.num_samples={640 if gpu else 24}",
                 f"prepare.height={h}",
                 f"prepare.width={w}",

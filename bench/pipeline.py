@@ -21,7 +21,7 @@ from .common import run_json, summary
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {
-    "prepare": {"labelled_fraction": 1.0, "num_samples": 40, "height": 48, "width": 96},
+    "prepare": {"budget": {"seg": 1.0}, "num_samples": 40, "height": 48, "width": 96},
     "teacher": {"epochs": 1, "batch_size": 4},
     "distill": {"epochs": 1, "batch_size": 4, "probe_images": 2, "traj_batch": 2},
 }
@@ -143,7 +143,7 @@ print(json.dumps(out))
 
 def loader_rows(quick: bool, params: str) -> list[dict]:
     sets = (
-        ["prepare.labelled_fraction=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96"]
+        ["prepare.budget.seg=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96"]
         if quick
         else []
     )

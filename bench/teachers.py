@@ -26,7 +26,7 @@ print(json.dumps(out))
 def rows(quick: bool, params: str) -> list[dict]:
     sets = (
         [
-            "prepare.labelled_fraction=1.0",
+            "prepare.budget.seg=1.0",
             "prepare.num_samples=60",
             "prepare.height=48",
             "prepare.width=96",

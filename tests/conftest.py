@@ -26,7 +26,7 @@ sys.meta_path.insert(0, _NoTorch())
 # connector warm-up steps, one timeframe per epoch (a tiny epoch is a few steps), live teachers (tests of the
 # teacher cache turn it on themselves).
 TINY = [
-    "prepare.labelled_fraction=1.0",
+    "prepare.budget.seg=1.0",
     "prepare.num_samples=40",
     "prepare.height=48",
     "prepare.width=96",

@@ -76,7 +76,7 @@ def test_gate_per_seed():
     pooled = ablate.gate(rows, unlabelled=827)
     assert not pooled["passed"] and pooled["unlabelled"] == 827
     md = ablate.markdown(ablate.summarise(rows, ["single", "mtl"]), range(3), [], pooled)
-    assert "**FAILED**; it does not bound distillation here" in md and "827 unlabelled frames" in md
+    assert "**FAILED**; it does not bound distillation here" in md and "827 frames missing a task's label" in md
     assert "cannot show distillation" not in md
 
 
@@ -86,7 +86,10 @@ def test_modes_with_variants():
         "adaptive",
         {"distill.teacher_cache": False, "distill.feedback": "progress"},
     )
-    for bad in ("mtl+cache", "single+deficit", "full+sideways", "eata"):
+    assert ablate.parse_mode("mtl+noval") == ("mtl", {"distill.hold_out_val": False})
+    assert ablate.parse_mode("adaptive+closed") == ("adaptive", {"distill.feedback_kind": "closed"})
+    assert ablate.parse_mode("self_train") == ("self_train", {})
+    for bad in ("mtl+cache", "single+deficit", "full+sideways", "eata", "full+noval", "self_train+deficit"):
         with pytest.raises(Exception, match="unknown mode"):
             ablate.parse_mode(bad)
 

@@ -65,7 +65,8 @@ def project(tmp_path_factory):
         if (REPO / rel).is_file() and not rel.startswith(("data/prepared", "dvc.lock")):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)
-    set_params(dst, num_samples=30, height=40, width=80, gallery_images=2, labelled_fraction=1.0)
+    set_params(dst, num_samples=30, height=40, width=80, gallery_images=2)
+    set_params(dst, "prepare.budget", seg=1.0)
     set_params(dst, "teacher", epochs=1, batch_size=4)
     set_params(dst, "distill", epochs=1, batch_size=4, probe_images=2, traj_batch=2, connector_warmup=4)
     # fp32 only: the fp16 and int8 variants are test_export's (tiny_export); here they would double export's time

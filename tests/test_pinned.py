@@ -241,7 +241,7 @@ def test_kfp_source_and_prepare_steps_pinned_to_two_revisions(image_project, tmp
         REPO / "params.yaml",
         [
             "prepare.dataset=folder",
-            "prepare.labelled_fraction=1.0",
+            "prepare.budget.seg=1.0",
             "prepare.height=48",
             "prepare.width=96",
             "prepare.gallery_images=0",
@@ -336,7 +336,7 @@ def test_whole_pipeline_under_kfp_local_pinned_then_results_pulled_into_a_fresh_
         REPO / "params.yaml",
         [
             "prepare.dataset=folder",
-            "prepare.labelled_fraction=1.0",
+            "prepare.budget.seg=1.0",
             "prepare.height=48",
             "prepare.width=96",
             "prepare.gallery_images=0",

@@ -5,6 +5,7 @@ import json
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -23,7 +24,6 @@ def params(dataset, root, *extra):
         [
             f"prepare.dataset={dataset}",
             f"prepare.root={root}",
-            "prepare.labelled_fraction=1.0",
             "prepare.height=16",
             "prepare.width=24",
             "prepare.gallery_images=0",
@@ -130,21 +130,32 @@ def test_folder_without_a_test_split_takes_one_from_train(tmp_path):
     assert sum(meta["counts"].values()) == 20 and meta["counts"]["test"] >= 1
 
 
-def test_a_label_budget_on_a_real_source_is_warned_about(tmp_path, caplog):
-    # The shipped params.yaml runs the synthetic benchmark under a budget; a user's own data keeps every label
-    # unless they ask otherwise, and if the budget stays on they are told how many labels it drops.
-    make_folder(tmp_path / "src", n_train=20, n_test=3)
-    with caplog.at_level("WARNING", logger="jointdistill.stages.prepare"):
-        meta = prepare.run(params("folder", tmp_path / "src", "prepare.labelled_fraction=0.5"), tmp_path / "out")
-    kept, raw = meta["counts"]["train"], meta["counts"]["unlabelled"]
-    assert kept >= 1 and raw >= 1
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warned) == 1 and f"keeps the labels of {kept} of {kept + raw} train samples" in warned[0]
-    assert "prepare.labelled_fraction=1.0" in warned[0]
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="jointdistill.stages.prepare"):
-        prepare.run(params("folder", tmp_path / "src"), tmp_path / "all")
-    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+def test_a_real_source_keeps_every_label_and_its_raw_frames_form_the_pool(tmp_path):
+    """The shipped params.yaml runs the synthetic benchmark under a label budget; a user's own data keeps every
+    label, and the pool of frames without labels is their raw footage (``raw/``), never their labels dropped."""
+    assert load_params(REPO / "params.yaml").prepare.budget.seg < 1  # the benchmark's budget is on
+    make_folder(tmp_path / "src", n_train=12, n_test=3)
+    meta = prepare.run(params("folder", tmp_path / "src"), tmp_path / "all")
+    c = meta["counts"]
+    assert c["train"] + c["val"] == 12 and c["unlabelled"] == 0
+    assert meta["labelled"]["train"] == {"seg": c["train"], "depth": c["train"], "all": c["train"]}
+    assert meta["budget"] == "every label of the source"
+    (tmp_path / "src" / "raw").mkdir()
+    raw = {}
+    for i in range(5):
+        image, _, _ = _scene(1000 + i)
+        Image.fromarray(image).save(tmp_path / "src" / "raw" / f"clip{i:02d}.png")
+        raw[f"raw/clip{i:02d}"] = image
+    meta = prepare.run(params("folder", tmp_path / "src"), tmp_path / "out")
+    assert meta["counts"]["unlabelled"] == 5
+    assert {k: meta["counts"][k] for k in ("train", "val", "test")} == {k: c[k] for k in ("train", "val", "test")}
+    verify_prepared(tmp_path / "out", check_digests=True)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    rows = manifest[manifest["split"] == "unlabelled"].sort_values("index")
+    assert list(rows["sample_id"]) == sorted(raw)
+    images = np.load(tmp_path / "out" / "unlabelled" / "images.npy")
+    for i, sid in enumerate(rows["sample_id"]):
+        np.testing.assert_array_equal(images[i], raw[sid])
 
 
 def make_nyuv2(root, n_train=6, n_val=2, h=16, w=24):
@@ -166,8 +177,10 @@ def make_nyuv2(root, n_train=6, n_val=2, h=16, w=24):
 
 def test_nyuv2_preprocessed_layout_value_by_value(tmp_path):
     truth = make_nyuv2(tmp_path / "nyu")
-    p = params("nyuv2", tmp_path / "nyu")
+    p = params("nyuv2", tmp_path / "nyu")  # with the shipped synthetic budget: a real source keeps every label
     meta = prepare.run(p, tmp_path / "out")
+    assert meta["counts"]["unlabelled"] == 0
+    assert meta["labelled"]["train"]["seg"] == meta["labelled"]["train"]["depth"] == meta["counts"]["train"]
     assert len(meta["classes"]) == 13 and meta["classes"][0] == "bed" and meta["classes"][-1] == "window"
     assert meta["counts"]["test"] == 2 and meta["counts"]["train"] + meta["counts"]["val"] == 6
     found = _prepared_by_id(tmp_path / "out", meta)
@@ -258,6 +271,39 @@ def test_cityscapes_value_by_value(tmp_path, n_classes):
         np.testing.assert_allclose(p_depth, expected, rtol=1e-5)
         assert p_depth[0, 0] == 0 and p_depth[0, 1] == 0
         assert p_depth[0, 3] == pytest.approx(BASELINE * FX, rel=1e-5)  # p = 257 → 1 px of disparity
+
+
+def test_cityscapes_train_extra_frames_are_depth_only(tmp_path):
+    """train_extra's disparity is depth; its coarse labels are not fine labels, so its frames carry no seg label."""
+    make_cityscapes(tmp_path / "cs")
+    extra = {}
+    for i in range(4):
+        city, stem = "bremen", f"bremen_{i:06d}_000019"
+        rng = np.random.default_rng(900 + i)
+        image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+        disparity = rng.integers(300, 30000, (16, 24)).astype(np.uint16)
+        for sub, name, data in (("leftImg8bit", "leftImg8bit.png", image), ("disparity", "disparity.png", disparity)):
+            folder = tmp_path / "cs" / sub / "train_extra" / city
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data).save(folder / f"{stem}_{name}")
+        cam = tmp_path / "cs" / "camera" / "train_extra" / city
+        cam.mkdir(parents=True, exist_ok=True)
+        (cam / f"{stem}_camera.json").write_text(
+            json.dumps({"extrinsic": {"baseline": BASELINE}, "intrinsic": {"fx": FX}})
+        )
+        gt = tmp_path / "cs" / "gtCoarse" / "train_extra" / city  # coarse labels exist, and are not read
+        gt.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 24), 26, np.uint8)).save(gt / f"{stem}_gtCoarse_labelIds.png")
+        extra[f"cityscapes/train_extra/{stem}"] = disparity
+    meta = prepare.run(params("cityscapes", tmp_path / "cs", "prepare.max_depth=1000000"), tmp_path / "out")
+    lab = meta["labelled"]
+    assert meta["counts"]["train"] + meta["counts"]["val"] == 9 and meta["counts"]["unlabelled"] == 0
+    assert lab["train"]["seg"] + lab["val"]["seg"] == 5 and lab["train"]["depth"] + lab["val"]["depth"] == 9
+    found = _prepared_by_id(tmp_path / "out", meta)
+    for sid, disparity in extra.items():
+        split, _, p_label, p_depth = found[sid]
+        assert split in ("train", "val") and (p_label == 255).all()
+        np.testing.assert_allclose(p_depth, BASELINE * FX / ((disparity.astype(np.float64) - 1) / 256), rtol=1e-5)
 
 
 def test_cityscapes_missing_partner_and_bad_camera(tmp_path):

@@ -1,14 +1,19 @@
-"""The ablation study (modes single, mtl, static_kd, adaptive, full), run in-process: for every seed, both
-teachers once and one student per mode trained from them on the same prepared data, each evaluated on test;
-then one table, mean ± std over seeds, rows = modes, columns = mIoU, pixAcc, AbsErr, RelErr, Δm (against that
-seed's teachers), and the paired differences that decide the method's claim (static_kd − mtl, adaptive −
-static_kd, full − adaptive, full − mtl): mean, 95 % t-interval and sign count over seeds.
+"""The ablation study (modes single, mtl, self_train, static_kd, adaptive, full), run in-process: for every seed,
+its prepared data (the seed draws the labelled frames of the budget; the test split never changes), both teachers
+once and one student per mode trained from them, each evaluated on test; then one table, mean ± std over seeds,
+rows = modes, columns = mIoU, pixAcc, AbsErr, RelErr, Δm (against that seed's teachers), and the paired
+differences stated before any run (PAIRS: static_kd − mtl, static_kd − self_train, adaptive − static_kd, full −
+adaptive, full − mtl): mean, 95 % t-interval and sign count over seeds, with no correction for testing several
+pairs (each pair answers its own question; the table says so).
 
 ``single`` is the teachers themselves (seg metrics from the seg teacher, depth metrics from the depth teacher;
 Δm = 0 by definition). A KD mode can carry variants after a ``+``: ``+cache`` / ``+live`` (``distill.
 teacher_cache`` on / off: what the cache costs in accuracy), ``+progress`` / ``+deficit`` (the direction of
-``distill.feedback``) and ``+valid`` / ``+all`` (``distill.kd_depth_pixels``), e.g. ``adaptive+deficit``. The
-seed changes initialisation, data order and augmentation, never the data. Every run is a normal stage output
+``distill.feedback``), ``+level`` / ``+rate`` / ``+closed`` (``distill.feedback_kind``) and ``+valid`` / ``+all``
+(``distill.kd_depth_pixels``), e.g. ``adaptive+deficit``; mtl, self_train and static_kd take ``+noval`` (val frames
+trained on, last weights kept: what holding out val costs). The seed changes which frames are labelled (with
+``data`` None, each seed prepares its own data under ``out/runs/seed-S/prepared``), initialisation, data order and
+augmentation; the test split is the same for every seed. Every run is a normal stage output
 under ``out/runs/seed-S/``; a run already finished with the same params is reused, and an interrupted one resumes
 from its checkpoint, so a killed ablation picks up where it stopped.
 
@@ -54,12 +59,25 @@ VARIANTS = {
     "deficit": ("feedback", "deficit"),
     "valid": ("kd_depth_pixels", "valid"),
     "all": ("kd_depth_pixels", "all"),
+    "level": ("feedback_kind", "level"),
+    "rate": ("feedback_kind", "rate"),
+    "closed": ("feedback_kind", "closed"),
+    "noval": ("hold_out_val", False),
 }
+NOVAL_MODES = ("mtl", "self_train", "static_kd")  # modes that read val only to pick their best weights
 SEEDS = (0, 1, 2, 3, 4)
 COLUMNS = ("miou", "pixacc", "abs_err", "rel_err", "delta_m")
 LABELS = {"miou": "mIoU ↑", "pixacc": "pixAcc ↑", "abs_err": "AbsErr (m) ↓", "rel_err": "RelErr ↓", "delta_m": "Δm % ↑"}
-# The paper's order, one step at a time, and the whole claim.
-PAIRS = (("static_kd", "mtl"), ("adaptive", "static_kd"), ("full", "adaptive"), ("full", "mtl"))
+# Stated before any run: the teachers' knowledge over plain labels and over the raw frames alone, then the paper's
+# mechanisms one at a time, and the whole claim.
+PAIRS = (
+    ("static_kd", "mtl"),
+    ("static_kd", "self_train"),
+    ("adaptive", "static_kd"),
+    ("full", "adaptive"),
+    ("full", "mtl"),
+    ("mtl+noval", "mtl"),
+)
 PAIR_METRICS = ("delta_m", "miou", "abs_err")
 HIGHER_IS_BETTER = {"miou": True, "pixacc": True, "abs_err": False, "rel_err": False, "delta_m": True}
 
@@ -68,7 +86,8 @@ def parse_mode(mode: str) -> tuple[str, dict]:
     """``"full+deficit"`` → ("full", {"distill.feedback": "deficit"}); unknown names are a ConfigError."""
     base, *variants = mode.split("+")
     kd = base != TEACHERS_ROW and uses_teachers(base)
-    if base not in MODES or (variants and not kd) or any(v not in VARIANTS for v in variants):
+    allowed = [v for v in variants if v == "noval" and base in NOVAL_MODES or kd and v != "noval"]
+    if base not in MODES or any(v not in VARIANTS for v in variants) or len(allowed) != len(variants):
         raise ConfigError(f"unknown mode {mode!r}")
     return base, {f"distill.{VARIANTS[v][0]}": VARIANTS[v][1] for v in variants}
 
@@ -106,8 +125,13 @@ def _with(params: Params, **changes) -> Params:
     return params_from_dict(data)
 
 
-def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SEEDS, jobs: int = 1) -> list[dict]:
+def run(
+    params: Params, data: str | Path | None, out: str | Path, modes=MODES, seeds=SEEDS, jobs: int = 1
+) -> list[dict]:
     """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,json,png}).
+
+    ``data``: one prepared folder for every seed, or None: each seed prepares its own (`seed_data`), so the seed
+    draws which frames of the budget are labelled.
 
     ``jobs`` > 1 trains that many seeds at once, each in its own process with an equal share of the CPU threads.
     The rows do not depend on it beyond what the thread count does to float reductions (see `run_seed`)."""
@@ -125,28 +149,55 @@ def run(params: Params, data: str | Path, out: str | Path, modes=MODES, seeds=SE
         raise ConfigError("--seeds: give at least one seed")
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give at least 1")
-    data, out = Path(data), Path(out)
-    meta = verify_prepared(data)
+    out = Path(out)
+    data = Path(data) if data is not None else None
     jobs = min(jobs, len(seeds))
     if jobs == 1:
-        per_seed = [run_seed(params, data, out, modes, seed, meta) for seed in seeds]
+        per_seed = [run_seed(params, data, out, modes, seed) for seed in seeds]
     else:
-        per_seed = _in_parallel(params, data, out, modes, seeds, jobs, meta)
+        per_seed = _in_parallel(params, data, out, modes, seeds, jobs)
     results = [row for rows in per_seed for row in rows]
     table = summarise(results, modes)
     pairs = paired(results, modes)
-    kd_pool = meta["counts"].get("unlabelled", 0) if params.distill.unlabelled_batch else 0
+    kd_pool = _pool_size(data or seed_data(params, seeds[0], out)) if params.distill.unlabelled_batch else 0
     checks = gate(results, kd_pool)
     write_outputs(out, results, table, seeds, pairs, checks)
     return table
 
 
-def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict) -> list[dict]:
+def _pool_size(data: Path) -> int:
+    """Frames missing a task's label in ``data``'s train split and its unlabelled split."""
+    meta = verify_prepared(data, check_files=False)
+    train = meta.get("labelled", {}).get("train")
+    partial = int(meta["counts"]["train"]) - int(train["all"]) if train else 0
+    return partial + int(meta["counts"].get("unlabelled", 0))
+
+
+def seed_data(params: Params, seed: int, out: Path) -> Path:
+    """The seed's prepared data, ``out/runs/seed-S/prepared``: prepared with that seed (which draws val and the
+    budget's labelled frames), or reused when a folder prepared with the same params is there."""
+    from jointdistill.stages import prepare
+
+    base = _with(params, seed=seed)
+    folder = out / "runs" / f"seed-{seed}" / "prepared"
+    try:
+        if verify_prepared(folder)["params_digest"] == base.digest("prepare"):
+            return folder
+    except Exception:  # missing, partial or stale: prepare it (atomically) again
+        pass
+    log.info("ablate: seed %d, prepare", seed)
+    prepare.run(base, folder)
+    return folder
+
+
+def run_seed(params: Params, data: Path | None, out: Path, modes, seed: int) -> list[dict]:
     """One seed of the ablation: its two teachers (once), then one student per mode, each evaluated on test.
     Returns that seed's rows. Every run is a resumable stage output under ``out/runs/seed-S/``.
 
     Results are deterministic for a given machine and thread count: torch's CPU kernels split their reductions
     by thread, so a run at one thread and a run at two differ in the last bits, and from there in training."""
+    data = data if data is not None else seed_data(params, seed, out)
+    meta = verify_prepared(data)
     test = PreparedDataset(data, "test")
     device = resolve_device(params.evaluate.device)
     n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
@@ -187,7 +238,16 @@ def run_seed(params: Params, data: Path, out: Path, modes, seed: int, meta: dict
             )
         model, _ = load_model(folder / "student.pt")
         m = score_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
-        rows.append({"seed": seed, "mode": mode, **{k: m[k] for k in COLUMNS[:4]}, "delta_m": delta_m(m, reference)})
+        val = json.loads((folder / "report.json").read_text())["val"]  # the best (or last) weights' val metrics
+        rows.append(
+            {
+                "seed": seed,
+                "mode": mode,
+                **{k: m[k] for k in COLUMNS[:4]},
+                "delta_m": delta_m(m, reference),
+                "val_mt_score": val.get("mt_score"),
+            }
+        )
     return rows
 
 
@@ -198,11 +258,11 @@ def _worker_init(threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _seed_worker(params: dict, data: str, out: str, modes: list[str], seed: int, meta: dict) -> list[dict]:
-    return run_seed(params_from_dict(params), Path(data), Path(out), modes, seed, meta)
+def _seed_worker(params: dict, data: str | None, out: str, modes: list[str], seed: int) -> list[dict]:
+    return run_seed(params_from_dict(params), Path(data) if data else None, Path(out), modes, seed)
 
 
-def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int, meta: dict) -> list[list[dict]]:
+def _in_parallel(params: Params, data: Path | None, out: Path, modes, seeds, jobs: int) -> list[list[dict]]:
     """Seeds in ``jobs`` spawned processes (not forked: torch's thread pools do not survive a fork), each with
     1/jobs of the threads; the rows come back in seed order. On a 2-core CPU, two seeds at one thread each train
     faster than one seed at two threads after another: the small networks' kernels do not scale to both cores
@@ -219,7 +279,9 @@ def _in_parallel(params: Params, data: Path, out: Path, modes, seeds, jobs: int,
         jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads, level)
     ) as pool:
         futures = [
-            pool.submit(_seed_worker, params.model_dump(mode="json"), str(data), str(out), list(modes), seed, meta)
+            pool.submit(
+                _seed_worker, params.model_dump(mode="json"), str(data) if data else None, str(out), list(modes), seed
+            )
             for seed in seeds
         ]
         return [f.result() for f in futures]
@@ -244,8 +306,8 @@ def paired(results: list[dict], modes) -> list[dict]:
     by = {(r["mode"], r["seed"]): r for r in results}
     out = []
     for a_base, b_base in PAIRS:
-        for a in [m for m in modes if m.split("+")[0] == a_base]:
-            suffix = a[len(a_base) :]
+        for a in [m for m in modes if (m == a_base if "+" in a_base else m.split("+")[0] == a_base)]:
+            suffix = a[len(a_base) :] if "+" not in a_base else ""
             b = b_base + suffix if b_base + suffix in modes else b_base
             if b not in modes:
                 continue
@@ -379,7 +441,7 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ablation.md", markdown(table, seeds, pairs, checks))
     atomic_write_text(out / "ablation.csv", _csv(table, list(table[0])))
-    atomic_write_text(out / "runs.csv", _csv(results, ["seed", "mode", *COLUMNS]))
+    atomic_write_text(out / "runs.csv", _csv(results, ["seed", "mode", *COLUMNS, "val_mt_score"]))
     write_json(
         out / "ablation.json",
         {"seeds": list(seeds), "table": table, "pairs": pairs or [], "gate": checks or {}, "runs": results},

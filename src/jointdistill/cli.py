@@ -542,16 +542,23 @@ def ablate(
     modes: Annotated[
         str,
         typer.Option(
-            help="comma-separated: single, mtl, static_kd, adaptive, full. A KD mode "
+            help="comma-separated: single, mtl, self_train, static_kd, adaptive, full. A KD mode "
             "may add variants: +cache or +live (teacher cache on or off), +progress "
-            "or +deficit (feedback direction), +valid or +all (pixels of the depth KD "
-            "term), e.g. full+deficit."
+            "or +deficit (feedback direction), +level, +rate or +closed (feedback kind), +valid or +all "
+            "(pixels of the depth KD term), e.g. full+deficit; mtl, self_train and static_kd take +noval "
+            "(val frames trained on, last weights kept)."
         ),
-    ] = ("single,mtl,static_kd,adaptive,full"),
-    seeds: Annotated[str, typer.Option(help="comma-separated seeds (initialisation, order, augmentation)")] = (
-        "0,1,2,3,4"
-    ),
-    data: DataOpt = Path("data/prepared"),
+    ] = ("single,mtl,self_train,static_kd,adaptive,adaptive+deficit,full"),
+    seeds: Annotated[
+        str, typer.Option(help="comma-separated seeds (labelled frames, initialisation, order, augmentation)")
+    ] = ("0,1,2,3,4"),
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="one prepared folder for every seed (default: each seed prepares its own, "
+            "OUT/runs/seed-S/prepared, so the seed draws the labelled frames)"
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (runs/ and the table)")] = Path(
         "data/ablation"
     ),
@@ -568,8 +575,9 @@ def ablate(
 ) -> None:
     """The ablation study: teachers and one student per mode for every seed, evaluated on test.
 
-    Runs one seed after another in-process (or --jobs seeds at once), on the same prepared data (the seed never
-    changes the data).
+    Runs one seed after another in-process (or --jobs seeds at once). Each seed prepares its own data (the seed
+    draws which frames of the label budget are labelled; the test split is the same for every seed), unless
+    --data names one prepared folder for all.
     Writes OUT/ablation.md (mean and std per mode, paired differences with 95 % intervals, the teachers-vs-mtl
     gate), OUT/ablation.csv, OUT/ablation.json, OUT/ablation.png, OUT/paired.png, OUT/runs.csv (every seed) and
     OUT/runs/seed-S/ (each run's normal stage outputs). Finished runs with the

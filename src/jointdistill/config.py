@@ -48,6 +48,25 @@ class SensorParams(_Section):
     label_jitter: int = Field(2, ge=0, le=16, description="largest shift of a label boundary, in pixels")
 
 
+class BudgetParams(_Section):
+    """The synthetic benchmark's label budget: the share of frames (train and val together: val is paid from the
+    labels) that carry each task's label, drawn by the seed. The draws nest: every frame with the smaller share's
+    label also has the larger's, as a camera with a depth sensor labels every frame it records and an annotator
+    labels a few of them. A frame with no label of any task joins the unlabelled split."""
+
+    seg: float = Field(1.0, ge=0.0, le=1.0, description="share of frames with a semantic label")
+    depth: float = Field(1.0, ge=0.0, le=1.0, description="share of frames with (sensor) depth")
+
+    def share(self, task: str) -> float:
+        return float(getattr(self, task))
+
+    @model_validator(mode="after")
+    def _some_labels(self) -> BudgetParams:
+        if self.seg == 0 and self.depth == 0:
+            raise ValueError("a budget of no labels at all leaves nothing to train the teachers on")
+        return self
+
+
 class PrepareParams(_Section):
     """The ``prepare`` stage: which source, at which resolution, and how it is split."""
 
@@ -58,16 +77,22 @@ class PrepareParams(_Section):
     num_samples: int = Field(1200, ge=1, description="number of synthetic frames (train + test)")
     height: int = Field(128, ge=16, le=4096, description="output height in pixels")
     width: int = Field(256, ge=16, le=4096, description="output width in pixels")
-    val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of the source's train split held out as val")
+    val_fraction: float = Field(
+        0.15, gt=0.0, lt=1.0, description="share of the labelled train frames held out as val (val is paid from labels)"
+    )
     test_fraction: float = Field(
         0.15, gt=0.0, lt=1.0, description="share of synthetic frames in its own test split (real sources have theirs)"
     )
-    labelled_fraction: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="share of the train split that keeps its labels (picked by a seeded hash); "
-        "the rest is the unlabelled split, whose images the teachers label for the student",
+    world_seed: int = Field(
+        0,
+        ge=0,
+        description="synthetic only: the seed of the generated world (its frames and its own test split); "
+        "the top-level seed draws val, the labelled frames and the sensor noise, so seeds share one test split",
+    )
+    budget: BudgetParams = Field(
+        default_factory=lambda: BudgetParams(),
+        description="synthetic only: the label budget, a labelled share of frames per task (real sources keep "
+        "every label they have)",
     )
     max_depth: float = Field(100.0, gt=0.0, description="depth beyond this (metres) is invalid (0)")
     invalid_depth: Literal["mask", "error"] = Field(
@@ -89,6 +114,16 @@ class PrepareParams(_Section):
     )
     gallery_images: int = Field(6, ge=0, le=64, description="rows in gallery.png (0: none)")
     sensor: SensorParams = Field(default_factory=SensorParams, description="synthetic only: sensor-like train targets")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "labelled_fraction" in data:
+            raise ValueError(
+                "prepare.labelled_fraction is gone: the label budget is now per task, "
+                "prepare.budget.seg and prepare.budget.depth (synthetic only; real sources keep every label)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_source(self) -> PrepareParams:
@@ -206,10 +241,11 @@ class StudentParams(ModelParams):
 class DistillParams(OptimParams):
     """The ``distill`` stage: the method's knobs, then the student's optimisation (as for a teacher)."""
 
-    mode: Literal["mtl", "static_kd", "adaptive", "full"] = Field(
+    mode: Literal["mtl", "self_train", "static_kd", "adaptive", "full"] = Field(
         "full",
-        description="mtl: task losses only; static_kd: + KD with ω = 1; adaptive: + feedback ω; "
-        "full: + knowledge trajectory (JointDistill)",
+        description="mtl: task losses only; self_train: + the student's own earlier predictions as targets (no "
+        "teachers, a control); static_kd: + KD with ω = 1; adaptive: + feedback ω; full: + knowledge trajectory "
+        "(JointDistill)",
     )
     alpha: float = Field(
         1.5,
@@ -222,6 +258,20 @@ class DistillParams(OptimParams):
         "progress",
         description="progress: more weight to the teacher whose task the student learns well; "
         "deficit: more weight to the lagging task",
+    )
+    feedback_kind: Literal["level", "rate", "closed"] = Field(
+        "rate",
+        description="what the feedback measures per task, on val: level = the student's score over the teacher's; "
+        "rate = how fast the log gap to the teacher closes over the last feedback_window timeframes; closed = the "
+        "share of the starting gap closed. rate and closed move ω in units of their noise",
+    )
+    feedback_window: int = Field(
+        5, ge=1, description="timeframes the rate is measured over, and (at least 3) the noise is estimated from"
+    )
+    noise_band: float = Field(
+        1.0,
+        ge=0.0,
+        description="rate/closed: a feedback within this many noise SDs of zero moves no weight (a dead band)",
     )
     weight_min: float = Field(0.1, gt=0.0, description="lower clip of ω (then rescaled so Σω = N)")
     weight_max: float = Field(10.0, gt=0.0, description="upper clip of ω")
@@ -244,7 +294,9 @@ class DistillParams(OptimParams):
     )
     top_k: int = Field(10, ge=1, description="essential points per probe image and timeframe")
     trajectory_length: int = Field(5, ge=1, description="L: timeframes kept in the trajectory buffer")
-    probe_images: int = Field(16, ge=1, description="train images the trajectory is read on (chosen by the seed)")
+    probe_images: int = Field(
+        16, ge=1, description="frames without labels the trajectory is read on (chosen by the seed)"
+    )
     traj_every: int = Field(1, ge=1, description="steps between trajectory-loss evaluations (full mode)")
     traj_batch: int = Field(4, ge=1, description="probe images per trajectory-loss step, cycling through the set")
     connector_channels: int = Field(128, ge=8, description="width of the connector's fused map g^F")
@@ -261,9 +313,9 @@ class DistillParams(OptimParams):
     unlabelled_batch: int = Field(
         8,
         ge=0,
-        description="unlabelled images each KD step adds to its batch_size labelled ones, where the prepared "
-        "data has an unlabelled split (prepare.labelled_fraction < 1); the teachers' predictions are their only "
-        "targets (0: not used). mtl cannot use them; every mode takes the same steps",
+        description="frames missing a task's label (a label budget, a user's raw footage) that each step adds "
+        "to its batch_size fully labelled ones; there the teachers' predictions stand in for the missing labels "
+        "(0: not used). mtl reads them only for the labels they have",
     )
     connector_warmup: int = Field(
         300,
@@ -281,6 +333,11 @@ class DistillParams(OptimParams):
         ge=0,
         description="steps between measurements of each loss term's gradient norm on the student's encoder (0: never)",
     )
+    hold_out_val: bool = Field(
+        True,
+        description="false: the val frames join training and the last weights are kept (no held-out val: what "
+        "the 15 % val costs; not with adaptive feedback, which reads val)",
+    )
     teacher_cache: bool = Field(
         True,
         description="run the frozen teachers once over train/val and train from their cached float16 "
@@ -293,6 +350,10 @@ class DistillParams(OptimParams):
             raise ValueError("weight_min must not exceed weight_max")
         if not self.weight_min <= 1.0 <= self.weight_max:
             raise ValueError("weight_min ≤ 1 ≤ weight_max must hold (ω starts at 1)")
+        if not self.hold_out_val and self.mode in ("adaptive", "full"):
+            raise ValueError(
+                f"hold_out_val=false trains on val, so mode {self.mode}'s feedback would read its own training frames"
+            )
         return self
 
 

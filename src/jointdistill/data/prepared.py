@@ -105,11 +105,43 @@ class PreparedDataset(Dataset):
         return {"image": image, "label": label, "depth": depth, **item}
 
 
-class TrainingSet(Dataset):
-    """train followed by the unlabelled split, as one dataset (``distill.unlabelled``): item i < len(train) is
-    train's, the rest the unlabelled split's. ``set_epoch`` reaches both."""
+def labelled_frames(ds: PreparedDataset) -> dict[str, np.ndarray]:
+    """Per task, which frames of ``ds`` carry that task's label (bool per frame): a frame without a seg label is
+    ignore_index everywhere, one without depth is 0 everywhere. The unlabelled split has none."""
+    n = len(ds)
+    if "labels" not in ds.arrays:
+        return {"seg": np.zeros(n, bool), "depth": np.zeros(n, bool)}
+    seg, depth = np.zeros(n, bool), np.zeros(n, bool)
+    for start in range(0, n, 256):  # chunks: a large split is never read into memory at once
+        stop = min(n, start + 256)
+        seg[start:stop] = (np.asarray(ds.arrays["labels"][start:stop]) != ds.ignore_index).any(axis=(1, 2))
+        depth[start:stop] = (np.asarray(ds.arrays["depth"][start:stop]) > 0).any(axis=(1, 2))
+    return {"seg": seg, "depth": depth}
 
-    def __init__(self, *parts: PreparedDataset):
+
+class Frames(Dataset):
+    """Some frames of a split, in the order of ``ids`` (items keep their split's own ``index``)."""
+
+    def __init__(self, ds: PreparedDataset, ids):
+        self.ds, self.ids = ds, [int(i) for i in ids]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ds.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.ds[self.ids[i]]
+
+
+class TrainingSet(Dataset):
+    """Several datasets as one: the student's fully labelled train frames, then its pool (train frames missing a
+    task's label, and the unlabelled split). ``set_epoch`` reaches every part."""
+
+    def __init__(self, *parts: Dataset):
         self.parts = parts
         self.offsets = np.cumsum([0, *(len(p) for p in parts)])
 

@@ -22,6 +22,9 @@ class SampleRef:
     sample_id: str
     source_split: str  # the source's own split (a SourceSplit): "train" feeds train/val, "test" becomes test
     paths: tuple[str, ...] = ()  # source files (or a generator URI), recorded in the manifest
+    # The tasks the source has a label of for this frame: a raw frame has none (it joins the unlabelled split), a
+    # Cityscapes train_extra frame has depth alone. `load` returns an empty label / zero depth for the others.
+    tasks: tuple[str, ...] = ("seg", "depth")
 
 
 @dataclass

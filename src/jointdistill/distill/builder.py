@@ -18,7 +18,7 @@ import torch
 
 from jointdistill.config import DistillParams, Params
 from jointdistill.data.contract import UNLABELLED, split_count
-from jointdistill.data.prepared import PreparedDataset, TrainingSet
+from jointdistill.data.prepared import Frames, PreparedDataset, TrainingSet, labelled_frames
 from jointdistill.data.transforms import JointTransform
 from jointdistill.distill import teacher_cache as tcache
 from jointdistill.distill.connector import Connector
@@ -38,13 +38,44 @@ from jointdistill.training.sampling import EpochSampler, make_loader
 log = logging.getLogger(__name__)
 
 
-def probe_indices(n_train: int, count: int, seed: int) -> list[int]:
-    """The fixed probe set: ``count`` train images chosen by the seed, in index order. Not val: val decides the
-    feedback and the best checkpoint, so the trajectory loss must not train on it."""
-    if count > n_train:
-        raise ConfigError(f"distill.probe_images={count} exceeds the {n_train} train images; lower it")
+def probe_indices(candidates, count: int, seed: int) -> list[int]:
+    """The fixed probe set: ``count`` of the ``candidates`` (frame indices of the probe split) chosen by the seed,
+    in index order."""
+    candidates = sorted(int(i) for i in candidates)
+    if count > len(candidates):
+        raise ConfigError(
+            f"distill.probe_images={count} exceeds the {len(candidates)} frames to draw probes from; lower it"
+        )
     g = torch.Generator().manual_seed(seed * 7919 + 17)
-    return sorted(torch.randperm(n_train, generator=g)[:count].tolist())
+    return sorted(candidates[i] for i in torch.randperm(len(candidates), generator=g)[:count].tolist())
+
+
+def probe_candidates(split: PreparedDataset, count: int) -> np.ndarray:
+    """The frames the probes are drawn from: where the teachers' knowledge is the only supervision, frames with no
+    label (the unlabelled split) or without some task's label. Never val: val decides the feedback and the best
+    checkpoint. A fully labelled train split has no such frames: then any train frame, with a warning."""
+    if split.split == UNLABELLED:
+        return np.arange(len(split))
+    labelled = labelled_frames(split)
+    missing = np.flatnonzero(~(labelled["seg"] & labelled["depth"]))
+    if len(missing) >= count:
+        return missing
+    log.warning(
+        "distill: only %d train frames lack a label; the %d probe images are drawn from labelled train frames",
+        len(missing),
+        count,
+    )
+    return np.arange(len(split))
+
+
+def student_frames(train: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
+    """(fully labelled train frames, the others): each step reads batch_size of the first and, where the plan adds
+    a pool, frames of the second. Without any fully labelled frame, every train frame is the first kind."""
+    labelled = labelled_frames(train)
+    full = labelled["seg"] & labelled["depth"]
+    if not full.any():
+        return np.arange(len(train)), np.zeros(0, np.int64)
+    return np.flatnonzero(full), np.flatnonzero(~full)
 
 
 def check_top_k(student: MultiHeadNet, cfg: DistillParams, h: int, w: int) -> None:
@@ -82,6 +113,19 @@ def load_teachers(folders, meta: dict, val_ds, cfg: DistillParams, seed: int, de
     return models, info, scores
 
 
+def _probe_targets(plan: DistillPlan, cache, teachers, probes: torch.Tensor, ids: list[int]) -> dict[str, torch.Tensor]:
+    """The teachers' predictions on the probe images (seg logits, depth), from the cache or by running them once."""
+    if plan.cache_predictions:
+        pred = torch.from_numpy(np.asarray(cache[f"{plan.probe_split}_targets"][ids])).float()
+        return {"seg": pred[:, :-1], "depth": pred[:, -1:]}
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for task, teacher in zip(TASKS, teachers, strict=True):
+            teacher.eval()
+            out[task] = teacher.predict(teacher.encode(probes), probes.shape[-2:])[task].float()
+    return out
+
+
 @dataclass
 class Built:
     """Everything a distill run trains and reads, as the builder made it."""
@@ -97,6 +141,7 @@ class Built:
     teacher_info: dict | None  # per task: the teacher's record, FLOPs and val metrics
     cache_report: dict | None  # where the teacher cache is and what building it cost
     connector_val: Callable[[], dict] | None  # the connector's val metrics, where it exists
+    labelled_train: int = 0  # fully labelled train frames: each step's batch_size part
 
     @property
     def teacher_digests(self) -> dict[str, str]:
@@ -140,7 +185,7 @@ def build(
     check_top_k(student, cfg, h, w)
     val_ds = PreparedDataset(data, "val")
     plain_probe_split = PreparedDataset(data, plan.probe_split)  # without augmentation: the probe images
-    probe_ids = probe_indices(len(plain_probe_split), cfg.probe_images, params.seed)
+    probe_ids = probe_indices(probe_candidates(plain_probe_split, cfg.probe_images), cfg.probe_images, params.seed)
 
     teacher_models, teacher_info, teacher_scores = [], None, None
     if plan.teachers:  # mtl never loads, let alone runs, the teachers
@@ -158,7 +203,8 @@ def build(
             teacher_models, teacher_info, meta, data, cache_folder, device, cfg.batch_size
         )
         if plan.cache_features:
-            probe_feats = torch.from_numpy(np.asarray(cache["train"][probe_ids])).float()
+            probe_feats = torch.from_numpy(np.asarray(cache[plan.probe_split][probe_ids])).float()
+    probe_targets = _probe_targets(plan, cache, teacher_models, probes, probe_ids) if plan.teachers else None
     model = DistillModel(
         student,
         connector,
@@ -170,6 +216,8 @@ def build(
         target_teachers=teacher_models if plan.targets_from_teachers else None,
         connector_on_labelled=plan.connector_on_labelled,
         ignore_index=ignore,
+        self_train=plan.self_targets,
+        probe_targets=probe_targets,
     )
     connector_val = None
     if plan.connector:
@@ -178,7 +226,17 @@ def build(
         def connector_val() -> dict:
             return connector_metrics(model, val_c, cfg.batch_size, device, num_classes, ignore)
 
-    objective = StudentObjective(model, cfg, num_classes, ignore, teacher_scores, probe_ids, connector_val, plan=plan)
+    objective = StudentObjective(
+        model,
+        cfg,
+        num_classes,
+        ignore,
+        teacher_scores,
+        probe_ids,
+        connector_val,
+        plan=plan,
+        max_depth=meta["depth_range"][1],
+    )
 
     def training_split(split: str) -> PreparedDataset:
         return PreparedDataset(
@@ -192,12 +250,26 @@ def build(
         )
 
     train_ds = training_split("train")
-    # Under a label budget the KD modes also learn from the teachers' predictions on the unlabelled split: each
-    # step adds `unlabelled_batch` of its images to `batch_size` labelled ones, so the labels weigh as much as in
-    # mtl. An epoch draws as many labelled samples as the whole train split had, in every mode: a budget takes
-    # labels away, not optimiser steps.
-    pool = split_count(meta, UNLABELLED)
-    train_set = TrainingSet(train_ds, training_split(UNLABELLED)) if plan.unlabelled_batch else train_ds
+    # Each step reads `batch_size` fully labelled frames and, where the plan adds a pool, `pool_batch` frames
+    # missing a task's label (a label budget's depth-only frames, the unlabelled split): there the teachers'
+    # predictions stand in for the missing labels, and mtl learns from the labels those frames have. The labelled
+    # part of a step is the same in every mode. An epoch draws as many frames as the data has, in every mode: a
+    # budget takes labels away, not optimiser steps.
+    labelled = [train_ds] if cfg.hold_out_val else [train_ds, training_split("val")]  # no held-out val: train on it
+    core_parts: list[Any] = []
+    pool_parts: list[Any] = []
+    for ds in labelled:
+        full_ids, partial_ids = student_frames(ds)
+        core_parts.append(Frames(ds, full_ids) if len(partial_ids) else ds)
+        if len(partial_ids):
+            pool_parts.append(Frames(ds, partial_ids))
+    unlabelled = split_count(meta, UNLABELLED)
+    if unlabelled:
+        pool_parts.append(training_split(UNLABELLED))
+    pool = sum(len(p) for p in pool_parts)
+    core = core_parts[0] if len(core_parts) == 1 else TrainingSet(*core_parts)
+    train_set = TrainingSet(*core_parts, *pool_parts) if plan.pool_batch else core
+    frames = sum(len(ds) for ds in labelled) + unlabelled
     return Built(
         student=student,
         model=model,
@@ -205,9 +277,10 @@ def build(
         train_ds=train_ds,
         train_set=train_set,
         val_ds=val_ds,
-        pool=(pool if plan.unlabelled_batch else 0, plan.unlabelled_batch),
-        epoch_samples=len(train_ds) + pool if pool else None,
+        pool=(pool if plan.pool_batch else 0, plan.pool_batch),
+        epoch_samples=frames if frames > len(core) else None,
         teacher_info=teacher_info,
         cache_report=cache_report,
         connector_val=connector_val,
+        labelled_train=len(core),
     )

@@ -74,7 +74,12 @@ class DistillModel(Network):
         target_teachers: list[MultiHeadNet] | None = None,
         connector_on_labelled: bool = False,
         ignore_index: int = IGNORE_INDEX,
+        self_train: bool = False,
+        probe_targets: dict[str, torch.Tensor] | None = None,
     ):
+        """``self_train``: the soft targets are a frozen copy of the student, refreshed every timeframe
+        (`refresh_self_teacher`; none before the first). ``probe_targets``: the teachers' predictions on the probe
+        images (seg logits, depth), for measuring forgetting."""
         super().__init__()
         if connector is not None and not teachers and probe_teacher_features is None:
             raise ValueError("the connector needs the teachers, or their cached features for the probe set")
@@ -99,6 +104,9 @@ class DistillModel(Network):
         # Training forwards so far: picks each step's probe slice, so a resumed run uses the same slices.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.teacher_images = 0  # images the teachers have seen in this process (mtl: stays 0)
+        self.self_train = self_train
+        self._self_teacher: MultiHeadNet | None = None  # outside the module tree: never trained, never saved with it
+        self.probe_targets = probe_targets
 
     @property
     def teachers(self) -> tuple[MultiHeadNet, ...]:
@@ -116,7 +124,22 @@ class DistillModel(Network):
             self._probes = fn(self._probes)
         if self._probe_teacher is not None:
             self._probe_teacher = fn(self._probe_teacher)
+        if self._self_teacher is not None:
+            self._self_teacher._apply(fn, *args, **kwargs)
+        if self.probe_targets is not None:
+            self.probe_targets = {k: fn(v) for k, v in self.probe_targets.items()}
         return self
+
+    def refresh_self_teacher(self, state: dict | None = None) -> None:
+        """self_train: the targets from now on are the student as it is now (or as ``state`` holds it)."""
+        import copy
+
+        if self._self_teacher is None:
+            self._self_teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self._self_teacher.load_state_dict(state if state is not None else self.student.state_dict())
+
+    def self_teacher_state(self) -> dict | None:
+        return None if self._self_teacher is None else self._self_teacher.state_dict()
 
     def compile_targets(self) -> list[nn.Module]:
         """What `training.devices.compile_networks` compiles: every network's encoder and heads, and the connector."""
@@ -171,6 +194,9 @@ class DistillModel(Network):
         elif self._target_teachers:  # without a connector (static_kd, adaptive) the teachers run for these alone
             feats = feats if feats is not None else self._features(x, teacher_features)
             out["targets"] = rescale_depth(self.teacher_targets(feats, x.shape[-2:]), feature_scale)
+        elif self._self_teacher is not None:
+            with torch.no_grad():
+                out["targets"] = self._self_teacher(x)
         step = int(self.steps)
         if self.trajectory_on and step % self.traj_every == 0:
             idx = self.probe_slice(step)
@@ -214,6 +240,18 @@ class DistillModel(Network):
         for teacher, f in zip(self._target_teachers, feats, strict=True):
             out.update(teacher.predict(f, size))
         return out
+
+    @torch.no_grad()
+    def probe_predictions(self) -> dict[str, torch.Tensor]:
+        """The student's predictions on the whole probe set, in eval mode."""
+        was = self.training
+        self.eval()
+        try:
+            assert self._probes is not None, "no probe images"
+            parts = [self.student(chunk) for chunk in self._probes.split(_PROBE_CHUNK)]
+        finally:
+            self.train(was)
+        return {k: torch.cat([p[k].float() for p in parts]) for k in parts[0]}
 
     @torch.no_grad()
     def probe_features(self) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -57,7 +57,7 @@ from jointdistill.models.nets import TASKS
 from jointdistill.training.objectives import Objective
 
 TRAJECTORY_COLUMNS = ("timeframe", "step", "image", "rank", "y", "x", "value", "source")
-WEIGHTS_COLUMNS = ("timeframe", "step", "task", "feedback", "omega")
+WEIGHTS_COLUMNS = ("timeframe", "step", "task", "score", "feedback", "noise", "z", "omega")
 _COLUMN_TYPES = {
     "timeframe": np.int32,
     "step": np.int64,
@@ -70,16 +70,21 @@ _COLUMN_TYPES = {
 }
 
 
-def kd_pixels(label: torch.Tensor, depth: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The label and depth maps that say where the KD terms apply: where the image is labelled, and on an image
-    with no label at all (an image of the unlabelled split, `prepare.labelled_fraction`) on every pixel: there the
-    teachers' targets are the only supervision. Likewise for depth."""
+def kd_pixels(
+    label: torch.Tensor, depth: torch.Tensor, ignore_index: int, soft_depth: torch.Tensor, max_depth: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label and depth maps that say where the KD terms apply. On a frame with the task's label: its labelled
+    pixels. On a frame without it (a raw frame, a frame the budget left without that task's label) the soft
+    targets are the only supervision: seg KD on every pixel, depth KD where the teacher's depth can be checked,
+    inside its valid range (0, max_depth), so not the sky or what lies beyond the sensor's range."""
     no_label = ~labelled_rows(label, ignore_index)
     if no_label.any():
         label = torch.where(no_label[:, None, None], torch.zeros_like(label), label)
     no_depth = (depth <= 0).flatten(1).all(1)
     if no_depth.any():
-        depth = torch.where(no_depth[:, None, None, None], torch.ones_like(depth), depth)
+        soft = soft_depth.detach().to(depth.dtype)
+        in_range = torch.where((soft > 0) & (soft < max_depth), torch.ones_like(depth), torch.zeros_like(depth))
+        depth = torch.where(no_depth[:, None, None, None], in_range, depth)
     return label, depth
 
 
@@ -102,8 +107,10 @@ class StudentObjective(Objective):
         probe_ids: list[int],
         connector_eval: Callable[[], dict] | None = None,
         plan: DistillPlan | None = None,
+        max_depth: float = 100.0,
     ):
-        """``plan``: how this student is distilled (default: the plan of ``cfg`` alone)."""
+        """``plan``: how this student is distilled (default: the plan of ``cfg`` alone); ``max_depth``: the end of
+        the valid depth range (depth KD on frames without depth stays inside it)."""
         self.model, self.cfg = model, cfg
         self.plan = plan = plan if plan is not None else DistillPlan.from_params(cfg)
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -120,7 +127,12 @@ class StudentObjective(Objective):
                 w_min=cfg.weight_min,
                 w_max=cfg.weight_max,
                 direction=cfg.feedback,
+                kind=cfg.feedback_kind,
+                window=cfg.feedback_window,
+                band=cfg.noise_band,
             )
+        self.max_depth = max_depth
+        self.forgetting: list[dict] = []  # the student's KD loss on the probes, per teacher, every timeframe
         self.buffer = TrajectoryBuffer(cfg.trajectory_length)
         self.probe_ids = list(probe_ids)
         self.grid: tuple[int, int] | None = None
@@ -133,6 +145,7 @@ class StudentObjective(Objective):
         self._last_step: int | None = None
         self.traj_scale: float | None = None if cfg.traj_share else cfg.lambda_traj
         self.model_inputs = plan.model_inputs()
+        self.keep_last = not cfg.hold_out_val
 
     # ------------------------------------------------------------------ training
     def omega(self) -> dict[str, float]:
@@ -155,9 +168,9 @@ class StudentObjective(Objective):
             connector_loss = c_ce + c_dl
             parts.update(connector_seg_ce=c_ce.detach(), connector_depth=c_dl.detach())
         soft = outputs.get("targets", outputs.get("connector"))  # the teachers' own (kd_target), or the connector's
-        if self.plan.teachers and soft is not None:
+        if self.plan.kd_source is not None and soft is not None:
             w = self.omega()
-            kd_label, kd_gt = kd_pixels(label, depth, self.ignore_index)
+            kd_label, kd_gt = kd_pixels(label, depth, self.ignore_index, soft["depth"], self.max_depth)
             d_seg = kd_seg(s["seg"], soft["seg"], kd_label, cfg.temperature, self.ignore_index)
             d_depth = kd_depth(
                 s["depth"], soft["depth"], kd_gt if cfg.kd_depth_pixels == "valid" else None, cfg.depth_loss
@@ -274,10 +287,14 @@ class StudentObjective(Objective):
         assert isinstance(model, DistillModel)  # the engine hands back the model it trains
         logs = {}
         if self.weights is not None:
-            w = self.weights.step(timeframe, step, {t: task_score(t, val) for t in TASKS})
-            fb = {h["task"]: h["feedback"] for h in self.weights.history[-len(TASKS) :]}
-            for t in TASKS:
-                logs[f"omega/{t}"], logs[f"feedback/{t}"] = w[t], fb[t]
+            self.weights.step(timeframe, step, {t: task_score(t, val) for t in TASKS})
+            for row in self.weights.history[-len(TASKS) :]:
+                for key in ("omega", "feedback", "noise", "z"):
+                    if row[key] != "":
+                        logs[f"{key}/{row['task']}"] = row[key]
+        logs.update(self.record_forgetting(timeframe, step, model))
+        if self.plan.self_targets:  # the next timeframe's targets: the student as it is now
+            model.refresh_self_teacher()
         if self.connector_eval is not None:
             c = self.connector_eval()
             self.connector_history.append({"timeframe": timeframe, "step": step, **c})
@@ -321,6 +338,30 @@ class StudentObjective(Objective):
         self.logging_seconds += time.perf_counter() - t0
         return {f"traj/{k}": v for k, v in stats.items() if k not in ("timeframe", "step")}
 
+    def record_forgetting(self, timeframe: int, step: int, model: DistillModel) -> dict:
+        """The student's KD loss on the probe images against each teacher's targets (forgetting: does it rise for a
+        teacher whose weight ω falls, and does the trajectory hold it down?). KD modes with teachers only."""
+        if model.probe_targets is None:
+            return {}
+        with torch.no_grad():
+            s = model.probe_predictions()
+            t = model.probe_targets
+            label, depth = kd_pixels(
+                torch.full(s["seg"].shape[:1] + s["seg"].shape[2:], self.ignore_index, dtype=torch.long),
+                torch.zeros_like(s["depth"]),
+                self.ignore_index,
+                t["depth"],
+                self.max_depth,
+            )
+            row = {
+                "timeframe": timeframe,
+                "step": step,
+                "seg": float(kd_seg(s["seg"], t["seg"], label, self.cfg.temperature, self.ignore_index)),
+                "depth": float(kd_depth(s["depth"], t["depth"], depth, self.cfg.depth_loss)),
+            }
+        self.forgetting.append(row)
+        return {"probe_kd/seg": row["seg"], "probe_kd/depth": row["depth"]}
+
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         return {
@@ -334,6 +375,8 @@ class StudentObjective(Objective):
             "grad_norms": list(self.grad_norms),
             "traj_scale": self.traj_scale,
             "last_step": self._last_step,
+            "forgetting": list(self.forgetting),
+            "self_teacher": self.model.self_teacher_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -348,14 +391,19 @@ class StudentObjective(Objective):
         self.grad_norms = list(state.get("grad_norms", []))
         self.traj_scale = state.get("traj_scale", self.traj_scale)
         self._last_step = state.get("last_step")
+        self.forgetting = list(state.get("forgetting", []))
+        if state.get("self_teacher") is not None:
+            self.model.refresh_self_teacher(state["self_teacher"])
         self.model.trajectory_on = self.plan.trajectory and len(self.buffer) > 0
 
     # ------------------------------------------------------------------ the tables this objective records
     def write_weights(self, path: Path) -> int:
         """weights.csv: ω of each task at every timeframe (timeframe 0: the start, ω = 1); no rows in mtl."""
-        rows = []
+        rows: list[dict] = []
         if self.weights is not None:
-            rows = [{"timeframe": 0, "step": 0, "task": t, "feedback": "", "omega": 1.0} for t in TASKS]
+            rows = [
+                dict.fromkeys(WEIGHTS_COLUMNS, "") | {"timeframe": 0, "step": 0, "task": t, "omega": 1.0} for t in TASKS
+            ]
             rows += self.weights.history
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=WEIGHTS_COLUMNS)

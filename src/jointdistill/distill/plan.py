@@ -8,14 +8,19 @@ one field here and one line in `DistillPlan.from_params`.
 
 The modes, one mechanism at a time:
 
-=========  ========  ===========  =========  ==========
-mode       teachers  KD term      ω adapts   trajectory
-=========  ========  ===========  =========  ==========
-mtl        no        no           no         no
-static_kd  yes       yes (ω = 1)  no         no
-adaptive   yes       yes          yes        no
-full       yes       yes          yes        yes (JointDistill)
-=========  ========  ===========  =========  ==========
+==========  ========  ====================  =========  ==========
+mode        teachers  KD term               ω adapts   trajectory
+==========  ========  ====================  =========  ==========
+mtl         no        no                    no         no
+self_train  no        yes: its own targets  no         no
+static_kd   yes       yes (ω = 1)           no         no
+adaptive    yes       yes                   yes        no
+full        yes       yes                   yes        yes (JointDistill)
+==========  ========  ====================  =========  ==========
+
+``self_train`` is a control, not a method: its soft targets are the student's own predictions, from a frozen copy
+taken at the end of every timeframe. It sees the same frames as static_kd; whatever static_kd gains over it is
+what the teachers' knowledge adds, beyond the raw frames themselves.
 
 The connector has a role only where its outputs are the soft targets (``kd_target: connector``) or where the
 trajectory reads its fused map (``full``). Otherwise it is left out, with its training, warm-up and scoring, and a
@@ -32,8 +37,9 @@ from jointdistill.config import DistillParams
 from jointdistill.data.contract import UNLABELLED, split_count
 
 MTL = "mtl"  # labels alone: the baseline every KD mode must beat
-MODES = (MTL, "static_kd", "adaptive", "full")
-KdSource = Literal["teachers", "connector"]
+SELF_TRAIN = "self_train"  # the student's own earlier predictions as targets: the control for the teachers
+MODES = (MTL, SELF_TRAIN, "static_kd", "adaptive", "full")
+KdSource = Literal["teachers", "connector", "self"]
 
 
 @dataclass(frozen=True)
@@ -48,32 +54,43 @@ class DistillPlan:
     cache: bool  # the teachers run once into the teacher cache, and training reads from it
     cache_features: bool  # training reads the cached feature maps (the connector fuses them)
     cache_predictions: bool  # training reads the cached predictions (the teachers' own soft targets)
-    unlabelled_batch: int  # raw frames each step adds to its labelled ones (0: none)
-    probe_split: str = "train"  # the split the trajectory's probe images come from
+    pool_batch: int  # frames missing a task's label that each step adds to its fully labelled ones (0: none)
+    probe_split: str = "train"  # the split the trajectory's probe images come from (its frames without labels)
 
     @classmethod
     def from_params(cls, cfg: DistillParams, meta: Mapping[str, Any] | None = None) -> DistillPlan:
-        """The plan of ``cfg``; with the prepared data's ``meta``, also how many raw frames each step adds (the
-        KD modes learn from the unlabelled split where the data has one; mtl cannot)."""
+        """The plan of ``cfg``; with the prepared data's ``meta``, also how many frames missing a label each step
+        adds (the KD modes learn from every such frame; mtl only from the labels they have) and where the probes
+        come from."""
         teachers = uses_teachers(cfg.mode)
         trajectory = cfg.mode == "full"
-        kd_source: KdSource | None = cfg.kd_target if teachers else None
+        kd_source: KdSource | None = cfg.kd_target if teachers else ("self" if cfg.mode == SELF_TRAIN else None)
         connector = teachers and (kd_source == "connector" or trajectory)
         cache = teachers and cfg.teacher_cache
-        pool = split_count(dict(meta), UNLABELLED) if meta is not None else 0
+        pool, pool_labelled = _pool(meta)
+        uses_pool = bool(pool) and (kd_source is not None or pool_labelled)
+        probe_split = (
+            UNLABELLED if meta is not None and split_count(dict(meta), UNLABELLED) >= cfg.probe_images else "train"
+        )
         return cls(
             mode=cfg.mode,
             teachers=teachers,
             kd_source=kd_source,
             connector=connector,
             connector_targets=connector and kd_source == "connector",
-            adaptive=teachers and cfg.mode != "static_kd",
+            adaptive=teachers and cfg.mode in ("adaptive", "full"),
             trajectory=trajectory,
             cache=cache,
             cache_features=cache and connector,
             cache_predictions=cache and kd_source == "teachers",
-            unlabelled_batch=cfg.unlabelled_batch if pool and teachers else 0,
+            pool_batch=cfg.unlabelled_batch if uses_pool else 0,
+            probe_split=probe_split,
         )
+
+    @property
+    def self_targets(self) -> bool:
+        """The soft targets are the student's own earlier predictions (``self_train``)."""
+        return self.kd_source == "self"
 
     @property
     def targets_from_teachers(self) -> bool:
@@ -104,6 +121,19 @@ class DistillPlan:
 
 
 def uses_teachers(mode: str) -> bool:
-    """Whether a student of ``mode`` needs the teachers (every mode but mtl): what the adapters ask before they
-    pass teacher folders."""
-    return mode != MTL
+    """Whether a student of ``mode`` needs the teachers (every mode but mtl and self_train): what the adapters ask
+    before they pass teacher folders."""
+    return mode not in (MTL, SELF_TRAIN)
+
+
+def _pool(meta: Mapping[str, Any] | None) -> tuple[int, bool]:
+    """(frames missing some task's label, whether any of them carries a label): the train frames without every
+    task's label, and the unlabelled split."""
+    if meta is None:
+        return 0, False
+    unlabelled = split_count(dict(meta), UNLABELLED)
+    train = meta.get("labelled", {}).get("train")
+    if train is None:  # prepared before per-task budgets: every train frame is fully labelled
+        return unlabelled, False
+    partial = int(meta["counts"]["train"]) - int(train["all"])
+    return unlabelled + partial, partial > 0

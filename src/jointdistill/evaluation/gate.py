@@ -23,6 +23,6 @@ def gate_failure(unlabelled: int) -> str:
     if unlabelled:
         return (
             f"; it does not bound distillation here, because the KD modes also learn from {unlabelled} "
-            "unlabelled frames that mtl cannot use"
+            "frames missing a task's label, where mtl has no target for that task"
         )
     return ": this benchmark cannot show distillation"

@@ -103,8 +103,8 @@ def run(
 def _check_teachers(plan: DistillPlan, mode: str, teachers) -> None:
     if plan.teachers and not teachers:
         raise ConfigError(
-            f"distill.mode={mode} needs the two teachers (--teachers SEG_DIR DEPTH_DIR); only mode mtl trains "
-            "without them"
+            f"distill.mode={mode} needs the two teachers (--teachers SEG_DIR DEPTH_DIR); only modes mtl and "
+            "self_train train without them"
         )
     if teachers is not None and len(teachers) != 2:
         raise ConfigError(f"--teachers takes two folders (seg, then depth), got {len(teachers)}")

@@ -156,8 +156,9 @@ def compare_models(res: dict, classes: list[str], split: str, s_info: dict) -> d
         baseline = res[MTL_BASELINE].metrics
         metrics["student"][split]["delta_m_vs_mtl"] = delta_m(res["student"].metrics, baseline)
         metrics["gate"] = capacity_gate(reference, baseline)
-        # Unlabelled frames the student learnt from (a label budget): then the gate does not bound distillation.
-        metrics["gate"]["unlabelled"] = int((s_info.get("data") or {}).get("unlabelled", 0))
+        # Frames missing a label the student learnt from (a label budget): then the gate does not bound
+        # distillation.
+        metrics["gate"]["unlabelled"] = int((s_info.get("data") or {}).get("pool", 0))
     metrics["reference"] = {split: reference}
     return metrics
 

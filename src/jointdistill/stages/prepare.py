@@ -27,10 +27,10 @@ from tqdm import tqdm
 from jointdistill.config import Params
 from jointdistill.data.contract import SPLITS, UNLABELLED, sample_digest, write_checksums
 from jointdistill.data.resize import resize_sample
-from jointdistill.data.sample import SampleRef, Source
+from jointdistill.data.sample import Sample, SampleRef, Source
 from jointdistill.data.sensor import degrade
 from jointdistill.data.sources.registry import make_source
-from jointdistill.data.split import assign_splits
+from jointdistill.data.split import apply_budget, assign_splits
 from jointdistill.data.validate import DepthMaskCounts, validate_sample
 from jointdistill.errors import DataError
 from jointdistill.evaluation.pictures import gallery, save_png
@@ -61,7 +61,9 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
     (tmp / split).mkdir()
     rows = []
     n_classes = len(source.classes)
-    sensor = p.sensor.enabled and source.name == "synthetic"  # real targets come from a real sensor already
+    # Real targets come from a real sensor already. The labels a user pays for (train and val) come from the same
+    # sensor and annotator; test stays exact, the benchmark's measure.
+    sensor = p.sensor.enabled and source.name == "synthetic" and split != "test"
     with (
         NpyStream(tmp / split / "images.npy", (n, h, w, 3), np.uint8) as images,
         NpyStream(tmp / split / "labels.npy", (n, h, w), np.uint8) as labels,
@@ -73,7 +75,8 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
                 raise DataError(f"dataset '{source.name}': asked for {ref.sample_id}, got {sample.sample_id}")
             sample, masked = validate_sample(sample, n_classes, source.ignore_index, p.max_depth, p.invalid_depth)
             sample = resize_sample(sample, h, w)
-            if split == "train" and sensor:
+            sample = _keep_labels(sample, ref.tasks, source.ignore_index)
+            if sensor:
                 sp = p.sensor
                 depth_t, label_t = degrade(
                     sample.depth,
@@ -116,6 +119,15 @@ def _write_split(source, refs, split, tmp, params, stats, progress):
             )
             progress.update(1)
     return rows
+
+
+def _keep_labels(sample: Sample, tasks: tuple[str, ...], ignore_index: int) -> Sample:
+    """The sample with only ``tasks``' labels: no seg label is a frame of ignore_index, no depth a frame of 0."""
+    if "seg" not in tasks:
+        sample = replace(sample, label=np.full_like(sample.label, ignore_index))
+    if "depth" not in tasks:
+        sample = replace(sample, depth=np.zeros_like(sample.depth))
+    return sample
 
 
 def _write_unlabelled(source, refs, tmp, params, progress):
@@ -191,26 +203,24 @@ def run(
 
 
 def _assign(source: Source, refs: list[SampleRef], p, seed: int) -> dict[str, list[SampleRef]]:
-    """Every sample's split; an empty split is an error, and a budget that drops a user's labels is warned of."""
-    splits = assign_splits(refs, p.val_fraction, seed, p.labelled_fraction)
+    """Every sample's split. The synthetic benchmark first draws its label budget; a real source keeps every label
+    it has, and its raw frames (no label of any task) form the unlabelled split. An empty split is an error."""
+    if source.name == "synthetic":
+        refs = apply_budget(refs, p.budget.model_dump(), seed)
+    splits = assign_splits(refs, p.val_fraction, seed)
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
         sizes = ", ".join(f"{s}={len(splits[s])}" for s in SPLITS)
         raise DataError(
             f"dataset '{source.name}': split {'/'.join(empty)} would be empty ({sizes} of {len(refs)} samples); "
-            "use more samples or larger fractions"
+            "use more samples, a larger label budget or a smaller val_fraction"
         )
-    if splits[UNLABELLED] and p.dataset != "synthetic":
-        # The shipped params.yaml runs the embedded benchmark under a label budget; on a user's own, fully
-        # labelled data that setting would quietly throw most labels away.
-        log.warning(
-            "prepare: %s keeps the labels of %d of %d train samples (prepare.labelled_fraction=%g); the "
-            "others are used as unlabelled images. Set prepare.labelled_fraction=1.0 to train on every label",
-            source.name,
-            len(splits["train"]),
-            len(splits["train"]) + len(splits[UNLABELLED]),
-            p.labelled_fraction,
-        )
+    for task in ("seg", "depth"):
+        if not any(task in r.tasks for r in splits["train"]):
+            raise DataError(
+                f"dataset '{source.name}': no train frame has a {task} label, so its teacher has nothing to learn "
+                f"from ({len(splits['train'])} train frames); label more frames or raise prepare.budget.{task}"
+            )
     return splits
 
 

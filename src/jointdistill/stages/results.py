@@ -91,6 +91,7 @@ class PrepareResult(StageResult):
         counted (``stats``), the normalisation, the checksum over every sample."""
         from jointdistill import __version__
         from jointdistill.data.contract import FORMAT_VERSION, SPLITS, UNLABELLED
+        from jointdistill.data.split import labelled_counts
 
         p = params.prepare
         return cls(
@@ -106,7 +107,8 @@ class PrepareResult(StageResult):
                 "resolution": [p.height, p.width],
                 "normalization": normalization,
                 "counts": {s: len(splits[s]) for s in (*SPLITS, UNLABELLED)},
-                "labelled_fraction": p.labelled_fraction,
+                "labelled": {s: labelled_counts(splits[s]) for s in SPLITS},
+                "budget": p.budget.model_dump() if source.name == "synthetic" else "every label of the source",
                 "val_fraction": p.val_fraction,
                 "seed": params.seed,
                 "class_pixels": {s: stats["class_pixels"][s].tolist() for s in SPLITS},
@@ -126,10 +128,18 @@ class PrepareResult(StageResult):
         )
 
     def headline(self) -> str:
-        c = self["counts"]
+        """One line: the frames of each split, and of them how many carry each task's label."""
+        c, lab = self["counts"], self.get("labelled", {})
         h, w = self["resolution"]
-        return f"{self['dataset']}, {h}×{w}; train {c['train']}, val {c['val']}, test {c['test']}" + (
-            f", unlabelled {c['unlabelled']}" if c.get("unlabelled") else ""
+
+        def split(s: str) -> str:
+            n = lab.get(s)
+            return f"{s} {c[s]}" + (f" (seg {n['seg']}, depth {n['depth']})" if n else "")
+
+        return (
+            f"{self['dataset']}, {h}×{w}; "
+            + ", ".join(split(s) for s in ("train", "val", "test"))
+            + (f", unlabelled {c['unlabelled']}" if c.get("unlabelled") else "")
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -254,16 +264,21 @@ class StudentResult(StageResult):
                     "history": list(objective.weights.history) if objective.weights else [],
                 },
                 "trajectory": {},
+                # The student's KD loss on the probe images per teacher, every timeframe (forgetting).
+                "probe_kd": list(objective.forgetting),
                 "best_epoch": fitted.best_epoch,
                 "best_step": fitted.best_step,
                 "epochs": cfg.epochs,
-                # Labelled images, the unlabelled split's size and how many of them each step adds (KD modes), and
-                # the labelled samples an epoch draws.
+                # Train frames, of them fully labelled (each step's batch_size part), the pool of frames missing a
+                # task's label (train frames and the unlabelled split) and how many of them each step adds, and the
+                # frames an epoch draws.
                 "data": {
                     "train": len(built.train_ds),
-                    "unlabelled": pool,
-                    "unlabelled_batch": pool_batch,
-                    "epoch_samples": built.epoch_samples or len(built.train_ds),
+                    "fully_labelled": built.labelled_train,
+                    "pool": pool,
+                    "pool_batch": pool_batch,
+                    "epoch_samples": built.epoch_samples or len(built.train_set),
+                    "probes": {"split": plan.probe_split, "images": len(objective.probe_ids)},
                 },
                 "timeframes": len(history),
                 "train_seconds": round(train_seconds, 2),

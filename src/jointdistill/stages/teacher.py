@@ -16,7 +16,7 @@ import torch
 
 from jointdistill.config import Params
 from jointdistill.data.contract import UNLABELLED, open_split, split_count, verify_prepared
-from jointdistill.data.prepared import PreparedDataset
+from jointdistill.data.prepared import Frames, PreparedDataset, labelled_frames
 from jointdistill.data.transforms import JointTransform
 from jointdistill.evaluation.metrics import ConfusionMatrix, DepthMeter
 from jointdistill.models import TASKS, build_teacher, model_flops, save_model
@@ -159,9 +159,12 @@ def _build(params: Params, task: str, data: Path, meta: dict):
         head_channels=spec.head_channels,
         tiny_widths=tuple(spec.widths),
     )
-    train_ds = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed)
+    split = PreparedDataset(data, "train", JointTransform.from_params(params.augment, h, w), seed=params.seed)
+    # Each teacher trains on its own task's labelled frames.
+    ids = np.flatnonzero(labelled_frames(split)[task])
+    train_ds = Frames(split, ids) if len(ids) < len(split) else split
     objective = make_objective(task, len(meta["classes"]), meta["ignore_index"], spec.depth_loss)
-    # Under a label budget (`prepare.labelled_fraction`) an epoch still draws as many samples as the whole train
-    # split had, from the labelled ones: a budget takes labels away, not optimiser steps.
-    pool = split_count(meta, UNLABELLED)
-    return model, objective, train_ds, len(train_ds) + pool if pool else None
+    # Under a label budget an epoch still draws as many samples as the data has frames: a budget takes labels
+    # away, not optimiser steps.
+    frames = len(split) + split_count(meta, UNLABELLED)
+    return model, objective, train_ds, frames if frames > len(train_ds) else None

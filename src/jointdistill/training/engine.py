@@ -304,7 +304,7 @@ class _Run:
         loader = make_loader(self.val_ds, self.val_sampler, spec.batch_size, spec.num_workers, self.device, False)
         val = compute_metrics(model, objective, loader, self.device, self.amp, self.channels_last)
         value = val[objective.monitor]
-        better = _is_better(value, state.best_value, objective.higher_is_better)
+        better = objective.keep_last or _is_better(value, state.best_value, objective.higher_is_better)
         if better:
             state.best_value, state.best_epoch, state.best_metrics = value, state.epoch, val
             state.best_step = state.global_step

@@ -21,6 +21,8 @@ class Objective:
     higher_is_better: ClassVar[bool]
     # What else the model's forward takes from the batch, by key (e.g. the student's cached teacher maps).
     model_inputs: tuple[str, ...] = ()
+    # Keep the last weights instead of the best validated ones (a run that trains on its val frames).
+    keep_last: bool = False
 
     def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total and its named parts, 0-d tensors (the engine reads them all at once, once per step)."""

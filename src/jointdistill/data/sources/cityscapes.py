@@ -6,6 +6,10 @@ Under ``prepare.root``: ``leftImg8bit/{train,val}/CITY/*_leftImg8bit.png``, ``gt
 ignored (255). Depth in metres from disparity: ``baseline · fx / ((p − 1) / 256)`` for stored values p > 1,
 invalid otherwise. The official train split gives train and val; the official val split becomes test (the
 official test split has no public labels).
+
+``train_extra`` (the 19,998 frames with coarse labels only), where present, joins as depth-only frames: their
+disparity is depth, and their coarse labels are not fine labels, so they carry no segmentation label. There the
+seg teacher's predictions supervise the student, and the depth teacher trains on their disparity.
 """
 
 from __future__ import annotations
@@ -142,7 +146,7 @@ class CityscapesSource:
         self.classes = TRAIN_CLASSES if n == 19 else CATEGORIES
         self.palette = TRAIN_PALETTE if n == 19 else CATEGORY_PALETTE
         self.table = lookup_table(n)
-        self._files: dict[str, tuple[Path, Path, Path, Path]] = {}
+        self._files: dict[str, tuple[Path, Path | None, Path, Path]] = {}  # image, fine label, disparity, camera
 
     def list(self) -> list[SampleRef]:
         refs = []
@@ -165,12 +169,28 @@ class CityscapesSource:
                 refs.append(
                     SampleRef(sid, source_split, tuple(str(p.relative_to(self.root)) for p in (image, *partners)))
                 )
+        for image in sorted((self.root / "leftImg8bit" / "train_extra").glob("*/*_leftImg8bit.png")):
+            city, stem = image.parent.name, image.name.removesuffix("_leftImg8bit.png")
+            partners = (
+                self.root / "disparity" / "train_extra" / city / f"{stem}_disparity.png",
+                self.root / "camera" / "train_extra" / city / f"{stem}_camera.json",
+            )
+            for p in partners:
+                if not p.is_file():
+                    raise DataError(f"{image}: no partner file {p}")
+            sid = f"cityscapes/train_extra/{stem}"
+            self._files[sid] = (image, None, *partners)
+            rel = tuple(str(p.relative_to(self.root)) for p in (image, *partners))
+            refs.append(SampleRef(sid, "train", rel, tasks=("depth",)))
         return refs
 
     def load(self, ref: SampleRef) -> Sample:
         image_path, label_path, disp_path, camera_path = self._files[ref.sample_id]
         image = read_rgb(image_path)
-        label_ids = read_png_array(label_path)
+        if label_path is None:  # train_extra: no fine label
+            label_ids = np.zeros(image.shape[:2], np.uint8)  # id 0, "unlabeled": ignore everywhere
+        else:
+            label_ids = read_png_array(label_path)
         if label_ids.min() < 0 or label_ids.max() > 33:
             raise DataError(f"{label_path}: label ids outside the official table (0..33)")
         try:
@@ -183,7 +203,7 @@ class CityscapesSource:
         if not (baseline > 0 and fx > 0):
             raise DataError(f"{camera_path}: baseline {baseline} and fx {fx} must be positive")
         disparity = read_png_array(disp_path)
-        for what, arr, path in (("labels", label_ids, label_path), ("disparity", disparity, disp_path)):
+        for what, arr, path in (("labels", label_ids, label_path or image_path), ("disparity", disparity, disp_path)):
             if arr.shape != image.shape[:2]:
                 raise DataError(
                     f"{path}: {what} {arr.shape[1]}×{arr.shape[0]}, image {image.shape[1]}×{image.shape[0]}"

@@ -7,6 +7,11 @@ Layout under ``prepare.root``::
     train/labels/STEM.png   # class ids (8- or 16-bit PNG); ignore_index where unlabeled
     train/depth/STEM.png    # 16-bit PNG in millimetres (0 = invalid), or STEM.npy float metres
     test/…                  # optional, same layout; without it prepare.test_fraction of train is the test split
+    raw/STEM.png            # optional: frames nobody labelled (your raw footage), .png/.jpg/.jpeg; they form the
+                            # unlabelled split, where the teachers' predictions supervise the student
+
+An image in ``train/images`` without its label or depth file is an error, not a raw frame: a raw frame is one
+you put in ``raw/``, so a missing file never quietly turns a labelled frame into an unlabelled one.
 
 The class table::
 
@@ -72,7 +77,7 @@ class FolderSource:
         if not self.root.is_dir():
             raise DataError(f"prepare.root {self.root}: no such folder")
         self.classes, self.palette, self.ignore_index, self.depth_scale = read_class_table(self.root)
-        self._files: dict[str, tuple[Path, Path, Path]] = {}
+        self._files: dict[str, tuple[Path, ...]] = {}  # (image, label, depth), or (image,) for a raw frame
 
     def list(self) -> list[SampleRef]:
         has_test = (self.root / "test" / "images").is_dir()
@@ -105,10 +110,23 @@ class FolderSource:
                         tuple(str(p.relative_to(self.root)) for p in (image, labels[stem], depths[stem])),
                     )
                 )
+        for stem, image in _by_stem(self.root / "raw", IMAGE_SUFFIXES).items():
+            sid = f"raw/{stem}"
+            self._files[sid] = (image,)
+            refs.append(SampleRef(sid, "train", (str(image.relative_to(self.root)),), tasks=()))
         return refs
 
     def load(self, ref: SampleRef) -> Sample:
-        image_path, label_path, depth_path = self._files[ref.sample_id]
+        files = self._files[ref.sample_id]
+        if len(files) == 1:  # a raw frame: no label of any task
+            image = read_rgb(files[0])
+            return Sample(
+                ref.sample_id,
+                image,
+                np.full(image.shape[:2], self.ignore_index, np.int64),
+                np.zeros(image.shape[:2], np.float32),
+            )
+        image_path, label_path, depth_path = files
         image = read_rgb(image_path)
         label = read_png_array(label_path)
         if depth_path.suffix == ".npy":
@@ -136,6 +154,6 @@ class FolderSource:
         return {
             "root": str(self.root.resolve()),
             "classes_file": "classes.yaml",
-            "files": 3 * len(self._files),
+            "files": sum(len(f) for f in self._files.values()),
             "listing_sha256": listing.hexdigest(),
         }

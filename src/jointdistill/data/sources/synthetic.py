@@ -17,8 +17,11 @@ class SyntheticSource:
     ignore_index = 255
 
     def __init__(self, params: PrepareParams, seed: int):
+        # The world (frames, test split) is prepare.world_seed's; the run's seed only draws val and the budget, so
+        # every seed of an ablation is scored on the same test frames.
+        del seed
         self.params = params
-        self.seed = seed
+        self.seed = seed = params.world_seed
         self.scenes = SyntheticScenes(params.height, params.width, seed=seed, max_depth=params.max_depth)
 
     @staticmethod
