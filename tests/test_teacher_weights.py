@@ -238,3 +238,23 @@ def test_closed_share_and_its_log():
     assert omegas[-1] > 1.2
     with pytest.raises(ValueError, match="unknown feedback kind"):
         TeacherWeights(("seg",), {"seg": 1.0}, 1.0, 0.5, kind="vibes")
+
+
+def test_the_report_plots_feedback_noise_and_z(tmp_path):
+    from PIL import Image
+
+    from jointdistill.evaluation import plots
+
+    _, tw = _replay("rate", {"seg": 0.03, "depth": 0.005}, 0.02, 0)
+    rows = [
+        {"timeframe": 0, "step": 0, "task": t, "score": "", "feedback": "", "noise": "", "z": "", "omega": 1.0}
+        for t in ("seg", "depth")
+    ]
+    path = plots.teacher_weights(rows + tw.history, tmp_path / "w.png")
+    with Image.open(path) as im:
+        wide = im.size
+    level = plots.teacher_weights(
+        rows + _replay("level", {"seg": 0.03, "depth": 0.0}, 0.02, 0)[1].history, tmp_path / "l.png"
+    )
+    with Image.open(level) as im:
+        assert wide[0] > im.size[0] * 1.3  # a third panel (z) where the rule has a noise

@@ -140,7 +140,7 @@ def test_kd_pixels_cover_every_pixel_of_an_unlabelled_image_only():
 
     label = torch.tensor([[[0, 255], [2, 1]], [[255, 255], [255, 255]]])  # a labelled image, an unlabelled one
     depth = torch.tensor([[[[0.0, 3.0], [4.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
-    kd_label, kd_gt = kd_pixels(label, depth, 255)
+    kd_label, kd_gt = kd_pixels(label, depth, 255, torch.full_like(depth, 5.0), 100.0)
     assert kd_label[0].tolist() == label[0].tolist()  # the labelled image keeps its ignored pixel out of KD
     assert (kd_label[1] != 255).all()
     assert kd_gt[0].tolist() == depth[0].tolist()

@@ -175,8 +175,10 @@ def prepare(
     Writes OUT/meta.json, OUT/manifest.parquet, OUT/gallery.png, OUT/checksums.json (every file's sha256, checked
     by every later stage) and OUT/{train,val,test}/{images,labels,depth}.npy; METRICS/metrics.json and
     METRICS/run.json.
-    The val split is a deterministic prepare.val_fraction of the source's training samples (seeded hash of the
-    sample id); the source's own test split becomes test. Params read: seed, prepare.*.
+    and OUT/unlabelled/images.npy for frames with no label. A real source keeps every label it has; the synthetic
+    benchmark draws its label budget (prepare.budget, per task) by the seed. The val split is a deterministic
+    prepare.val_fraction of the labelled frames (seeded hash of the sample id); the source's own test split becomes
+    test. Params read: seed, prepare.*.
     """
     from jointdistill.config import load_params
     from jointdistill.stages import prepare as stage

@@ -350,10 +350,6 @@ class DistillParams(OptimParams):
             raise ValueError("weight_min must not exceed weight_max")
         if not self.weight_min <= 1.0 <= self.weight_max:
             raise ValueError("weight_min ≤ 1 ≤ weight_max must hold (ω starts at 1)")
-        if not self.hold_out_val and self.mode in ("adaptive", "full"):
-            raise ValueError(
-                f"hold_out_val=false trains on val, so mode {self.mode}'s feedback would read its own training frames"
-            )
         return self
 
 

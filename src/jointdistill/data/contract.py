@@ -12,7 +12,7 @@ from jointdistill.errors import DataError
 
 FORMAT_VERSION = 1  # of meta.json
 SPLITS = ("train", "val", "test")  # labelled
-UNLABELLED = "unlabelled"  # images only (prepare.labelled_fraction < 1); absent from older prepared folders
+UNLABELLED = "unlabelled"  # images only: frames with no label of any task; absent from older prepared folders
 ARRAYS = {"images": (np.uint8, 4), "labels": (np.uint8, 3), "depth": (np.float32, 3)}
 CHECKSUMS = "checksums.json"
 CHECKSUMS_FORMAT = "jointdistill.checksums/1"

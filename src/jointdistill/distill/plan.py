@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from jointdistill.config import DistillParams
 from jointdistill.data.contract import UNLABELLED, split_count
+from jointdistill.errors import ConfigError
 
 MTL = "mtl"  # labels alone: the baseline every KD mode must beat
 SELF_TRAIN = "self_train"  # the student's own earlier predictions as targets: the control for the teachers
@@ -67,6 +68,11 @@ class DistillPlan:
         kd_source: KdSource | None = cfg.kd_target if teachers else ("self" if cfg.mode == SELF_TRAIN else None)
         connector = teachers and (kd_source == "connector" or trajectory)
         cache = teachers and cfg.teacher_cache
+        if not cfg.hold_out_val and teachers and cfg.mode in ("adaptive", "full"):
+            raise ConfigError(
+                f"distill.hold_out_val=false trains on val, so mode {cfg.mode}'s feedback would read its own "
+                "training frames; use it with mtl, self_train or static_kd"
+            )
         pool, pool_labelled = _pool(meta)
         uses_pool = bool(pool) and (kd_source is not None or pool_labelled)
         probe_split = (

@@ -88,19 +88,37 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title
     return _save(fig, path)
 
 
+def _present(rows: list[dict], key: str) -> list[dict]:
+    return [r for r in rows if str(r.get(key, "")) not in ("", "nan", "None")]
+
+
 def teacher_weights(rows: list[dict], path: str | Path) -> Path:
-    """ω and the feedback score a per task over timeframes (rows of weights.csv)."""
-    fig, (ax_w, ax_a) = plt.subplots(1, 2, figsize=(9, 3.2))
+    """ω, the feedback and (noise-scaled rules) its noise band per task over timeframes (rows of weights.csv)."""
+    noisy = bool(_present(rows, "noise"))
+    fig, axes = plt.subplots(1, 3 if noisy else 2, figsize=(13.5 if noisy else 9, 3.2))
+    ax_w, ax_a = axes[0], axes[1]
     tasks = sorted({r["task"] for r in rows})
     for task in tasks:
         mine = [r for r in rows if r["task"] == task]
         ax_w.plot([int(r["timeframe"]) for r in mine], [float(r["omega"]) for r in mine], marker="o", label=task)
-        fb = [r for r in mine if str(r["feedback"]) not in ("", "nan", "None")]
-        ax_a.plot([int(r["timeframe"]) for r in fb], [float(r["feedback"]) for r in fb], marker="o", label=task)
+        fb = _present(mine, "feedback")
+        line = ax_a.plot([int(r["timeframe"]) for r in fb], [float(r["feedback"]) for r in fb], marker="o", label=task)
+        if noisy:
+            nz = _present(fb, "noise")
+            t = [int(r["timeframe"]) for r in nz]
+            f, n = np.array([float(r["feedback"]) for r in nz]), np.array([float(r["noise"]) for r in nz])
+            ax_a.fill_between(t, f - n, f + n, color=line[0].get_color(), alpha=0.2)
+            z = _present(mine, "z")
+            axes[2].plot([int(r["timeframe"]) for r in z], [float(r["z"]) for r in z], marker="o", label=task)
     ax_w.set_title("teacher weight ω", fontsize=9)
-    ax_a.set_title("feedback a = student / teacher (val)", fontsize=9)
-    ax_a.axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax in (ax_w, ax_a):
+    if noisy:
+        ax_a.set_title("feedback s (val) ± its noise σ", fontsize=9)
+        axes[2].set_title("z: signal against the tasks' mean, in noise units", fontsize=9)
+        axes[2].axhspan(-1, 1, color="grey", alpha=0.15)
+    else:
+        ax_a.set_title("feedback a = student / teacher (val)", fontsize=9)
+        ax_a.axhline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in axes:
         ax.set_xlabel("timeframe (epoch)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

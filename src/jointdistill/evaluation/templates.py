@@ -171,8 +171,8 @@ the whole split (one confusion matrix, pixel sums).
 ## How the student learned
 
 {% if final_weights is not none %}
-Teacher weights ω are updated after each timeframe from the feedback a = student score / teacher score on val \
-(mIoU; 1/AbsErr). Final ω: \
+Teacher weights ω are updated after each timeframe from the feedback on val (per task: the student's score, \
+mIoU or δ<1.25, against its teacher's; with the rate and closed rules, in units of its noise, shaded). Final ω: \
 {% for k, v in final_weights.items() %}{{ k }} {{ "%.3f" | format(v) }}{{ ", " if not loop.last else "" }}{% endfor %}.
 
 ![teacher weights and feedback over timeframes](plots/weights.png)

@@ -177,6 +177,7 @@ def write_plot_data(pdir: Path, res: dict, classes: list[str], weights_rows: lis
             fields = ["distance_m", "from_m", "to_m", "pixels", "abs_err", "rel_err"]
             _write_csv(pdir / "depth_error" / f"{name}.csv", r.depth_bins, fields)
     fields = ["timeframe", "omega_seg", "omega_depth", "feedback_seg", "feedback_depth"]
+    fields += ["noise_seg", "noise_depth", "z_seg", "z_depth"]
     _write_csv(pdir / "weights.csv", _weights_wide(weights_rows), fields)
     fields = ["timeframe", "train_traj_loss", "l1_at_points", "l1_values", "overlap"]
     _write_csv(pdir / "trajectory_loss.csv", _trajectory_rows(s_info), fields)
@@ -350,7 +351,8 @@ def _weights_wide(rows: list[dict]) -> list[dict]:
     for r in rows:
         d = by_tf.setdefault(int(r["timeframe"]), {"timeframe": int(r["timeframe"])})
         d[f"omega_{r['task']}"] = float(r["omega"])
-        d[f"feedback_{r['task']}"] = float(r["feedback"]) if r["feedback"] not in ("", None) else ""
+        for key in ("feedback", "noise", "z"):
+            d[f"{key}_{r['task']}"] = float(r[key]) if r.get(key) not in ("", None) else ""
     return [by_tf[k] for k in sorted(by_tf)]
 
 
