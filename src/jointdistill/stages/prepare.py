@@ -30,7 +30,7 @@ from jointdistill.data.resize import resize_sample
 from jointdistill.data.sample import Sample, SampleRef, Source
 from jointdistill.data.sensor import degrade
 from jointdistill.data.sources.registry import make_source
-from jointdistill.data.split import apply_budget, assign_splits
+from jointdistill.data.split import apply_budget, assign_splits, labelled_counts
 from jointdistill.data.validate import DepthMaskCounts, validate_sample
 from jointdistill.errors import DataError
 from jointdistill.evaluation.pictures import gallery, save_png
@@ -178,6 +178,7 @@ def run(
     _check_listing(source, refs)
     splits = _assign(source, refs, p, params.seed)
     stats = _new_stats(len(source.classes))
+    stats["labelled"] = {s: labelled_counts(splits[s]) for s in SPLITS}
     with atomic_dir(out) as tmp:
         rows = []
         with tqdm(total=len(refs), desc=f"prepare {source.name}", unit="frame", disable=None) as bar:

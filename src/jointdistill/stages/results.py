@@ -91,7 +91,6 @@ class PrepareResult(StageResult):
         counted (``stats``), the normalisation, the checksum over every sample."""
         from jointdistill import __version__
         from jointdistill.data.contract import FORMAT_VERSION, SPLITS, UNLABELLED
-        from jointdistill.data.split import labelled_counts
 
         p = params.prepare
         return cls(
@@ -107,7 +106,7 @@ class PrepareResult(StageResult):
                 "resolution": [p.height, p.width],
                 "normalization": normalization,
                 "counts": {s: len(splits[s]) for s in (*SPLITS, UNLABELLED)},
-                "labelled": {s: labelled_counts(splits[s]) for s in SPLITS},
+                "labelled": stats["labelled"],
                 "budget": p.budget.model_dump() if source.name == "synthetic" else "every label of the source",
                 "val_fraction": p.val_fraction,
                 "seed": params.seed,
