@@ -100,3 +100,23 @@ def test_ablation_reuses_teachers_across_distill_changes():
     assert ablate.teacher_key(ablate._with(base, **{"distill.alpha": 0.5, "distill.mode": "mtl"})) == key
     for change in ({"teacher.epochs": 3}, {"seed": 7}, {"prepare.height": 64}, {"augment.hflip": False}):
         assert ablate.teacher_key(ablate._with(base, **change)) != key, change
+
+
+def test_each_seed_prepares_its_own_labelled_frames_once(tmp_path):
+    """ablate without --data: seed S's data is OUT/runs/seed-S/prepared, prepared with that seed (which draws the
+    labelled frames), reused while its params are the same."""
+    from jointdistill.data.contract import verify_prepared
+
+    from .conftest import TINY
+
+    p = load_params(REPO / "params.yaml", [*TINY, "prepare.budget.seg=0.4"])
+    a, b = ablate.seed_data(p, 0, tmp_path), ablate.seed_data(p, 1, tmp_path)
+    assert a == tmp_path / "runs" / "seed-0" / "prepared" and b == tmp_path / "runs" / "seed-1" / "prepared"
+    ma, mb = verify_prepared(a), verify_prepared(b)
+    assert ma["seed"] == 0 and mb["seed"] == 1 and ma["params_digest"] != mb["params_digest"]
+    assert ma["counts"]["test"] == mb["counts"]["test"]  # the same test split for every seed
+    stamp = (a / "meta.json").stat().st_mtime_ns
+    assert ablate.seed_data(p, 0, tmp_path) == a and (a / "meta.json").stat().st_mtime_ns == stamp  # reused
+    changed = ablate._with(p, **{"prepare.budget.seg": 0.5})
+    ablate.seed_data(changed, 0, tmp_path)
+    assert verify_prepared(a)["params_digest"] == changed.digest("prepare")  # other params: prepared again

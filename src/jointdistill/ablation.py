@@ -120,8 +120,11 @@ def _teacher_done(folder: Path, params: Params) -> bool:
 def _with(params: Params, **changes) -> Params:
     data = params.model_dump(mode="json")
     for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        (data[section] if section else data)[name] = value
+        *path, name = key.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        node[name] = value
     return params_from_dict(data)
 
 
