@@ -113,8 +113,7 @@ def teacher_weights(rows: list[dict], path: str | Path) -> Path:
     ax_w.set_title("teacher weight ω", fontsize=9)
     if noisy:
         ax_a.set_title("feedback s (val) ± its noise σ", fontsize=9)
-        axes[2].set_title("z: signal against the tasks' mean, in noise units", fontsize=9)
-        axes[2].axhspan(-1, 1, color="grey", alpha=0.15)
+        axes[2].set_title("z = s / σ per task (ω follows the tasks' difference)", fontsize=9)
     else:
         ax_a.set_title("feedback a = student / teacher (val)", fontsize=9)
         ax_a.axhline(1.0, color="grey", lw=0.8, ls="--")
