@@ -143,9 +143,7 @@ print(json.dumps(out))
 
 def loader_rows(quick: bool, params: str) -> list[dict]:
     sets = (
-        ["prepare.budget.seg=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96"]
-        if quick
-        else []
+        ["prepare.budget.seg=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96"] if quick else []
     )
     with tempfile.TemporaryDirectory() as tmp:
         res = run_json(

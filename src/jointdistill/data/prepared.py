@@ -143,11 +143,12 @@ class TrainingSet(Dataset):
 
     def __init__(self, *parts: Dataset):
         self.parts = parts
-        self.offsets = np.cumsum([0, *(len(p) for p in parts)])
+        # The parts are sized datasets with set_epoch (PreparedDataset, Frames); torch's Dataset declares neither.
+        self.offsets = np.cumsum([0, *(len(p) for p in parts)])  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         for p in self.parts:
-            p.set_epoch(epoch)
+            p.set_epoch(epoch)  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

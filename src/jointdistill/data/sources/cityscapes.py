@@ -171,7 +171,7 @@ class CityscapesSource:
                 )
         for image in sorted((self.root / "leftImg8bit" / "train_extra").glob("*/*_leftImg8bit.png")):
             city, stem = image.parent.name, image.name.removesuffix("_leftImg8bit.png")
-            partners = (
+            partners = (  # type: ignore[assignment]  # (disparity, camera): no fine label
                 self.root / "disparity" / "train_extra" / city / f"{stem}_disparity.png",
                 self.root / "camera" / "train_extra" / city / f"{stem}_camera.json",
             )
@@ -179,7 +179,7 @@ class CityscapesSource:
                 if not p.is_file():
                     raise DataError(f"{image}: no partner file {p}")
             sid = f"cityscapes/train_extra/{stem}"
-            self._files[sid] = (image, None, *partners)
+            self._files[sid] = (image, None, *partners)  # type: ignore[assignment]
             rel = tuple(str(p.relative_to(self.root)) for p in (image, *partners))
             refs.append(SampleRef(sid, "train", rel, tasks=("depth",)))
         return refs
