@@ -1,5 +1,6 @@
-"""Sensor-like training targets for the synthetic source (``prepare.sensor``): the train split's depth and labels
-degraded the way a real capture degrades them, while val and test stay exact.
+"""Sensor-like training targets for the synthetic source (``prepare.sensor``): the train and val splits' depth and
+labels degraded the way a real capture degrades them (a user's val labels come from the same sensor and
+annotators), while test stays exact.
 
 Exact synthetic labels are what no real dataset has. Real depth comes from a stereo rig (Cityscapes), a
 structured-light sensor (NYUv2) or a LiDAR: its error grows with distance, it has holes, and it is missing
