@@ -186,3 +186,116 @@ class FakeTrainerApi:
         conf = client.Configuration()
         conf.host = self.url
         return TrainerClient(KubernetesBackendConfig(namespace=self.namespace, client_configuration=conf))
+
+
+KATIB = "/apis/kubeflow.org/v1beta1"
+
+
+class FakeKatibApi:
+    """The part of the Kubernetes API that Katib's Experiments live in: create (409 when it exists) and get,
+    stored as posted. A stored Experiment reports ``Created`` on its first read, ``Running`` on its second, and
+    from its third on the ``outcome`` condition (``Succeeded`` or ``Failed``), with an optimal trial that takes
+    each parameter's first feasible value and reports ``objective``; so a caller must actually poll."""
+
+    def __init__(self, namespace: str = "team-a", outcome: str = "Succeeded", objective: float = 0.5):
+        self.namespace, self.outcome, self.objective = namespace, outcome, objective
+        self.experiments: dict[str, dict] = {}
+        self.reads: dict[str, int] = {}
+        self.requests: list[dict] = []
+        api = self
+        base = f"{KATIB}/namespaces/{namespace}/experiments"
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _status(self, code: int, reason: str, message: str) -> None:
+                self._reply(
+                    code,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "reason": reason,
+                        "code": code,
+                        "message": message,
+                    },
+                )
+
+            def do_GET(self):
+                path = urlparse(self.path).path
+                api.requests.append({"method": "GET", "path": path})
+                name = path.rsplit("/", 1)[1]
+                if path.startswith(base + "/") and name in api.experiments:
+                    return self._reply(200, api.read(name))
+                return self._status(404, "NotFound", f"{path} not found")
+
+            def do_POST(self):
+                path = urlparse(self.path).path
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                api.requests.append({"method": "POST", "path": path, "body": body})
+                if path != base:
+                    return self._status(404, "NotFound", f"{path} not found")
+                name = body["metadata"]["name"]
+                if name in api.experiments:
+                    return self._status(409, "AlreadyExists", f"experiments.kubeflow.org {name!r} already exists")
+                body["metadata"].update(namespace=api.namespace, uid="0000", creationTimestamp="2026-12-07T00:00:00Z")
+                api.experiments[name] = body
+                return self._reply(201, body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def read(self, name: str) -> dict:
+        self.reads[name] = self.reads.get(name, 0) + 1
+        exp = json.loads(json.dumps(self.experiments[name]))
+        kind = {1: "Created", 2: "Running"}.get(self.reads[name], self.outcome)
+        exp["status"] = {"conditions": [{"type": kind, "status": "True", "reason": f"Experiment{kind}", "message": ""}]}
+        if kind == "Succeeded":
+            first = {
+                p["name"]: (p["feasibleSpace"].get("list") or [p["feasibleSpace"].get("min")])[0]
+                for p in exp["spec"]["parameters"]
+            }
+            metric = exp["spec"]["objective"]["objectiveMetricName"]
+            exp["status"]["currentOptimalTrial"] = {
+                "bestTrialName": f"{name}-abc123",
+                "parameterAssignments": [{"name": k, "value": v} for k, v in first.items()],
+                "observation": {"metrics": [{"name": metric, "latest": str(self.objective)}]},
+            }
+        return exp
+
+    def kubeconfig(self, path) -> None:
+        """A kubeconfig whose current context is this server and its namespace."""
+        import yaml
+
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "t"}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespace}}
+                    ],
+                    "current-context": "fake",
+                }
+            )
+        )
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

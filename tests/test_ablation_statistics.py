@@ -1,6 +1,8 @@
 """The ablation's statistics: t-intervals, paired differences and sign counts, the capacity gate per seed, mode
 variants, and teachers reused across distill changes."""
 
+import json
+
 import pytest
 from scipy import stats
 
@@ -120,3 +122,63 @@ def test_each_seed_prepares_its_own_labelled_frames_once(tmp_path):
     changed = ablate._with(p, **{"prepare.budget.seg": 0.5})
     ablate.seed_data(changed, 0, tmp_path)
     assert verify_prepared(a)["params_digest"] == changed.digest("prepare")  # other params: prepared again
+
+
+def test_a_grid_is_every_combination_paired_against_the_params_values():
+    base = load_params(REPO / "params.yaml")
+    grid = ablate.parse_vary(["distill.alpha=0,1", "distill.top_k=5,10"])
+    assert grid == {"distill.alpha": [0, 1], "distill.top_k": [5, 10]}
+    variants, reference = ablate.grid_variants(base, grid)
+    # params' own values (alpha 1.5, top_k 10) are not in the grid: the reference comes first, then the four points.
+    assert reference == "distill.alpha=1.5,distill.top_k=10" == variants[0].name
+    assert [v.name for v in variants[1:]] == [
+        "distill.alpha=0,distill.top_k=5",
+        "distill.alpha=0,distill.top_k=10",
+        "distill.alpha=1,distill.top_k=5",
+        "distill.alpha=1,distill.top_k=10",
+    ]
+    assert variants[2].changes == {"distill.alpha": 0, "distill.top_k": 10} and all(v.student for v in variants)
+    inside, ref = ablate.grid_variants(base, ablate.parse_vary(["distill.alpha=0,1.5"]))
+    assert [v.name for v in inside] == ["distill.alpha=0", "distill.alpha=1.5"] and ref == "distill.alpha=1.5"
+    for bad, match in (
+        (["distill.alpha"], "expected KEY=V1,V2"),
+        (["distill.alpha=1,,2"], "expected KEY=V1,V2"),
+        (["distill.alpha=1", "distill.alpha=2"], "given twice"),
+        (["distill.alfa=1,2"], "unknown params key"),
+        (["prepare.budget.sky=1,2"], "unknown params key"),
+    ):
+        with pytest.raises(Exception, match=match):
+            ablate.grid_variants(base, ablate.parse_vary(bad))
+    with pytest.raises(Exception, match="distill.alpha"):  # a value params cannot take fails before any training
+        ablate.grid_variants(base, ablate.parse_vary(["distill.alpha=fast,1"]))
+
+
+def test_stated_pairs_follow_the_variants():
+    modes = ["single", "mtl", "self_train", "static_kd", "adaptive", "adaptive+deficit", "full", "mtl+noval"]
+    assert ablate.stated_pairs(modes) == [
+        ("static_kd", "mtl"),
+        ("static_kd", "self_train"),
+        ("adaptive", "static_kd"),
+        ("adaptive+deficit", "static_kd"),
+        ("full", "adaptive"),
+        ("full", "mtl"),
+        ("mtl+noval", "mtl"),
+    ]
+    assert ablate.stated_pairs(["mtl", "full+deficit", "adaptive+deficit"]) == [
+        ("full+deficit", "adaptive+deficit"),
+        ("full+deficit", "mtl"),
+    ]
+
+
+def test_aggregate_writes_the_table_from_rows_alone(tmp_path):
+    """The aggregation any driver (ablate in-process, or one that gathers rows elsewhere) calls."""
+    rows = _results([0.02, 0.03, 0.01])
+    table = ablate.aggregate(tmp_path, rows, ["single", "mtl", "full"], [0, 1, 2], [("full", "mtl")])
+    assert [r["mode"] for r in table] == ["single", "mtl", "full"] and table[2]["seeds"] == 3
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["pairs"][0]["delta_m"]["mean"] == pytest.approx(2.0) and saved["pairs"][0]["delta_m"]["better"] == 3
+    assert [g["seed"] for g in saved["gate"]["seeds"]] == [0, 1, 2]
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| full − mtl | +2.00 [" in md and "(3/3)" in md
+    for name in ("ablation.csv", "runs.csv", "ablation.png", "paired.png"):
+        assert (tmp_path / name).stat().st_size > 0

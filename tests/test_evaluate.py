@@ -261,3 +261,61 @@ def test_ablate_cli_rejects_unknown_mode(tmp_path):
     args = ["ablate", "--params", str(REPO / "params.yaml"), "--modes", "mtl,eata,mtl+cache", "--out", str(tmp_path)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "unknown ['eata', 'mtl+cache']" in r.stderr
+
+
+def test_ablate_cli_takes_a_grid_or_modes_not_both(tmp_path):
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    base = ["ablate", "--params", str(REPO / "params.yaml"), "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, [*base, "--vary", "distill.alpha=0,1", "--modes", "mtl"])
+    assert r.exit_code == 2 and "--vary and --modes" in r.stderr
+    r = CliRunner().invoke(app, [*base, "--vary", "distill.alfa=0,1"])
+    assert r.exit_code == 2 and "unknown params key 'distill.alfa'" in r.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_ablate_vary_pairs_every_point_with_the_reference(prepared, tmp_path):
+    p = params("distill.epochs=1", "distill.mode=static_kd")
+    out = tmp_path / "grid"
+    table = ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_kd": [0.25]})
+    names = ["distill.lambda_kd=1.0", "distill.lambda_kd=0.25"]  # the params' value first: the reference
+    assert [r["mode"] for r in table] == names and all(r["seeds"] == 2 for r in table)
+    saved = json.loads((out / "ablation.json").read_text())
+    assert [(q["a"], q["b"]) for q in saved["pairs"]] == [(names[1], names[0])]
+    by = {(r["mode"], r["seed"]): r["delta_m"] for r in saved["runs"]}
+    diffs = [by[(names[1], s)] - by[(names[0], s)] for s in (0, 1)]
+    assert saved["pairs"][0]["delta_m"]["mean"] == pytest.approx(statistics.fmean(diffs)) and diffs[0] != 0
+    md = (out / "ablation.md").read_text()
+    assert "reference distill.lambda_kd=1.0" in md and "| distill.lambda_kd=0.25 − distill.lambda_kd=1.0 |" in md
+    for seed in (0, 1):  # one student per point, beside the seed's one pair of teachers
+        runs = out / "runs" / f"seed-{seed}"
+        assert sorted(f.name for f in runs.iterdir() if (f / "student.pt").exists()) == sorted(names)
+        assert not [f for f in runs.iterdir() if f.name.startswith("teachers-")]
+    stamp = (out / "runs" / "seed-1" / names[1] / "student.pt").stat().st_mtime_ns
+    assert ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_kd": [0.25]}) == table  # reused
+    assert (out / "runs" / "seed-1" / names[1] / "student.pt").stat().st_mtime_ns == stamp
+
+
+def test_ablate_vary_gives_a_point_that_changes_the_data_its_own_data_and_teachers(tmp_path):
+    """A grid over a prepare key: that point's seed prepares its own data and trains its own teachers; the reference
+    point keeps the seed's. The students key on their data, so a different budget never reuses a stale one."""
+    from jointdistill.data.contract import verify_prepared
+
+    p = params("distill.epochs=1", "distill.mode=mtl")
+    out = tmp_path / "grid"
+    ablate.run(p, None, out, seeds=[0], vary={"prepare.val_fraction": [0.3]})
+    runs = out / "runs" / "seed-0"
+    other = _with_val(p, 0.3)
+    assert verify_prepared(runs / "prepared")["params_digest"] == ablate._with(p, seed=0).digest("prepare")
+    own = runs / f"prepared-{other.digest('prepare')[:8]}"
+    assert verify_prepared(own)["params_digest"] == other.digest("prepare")
+    assert (runs / f"teachers-{ablate.teacher_key(other)[:8]}" / "seg" / "model.pt").exists()
+    assert (runs / "teachers" / "seg" / "model.pt").exists()
+    key = (runs / "prepare.val_fraction=0.3.key").read_text().strip()
+    assert key == ablate._student_key(other) != (runs / "prepare.val_fraction=0.15.key").read_text().strip()
+
+
+def _with_val(p, fraction):
+    return ablate._with(p, seed=0, **{"prepare.val_fraction": fraction})

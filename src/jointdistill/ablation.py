@@ -17,6 +17,14 @@ augmentation; the test split is the same for every seed. Every run is a normal s
 under ``out/runs/seed-S/``; a run already finished with the same params is reused, and an interrupted one resumes
 from its checkpoint, so a killed ablation picks up where it stopped.
 
+With ``vary`` (``ablate --vary distill.alpha=0,1,1.5,2``), the rows are instead the points of a grid over one or
+more params keys, each paired by seed against the reference point (the values params gives those keys; added to
+the grid when missing), with the same table, intervals and plots. A point that changes what the data or the
+teachers depend on (e.g. ``prepare.val_fraction``) gets its own prepared data and teachers, next to the seed's.
+
+The aggregation (`aggregate`) is one function of the runs' rows: the in-process driver here calls it, and so can any
+other driver that gathers the same rows (one per seed and variant).
+
 The gate: a benchmark whose teachers are not clearly better than plain multi-task training cannot show
 distillation. For every seed, the teachers must beat ``mtl`` on test by at least 5 mIoU points and 5 % AbsErr.
 Under a label budget (an unlabelled split that the KD modes learn from) the gate does not bound distillation: the
@@ -32,9 +40,11 @@ import json
 import logging
 import math
 import statistics
+from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
-from jointdistill.config import Params, params_from_dict
+from jointdistill.config import Params, params_from_dict, parse_override
 from jointdistill.data.contract import verify_prepared
 from jointdistill.data.prepared import PreparedDataset
 from jointdistill.distill.plan import MODES as DISTILL_MODES
@@ -92,11 +102,91 @@ def parse_mode(mode: str) -> tuple[str, dict]:
     return base, {f"distill.{VARIANTS[v][0]}": VARIANTS[v][1] for v in variants}
 
 
-def _done(folder: Path, digest: str) -> bool:
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a mode (``full+deficit``), the teachers themselves (``single``) or a grid point of
+    ``--vary``. ``changes``: its params changes, as dotted keys."""
+
+    name: str
+    changes: dict = field(default_factory=dict)
+    student: bool = True  # False: the teachers' own row, no student trained
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace("/", "_")
+
+
+def mode_variants(modes) -> list[Variant]:
+    """The rows of a mode ablation; unknown modes are one ConfigError naming them all."""
+    unknown, out = [], []
+    for m in modes:
+        if m == TEACHERS_ROW:
+            out.append(Variant(m, {}, student=False))
+            continue
+        try:
+            name, changes = parse_mode(m)
+        except ConfigError:
+            unknown.append(m)
+            continue
+        out.append(Variant(m, {"distill.mode": name, **changes}))
+    if unknown or not modes:
+        raise ConfigError(
+            f"--modes: unknown {unknown} (choose from {', '.join(MODES)}; a KD mode may add +{', +'.join(VARIANTS)})"
+        )
+    return out
+
+
+def parse_vary(items: list[str]) -> dict[str, list]:
+    """``["distill.alpha=0,1,1.5"]`` → {"distill.alpha": [0, 1, 1.5]}: each value read as YAML, as ``--set`` reads
+    one."""
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        values = [v.strip() for v in raw.split(",")] if sep else []
+        if not key.strip() or not values or not all(values):
+            raise ConfigError(f"--vary {item!r}: expected KEY=V1,V2,..., e.g. distill.alpha=0,1,1.5,2")
+        if key.strip() in grid:
+            raise ConfigError(f"--vary: {key.strip()} is given twice")
+        grid[key.strip()] = [parse_override(f"{key}={v}")[1] for v in values]
+    return grid
+
+
+def _value(params: Params, key: str):
+    node = params.model_dump(mode="json")
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"--vary: unknown params key {key!r}")
+        node = node[part]
+    return node
+
+
+def _point_name(point: dict) -> str:
+    return ",".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in point.items())
+
+
+def grid_variants(params: Params, grid: dict[str, list]) -> tuple[list[Variant], str]:
+    """The points of ``grid`` (every combination of its values) and the reference point's name: the values
+    ``params`` gives the grid's keys, put first when the grid lacks them. Each point must make valid params."""
+    reference = {k: _value(params, k) for k in grid}
+    points = [dict(zip(grid, values, strict=True)) for values in product(*grid.values())]
+    if reference not in points:
+        points.insert(0, reference)
+    variants = []
+    for point in points:
+        _with(params, **point)  # a value the params cannot take is an error now, not after hours of training
+        variants.append(Variant(_point_name(point), point))
+    return variants, _point_name(reference)
+
+
+def _done(folder: Path, digest: str, key: str | None = None) -> bool:
+    """A finished run with these params (and, where it left a key file, the same data and teachers)."""
     try:
-        return json.loads((folder / "report.json").read_text()).get("params_digest") == digest
+        if json.loads((folder / "report.json").read_text()).get("params_digest") != digest:
+            return False
     except (OSError, ValueError):
         return False
+    key_file = folder.parent / f"{folder.name}.key"
+    return key is None or not key_file.exists() or key_file.read_text().strip() == key
 
 
 def teacher_key(params: Params) -> str:
@@ -106,9 +196,14 @@ def teacher_key(params: Params) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _student_key(params: Params) -> str:
+    """What a student run depends on beyond its distill params: the data and the teachers it learnt from."""
+    text = f"{params.digest('distill')}:{params.digest('prepare')}:{teacher_key(params)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _teacher_done(folder: Path, params: Params) -> bool:
-    if _done(folder, params.digest("teacher", folder.name)):
-        return True
+    # The key covers the data (prepare) as well as the teacher section; the report's digest alone does not.
     try:
         return (folder.parent / f"{folder.name}.key").read_text().strip() == teacher_key(params) and (
             folder / "model.pt"
@@ -123,31 +218,38 @@ def _with(params: Params, **changes) -> Params:
         *path, name = key.split(".")
         node = data
         for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown params key {key!r}")
             node = node[part]
         node[name] = value
-    return params_from_dict(data)
+    return params_from_dict(data, source="ablate")
 
 
 def run(
-    params: Params, data: str | Path | None, out: str | Path, modes=MODES, seeds=SEEDS, jobs: int = 1
+    params: Params,
+    data: str | Path | None,
+    out: str | Path,
+    modes=MODES,
+    seeds=SEEDS,
+    jobs: int = 1,
+    vary: dict[str, list] | None = None,
 ) -> list[dict]:
     """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,json,png}).
 
     ``data``: one prepared folder for every seed, or None: each seed prepares its own (`seed_data`), so the seed
     draws which frames of the budget are labelled.
 
+    ``vary``: a grid (`parse_vary`) whose points replace ``modes`` as the rows, each paired against the reference
+    point (`grid_variants`); the student's mode is ``params``' distill.mode.
+
     ``jobs`` > 1 trains that many seeds at once, each in its own process with an equal share of the CPU threads.
     The rows do not depend on it beyond what the thread count does to float reductions (see `run_seed`)."""
-    unknown = []
-    for m in modes:
-        try:
-            parse_mode(m)
-        except ConfigError:
-            unknown.append(m)
-    if unknown or not modes:
-        raise ConfigError(
-            f"--modes: unknown {unknown} (choose from {', '.join(MODES)}; a KD mode may add +{', +'.join(VARIANTS)})"
-        )
+    if vary:
+        variants, reference = grid_variants(params, vary)
+        pairs = [(v.name, reference) for v in variants if v.name != reference]
+    else:
+        variants = mode_variants(modes)
+        pairs = stated_pairs([v.name for v in variants])
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if jobs < 1:
@@ -156,15 +258,30 @@ def run(
     data = Path(data) if data is not None else None
     jobs = min(jobs, len(seeds))
     if jobs == 1:
-        per_seed = [run_seed(params, data, out, modes, seed) for seed in seeds]
+        per_seed = [run_seed(params, data, out, variants, seed) for seed in seeds]
     else:
-        per_seed = _in_parallel(params, data, out, modes, seeds, jobs)
+        per_seed = _in_parallel(params, data, out, variants, seeds, jobs)
     results = [row for rows in per_seed for row in rows]
-    table = summarise(results, modes)
-    pairs = paired(results, modes)
     kd_pool = _pool_size(data or seed_data(params, seeds[0], out)) if params.distill.unlabelled_batch else 0
+    title = f"--vary, reference {reference} (params)" if vary else None
+    return aggregate(out, results, [v.name for v in variants], seeds, pairs, kd_pool, title)
+
+
+def aggregate(
+    out: Path,
+    results: list[dict],
+    names: list[str],
+    seeds,
+    pairs: list[tuple[str, str]],
+    kd_pool: int = 0,
+    title: str | None = None,
+) -> list[dict]:
+    """Everything an ablation writes, from its rows alone (one per seed and variant: seed, mode, the COLUMNS,
+    val_mt_score): the table, the paired differences, the gate, and their files. Returns the table."""
+    table = summarise(results, names)
+    compared = paired_rows(results, pairs)
     checks = gate(results, kd_pool)
-    write_outputs(out, results, table, seeds, pairs, checks)
+    write_outputs(out, results, table, seeds, compared, checks, title)
     return table
 
 
@@ -176,76 +293,96 @@ def _pool_size(data: Path) -> int:
     return partial + int(meta["counts"].get("unlabelled", 0))
 
 
-def seed_data(params: Params, seed: int, out: Path) -> Path:
-    """The seed's prepared data, ``out/runs/seed-S/prepared``: prepared with that seed (which draws val and the
+def seed_data(params: Params, seed: int, out: Path, name: str = "prepared") -> Path:
+    """The seed's prepared data, ``out/runs/seed-S/<name>``: prepared with that seed (which draws val and the
     budget's labelled frames), or reused when a folder prepared with the same params is there."""
     from jointdistill.stages import prepare
 
     base = _with(params, seed=seed)
-    folder = out / "runs" / f"seed-{seed}" / "prepared"
+    folder = out / "runs" / f"seed-{seed}" / name
     try:
         if verify_prepared(folder)["params_digest"] == base.digest("prepare"):
             return folder
     except Exception:  # missing, partial or stale: prepare it (atomically) again
         pass
-    log.info("ablate: seed %d, prepare", seed)
+    log.info("ablate: seed %d, prepare %s", seed, name)
     prepare.run(base, folder)
     return folder
 
 
-def run_seed(params: Params, data: Path | None, out: Path, modes, seed: int) -> list[dict]:
-    """One seed of the ablation: its two teachers (once), then one student per mode, each evaluated on test.
-    Returns that seed's rows. Every run is a resumable stage output under ``out/runs/seed-S/``.
-
-    Results are deterministic for a given machine and thread count: torch's CPU kernels split their reductions
-    by thread, so a run at one thread and a run at two differ in the last bits, and from there in training."""
-    data = data if data is not None else seed_data(params, seed, out)
-    meta = verify_prepared(data)
-    test = PreparedDataset(data, "test")
-    device = resolve_device(params.evaluate.device)
-    n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
-    base = _with(params, seed=seed)
-    root = out / "runs" / f"seed-{seed}"
+def _teachers(base: Params, data: Path, root: Path, suffix: str) -> dict:
+    """Train (or reuse) the seed's two teachers into ``root/teachers<suffix>``; return their test metrics, Δm's
+    reference."""
     for task in ("seg", "depth"):
-        folder = root / "teachers" / task
+        folder = root / f"teachers{suffix}" / task
         if not _teacher_done(folder, base):
-            log.info("ablate: seed %d, %s teacher", seed, task)
-            teacher.run(base, task, data, folder, root / "checkpoints" / f"teacher-{task}", resume=True)
+            log.info("ablate: seed %d, %s teacher%s", base.seed, task, suffix)
+            teacher.run(base, task, data, folder, root / "checkpoints" / f"teacher{suffix}-{task}", resume=True)
             atomic_write_text(folder.parent / f"{task}.key", teacher_key(base) + "\n")
-    tm = {t: json.loads((root / "teachers" / t / "report.json").read_text())["test"] for t in ("seg", "depth")}
-    reference = {
+    tm = {t: json.loads((root / f"teachers{suffix}" / t / "report.json").read_text())["test"] for t in ("seg", "depth")}
+    return {
         "miou": tm["seg"]["miou"],
         "pixacc": tm["seg"]["pixacc"],
         "abs_err": tm["depth"]["abs_err"],
         "rel_err": tm["depth"]["rel_err"],
     }
+
+
+def run_seed(params: Params, data: Path | None, out: Path, variants: list[Variant], seed: int) -> list[dict]:
+    """One seed of the ablation: its two teachers (once), then one student per variant, each evaluated on test.
+    Returns that seed's rows. Every run is a resumable stage output under ``out/runs/seed-S/``; a variant that
+    changes the data or the teachers gets its own (``prepared-<key>``, ``teachers-<key>``).
+
+    Results are deterministic for a given machine and thread count: torch's CPU kernels split their reductions
+    by thread, so a run at one thread and a run at two differ in the last bits, and from there in training."""
+    base = _with(params, seed=seed)
+    root = out / "runs" / f"seed-{seed}"
+    device = resolve_device(params.evaluate.device)
+    tests: dict[Path, tuple[dict, PreparedDataset]] = {}  # verified once per data folder
     rows = []
-    for mode in modes:
-        if mode == "single":
-            rows.append({"seed": seed, "mode": mode, **reference, "delta_m": 0.0})
+    for v in variants:
+        p = _with(base, **v.changes)
+        same_data = p.digest("prepare") == base.digest("prepare")
+        d = (
+            data
+            if data is not None
+            else seed_data(p, seed, out, "prepared" if same_data else f"prepared-{p.digest('prepare')[:8]}")
+        )
+        suffix = "" if teacher_key(p) == teacher_key(base) else f"-{teacher_key(p)[:8]}"
+        reference = _teachers(p, d, root, suffix)
+        if not v.student:
+            rows.append({"seed": seed, "mode": v.name, **reference, "delta_m": 0.0})
             continue
-        name, changes = parse_mode(mode)
-        p = _with(base, **{"distill.mode": name, **changes})
-        folder = root / mode
-        if not _done(folder, p.digest("distill")):
-            log.info("ablate: seed %d, mode %s", seed, mode)
-            teachers = (root / "teachers" / "seg", root / "teachers" / "depth") if uses_teachers(name) else None
+        folder = root / v.folder
+        if not _done(folder, p.digest("distill"), _student_key(p)):
+            log.info("ablate: seed %d, %s", seed, v.name)
+            name = p.distill.mode
+            teachers = (
+                (root / f"teachers{suffix}" / "seg", root / f"teachers{suffix}" / "depth")
+                if uses_teachers(name)
+                else None
+            )
             distill.run(
                 p,
-                data,
+                d,
                 teachers,
                 folder,
-                root / "checkpoints" / mode,
+                root / "checkpoints" / v.folder,
                 resume=True,
-                teacher_cache=root / "teacher_cache",
+                teacher_cache=root / f"teacher_cache{suffix}",
             )
+            atomic_write_text(folder.parent / f"{folder.name}.key", _student_key(p) + "\n")
+        if d not in tests:
+            tests[d] = verify_prepared(d), PreparedDataset(d, "test")
+        meta, test = tests[d]
         model, _ = load_model(folder / "student.pt")
+        n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
         m = score_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
         val = json.loads((folder / "report.json").read_text())["val"]  # the best (or last) weights' val metrics
         rows.append(
             {
                 "seed": seed,
-                "mode": mode,
+                "mode": v.name,
                 **{k: m[k] for k in COLUMNS[:4]},
                 "delta_m": delta_m(m, reference),
                 "val_mt_score": val.get("mt_score"),
@@ -261,11 +398,11 @@ def _worker_init(threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _seed_worker(params: dict, data: str | None, out: str, modes: list[str], seed: int) -> list[dict]:
-    return run_seed(params_from_dict(params), Path(data) if data else None, Path(out), modes, seed)
+def _seed_worker(params: dict, data: str | None, out: str, variants: list[Variant], seed: int) -> list[dict]:
+    return run_seed(params_from_dict(params), Path(data) if data else None, Path(out), variants, seed)
 
 
-def _in_parallel(params: Params, data: Path | None, out: Path, modes, seeds, jobs: int) -> list[list[dict]]:
+def _in_parallel(params: Params, data: Path | None, out: Path, variants, seeds, jobs: int) -> list[list[dict]]:
     """Seeds in ``jobs`` spawned processes (not forked: torch's thread pools do not survive a fork), each with
     1/jobs of the threads; the rows come back in seed order. On a 2-core CPU, two seeds at one thread each train
     faster than one seed at two threads after another: the small networks' kernels do not scale to both cores
@@ -283,7 +420,12 @@ def _in_parallel(params: Params, data: Path | None, out: Path, modes, seeds, job
     ) as pool:
         futures = [
             pool.submit(
-                _seed_worker, params.model_dump(mode="json"), str(data) if data else None, str(out), list(modes), seed
+                _seed_worker,
+                params.model_dump(mode="json"),
+                str(data) if data else None,
+                str(out),
+                list(variants),
+                seed,
             )
             for seed in seeds
         ]
@@ -302,29 +444,41 @@ def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float | 
     return mean, mean - half, mean + half
 
 
-def paired(results: list[dict], modes) -> list[dict]:
-    """For each pair (a, b) of PAIRS present (variants too: ``full+deficit`` pairs with ``adaptive+deficit``
-    and with ``mtl``): per metric the mean of a − b over the seeds both ran, its 95 % t-interval, and how many
-    seeds favour a (higher mIoU and Δm, lower AbsErr)."""
-    by = {(r["mode"], r["seed"]): r for r in results}
+def stated_pairs(modes) -> list[tuple[str, str]]:
+    """The PAIRS present among ``modes`` (variants too: ``full+deficit`` pairs with ``adaptive+deficit`` and with
+    ``mtl``)."""
     out = []
     for a_base, b_base in PAIRS:
         for a in [m for m in modes if (m == a_base if "+" in a_base else m.split("+")[0] == a_base)]:
             suffix = a[len(a_base) :] if "+" not in a_base else ""
             b = b_base + suffix if b_base + suffix in modes else b_base
-            if b not in modes:
-                continue
-            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
-            if not seeds:
-                continue
-            row = {"a": a, "b": b, "seeds": len(seeds)}
-            for key in PAIR_METRICS:
-                diffs = [by[(a, s)][key] - by[(b, s)][key] for s in seeds]
-                mean, low, high = t_interval(diffs)
-                better = sum((d > 0) if HIGHER_IS_BETTER[key] else (d < 0) for d in diffs)
-                row[key] = {"mean": mean, "low": low, "high": high, "better": better}
-            out.append(row)
+            if b in modes:
+                out.append((a, b))
     return out
+
+
+def paired_rows(results: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """For each pair (a, b): per metric the mean of a − b over the seeds both ran, its 95 % t-interval, and how
+    many seeds favour a (higher mIoU and Δm, lower AbsErr)."""
+    by = {(r["mode"], r["seed"]): r for r in results}
+    out = []
+    for a, b in pairs:
+        seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+        if not seeds:
+            continue
+        row = {"a": a, "b": b, "seeds": len(seeds)}
+        for key in PAIR_METRICS:
+            diffs = [by[(a, s)][key] - by[(b, s)][key] for s in seeds]
+            mean, low, high = t_interval(diffs)
+            better = sum((d > 0) if HIGHER_IS_BETTER[key] else (d < 0) for d in diffs)
+            row[key] = {"mean": mean, "low": low, "high": high, "better": better}
+        out.append(row)
+    return out
+
+
+def paired(results: list[dict], modes) -> list[dict]:
+    """`paired_rows` over the stated PAIRS present among ``modes``."""
+    return paired_rows(results, stated_pairs(modes))
 
 
 def gate(results: list[dict], unlabelled: int = 0) -> dict:
@@ -368,9 +522,15 @@ def summarise(results: list[dict], modes) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], seeds, pairs: list[dict] | None = None, checks: dict | None = None) -> str:
+def markdown(
+    table: list[dict],
+    seeds,
+    pairs: list[dict] | None = None,
+    checks: dict | None = None,
+    title: str | None = None,
+) -> str:
     lines = [
-        f"Ablation on test, mean ± std over seeds {', '.join(map(str, seeds))} "
+        f"Ablation{' (' + title + ')' if title else ''} on test, mean ± std over seeds {', '.join(map(str, seeds))} "
         "(Δm against each seed's single-task teachers).",
         "",
         "| mode | " + " | ".join(LABELS[k] for k in COLUMNS) + " |",
@@ -440,14 +600,22 @@ def write_outputs(
     seeds,
     pairs: list[dict] | None = None,
     checks: dict | None = None,
+    title: str | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "ablation.md", markdown(table, seeds, pairs, checks))
+    atomic_write_text(out / "ablation.md", markdown(table, seeds, pairs, checks, title))
     atomic_write_text(out / "ablation.csv", _csv(table, list(table[0])))
     atomic_write_text(out / "runs.csv", _csv(results, ["seed", "mode", *COLUMNS, "val_mt_score"]))
     write_json(
         out / "ablation.json",
-        {"seeds": list(seeds), "table": table, "pairs": pairs or [], "gate": checks or {}, "runs": results},
+        {
+            "seeds": list(seeds),
+            "title": title,
+            "table": table,
+            "pairs": pairs or [],
+            "gate": checks or {},
+            "runs": results,
+        },
     )
     plots.ablation_bars(table, list(COLUMNS), out / "ablation.png")
     if pairs:

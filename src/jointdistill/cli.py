@@ -538,19 +538,31 @@ def push_results(
         )
 
 
+ABLATION_MODES = "single,mtl,self_train,static_kd,adaptive,adaptive+deficit,full"
+
+
 @app.command("ablate")
 @_friendly
 def ablate(
     modes: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="comma-separated: single, mtl, self_train, static_kd, adaptive, full. A KD mode "
+            help="comma-separated (default: " + ABLATION_MODES + "): single, mtl, self_train, static_kd, "
+            "adaptive, full. A KD mode "
             "may add variants: +cache or +live (teacher cache on or off), +progress "
             "or +deficit (feedback direction), +level, +rate or +closed (feedback kind), +valid or +all "
             "(pixels of the depth KD term), e.g. full+deficit; mtl, self_train and static_kd take +noval "
             "(val frames trained on, last weights kept)."
         ),
-    ] = ("single,mtl,self_train,static_kd,adaptive,adaptive+deficit,full"),
+    ] = None,
+    vary: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="instead of --modes, a grid over params keys: KEY=V1,V2,... (repeatable; every combination is "
+            "a row), e.g. --vary distill.alpha=0,1,1.5,2. Each point is paired by seed against the values params "
+            "gives those keys (added when missing); the student's mode is distill.mode."
+        ),
+    ] = None,
     seeds: Annotated[
         str, typer.Option(help="comma-separated seeds (labelled frames, initialisation, order, augmentation)")
     ] = ("0,1,2,3,4"),
@@ -584,6 +596,9 @@ def ablate(
     gate), OUT/ablation.csv, OUT/ablation.json, OUT/ablation.png, OUT/paired.png, OUT/runs.csv (every seed) and
     OUT/runs/seed-S/ (each run's normal stage outputs). Finished runs with the
     same params are reused and interrupted ones resume, so re-running a killed ablation continues it.
+
+    With --vary, the rows are a grid's points instead of modes, each paired by seed against the reference point
+    (the values params gives the grid's keys), e.g. --vary distill.alpha=0,1,1.5,2.
     """
     from jointdistill import ablation as stage
     from jointdistill.config import load_params
@@ -594,10 +609,100 @@ def ablate(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    stage.run(cfg, data, out, mode_list, seed_list, jobs)
+    grid = stage.parse_vary(vary) if vary else None
+    if grid and modes is not None:
+        raise ConfigError("--vary and --modes: give one (a grid's student mode is distill.mode; use --set)")
+    mode_list = [m.strip() for m in (ABLATION_MODES if modes is None else modes).split(",") if m.strip()]
+    stage.run(cfg, data, out, mode_list, seed_list, jobs, grid)
     typer.echo((out / "ablation.md").read_text())
     typer.echo(f"→ {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'paired.png'}")
+
+
+@app.command("tune")
+@_friendly
+def tune(
+    space: Annotated[
+        list[str],
+        typer.Option(
+            help="a searched params key (repeatable): KEY=double:LOW:HIGH[:STEP], KEY=int:LOW:HIGH[:STEP], "
+            "KEY=categorical:A,B,... or KEY=discrete:1,2,4; e.g. distill.alpha=double:0:2. Keys of seed, "
+            "augment, student and distill (what a student trial reads)"
+        ),
+    ],
+    data: Annotated[str, typer.Option(help="prepared data the trials read, as the cluster sees it (gs://…)")],
+    teachers: Annotated[
+        tuple[str, str], typer.Option(help="the two teacher folders (seg, then depth) as the cluster sees them")
+    ],
+    name: Annotated[str, typer.Option(help="the Experiment's name (a Kubernetes name)")] = "jointdistill-tune",
+    metric: Annotated[
+        str, typer.Option(help="the val metric to optimise: mt_score, miou, delta1 (maximised), abs_err, rel_err")
+    ] = "mt_score",
+    algorithm: Annotated[str, typer.Option(help="random, grid, tpe, bayesianoptimization or cmaes")] = "random",
+    max_trials: Annotated[int, typer.Option(min=1, help="trials in all")] = 12,
+    parallel_trials: Annotated[int, typer.Option(min=1, help="trials at once")] = 3,
+    max_failed_trials: Annotated[int, typer.Option(min=0, help="failed trials before the Experiment fails")] = 3,
+    image: Annotated[str | None, typer.Option(help="the trials' image (default: the pipeline's)")] = None,
+    namespace: Annotated[str | None, typer.Option(help="namespace (default: the kubeconfig context's)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="the Experiment as YAML")] = Path("experiment.yaml"),
+    submit: Annotated[bool, typer.Option(help="also create it through the Kubernetes API (kubeconfig)")] = False,
+    wait: Annotated[bool, typer.Option(help="with --submit: wait for it and print the best trial")] = False,
+    poll_interval: Annotated[float, typer.Option(min=0.01, help="seconds between status reads with --wait")] = 30.0,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Write a Katib Experiment (kubeflow.org/v1beta1) that tunes the student on a val metric.
+
+    Each trial is a Kubernetes Job on the project's image: `jointdistill distill` with the run's params (these
+    params with any --set) and the trial's values, then one `val_<metric>=<value>` line for Katib's StdOut
+    collector. A trial's pod asks for the pipeline's distill resources (pipeline.distill, node_selector,
+    tolerations). Test is never read.
+    """
+    import yaml
+
+    from jointdistill.cloud import katib
+    from jointdistill.config import load_params
+    from jointdistill.io import atomic_write_text
+    from jointdistill.pipelines.pipeline import DEFAULT_IMAGE
+
+    cfg = load_params(params, set_)
+    searched = katib.parse_space(space, cfg)
+    body = katib.experiment(
+        cfg,
+        searched,
+        name=name,
+        data=data,
+        teachers=teachers,
+        metric=metric,
+        image=image or DEFAULT_IMAGE,
+        namespace=namespace,
+        algorithm=algorithm,
+        max_trials=max_trials,
+        parallel_trials=parallel_trials,
+        max_failed_trials=max_failed_trials,
+    )
+    atomic_write_text(out, yaml.safe_dump(body, sort_keys=False))
+    typer.echo(f"Katib Experiment {name} ({len(searched)} parameters, {max_trials} trials) → {out}")
+    if not submit:
+        return
+    ns = namespace or katib.current_namespace()
+    body["metadata"]["namespace"] = ns
+    katib.submit(body, ns)
+    typer.echo(f"submitted: experiments.kubeflow.org/{name} in {ns}")
+    if wait:
+        found = katib.best(katib.wait(name, ns, poll_interval=poll_interval))
+        typer.echo(json.dumps(found, indent=2))
+
+
+@app.command("objective")
+@_friendly
+def objective(
+    folder: Annotated[Path, typer.Argument(help="a distill output folder")],
+    metric: Annotated[str, typer.Option(help="mt_score, miou, delta1, abs_err or rel_err")] = "mt_score",
+) -> None:
+    """Print the student's val metric as one `val_<metric>=<value>` line (a Katib trial's objective)."""
+    from jointdistill.cloud import katib
+
+    typer.echo(katib.objective_line(folder, metric))
 
 
 @app.command("params")
