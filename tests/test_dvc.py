@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -252,6 +253,58 @@ def test_a_code_change_that_keeps_the_data_reruns_prepare_and_nothing_downstream
     finally:
         run(["git", "checkout", "--", "src"], project)
         run(["dvc", "commit", "-f", "prepare"], project)  # the same outputs, recorded against the restored code
+
+
+@pytest.mark.slow
+def test_a_queued_grid_runs_in_dvcs_queue_and_exp_show_lists_each_result(project, reproduced):
+    """`dvc exp run --queue -S KEY=A,B` queues one experiment per value, `dvc queue start -j 1` runs them in the
+    background, and `dvc exp show` lists each with its own params and metrics. The runs differ because every key
+    a stage reads is one of its DVC params: a key that was not would let DVC's run cache hand both the same
+    result."""
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "reproduced"], project)  # the queue's baseline: the reproduced pipeline
+    try:
+        # A grid over prepare (the cheapest stage to re-run); a student's key queues the same way.
+        queued = run(["dvc", "exp", "run", "--queue", "-S", "prepare.num_samples=24,36", "prepare"], project)
+        assert queued.count("Queued experiment") == 2, queued
+        run(["dvc", "queue", "start", "-j", "1"], project)
+        deadline = time.monotonic() + 300
+        # Waiting reads git refs (cheap, unlike a dvc command every few seconds beside the worker): each finished
+        # experiment is a commit under refs/exps/<baseline>/.
+        while len(_finished(project)) < 2:
+            assert time.monotonic() < deadline, run(["dvc", "queue", "status"], project)
+            time.sleep(2)
+        states = _experiment_states(project)
+        assert sorted(states.values()) == ["success", "success"], (states, run(["dvc", "queue", "status"], project))
+        results = {}
+        for commit in json.loads(run(["dvc", "exp", "show", "--json"], project)):
+            for exp in commit.get("experiments") or []:
+                data = exp["revs"][0]["data"]
+                n = data["params"]["params.yaml"]["data"]["prepare"]["num_samples"]
+                results[n] = data["outs"]["data/prepared"]["hash"]
+        assert set(results) == {24, 36}, results
+        assert results[24] != results[36]  # two runs, not one cached result read twice
+        assert status(project) == set()  # the workspace is the reproduced baseline still
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], project)
+        run(["dvc", "exp", "remove", "--all-commits"], project)
+        run(["git", "reset", "-q", "--soft", "HEAD~1"], project)
+
+
+def _finished(project) -> list[str]:
+    head = run(["git", "rev-parse", "HEAD"], project).strip()
+    refs = run(["git", "for-each-ref", "--format=%(refname)", f"refs/exps/{head[:2]}/{head[2:]}/"], project)
+    return refs.split()
+
+
+def _experiment_states(project) -> dict[str, str]:
+    """Each queued experiment's executor state in `dvc exp show --json` (queued, running, success, failed)."""
+    states = {}
+    for commit in json.loads(run(["dvc", "exp", "show", "--json"], project)):
+        for exp in commit.get("experiments") or []:
+            rev = exp["revs"][0]
+            states[rev["rev"]] = (rev.get("executor") or {}).get("state") or "success"
+    return states
 
 
 @pytest.mark.slow

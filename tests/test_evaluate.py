@@ -277,10 +277,10 @@ def test_ablate_cli_takes_a_grid_or_modes_not_both(tmp_path):
 
 
 def test_ablate_vary_pairs_every_point_with_the_reference(prepared, tmp_path):
-    p = params("distill.epochs=1", "distill.mode=static_kd")
+    p = params("distill.epochs=1", "distill.mode=mtl")
     out = tmp_path / "grid"
-    table = ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_kd": [0.25]})
-    names = ["distill.lambda_kd=1.0", "distill.lambda_kd=0.25"]  # the params' value first: the reference
+    table = ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_depth": [0.5]})
+    names = ["distill.lambda_depth=2.0", "distill.lambda_depth=0.5"]  # the params' value first: the reference
     assert [r["mode"] for r in table] == names and all(r["seeds"] == 2 for r in table)
     saved = json.loads((out / "ablation.json").read_text())
     assert [(q["a"], q["b"]) for q in saved["pairs"]] == [(names[1], names[0])]
@@ -288,13 +288,15 @@ def test_ablate_vary_pairs_every_point_with_the_reference(prepared, tmp_path):
     diffs = [by[(names[1], s)] - by[(names[0], s)] for s in (0, 1)]
     assert saved["pairs"][0]["delta_m"]["mean"] == pytest.approx(statistics.fmean(diffs)) and diffs[0] != 0
     md = (out / "ablation.md").read_text()
-    assert "reference distill.lambda_kd=1.0" in md and "| distill.lambda_kd=0.25 − distill.lambda_kd=1.0 |" in md
+    assert (
+        "reference distill.lambda_depth=2.0" in md and "| distill.lambda_depth=0.5 − distill.lambda_depth=2.0 |" in md
+    )
     for seed in (0, 1):  # one student per point, beside the seed's one pair of teachers
         runs = out / "runs" / f"seed-{seed}"
         assert sorted(f.name for f in runs.iterdir() if (f / "student.pt").exists()) == sorted(names)
         assert not [f for f in runs.iterdir() if f.name.startswith("teachers-")]
     stamp = (out / "runs" / "seed-1" / names[1] / "student.pt").stat().st_mtime_ns
-    assert ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_kd": [0.25]}) == table  # reused
+    assert ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_depth": [0.5]}) == table  # reused
     assert (out / "runs" / "seed-1" / names[1] / "student.pt").stat().st_mtime_ns == stamp
 
 
