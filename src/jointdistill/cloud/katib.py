@@ -14,6 +14,7 @@ protobuf 6. Submission goes through the ``kubernetes`` client's CustomObjectsApi
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import time
@@ -254,9 +255,14 @@ def _api(client_configuration=None):
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            config.load_kube_config(config_file=_kubeconfig())
         return client.CustomObjectsApi()
     return client.CustomObjectsApi(client.ApiClient(client_configuration))
+
+
+def _kubeconfig() -> str | None:
+    # Read now: the kubernetes client reads $KUBECONFIG once, when it is first imported.
+    return os.environ.get("KUBECONFIG") or None
 
 
 def current_namespace() -> str:
@@ -267,7 +273,7 @@ def current_namespace() -> str:
     from kubernetes import config
 
     try:
-        _, current = config.list_kube_config_contexts()
+        _, current = config.list_kube_config_contexts(config_file=_kubeconfig())
     except (config.ConfigException, OSError):
         return "default"
     return current.get("context", {}).get("namespace") or "default"
