@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -298,6 +299,11 @@ def test_ablate_vary_pairs_every_point_with_the_reference(prepared, tmp_path):
     stamp = (out / "runs" / "seed-1" / names[1] / "student.pt").stat().st_mtime_ns
     assert ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_depth": [0.5]}) == table  # reused
     assert (out / "runs" / "seed-1" / names[1] / "student.pt").stat().st_mtime_ns == stamp
+    # --finished tabulates what has finished and trains nothing: a missing run is left out, its row says so.
+    shutil.rmtree(out / "runs" / "seed-1" / names[1])
+    partial = ablate.run(p, prepared, out, seeds=[0, 1], vary={"distill.lambda_depth": [0.5]}, train=False)
+    assert [r["seeds"] for r in partial] == [2, 1] and not (out / "runs" / "seed-1" / names[1]).exists()
+    assert f"| {names[1]} (1 seeds) |" in (out / "ablation.md").read_text()
 
 
 def test_ablate_vary_gives_a_point_that_changes_the_data_its_own_data_and_teachers(tmp_path):

@@ -233,8 +233,12 @@ def run(
     seeds=SEEDS,
     jobs: int = 1,
     vary: dict[str, list] | None = None,
+    train: bool = True,
 ) -> list[dict]:
     """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,json,png}).
+
+    ``train`` False tabulates only the runs already finished (a running or interrupted ablation), training
+    nothing; each missing run is logged and left out, and the table gives each row's seed count.
 
     ``data``: one prepared folder for every seed, or None: each seed prepares its own (`seed_data`), so the seed
     draws which frames of the budget are labelled.
@@ -256,15 +260,19 @@ def run(
         raise ConfigError(f"--jobs {jobs}: give at least 1")
     out = Path(out)
     data = Path(data) if data is not None else None
-    jobs = min(jobs, len(seeds))
+    jobs = min(jobs, len(seeds)) if train else 1
     if jobs == 1:
-        per_seed = [run_seed(params, data, out, variants, seed) for seed in seeds]
+        per_seed = [run_seed(params, data, out, variants, seed, train) for seed in seeds]
     else:
         per_seed = _in_parallel(params, data, out, variants, seeds, jobs)
     results = [row for rows in per_seed for row in rows]
-    kd_pool = _pool_size(data or seed_data(params, seeds[0], out)) if params.distill.unlabelled_batch else 0
+    first = data or (seed_data(params, seeds[0], out) if train else out / "runs" / f"seed-{seeds[0]}" / "prepared")
+    kd_pool = _pool_size(first) if params.distill.unlabelled_batch and first.is_dir() else 0
     title = f"--vary, reference {reference} (params)" if vary else None
-    return aggregate(out, results, [v.name for v in variants], seeds, pairs, kd_pool, title)
+    names = [v.name for v in variants if any(r["mode"] == v.name for r in results)]
+    if not names:
+        raise ConfigError(f"{out}: no finished run to tabulate")
+    return aggregate(out, results, names, seeds, pairs, kd_pool, title)
 
 
 def aggregate(
@@ -328,7 +336,9 @@ def _teachers(base: Params, data: Path, root: Path, suffix: str) -> dict:
     }
 
 
-def run_seed(params: Params, data: Path | None, out: Path, variants: list[Variant], seed: int) -> list[dict]:
+def run_seed(
+    params: Params, data: Path | None, out: Path, variants: list[Variant], seed: int, train: bool = True
+) -> list[dict]:
     """One seed of the ablation: its two teachers (once), then one student per variant, each evaluated on test.
     Returns that seed's rows. Every run is a resumable stage output under ``out/runs/seed-S/``; a variant that
     changes the data or the teachers gets its own (``prepared-<key>``, ``teachers-<key>``).
@@ -343,12 +353,12 @@ def run_seed(params: Params, data: Path | None, out: Path, variants: list[Varian
     for v in variants:
         p = _with(base, **v.changes)
         same_data = p.digest("prepare") == base.digest("prepare")
-        d = (
-            data
-            if data is not None
-            else seed_data(p, seed, out, "prepared" if same_data else f"prepared-{p.digest('prepare')[:8]}")
-        )
+        name = "prepared" if same_data else f"prepared-{p.digest('prepare')[:8]}"
         suffix = "" if teacher_key(p) == teacher_key(base) else f"-{teacher_key(p)[:8]}"
+        if not train and not _finished(p, data, root, name, suffix, v):
+            log.info("ablate: seed %d, %s: not finished, left out", seed, v.name)
+            continue
+        d = data if data is not None else seed_data(p, seed, out, name)
         reference = _teachers(p, d, root, suffix)
         if not v.student:
             rows.append({"seed": seed, "mode": v.name, **reference, "delta_m": 0.0})
@@ -389,6 +399,19 @@ def run_seed(params: Params, data: Path | None, out: Path, variants: list[Varian
             }
         )
     return rows
+
+
+def _finished(p: Params, data: Path | None, root: Path, name: str, suffix: str, v: Variant) -> bool:
+    """Whether variant ``v``'s data, teachers and (for a student) run are all there, finished with these params."""
+    if data is None:
+        try:
+            if verify_prepared(root / name, check_files=False)["params_digest"] != p.digest("prepare"):
+                return False
+        except Exception:
+            return False
+    if not all(_teacher_done(root / f"teachers{suffix}" / task, p) for task in ("seg", "depth")):
+        return False
+    return not v.student or _done(root / v.folder, p.digest("distill"), _student_key(p))
 
 
 def _worker_init(threads: int, level: int) -> None:
@@ -541,7 +564,8 @@ def markdown(
         for key in COLUMNS:
             digits = 2 if key in ("abs_err", "delta_m") else 4
             cells.append(f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}")
-        lines.append(f"| {row['mode']} | " + " | ".join(cells) + " |")
+        partial = f" ({row['seeds']} seeds)" if row["seeds"] != len(seeds) else ""
+        lines.append(f"| {row['mode']}{partial} | " + " | ".join(cells) + " |")
     if pairs:
         lines += [
             "",

@@ -586,6 +586,14 @@ def ablate(
             "share of the CPU threads (2 on a 2-core CPU: faster than 1)",
         ),
     ] = 1,
+    finished: Annotated[
+        bool,
+        typer.Option(
+            "--finished",
+            help="train nothing: tabulate the runs already finished (of a running or interrupted ablation); "
+            "the table gives each row's seed count",
+        ),
+    ] = False,
 ) -> None:
     """The ablation study: teachers and one student per mode for every seed, evaluated on test.
 
@@ -613,7 +621,7 @@ def ablate(
     if grid and modes is not None:
         raise ConfigError("--vary and --modes: give one (a grid's student mode is distill.mode; use --set)")
     mode_list = [m.strip() for m in (ABLATION_MODES if modes is None else modes).split(",") if m.strip()]
-    stage.run(cfg, data, out, mode_list, seed_list, jobs, grid)
+    stage.run(cfg, data, out, mode_list, seed_list, jobs, grid, train=not finished)
     typer.echo((out / "ablation.md").read_text())
     typer.echo(f"→ {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'paired.png'}")
 
