@@ -13,6 +13,25 @@ from urllib.parse import urlparse
 GROUP = "/apis/trainer.kubeflow.org/v1alpha1"
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """What both fake API servers answer with: JSON bodies, and Kubernetes `Status` objects for errors."""
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _status(self, code: int, reason: str, message: str) -> None:
+        body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code}
+        self._reply(code, {**body, "message": message})
+
+
 def torch_runtime(name: str) -> dict:
     """The shape of Kubeflow Trainer's torch-distributed ClusterTrainingRuntime (what the SDK reads of it)."""
     return {
@@ -62,30 +81,9 @@ class FakeTrainerApi:
         self.reads: dict[str, int] = {}
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def _not_found(self, what: str) -> None:
-                self._reply(
-                    404,
-                    {
-                        "kind": "Status",
-                        "apiVersion": "v1",
-                        "status": "Failure",
-                        "reason": "NotFound",
-                        "message": f"{what} not found",
-                        "code": 404,
-                    },
-                )
+                self._status(404, "NotFound", f"{what} not found")
 
             def do_GET(self):
                 path = urlparse(self.path).path
@@ -119,16 +117,8 @@ class FakeTrainerApi:
                 api.requests.append({"method": "POST", "path": path, "body": body})
                 if path == f"{GROUP}/namespaces/{api.namespace}/trainjobs":
                     if body["metadata"]["name"] in api.jobs:
-                        return self._reply(
-                            409,
-                            {
-                                "kind": "Status",
-                                "apiVersion": "v1",
-                                "status": "Failure",
-                                "reason": "AlreadyExists",
-                                "code": 409,
-                                "message": f"trainjobs {body['metadata']['name']} already exists",
-                            },
+                        return self._status(
+                            409, "AlreadyExists", f"trainjobs {body['metadata']['name']} already exists"
                         )
                     body["metadata"].update(namespace=api.namespace, creationTimestamp="2026-11-26T00:00:00Z")
                     api.jobs[body["metadata"]["name"]] = body
@@ -205,31 +195,7 @@ class FakeKatibApi:
         api = self
         base = f"{KATIB}/namespaces/{namespace}/experiments"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _status(self, code: int, reason: str, message: str) -> None:
-                self._reply(
-                    code,
-                    {
-                        "kind": "Status",
-                        "apiVersion": "v1",
-                        "status": "Failure",
-                        "reason": reason,
-                        "code": code,
-                        "message": message,
-                    },
-                )
-
+        class Handler(JsonHandler):
             def do_GET(self):
                 path = urlparse(self.path).path
                 api.requests.append({"method": "GET", "path": path})
