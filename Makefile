@@ -73,9 +73,12 @@ ablation: setup
 		$(ABLATION_DIR)/paired.png $(ABLATION_DIR)/runs.csv $(ABLATION_RESULTS)/
 	$(BIN)/python -m bench.docs
 
-## pipeline: compile the Kubeflow pipeline to jointdistill.yaml
+## pipeline: compile the Kubeflow pipeline to jointdistill.yaml, and the ablation pipeline (ABLATION_MODES over
+## ABLATION_SEEDS) to jointdistill-ablation.yaml
 pipeline: setup
 	$(BIN)/jointdistill pipeline compile -o jointdistill.yaml
+	$(BIN)/jointdistill pipeline compile --ablation --modes $(ABLATION_MODES) --seeds $(ABLATION_SEEDS) \
+		-o jointdistill-ablation.yaml
 
 ## image: build the container image where a Docker engine exists: make image [VARIANT=cuda] [IMAGE=name:tag]
 VARIANT ?= cpu

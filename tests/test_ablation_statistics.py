@@ -173,9 +173,10 @@ def test_stated_pairs_follow_the_variants():
 def test_aggregate_writes_the_table_from_rows_alone(tmp_path):
     """The aggregation any driver (ablate in-process, or one that gathers rows elsewhere) calls."""
     rows = _results([0.02, 0.03, 0.01])
-    table = ablate.aggregate(tmp_path, rows, ["single", "mtl", "full"], [0, 1, 2], [("full", "mtl")])
+    table = ablate.aggregate(tmp_path, rows, ["single", "mtl", "full"], [0, 1, 2])
     assert [r["mode"] for r in table] == ["single", "mtl", "full"] and table[2]["seeds"] == 3
     saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert [(p["a"], p["b"]) for p in saved["pairs"]] == [("full", "mtl")]  # the stated pairs present
     assert saved["pairs"][0]["delta_m"]["mean"] == pytest.approx(2.0) and saved["pairs"][0]["delta_m"]["better"] == 3
     assert [g["seed"] for g in saved["gate"]["seeds"]] == [0, 1, 2]
     md = (tmp_path / "ablation.md").read_text()

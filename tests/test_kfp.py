@@ -5,6 +5,8 @@ import yaml
 from jointdistill.pipelines import pipeline as kfp_pipeline
 from kfp import components
 
+from jointdistill.config import load_params
+
 
 @pytest.fixture(scope="module")
 def compiled(tiny_params, tmp_path_factory):
@@ -234,3 +236,84 @@ def test_submit_speaks_the_kfp_api(monkeypatch):
         api.fail_runs_with = 403
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and f"error: submit to {api.url}: HTTP 403" in r.output
+
+
+# ----------------------------------------------------------------------------- the ablation pipeline
+ABLATION = [
+    "teacher.batch_size=4",
+    "teacher.epochs=1",
+    "distill.batch_size=4",
+    "distill.epochs=1",
+    "distill.probe_images=2",
+]
+
+
+def test_ablation_pipeline_compiles_to_nested_fan_outs_and_one_aggregate(tmp_path):
+    """`pipeline compile --ablation`: ParallelFor over seeds (data, both teachers) around ParallelFor over the
+    variants (distill → evaluate), each level gathered with Collected; resources and retries from params."""
+    from typer.testing import CliRunner
+
+    from jointdistill.cli import app
+
+    from .conftest import REPO
+
+    out = tmp_path / "jointdistill-ablation.yaml"
+    args = ["pipeline", "compile", "--ablation", "--params", str(REPO / "params.yaml"), "-o", str(out)]
+    r = CliRunner().invoke(app, [*args, "--modes", "single,static_kd,full+deficit", "--seeds", "3,4"])
+    assert r.exit_code == 0, r.output
+    assert components.load_component_from_file(str(out)).name == "jointdistill-ablation"
+    ir = yaml.safe_load(out.read_text())
+    assert root_params_default(ir, "seeds") == [3, 4]
+    assert [v["name"] for v in root_params_default(ir, "variants")] == ["static_kd", "full+deficit"]
+    assert root_params_default(ir, "variants")[1]["changes"] == {"distill.mode": "full", "distill.feedback": "deficit"}
+    root = ir["root"]["dag"]["tasks"]
+    assert set(root) == {"for-loop-1", "aggregate"} and root["for-loop-1"]["taskInfo"]["name"] == "seeds"
+    seeds = ir["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(seeds) == {"prepare", "train-teacher", "train-teacher-2", "for-loop-2", "seed-rows"}
+    assert seeds["for-loop-2"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--variants"
+    assert set(ir["components"]["comp-for-loop-2"]["dag"]["tasks"]) == {"distill", "evaluate"}
+    gathered = seeds["seed-rows"]["inputs"]["artifacts"]["rows"]["taskOutputArtifact"]
+    assert gathered["producerTask"] == "for-loop-2"  # Collected over the variants
+    assert root["aggregate"]["inputs"]["artifacts"]["seed_rows"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
+    assert root["aggregate"]["inputs"]["parameters"]["teachers"]["runtimeValue"]["constant"] is True
+    executors = ir["deploymentSpec"]["executors"]
+    for name, step in (("exec-distill", "distill"), ("exec-train-teacher", "teacher"), ("exec-prepare", "prepare")):
+        want = getattr(load_params(REPO / "params.yaml").pipeline, step)
+        assert executors[name]["container"]["resources"]["resourceCpuLimit"] == want.cpu
+        assert executors[name]["container"]["resources"]["resourceMemoryLimit"] == want.memory
+    loop = ir["components"]["comp-for-loop-2"]["dag"]["tasks"]
+    assert loop["distill"]["retryPolicy"]["maxRetryCount"] == 2
+    # Rows that need their own data or teachers per seed, and rows given to the main pipeline, are refused.
+    r = CliRunner().invoke(app, [*args, "--vary", "prepare.val_fraction=0.1,0.25"])
+    assert r.exit_code == 2 and "run them with `jointdistill ablate`" in r.stderr
+    r = CliRunner().invoke(app, ["pipeline", "compile", "-o", str(tmp_path / "x.yaml"), "--modes", "mtl"])
+    assert r.exit_code == 2 and "add --ablation" in r.stderr and not (tmp_path / "x.yaml").exists()
+    r = CliRunner().invoke(app, ["pipeline", "run-local", "--ablation", "--data-repo", "x", "--root", str(tmp_path)])
+    assert r.exit_code == 2 and "it takes no data_repo" in r.stderr
+
+
+@pytest.mark.slow  # 17 kfp.local steps, each its own process, then the same runs in-process
+def test_ablation_pipeline_under_kfp_local_equals_ablate(tmp_path):
+    """2 seeds × 2 modes (and the teachers' row) through the compiled ablation pipeline's nested ParallelFor and
+    Collected under kfp.local, then `ablate` in this process on the same params: the same rows, table and pairs."""
+    import json
+
+    from jointdistill.pipelines import ablation as kfp_ablation
+
+    from jointdistill import ablation as ablate
+
+    from .conftest import REPO, TINY
+
+    p = load_params(REPO / "params.yaml", [*TINY, *ABLATION])
+    modes, seeds = ["single", "mtl", "static_kd"], [0, 1]
+    outputs = kfp_ablation.run_local(p, tmp_path / "kfp", modes=modes, seeds=seeds)
+    table_dir = outputs["ablation"].path
+    piped = json.loads(open(f"{table_dir}/ablation.json").read())
+    assert open(outputs["view"].path).read() == open(f"{table_dir}/ablation.md").read()
+    ablate.run(p, None, tmp_path / "abl", modes=modes, seeds=seeds)
+    direct = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert [(r["seed"], r["mode"]) for r in piped["runs"]] == [(s, m) for s in seeds for m in modes]
+    assert piped == direct
+    assert open(f"{table_dir}/ablation.md").read() == (tmp_path / "abl" / "ablation.md").read_text()
+    mean = direct["pairs"][0]["delta_m"]["mean"]
+    assert outputs["paired"].metadata == {"delta_m/static_kd - mtl": pytest.approx(mean)}  # the run page's metric

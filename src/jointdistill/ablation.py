@@ -43,20 +43,21 @@ import statistics
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jointdistill.config import Params, params_from_dict, parse_override
 from jointdistill.data.contract import verify_prepared
-from jointdistill.data.prepared import PreparedDataset
 from jointdistill.distill.plan import MODES as DISTILL_MODES
 from jointdistill.distill.plan import MTL, uses_teachers
 from jointdistill.errors import ConfigError
-from jointdistill.evaluation import plots
 from jointdistill.evaluation.gate import GATE_ABS_ERR, GATE_MIOU_POINTS, gate_failure
-from jointdistill.evaluation.scoring import delta_m, score_model
 from jointdistill.io import atomic_write_text, write_json
-from jointdistill.models import load_model
-from jointdistill.stages import distill, teacher
-from jointdistill.training.devices import resolve_device
+
+if TYPE_CHECKING:
+    from jointdistill.data.prepared import PreparedDataset
+
+# torch, the stages and matplotlib are imported where they are used: tabulating rows (`aggregate`, the ablation
+# pipeline's gathering steps) needs none of them.
 
 log = logging.getLogger(__name__)
 # The table's rows: the teachers themselves, then one student per distill mode.
@@ -178,6 +179,11 @@ def grid_variants(params: Params, grid: dict[str, list]) -> tuple[list[Variant],
     return variants, _point_name(reference)
 
 
+def own_data_or_teachers(params: Params, variants: list[Variant]) -> list[str]:
+    """The variants whose changes reach what the prepared data or the teachers depend on (they need their own)."""
+    return [v.name for v in variants if teacher_key(_with(params, **v.changes)) != teacher_key(params)]
+
+
 def _done(folder: Path, digest: str, key: str | None = None) -> bool:
     """A finished run with these params (and, where it left a key file, the same data and teachers)."""
     try:
@@ -248,12 +254,7 @@ def run(
 
     ``jobs`` > 1 trains that many seeds at once, each in its own process with an equal share of the CPU threads.
     The rows do not depend on it beyond what the thread count does to float reductions (see `run_seed`)."""
-    if vary:
-        variants, reference = grid_variants(params, vary)
-        pairs = [(v.name, reference) for v in variants if v.name != reference]
-    else:
-        variants = mode_variants(modes)
-        pairs = stated_pairs([v.name for v in variants])
+    variants, reference = plan(params, modes, vary)
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if jobs < 1:
@@ -267,12 +268,27 @@ def run(
         per_seed = _in_parallel(params, data, out, variants, seeds, jobs)
     results = [row for rows in per_seed for row in rows]
     first = data or (seed_data(params, seeds[0], out) if train else out / "runs" / f"seed-{seeds[0]}" / "prepared")
-    kd_pool = _pool_size(first) if params.distill.unlabelled_batch and first.is_dir() else 0
-    title = f"--vary, reference {reference} (params)" if vary else None
+    kd_pool = pool_size(first) if params.distill.unlabelled_batch and first.is_dir() else 0
     names = [v.name for v in variants if any(r["mode"] == v.name for r in results)]
     if not names:
         raise ConfigError(f"{out}: no finished run to tabulate")
-    return aggregate(out, results, names, seeds, pairs, kd_pool, title)
+    return aggregate(out, results, names, seeds, kd_pool, reference)
+
+
+def plan(params: Params, modes=MODES, vary: dict[str, list] | None = None) -> tuple[list[Variant], str | None]:
+    """The rows of an ablation, from ``modes`` or from a grid (``vary``), and the grid's reference point's name
+    (None for modes). Every driver starts here."""
+    if vary:
+        return grid_variants(params, vary)
+    return mode_variants(modes), None
+
+
+def comparisons(names: list[str], reference: str | None = None) -> tuple[list[tuple[str, str]], str | None]:
+    """The pairs compared and the table's title: the stated PAIRS among mode rows, or each grid point against the
+    reference point."""
+    if reference is None:
+        return stated_pairs(names), None
+    return [(n, reference) for n in names if n != reference], f"--vary, reference {reference} (params)"
 
 
 def aggregate(
@@ -280,12 +296,13 @@ def aggregate(
     results: list[dict],
     names: list[str],
     seeds,
-    pairs: list[tuple[str, str]],
     kd_pool: int = 0,
-    title: str | None = None,
+    reference: str | None = None,
 ) -> list[dict]:
     """Everything an ablation writes, from its rows alone (one per seed and variant: seed, mode, the COLUMNS,
-    val_mt_score): the table, the paired differences, the gate, and their files. Returns the table."""
+    val_mt_score): the table, the paired differences (`comparisons`), the gate, and their files. Returns the
+    table. ``names``: the rows in table order; ``reference``: a grid's reference point (None for modes)."""
+    pairs, title = comparisons(names, reference)
     table = summarise(results, names)
     compared = paired_rows(results, pairs)
     checks = gate(results, kd_pool)
@@ -293,9 +310,9 @@ def aggregate(
     return table
 
 
-def _pool_size(data: Path) -> int:
+def pool_size(data: str | Path) -> int:
     """Frames missing a task's label in ``data``'s train split and its unlabelled split."""
-    meta = verify_prepared(data, check_files=False)
+    meta = verify_prepared(Path(data), check_files=False)
     train = meta.get("labelled", {}).get("train")
     partial = int(meta["counts"]["train"]) - int(train["all"]) if train else 0
     return partial + int(meta["counts"].get("unlabelled", 0))
@@ -321,18 +338,58 @@ def seed_data(params: Params, seed: int, out: Path, name: str = "prepared") -> P
 def _teachers(base: Params, data: Path, root: Path, suffix: str) -> dict:
     """Train (or reuse) the seed's two teachers into ``root/teachers<suffix>``; return their test metrics, Δm's
     reference."""
+    from jointdistill.stages import teacher
+
     for task in ("seg", "depth"):
         folder = root / f"teachers{suffix}" / task
         if not _teacher_done(folder, base):
             log.info("ablate: seed %d, %s teacher%s", base.seed, task, suffix)
             teacher.run(base, task, data, folder, root / "checkpoints" / f"teacher{suffix}-{task}", resume=True)
             atomic_write_text(folder.parent / f"{task}.key", teacher_key(base) + "\n")
-    tm = {t: json.loads((root / f"teachers{suffix}" / t / "report.json").read_text())["test"] for t in ("seg", "depth")}
+    return reference_metrics(root / f"teachers{suffix}" / "seg", root / f"teachers{suffix}" / "depth")
+
+
+def reference_metrics(seg: Path, depth: Path) -> dict:
+    """Δm's reference: the seg teacher's and the depth teacher's test metrics, from their reports."""
+    tm = {t: json.loads((Path(f) / "report.json").read_text())["test"] for t, f in (("seg", seg), ("depth", depth))}
     return {
         "miou": tm["seg"]["miou"],
         "pixacc": tm["seg"]["pixacc"],
         "abs_err": tm["depth"]["abs_err"],
         "rel_err": tm["depth"]["rel_err"],
+    }
+
+
+def variant_params(params: Params, seed: int, variant: Variant) -> Params:
+    """The params of one run: the seed, then the variant's changes."""
+    return _with(_with(params, seed=seed), **variant.changes)
+
+
+def teachers_row(seed: int, name: str, reference: dict) -> dict:
+    """The table's row of the teachers themselves (Δm 0 by definition)."""
+    return {"seed": seed, "mode": name, **reference, "delta_m": 0.0}
+
+
+def score_student(params: Params, seed: int, name: str, data: Path, student: Path, reference: dict, test=None) -> dict:
+    """One student's row: its test metrics, Δm against the seed's teachers (``reference``) and the val score of
+    the weights it kept. ``test``: (meta, test split) when the caller already verified ``data``."""
+    from jointdistill.data.prepared import PreparedDataset
+    from jointdistill.evaluation.scoring import delta_m, score_model
+    from jointdistill.models import load_model
+    from jointdistill.training.devices import resolve_device
+
+    meta, test = test or (verify_prepared(data), PreparedDataset(data, "test"))
+    model, _ = load_model(Path(student) / "student.pt")
+    n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
+    device = resolve_device(params.evaluate.device)
+    m = score_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
+    val = json.loads((Path(student) / "report.json").read_text())["val"]  # the best (or last) weights' val metrics
+    return {
+        "seed": seed,
+        "mode": name,
+        **{k: m[k] for k in COLUMNS[:4]},
+        "delta_m": delta_m(m, reference),
+        "val_mt_score": val.get("mt_score"),
     }
 
 
@@ -345,13 +402,15 @@ def run_seed(
 
     Results are deterministic for a given machine and thread count: torch's CPU kernels split their reductions
     by thread, so a run at one thread and a run at two differ in the last bits, and from there in training."""
+    from jointdistill.data.prepared import PreparedDataset
+    from jointdistill.stages import distill
+
     base = _with(params, seed=seed)
     root = out / "runs" / f"seed-{seed}"
-    device = resolve_device(params.evaluate.device)
     tests: dict[Path, tuple[dict, PreparedDataset]] = {}  # verified once per data folder
     rows = []
     for v in variants:
-        p = _with(base, **v.changes)
+        p = variant_params(params, seed, v)
         same_data = p.digest("prepare") == base.digest("prepare")
         name = "prepared" if same_data else f"prepared-{p.digest('prepare')[:8]}"
         suffix = "" if teacher_key(p) == teacher_key(base) else f"-{teacher_key(p)[:8]}"
@@ -361,7 +420,7 @@ def run_seed(
         d = data if data is not None else seed_data(p, seed, out, name)
         reference = _teachers(p, d, root, suffix)
         if not v.student:
-            rows.append({"seed": seed, "mode": v.name, **reference, "delta_m": 0.0})
+            rows.append(teachers_row(seed, v.name, reference))
             continue
         folder = root / v.folder
         if not _done(folder, p.digest("distill"), _student_key(p)):
@@ -384,20 +443,7 @@ def run_seed(
             atomic_write_text(folder.parent / f"{folder.name}.key", _student_key(p) + "\n")
         if d not in tests:
             tests[d] = verify_prepared(d), PreparedDataset(d, "test")
-        meta, test = tests[d]
-        model, _ = load_model(folder / "student.pt")
-        n_cls, ignore = len(meta["classes"]), meta["ignore_index"]
-        m = score_model(model, ("seg", "depth"), test, n_cls, ignore, params.evaluate.batch_size, device).metrics
-        val = json.loads((folder / "report.json").read_text())["val"]  # the best (or last) weights' val metrics
-        rows.append(
-            {
-                "seed": seed,
-                "mode": v.name,
-                **{k: m[k] for k in COLUMNS[:4]},
-                "delta_m": delta_m(m, reference),
-                "val_mt_score": val.get("mt_score"),
-            }
-        )
+        rows.append(score_student(params, seed, v.name, d, folder, reference, tests[d]))
     return rows
 
 
@@ -626,6 +672,8 @@ def write_outputs(
     checks: dict | None = None,
     title: str | None = None,
 ) -> None:
+    from jointdistill.evaluation import plots
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ablation.md", markdown(table, seeds, pairs, checks, title))
     atomic_write_text(out / "ablation.csv", _csv(table, list(table[0])))

@@ -541,31 +541,52 @@ def push_results(
 ABLATION_MODES = "single,mtl,self_train,static_kd,adaptive,adaptive+deficit,full"
 
 
+def _ablation_rows(modes: str | None, vary: list[str] | None, seeds: str) -> dict:
+    """An ablation's rows and seeds from the command line (`ablate`, `pipeline … --ablation`)."""
+    from jointdistill import ablation as stage
+    from jointdistill.errors import ConfigError
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    grid = stage.parse_vary(vary) if vary else None
+    if grid and modes is not None:
+        raise ConfigError("--vary and --modes: give one (a grid's student mode is distill.mode; use --set)")
+    mode_list = [m.strip() for m in (ABLATION_MODES if modes is None else modes).split(",") if m.strip()]
+    return {"modes": mode_list, "vary": grid, "seeds": seed_list}
+
+
+ModesOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="comma-separated (default: " + ABLATION_MODES + "): single, mtl, self_train, static_kd, "
+        "adaptive, full. A KD mode "
+        "may add variants: +cache or +live (teacher cache on or off), +progress "
+        "or +deficit (feedback direction), +level, +rate or +closed (feedback kind), +valid or +all "
+        "(pixels of the depth KD term), e.g. full+deficit; mtl, self_train and static_kd take +noval "
+        "(val frames trained on, last weights kept)."
+    ),
+]
+VaryOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="instead of --modes, a grid over params keys: KEY=V1,V2,... (repeatable; every combination is "
+        "a row), e.g. --vary distill.alpha=0,1,1.5,2. Each point is paired by seed against the values params "
+        "gives those keys (added when missing); the student's mode is distill.mode."
+    ),
+]
+SeedsOpt = Annotated[
+    str, typer.Option(help="comma-separated seeds (labelled frames, initialisation, order, augmentation)")
+]
+
+
 @app.command("ablate")
 @_friendly
 def ablate(
-    modes: Annotated[
-        str | None,
-        typer.Option(
-            help="comma-separated (default: " + ABLATION_MODES + "): single, mtl, self_train, static_kd, "
-            "adaptive, full. A KD mode "
-            "may add variants: +cache or +live (teacher cache on or off), +progress "
-            "or +deficit (feedback direction), +level, +rate or +closed (feedback kind), +valid or +all "
-            "(pixels of the depth KD term), e.g. full+deficit; mtl, self_train and static_kd take +noval "
-            "(val frames trained on, last weights kept)."
-        ),
-    ] = None,
-    vary: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="instead of --modes, a grid over params keys: KEY=V1,V2,... (repeatable; every combination is "
-            "a row), e.g. --vary distill.alpha=0,1,1.5,2. Each point is paired by seed against the values params "
-            "gives those keys (added when missing); the student's mode is distill.mode."
-        ),
-    ] = None,
-    seeds: Annotated[
-        str, typer.Option(help="comma-separated seeds (labelled frames, initialisation, order, augmentation)")
-    ] = ("0,1,2,3,4"),
+    modes: ModesOpt = None,
+    vary: VaryOpt = None,
+    seeds: SeedsOpt = "0,1,2,3,4",
     data: Annotated[
         Path | None,
         typer.Option(
@@ -610,18 +631,10 @@ def ablate(
     """
     from jointdistill import ablation as stage
     from jointdistill.config import load_params
-    from jointdistill.errors import ConfigError
 
     cfg = load_params(params, set_)
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    grid = stage.parse_vary(vary) if vary else None
-    if grid and modes is not None:
-        raise ConfigError("--vary and --modes: give one (a grid's student mode is distill.mode; use --set)")
-    mode_list = [m.strip() for m in (ABLATION_MODES if modes is None else modes).split(",") if m.strip()]
-    stage.run(cfg, data, out, mode_list, seed_list, jobs, grid, train=not finished)
+    rows = _ablation_rows(modes, vary, seeds)
+    stage.run(cfg, data, out, rows["modes"], rows["seeds"], jobs, rows["vary"], train=not finished)
     typer.echo((out / "ablation.md").read_text())
     typer.echo(f"→ {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'paired.png'}")
 
@@ -749,6 +762,16 @@ def summary(
         typer.echo(f"{'gallery':<14}: {(data / 'prepared' / 'gallery.png').resolve()}")
 
 
+AblationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ablation",
+        help="the ablation pipeline (ParallelFor over seeds and over modes or grid points, one aggregate table) "
+        "instead of the main one",
+    ),
+]
+
+
 @pipeline_app.command("compile")
 @_friendly
 def pipeline_compile(
@@ -756,14 +779,37 @@ def pipeline_compile(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     image: Annotated[str | None, typer.Option(help="container image for every step")] = None,
+    ablation: AblationOpt = False,
+    modes: ModesOpt = None,
+    vary: VaryOpt = None,
+    seeds: SeedsOpt = "0,1,2,3,4",
 ) -> None:
-    """Compile the Kubeflow pipeline to one IR YAML file; params become the pipeline's default parameters."""
+    """Compile the Kubeflow pipeline to one IR YAML file; params become the pipeline's default parameters.
+
+    With --ablation, the ablation pipeline instead (default file jointdistill-ablation.yaml): per seed its data
+    and teachers, per mode (or --vary grid point) a student, one table of paired differences; --modes, --vary
+    and --seeds as `jointdistill ablate` takes them."""
     from jointdistill.config import load_params
-    from jointdistill.pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
-    kfp_pipeline.compile_pipeline(output, cfg, image=image)
+    if ablation:
+        from jointdistill.pipelines import ablation as kfp_ablation
+
+        output = Path(kfp_ablation.COMPILED) if output == Path("jointdistill.yaml") else output
+        kfp_ablation.compile_pipeline(output, cfg, image, **_ablation_rows(modes, vary, seeds))
+    else:
+        _no_ablation_rows(modes, vary)
+        from jointdistill.pipelines import pipeline as kfp_pipeline
+
+        kfp_pipeline.compile_pipeline(output, cfg, image=image)
     typer.echo(f"compiled → {output}")
+
+
+def _no_ablation_rows(modes, vary) -> None:
+    from jointdistill.errors import ConfigError
+
+    if modes is not None or vary:
+        raise ConfigError("--modes and --vary choose the ablation pipeline's rows: add --ablation")
 
 
 DataRepoOpt = Annotated[
@@ -927,21 +973,34 @@ def pipeline_run_local(
     results_git_branch: ResultsGitBranchOpt = "",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    ablation: AblationOpt = False,
+    modes: ModesOpt = None,
+    vary: VaryOpt = None,
+    seeds: SeedsOpt = "0,1,2,3,4",
 ) -> None:
     """Run the pipeline on this machine with kfp.local (SubprocessRunner, current environment).
 
-    kfp.local ignores resource requests and accelerators."""
+    kfp.local ignores resource requests and accelerators. With --ablation, the ablation pipeline (its table is
+    the `ablation` output folder)."""
     from jointdistill.config import load_params
     from jointdistill.pipelines import pipeline as kfp_pipeline
 
     cfg = load_params(params, set_)
-    outputs = kfp_pipeline.run_local(
-        cfg,
-        root,
-        **_run_arguments(
-            data_repo, data_rev, data_path, results_remote, results_prefix, results_git_repo, results_git_branch
-        ),
+    arguments = _run_arguments(
+        data_repo, data_rev, data_path, results_remote, results_prefix, results_git_repo, results_git_branch
     )
+    if ablation:
+        from jointdistill.errors import ConfigError
+        from jointdistill.pipelines import ablation as kfp_ablation
+
+        if arguments:
+            raise ConfigError(f"--ablation prepares each seed's data as params say; it takes no {', '.join(arguments)}")
+        artifacts = kfp_ablation.run_local(cfg, root, **_ablation_rows(modes, vary, seeds))
+        for name, artifact in artifacts.items():
+            typer.echo(f"{name}: {artifact.path}")
+        return
+    _no_ablation_rows(modes, vary)
+    outputs = kfp_pipeline.run_local(cfg, root, **arguments)
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
 
