@@ -81,22 +81,15 @@ def build(
                     "teacher"
                 ]
             with dsl.ParallelFor(variants, name="variants") as variant:
-                student = ops["distill"](
-                    params=params,
-                    variant=variant,
-                    prepared=prepared,
-                    teacher_seg=teacher["seg"],
-                    teacher_depth=teacher["depth"],
-                )
-                configure(student, res.distill, cfg, "distill", training=True)
-                scored = ops["evaluate"](
-                    params=params,
-                    variant=variant,
-                    prepared=prepared,
-                    teacher_seg=teacher["seg"],
-                    teacher_depth=teacher["depth"],
-                    student=student.outputs["student"],
-                )
+                run = {
+                    "params": params,
+                    "variant": variant,
+                    "prepared": prepared,
+                    "teacher_seg": teacher["seg"],
+                    "teacher_depth": teacher["depth"],
+                }
+                student = configure(ops["distill"](**run), res.distill, cfg, "distill", training=True)
+                scored = ops["evaluate"](**run, student=student.outputs["student"])
                 configure(scored, res.evaluate, cfg, "evaluate")
             # Gathered per seed, then over seeds: one Collected per loop level.
             rows = ops["seed_rows"](
