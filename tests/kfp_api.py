@@ -4,8 +4,10 @@ start a run from a pipeline package. It records every request (method, path, que
 import json
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+from .k8s_api import JsonHandler
 
 
 class FakeKfpApi:
@@ -16,18 +18,7 @@ class FakeKfpApi:
         self.fail_runs_with: int | None = None
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def _record(self, method: str) -> tuple[str, dict, dict]:
                 url = urlparse(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
