@@ -12,25 +12,25 @@ from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 def prepare(params: dict, seed: int, prepared: Output[Dataset]):
     """The seed's prepared data: the seed draws val and the budget's labelled frames (the test split is fixed)."""
-    from jointdistill.ablation import _with
+    from jointdistill.ablation import with_changes
     from jointdistill.config import params_from_dict
     from jointdistill.stages import prepare as stage
     from jointdistill.stages.results import record_artifact
 
-    cfg = _with(params_from_dict(params, "pipeline parameter 'params'"), seed=seed)
+    cfg = with_changes(params_from_dict(params, "pipeline parameter 'params'"), seed=seed)
     record_artifact(prepared, stage.run(cfg, prepared.path))
     prepared.metadata["seed"] = seed
 
 
 def train_teacher(params: dict, task: str, prepared: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]):
     """The seed's `task` teacher, trained on its prepared data."""
-    from jointdistill.ablation import _with
+    from jointdistill.ablation import with_changes
     from jointdistill.config import params_from_dict
     from jointdistill.stages import teacher as stage
     from jointdistill.stages.results import record_artifact
 
     seed = int(prepared.metadata["seed"])
-    cfg = _with(params_from_dict(params, "pipeline parameter 'params'"), seed=seed)
+    cfg = with_changes(params_from_dict(params, "pipeline parameter 'params'"), seed=seed)
     record_artifact(teacher, stage.run(cfg, task, prepared.path, teacher.path), metrics)
 
 

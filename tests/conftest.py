@@ -24,8 +24,10 @@ sys.meta_path.insert(0, _NoTorch())
 
 # Tiny data, and runs shaped for it: teachers narrower than the default preset's (still 2x the student), a few
 # connector warm-up steps, one timeframe per epoch (a tiny epoch is a few steps), live teachers (tests of the
-# teacher cache turn it on themselves).
+# teacher cache turn it on themselves). The student is JointDistill's (`full`), the mode with every part in play;
+# tests of another mode, the default `mtl` included, name theirs.
 TINY = [
+    "distill.mode=full",
     "prepare.budget.seg=1.0",
     "prepare.num_samples=40",
     "prepare.height=48",

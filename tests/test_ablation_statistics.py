@@ -8,6 +8,7 @@ from scipy import stats
 
 from jointdistill import ablation as ablate
 from jointdistill.config import load_params
+from jointdistill.errors import ConfigError
 
 from .conftest import REPO
 
@@ -99,9 +100,9 @@ def test_modes_with_variants():
 def test_ablation_reuses_teachers_across_distill_changes():
     base = load_params(REPO / "params.yaml")
     key = ablate.teacher_key(base)
-    assert ablate.teacher_key(ablate._with(base, **{"distill.alpha": 0.5, "distill.mode": "mtl"})) == key
+    assert ablate.teacher_key(ablate.with_changes(base, **{"distill.alpha": 0.5, "distill.mode": "static_kd"})) == key
     for change in ({"teacher.epochs": 3}, {"seed": 7}, {"prepare.height": 64}, {"augment.hflip": False}):
-        assert ablate.teacher_key(ablate._with(base, **change)) != key, change
+        assert ablate.teacher_key(ablate.with_changes(base, **change)) != key, change
 
 
 def test_each_seed_prepares_its_own_labelled_frames_once(tmp_path):
@@ -119,13 +120,13 @@ def test_each_seed_prepares_its_own_labelled_frames_once(tmp_path):
     assert ma["counts"]["test"] == mb["counts"]["test"]  # the same test split for every seed
     stamp = (a / "meta.json").stat().st_mtime_ns
     assert ablate.seed_data(p, 0, tmp_path) == a and (a / "meta.json").stat().st_mtime_ns == stamp  # reused
-    changed = ablate._with(p, **{"prepare.budget.seg": 0.5})
+    changed = ablate.with_changes(p, **{"prepare.budget.seg": 0.5})
     ablate.seed_data(changed, 0, tmp_path)
     assert verify_prepared(a)["params_digest"] == changed.digest("prepare")  # other params: prepared again
 
 
 def test_a_grid_is_every_combination_paired_against_the_params_values():
-    base = load_params(REPO / "params.yaml")
+    base = load_params(REPO / "params.yaml", ["distill.mode=full"])
     grid = ablate.parse_vary(["distill.alpha=0,1", "distill.top_k=5,10"])
     assert grid == {"distill.alpha": [0, 1], "distill.top_k": [5, 10]}
     variants, reference = ablate.grid_variants(base, grid)
@@ -151,6 +152,12 @@ def test_a_grid_is_every_combination_paired_against_the_params_values():
             ablate.grid_variants(base, ablate.parse_vary(bad))
     with pytest.raises(Exception, match="distill.alpha"):  # a value params cannot take fails before any training
         ablate.grid_variants(base, ablate.parse_vary(["distill.alpha=fast,1"]))
+    # A key no point's mode reads would give one student per value: refused, unless a point's mode reads it.
+    mtl = ablate.with_changes(base, **{"distill.mode": "mtl"})
+    with pytest.raises(ConfigError, match="--vary: distill.top_k is not read in distill.mode mtl"):
+        ablate.grid_variants(mtl, ablate.parse_vary(["distill.top_k=5,10"]))
+    mixed, _ = ablate.grid_variants(mtl, ablate.parse_vary(["distill.top_k=5,10", "distill.mode=mtl,full"]))
+    assert len(mixed) == 4
 
 
 def test_stated_pairs_follow_the_variants():

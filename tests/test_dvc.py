@@ -69,7 +69,7 @@ def project(tmp_path_factory):
     set_params(dst, num_samples=30, height=40, width=80, gallery_images=2)
     set_params(dst, "prepare.budget", seg=1.0)
     set_params(dst, "teacher", epochs=1, batch_size=4)
-    set_params(dst, "distill", epochs=1, batch_size=4, probe_images=2, traj_batch=2, connector_warmup=4)
+    set_params(dst, "distill", mode="full", epochs=1, batch_size=4, probe_images=2, traj_batch=2, connector_warmup=4)
     # fp32 only: the fp16 and int8 variants are test_export's (tiny_export); here they would double export's time
     set_params(dst, "export", latency_runs=2, parity_images=4, fp16=False, int8="none")
     run(["git", "init", "-q"], dst)
@@ -112,9 +112,9 @@ def test_repro_runs_every_stage_and_dvc_reads_its_results(project, reproduced):
         json.loads(plots)["data"]
     )
     assert not json.loads(plots).get("errors")
-    values = json.loads(plots)["data"]["teacher-weights"][0]["content"]["data"]["values"]
-    assert {v["filename::field"] for v in values} == {"seg.tsv::seg", "depth.tsv::depth"}
-    assert abs(sum(float(v["dvc_inferred_y_value"]) for v in values if v["step"] == "0") - 2.0) < 1e-6
+    values = json.loads(plots)["data"]["teacher-weights-per-timeframe"][0]["content"]["data"]["values"]
+    assert {v["field"] for v in values} == {"omega_seg", "omega_depth"}
+    assert abs(sum(float(v["dvc_inferred_y_value"]) for v in values if v["timeframe"] == "0") - 2.0) < 1e-6
     exp = run(["dvc", "exp", "show", "--json"], project)
     assert "miou" in exp and "abs_err" in exp and '"lr": 0.002' in exp
     # Per-class IoU: one file (one colour) per model; depth error: one line per model.
@@ -188,6 +188,18 @@ def test_a_result_read_back_is_the_report_with_its_run_facts():
     assert _merged(content, run_facts) == report
     result = StudentResult(report)
     assert json.loads(json.dumps(result)) == report and result["test"]["miou"] == 0.5
+
+
+def test_the_student_line_names_omega_only_where_it_moved():
+    """`make run`'s student line: ω appears for the adaptive modes, not for mtl, whose ω is a constant 1."""
+    from jointdistill.stages.results import StudentResult
+
+    test = {"miou": 0.5, "pixacc": 0.9, "abs_err": 3.0, "rel_err": 0.2}
+    final = {"seg": 0.9, "depth": 1.1}
+    mtl = StudentResult({"mode": "mtl", "test": test, "weights": {"final": {"seg": 1.0, "depth": 1.0}, "history": []}})
+    full = StudentResult({"mode": "full", "test": test, "weights": {"final": final, "history": [{"timeframe": 1}]}})
+    assert mtl.headline() == "mtl: test mIoU 0.5000, pixAcc 0.9000, AbsErr 3.000 m, RelErr 0.2000"
+    assert full.headline() == mtl.headline().replace("mtl", "full") + "; final ω: seg 0.900, depth 1.100"
 
 
 TRAINING = {"distill", "evaluate", "export"}

@@ -316,7 +316,7 @@ def test_ablate_vary_gives_a_point_that_changes_the_data_its_own_data_and_teache
     ablate.run(p, None, out, seeds=[0], vary={"prepare.val_fraction": [0.3]})
     runs = out / "runs" / "seed-0"
     other = _with_val(p, 0.3)
-    assert verify_prepared(runs / "prepared")["params_digest"] == ablate._with(p, seed=0).digest("prepare")
+    assert verify_prepared(runs / "prepared")["params_digest"] == ablate.with_changes(p, seed=0).digest("prepare")
     own = runs / f"prepared-{other.digest('prepare')[:8]}"
     assert verify_prepared(own)["params_digest"] == other.digest("prepare")
     assert (runs / f"teachers-{ablate.teacher_key(other)[:8]}" / "seg" / "model.pt").exists()
@@ -326,4 +326,4 @@ def test_ablate_vary_gives_a_point_that_changes_the_data_its_own_data_and_teache
 
 
 def _with_val(p, fraction):
-    return ablate._with(p, seed=0, **{"prepare.val_fraction": fraction})
+    return ablate.with_changes(p, seed=0, **{"prepare.val_fraction": fraction})

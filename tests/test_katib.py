@@ -15,15 +15,17 @@ from typer.testing import CliRunner
 from jointdistill.cli import app
 from jointdistill.cloud import katib
 from jointdistill.config import load_params, params_from_dict
+from jointdistill.errors import ConfigError
 
 from .conftest import REPO, TINY
 from .k8s_api import FakeKatibApi
 
 SPACE = ["distill.alpha=double:0:2", "distill.top_k=int:5:20:5", "distill.feedback=categorical:progress,deficit"]
+FULL = ["distill.mode=full"]  # the mode that reads every key of SPACE (the default mtl reads none of them)
 
 
 def _experiment(*extra, space=SPACE, **kw):
-    p = load_params(REPO / "params.yaml", list(extra))
+    p = load_params(REPO / "params.yaml", [*FULL, *extra])
     return p, katib.experiment(
         p,
         katib.parse_space(space, p),
@@ -95,7 +97,19 @@ def test_the_experiment_is_katibs_own_model_and_reads_val_only():
 )
 def test_a_bad_space_is_refused_before_anything_runs(space, match):
     with pytest.raises(Exception, match=match):
-        katib.parse_space(space, load_params(REPO / "params.yaml"))
+        katib.parse_space(space, load_params(REPO / "params.yaml", FULL))
+
+
+def test_a_space_over_keys_the_mode_never_reads_is_refused():
+    """Tuning ω's α under the default mtl would train the same student in every trial: refused, naming the keys;
+    with the mode in the space, a key one of its modes reads is fine."""
+    mtl = load_params(REPO / "params.yaml", ["distill.mode=mtl"])
+    with pytest.raises(ConfigError, match=r"distill.alpha, distill.top_k are not read in distill.mode mtl"):
+        katib.parse_space([*SPACE[:2], "distill.lambda_depth=double:0.5:2"], mtl)
+    with pytest.raises(ConfigError, match="distill.top_k is not read in distill.mode static_kd"):
+        katib.parse_space(["distill.top_k=int:5:20:5"], load_params(REPO / "params.yaml", ["distill.mode=static_kd"]))
+    assert len(katib.parse_space(["distill.lambda_depth=double:0.5:2"], mtl)) == 1  # every mode reads it
+    assert len(katib.parse_space([SPACE[0], "distill.mode=categorical:mtl,adaptive"], mtl)) == 2
 
 
 def test_cli_writes_submits_and_polls_the_experiment(tmp_path, monkeypatch):
@@ -111,6 +125,8 @@ def test_cli_writes_submits_and_polls_the_experiment(tmp_path, monkeypatch):
         "tune-alpha",
         "--params",
         str(REPO / "params.yaml"),
+        "--set",
+        "distill.mode=full",
         "--out",
         str(tmp_path / "experiment.yaml"),
     ]

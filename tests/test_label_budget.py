@@ -287,4 +287,6 @@ def test_older_prepared_folders_without_the_split_still_load(prepared):
     from jointdistill.distill.plan import DistillPlan
 
     assert split_count(meta, UNLABELLED) == 0 and all(split_count(meta, s) == meta["counts"][s] for s in SPLITS)
-    assert DistillPlan.from_params(load_params(REPO / "params.yaml").distill, meta).pool_batch == 0
+    assert (
+        DistillPlan.from_params(load_params(REPO / "params.yaml", ["distill.mode=full"]).distill, meta).pool_batch == 0
+    )

@@ -344,6 +344,7 @@ def test_whole_pipeline_under_kfp_local_pinned_then_results_pulled_into_a_fresh_
             "teacher.head_channels=32",
             "teacher.epochs=1",
             "teacher.batch_size=4",
+            "distill.mode=full",  # the mode whose every record (ω, trajectory) the run must carry
             "distill.epochs=2",
             "distill.batch_size=4",
             "distill.probe_images=3",

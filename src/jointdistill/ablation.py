@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from jointdistill.config import Params, params_from_dict, parse_override
 from jointdistill.data.contract import verify_prepared
+from jointdistill.distill.knobs import refuse_unread
 from jointdistill.distill.plan import MODES as DISTILL_MODES
 from jointdistill.distill.plan import MTL, uses_teachers
 from jointdistill.errors import ConfigError
@@ -172,16 +173,14 @@ def grid_variants(params: Params, grid: dict[str, list]) -> tuple[list[Variant],
     points = [dict(zip(grid, values, strict=True)) for values in product(*grid.values())]
     if reference not in points:
         points.insert(0, reference)
-    variants = []
-    for point in points:
-        _with(params, **point)  # a value the params cannot take is an error now, not after hours of training
-        variants.append(Variant(_point_name(point), point))
-    return variants, _point_name(reference)
+    # A value the params cannot take, or a key no point's mode reads, is an error now, not after hours of training.
+    refuse_unread([with_changes(params, **point) for point in points], grid, "--vary")
+    return [Variant(_point_name(point), point) for point in points], _point_name(reference)
 
 
 def own_data_or_teachers(params: Params, variants: list[Variant]) -> list[str]:
     """The variants whose changes reach what the prepared data or the teachers depend on (they need their own)."""
-    return [v.name for v in variants if teacher_key(_with(params, **v.changes)) != teacher_key(params)]
+    return [v.name for v in variants if teacher_key(with_changes(params, **v.changes)) != teacher_key(params)]
 
 
 def _done(folder: Path, digest: str, key: str | None = None) -> bool:
@@ -218,7 +217,8 @@ def _teacher_done(folder: Path, params: Params) -> bool:
         return False
 
 
-def _with(params: Params, **changes) -> Params:
+def with_changes(params: Params, **changes) -> Params:
+    """``params`` with dotted keys set (``seed=1``, ``**{"distill.mode": "full"}``), validated again."""
     data = params.model_dump(mode="json")
     for key, value in changes.items():
         *path, name = key.split(".")
@@ -323,7 +323,7 @@ def seed_data(params: Params, seed: int, out: Path, name: str = "prepared") -> P
     budget's labelled frames), or reused when a folder prepared with the same params is there."""
     from jointdistill.stages import prepare
 
-    base = _with(params, seed=seed)
+    base = with_changes(params, seed=seed)
     folder = out / "runs" / f"seed-{seed}" / name
     try:
         if verify_prepared(folder)["params_digest"] == base.digest("prepare"):
@@ -362,7 +362,7 @@ def reference_metrics(seg: Path, depth: Path) -> dict:
 
 def variant_params(params: Params, seed: int, variant: Variant) -> Params:
     """The params of one run: the seed, then the variant's changes."""
-    return _with(_with(params, seed=seed), **variant.changes)
+    return with_changes(with_changes(params, seed=seed), **variant.changes)
 
 
 def teachers_row(seed: int, name: str, reference: dict) -> dict:
@@ -405,7 +405,7 @@ def run_seed(
     from jointdistill.data.prepared import PreparedDataset
     from jointdistill.stages import distill
 
-    base = _with(params, seed=seed)
+    base = with_changes(params, seed=seed)
     root = out / "runs" / f"seed-{seed}"
     tests: dict[Path, tuple[dict, PreparedDataset]] = {}  # verified once per data folder
     rows = []

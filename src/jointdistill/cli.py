@@ -246,8 +246,9 @@ def distill(
 ) -> None:
     """Train the multi-task student from the two frozen teachers with JointDistill (distill.mode).
 
-    Modes: mtl (task losses only, no teachers), static_kd (+ distillation, ω = 1), adaptive (+ feedback-driven
-    teacher weights ω), full (+ knowledge trajectory; the default). Validates every epoch (a timeframe), where
+    Modes: mtl (task losses only, no teachers; the default), self_train (+ the student's own earlier predictions on
+    the raw frames), static_kd (+ distillation, ω = 1), adaptive (+ feedback-driven teacher weights ω), full
+    (+ knowledge trajectory: JointDistill). Validates every epoch (a timeframe), where
     ω is updated and the trajectories are recorded. Writes OUT/student.pt, OUT/report.json, OUT/weights.csv
     (timeframe, step, task, feedback, omega), OUT/trajectory.parquet (timeframe, step, image, rank, y, x, value,
     source) and OUT/lineage.json; METRICS/metrics.json, METRICS/run.json and METRICS/dvclive/.

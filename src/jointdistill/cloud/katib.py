@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from jointdistill.config import Params, params_from_dict, parse_override
+from jointdistill.distill.knobs import refuse_unread
 from jointdistill.errors import ConfigError, OutputError
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1beta1", "experiments"
@@ -104,6 +105,9 @@ def parse_space(items: list[str], params: Params) -> list[SearchParam]:
         for value in candidates:
             _check(params, key, value)
         out.append(p)
+    modes = next((q.values for q in out if q.key == "distill.mode"), (params.distill.mode,))
+    points = [params.model_copy(update={"distill": params.distill.model_copy(update={"mode": m})}) for m in modes]
+    refuse_unread(points, [q.key for q in out], "--space")
     return out
 
 

@@ -318,12 +318,14 @@ class StudentResult(StageResult):
         }
 
     def headline(self) -> str:
-        test = self["test"]
-        omega = ", ".join(f"{k} {v:.3f}" for k, v in self["weights"]["final"].items())
-        return (
+        test, weights = self["test"], self["weights"]
+        line = (
             f"{self['mode']}: test mIoU {test['miou']:.4f}, pixAcc {test['pixacc']:.4f}, "
-            f"AbsErr {test['abs_err']:.3f} m, RelErr {test['rel_err']:.4f}; final ω: {omega}"
+            f"AbsErr {test['abs_err']:.3f} m, RelErr {test['rel_err']:.4f}"
         )
+        if not weights["history"]:  # ω never moved (mtl, self_train, static_kd): naming it would suggest it did
+            return line
+        return line + "; final ω: " + ", ".join(f"{k} {v:.3f}" for k, v in weights["final"].items())
 
     def metadata(self) -> dict[str, Any]:
         return {
