@@ -77,7 +77,7 @@ def test_help_of_every_command_reads_as_sentences():
         for bad in ("<bool>", "<str>", "<path>", "<int>", "list[", "DESIGN", "Traceback"):
             assert bad not in text, (path, bad)
     # At 200 columns the distill description's first paragraph of detail is one piece: the sentence that the
-    # source wrapped after "feedback-driven" continues on the same line.
+    # source wrapped after "predictions on" continues on the same line.
     r = CliRunner().invoke(app, ["distill", "--help"], terminal_width=200, env={"COLUMNS": "200"})
     assert "adaptive (+ feedback-driven teacher weights ω)" in " ".join(r.output.split())
-    assert "feedback-driven teacher" in r.output
+    assert "predictions on the raw frames" in r.output

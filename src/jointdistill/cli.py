@@ -244,7 +244,7 @@ def distill(
     params: StagedParamsOpt = "params.yaml",
     set_: SetOpt = None,
 ) -> None:
-    """Train the multi-task student from the two frozen teachers with JointDistill (distill.mode).
+    """Train the multi-task student, on its labels alone or from the two frozen teachers (distill.mode).
 
     Modes: mtl (task losses only, no teachers; the default), self_train (+ the student's own earlier predictions on
     the raw frames), static_kd (+ distillation, ω = 1), adaptive (+ feedback-driven teacher weights ω), full
