@@ -344,6 +344,8 @@ def test_cli_prints_the_trainjob_of_a_step():
             str(REPO / "params.yaml"),
             "--set",
             "pipeline.trainjob.num_nodes=3",
+            "--set",
+            "distill.mode=full",
         ],
     )
     assert r.exit_code == 0, r.output
@@ -356,6 +358,13 @@ def test_cli_prints_the_trainjob_of_a_step():
         "--out",
         "gs://b/run/distill.trainjob",
     ]
+    # The default mtl student reads no teacher, so its job is not given them.
+    mtl = CliRunner().invoke(
+        app, ["pipeline", "trainjob", "distill", "--root", "gs://b/run/", "--params", str(REPO / "params.yaml")]
+    )
+    assert mtl.exit_code == 0, mtl.output
+    args = models.TrainerV1alpha1TrainJob.from_dict(yaml.safe_load(mtl.output)).spec.trainer.args
+    assert "--teachers" not in args and args[-2:] == ["--out", "gs://b/run/distill.trainjob"]
     bad = CliRunner().invoke(
         app, ["pipeline", "trainjob", "distill", "--root", "/local/run", "--params", str(REPO / "params.yaml")]
     )
