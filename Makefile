@@ -18,19 +18,24 @@ run: setup
 	dvc repro
 	@jointdistill summary --params $(PARAMS)
 
-## test: the tests in two lanes, fast then slow, in one session that shares its fixtures (the slow lane runs only
-## when the fast one passes). Benchmarks are not tests: `make bench` measures, `make test-bench` checks the
+# pytest-xdist workers: one per CPU (at least 2; TEST_JOBS=0 runs in this process). Each worker takes whole files
+# (--dist loadfile), so a file's module fixtures are built once; the session fixtures are built once per worker.
+TEST_JOBS ?= $(shell n=$$(nproc); [ $$n -lt 2 ] && n=2; echo $$n)
+XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+
+## test: the tests in two lanes, fast then slow (within each file, the slow lane runs only when the fast one
+## passed), on TEST_JOBS workers. Benchmarks are not tests: `make bench` measures, `make test-bench` checks the
 ## benchmark code at toy sizes.
 test: setup
-	$(BIN)/python -m pytest -m "not bench"
+	$(BIN)/python -m pytest $(XDIST) -m "not bench"
 
 ## test-fast: unit tests plus one end-to-end run each of dvc repro, kfp.local and the model server
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not bench"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not bench"
 
 ## test-slow: kills and resumes, DDP, pinned source steps, DVC remotes, a forced re-run's byte identity
 test-slow: setup
-	$(BIN)/python -m pytest -m "slow and not bench"
+	$(BIN)/python -m pytest $(XDIST) -m "slow and not bench"
 
 ## test-bench: every benchmark suite at toy sizes (writes nothing under bench/results)
 test-bench: setup

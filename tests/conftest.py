@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Tools the tests spawn (dvc stage commands, the CLI) come from the same environment as pytest.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# Under pytest-xdist the workers share the CPUs: each worker, and the tools it starts, gets its share of threads
+# (set before torch is imported), instead of every worker running as many threads as there are CPUs.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 # Prepended to `python -c` code: the process can then not import torch (what deployments without it see).
 NO_TORCH = """
@@ -42,9 +47,19 @@ TINY = [
 ]
 
 
+# The longest files (their module fixtures and slow tests included) start first under pytest-xdist, whose
+# `--dist loadfile` gives each worker whole files in collection order: a long file started last would run alone.
+LONGEST_FIRST = ("test_dvc.py", "test_kfp.py", "test_pinned.py", "test_distill_stage.py", "test_teacher.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """One session, two lanes: the fast lane's tests first, then the slow lane's (marked slow), so that both
-    share the session's fixtures (one dvc repro, one kfp project, one set of tiny models)."""
+    share the session's fixtures (one dvc repro, one kfp project, one set of tiny models). Under xdist each
+    worker takes whole files, so there the files go longest first (LONGEST_FIRST), each with its two lanes."""
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") != "no":
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.get_closest_marker("slow") is not None))
+        return
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: file order within a lane
 
 
