@@ -24,7 +24,6 @@ from typing import Any
 
 import yaml
 
-from jointdistill.ablation import with_changes
 from jointdistill.config import Params, params_from_dict, parse_override
 from jointdistill.distill.knobs import refuse_unread
 from jointdistill.errors import ConfigError, OutputError
@@ -107,7 +106,7 @@ def parse_space(items: list[str], params: Params) -> list[SearchParam]:
             _check(params, key, value)
         out.append(p)
     modes = next((q.values for q in out if q.key == "distill.mode"), (params.distill.mode,))
-    points = [with_changes(params, **{"distill.mode": m}) for m in modes]
+    points = [params.model_copy(update={"distill": params.distill.model_copy(update={"mode": m})}) for m in modes]
     refuse_unread(points, [q.key for q in out], "--space")
     return out
 
