@@ -1,7 +1,7 @@
 """The ablation as a Kubeflow pipeline, ``jointdistill-ablation``: what `jointdistill ablate` runs in one process,
 fanned out over the cluster.
 
-    jointdistill pipeline compile --ablation [--modes … | --vary KEY=V1,V2] [--seeds 0,1,2]
+    jointdistill pipeline compile --ablation [--modes … | --vary KEY=V1,V2 [--one-at-a-time]] [--seeds 0,1,2]
     jointdistill pipeline run-local --ablation …   # kfp.local, this environment
 
 Steps: ParallelFor over seeds (the seed's prepared data, then both teachers) → inside it, ParallelFor over the
@@ -45,9 +45,11 @@ def build(
     vary: dict[str, list] | None = None,
     seeds=ablation.SEEDS,
     image: str = DEFAULT_IMAGE,
+    each: bool = False,
 ):
-    """Return the @dsl.pipeline function for these rows (``modes``, default `ablate`'s, or a ``vary`` grid)."""
-    variants, reference = ablation.plan(params, modes or ablation.MODES, vary)
+    """Return the @dsl.pipeline function for these rows (``modes``, default `ablate`'s, or a ``vary`` grid, one key
+    at a time with ``each``)."""
+    variants, reference = ablation.plan(params, modes or ablation.MODES, vary, each)
     own = ablation.own_data_or_teachers(params, variants)
     if own:
         raise ConfigError(
@@ -115,7 +117,7 @@ def build(
 
 
 def compile_pipeline(output: str | Path, params: Params, image: str | None = None, **rows) -> Path:
-    """Compile to ``output``; ``rows``: `build`'s modes, vary and seeds."""
+    """Compile to ``output``; ``rows``: `build`'s modes, vary, each and seeds."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build(params, image=image or DEFAULT_IMAGE, **rows), package_path=str(output))

@@ -160,6 +160,38 @@ def test_a_grid_is_every_combination_paired_against_the_params_values():
     assert len(mixed) == 4
 
 
+def test_one_key_at_a_time_shares_one_reference_and_plots_each_key(tmp_path):
+    """A sensitivity sweep (--one-at-a-time): each key alone around params' values, paired against one shared
+    reference row (params' own values are not trained twice); a paired-KEY.png per key."""
+    base = load_params(REPO / "params.yaml", ["distill.mode=full"])
+    grid = ablate.parse_vary(["distill.alpha=0,1.5,2", "distill.top_k=5,10,20"])
+    variants, reference = ablate.plan(base, vary=grid, each=True)
+    assert reference == ablate.REFERENCE == variants[0].name
+    assert variants[0].changes == {"distill.alpha": 1.5, "distill.top_k": 10}
+    names = [v.name for v in variants[1:]]
+    assert names == ["distill.alpha=0", "distill.alpha=2", "distill.top_k=5", "distill.top_k=20"]
+    assert variants[3].changes == {"distill.top_k": 5}  # the other key stays at params' value
+    rows = [
+        {"seed": s, "mode": n, **dict.fromkeys(ablate.COLUMNS[:4], 1.0), "delta_m": d + s, "val_mt_score": 0.5}
+        for s in (0, 1, 2)
+        for n, d in zip([reference, *names], [0.0, 1.0, -1.0, 0.5, 2.0], strict=True)
+    ]
+    ablate.aggregate(tmp_path, rows, [reference, *names], [0, 1, 2], reference=reference)
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert [(p["a"], p["b"]) for p in saved["pairs"]] == [(n, "reference") for n in names]
+    assert saved["pairs"][1]["delta_m"]["mean"] == pytest.approx(-1.0)
+    assert "paired against reference (params' values)" in (tmp_path / "ablation.md").read_text()
+    assert sorted(p.name for p in tmp_path.glob("paired-*.png")) == [
+        "paired-distill.alpha.png",
+        "paired-distill.top_k.png",
+    ]
+    # A grid of combinations, or one key, has no per-key plots: paired.png is the plot.
+    one, _ = ablate.plan(base, vary={"distill.alpha": [0, 1.5]}, each=True)
+    assert [v.name for v in one] == ["reference", "distill.alpha=0"]
+    assert ablate._by_key([{"a": "distill.alpha=0", "b": "reference"}]) == {}
+    assert ablate._by_key([{"a": "distill.alpha=0,distill.top_k=5", "b": "distill.alpha=1.5,distill.top_k=10"}]) == {}
+
+
 def test_stated_pairs_follow_the_variants():
     modes = ["single", "mtl", "self_train", "static_kd", "adaptive", "adaptive+deficit", "full", "mtl+noval"]
     assert ablate.stated_pairs(modes) == [

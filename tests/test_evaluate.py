@@ -274,6 +274,8 @@ def test_ablate_cli_takes_a_grid_or_modes_not_both(tmp_path):
     assert r.exit_code == 2 and "--vary and --modes" in r.stderr
     r = CliRunner().invoke(app, [*base, "--vary", "distill.alfa=0,1"])
     assert r.exit_code == 2 and "unknown params key 'distill.alfa'" in r.stderr
+    r = CliRunner().invoke(app, [*base, "--one-at-a-time"])
+    assert r.exit_code == 2 and "--one-at-a-time varies the keys of --vary" in r.stderr
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
 

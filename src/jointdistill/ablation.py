@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 # The table's rows: the teachers themselves, then one student per distill mode.
 TEACHERS_ROW = "single"
 MODES = (TEACHERS_ROW, *DISTILL_MODES)
+REFERENCE = "reference"  # a one-key-at-a-time grid's shared row: params' own values of every varied key
 VARIANTS = {
     "cache": ("teacher_cache", True),
     "live": ("teacher_cache", False),
@@ -166,16 +167,24 @@ def _point_name(point: dict) -> str:
     return ",".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in point.items())
 
 
-def grid_variants(params: Params, grid: dict[str, list]) -> tuple[list[Variant], str]:
-    """The points of ``grid`` (every combination of its values) and the reference point's name: the values
-    ``params`` gives the grid's keys, put first when the grid lacks them. Each point must make valid params."""
+def grid_variants(params: Params, grid: dict[str, list], each: bool = False) -> tuple[list[Variant], str]:
+    """The points of ``grid`` and the reference point's name: the values ``params`` gives the grid's keys, put
+    first when the grid lacks them. Each point must make valid params.
+
+    ``each`` False: every combination of the values. True (a sensitivity sweep): each key varied alone, the
+    others at params' values, every point paired against one shared row named REFERENCE."""
     reference = {k: _value(params, k) for k in grid}
-    points = [dict(zip(grid, values, strict=True)) for values in product(*grid.values())]
-    if reference not in points:
-        points.insert(0, reference)
+    if each:
+        points = [reference] + [{k: v} for k, values in grid.items() for v in values if v != reference[k]]
+        names = [REFERENCE] + [_point_name(point) for point in points[1:]]
+    else:
+        points = [dict(zip(grid, values, strict=True)) for values in product(*grid.values())]
+        if reference not in points:
+            points.insert(0, reference)
+        names = [_point_name(point) for point in points]
     # A value the params cannot take, or a key no point's mode reads, is an error now, not after hours of training.
     refuse_unread([with_changes(params, **point) for point in points], grid, "--vary")
-    return [Variant(_point_name(point), point) for point in points], _point_name(reference)
+    return [Variant(n, point) for n, point in zip(names, points, strict=True)], names[points.index(reference)]
 
 
 def own_data_or_teachers(params: Params, variants: list[Variant]) -> list[str]:
@@ -240,6 +249,7 @@ def run(
     jobs: int = 1,
     vary: dict[str, list] | None = None,
     train: bool = True,
+    each: bool = False,
 ) -> list[dict]:
     """Run the ablation into ``out``; return the table rows (also written as ablation.{md,csv,json,png}).
 
@@ -250,11 +260,11 @@ def run(
     draws which frames of the budget are labelled.
 
     ``vary``: a grid (`parse_vary`) whose points replace ``modes`` as the rows, each paired against the reference
-    point (`grid_variants`); the student's mode is ``params``' distill.mode.
+    point (`grid_variants`; ``each``: one key at a time); the student's mode is ``params``' distill.mode.
 
     ``jobs`` > 1 trains that many seeds at once, each in its own process with an equal share of the CPU threads.
     The rows do not depend on it beyond what the thread count does to float reductions (see `run_seed`)."""
-    variants, reference = plan(params, modes, vary)
+    variants, reference = plan(params, modes, vary, each)
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if jobs < 1:
@@ -275,11 +285,13 @@ def run(
     return aggregate(out, results, names, seeds, kd_pool, reference)
 
 
-def plan(params: Params, modes=MODES, vary: dict[str, list] | None = None) -> tuple[list[Variant], str | None]:
-    """The rows of an ablation, from ``modes`` or from a grid (``vary``), and the grid's reference point's name
-    (None for modes). Every driver starts here."""
+def plan(
+    params: Params, modes=MODES, vary: dict[str, list] | None = None, each: bool = False
+) -> tuple[list[Variant], str | None]:
+    """The rows of an ablation, from ``modes`` or from a grid (``vary``, one key at a time with ``each``), and the
+    grid's reference point's name (None for modes). Every driver starts here."""
     if vary:
-        return grid_variants(params, vary)
+        return grid_variants(params, vary, each)
     return mode_variants(modes), None
 
 
@@ -288,7 +300,7 @@ def comparisons(names: list[str], reference: str | None = None) -> tuple[list[tu
     reference point."""
     if reference is None:
         return stated_pairs(names), None
-    return [(n, reference) for n in names if n != reference], f"--vary, reference {reference} (params)"
+    return [(n, reference) for n in names if n != reference], f"--vary, paired against {reference} (params' values)"
 
 
 def aggregate(
@@ -692,3 +704,16 @@ def write_outputs(
     plots.ablation_bars(table, list(COLUMNS), out / "ablation.png")
     if pairs:
         plots.paired_differences(pairs, list(PAIR_METRICS), out / "paired.png")
+        for key, group in _by_key(pairs).items():
+            plots.paired_differences(group, list(PAIR_METRICS), out / f"paired-{key}.png")
+
+
+def _by_key(pairs: list[dict]) -> dict[str, list[dict]]:
+    """A one-key-at-a-time grid's pairs by the key their point varies (``distill.alpha=0`` − reference), where it
+    varies more than one key: a plot per question. Empty for modes and for a grid of combinations."""
+    groups: dict[str, list[dict]] = {}
+    for p in pairs:
+        if p["b"] != REFERENCE:
+            return {}
+        groups.setdefault(p["a"].split("=", 1)[0], []).append(p)
+    return groups if len(groups) > 1 else {}

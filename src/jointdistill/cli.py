@@ -542,7 +542,7 @@ def push_results(
 ABLATION_MODES = "single,mtl,self_train,static_kd,adaptive,adaptive+deficit,full"
 
 
-def _ablation_rows(modes: str | None, vary: list[str] | None, seeds: str) -> dict:
+def _ablation_rows(modes: str | None, vary: list[str] | None, seeds: str, each: bool = False) -> dict:
     """An ablation's rows and seeds from the command line (`ablate`, `pipeline … --ablation`)."""
     from jointdistill import ablation as stage
     from jointdistill.errors import ConfigError
@@ -554,8 +554,10 @@ def _ablation_rows(modes: str | None, vary: list[str] | None, seeds: str) -> dic
     grid = stage.parse_vary(vary) if vary else None
     if grid and modes is not None:
         raise ConfigError("--vary and --modes: give one (a grid's student mode is distill.mode; use --set)")
+    if each and not grid:
+        raise ConfigError("--one-at-a-time varies the keys of --vary: give at least one --vary KEY=V1,V2,...")
     mode_list = [m.strip() for m in (ABLATION_MODES if modes is None else modes).split(",") if m.strip()]
-    return {"modes": mode_list, "vary": grid, "seeds": seed_list}
+    return {"modes": mode_list, "vary": grid, "seeds": seed_list, "each": each}
 
 
 ModesOpt = Annotated[
@@ -577,6 +579,14 @@ VaryOpt = Annotated[
         "gives those keys (added when missing); the student's mode is distill.mode."
     ),
 ]
+EachOpt = Annotated[
+    bool,
+    typer.Option(
+        "--one-at-a-time",
+        help="with several --vary keys: vary each key alone, the others at params' values, every point paired "
+        "against one shared row (reference) -- a sensitivity sweep, instead of every combination",
+    ),
+]
 SeedsOpt = Annotated[
     str, typer.Option(help="comma-separated seeds (labelled frames, initialisation, order, augmentation)")
 ]
@@ -587,6 +597,7 @@ SeedsOpt = Annotated[
 def ablate(
     modes: ModesOpt = None,
     vary: VaryOpt = None,
+    one_at_a_time: EachOpt = False,
     seeds: SeedsOpt = "0,1,2,3,4",
     data: Annotated[
         Path | None,
@@ -628,14 +639,16 @@ def ablate(
     same params are reused and interrupted ones resume, so re-running a killed ablation continues it.
 
     With --vary, the rows are a grid's points instead of modes, each paired by seed against the reference point
-    (the values params gives the grid's keys), e.g. --vary distill.alpha=0,1,1.5,2.
+    (the values params gives the grid's keys), e.g. --vary distill.alpha=0,1,1.5,2. With several --vary keys,
+    every combination is a row; --one-at-a-time varies each key alone around params' values instead (one
+    reference row, a paired-KEY.png plot per key).
     """
     from jointdistill import ablation as stage
     from jointdistill.config import load_params
 
     cfg = load_params(params, set_)
-    rows = _ablation_rows(modes, vary, seeds)
-    stage.run(cfg, data, out, rows["modes"], rows["seeds"], jobs, rows["vary"], train=not finished)
+    rows = _ablation_rows(modes, vary, seeds, one_at_a_time)
+    stage.run(cfg, data, out, rows["modes"], rows["seeds"], jobs, rows["vary"], not finished, rows["each"])
     typer.echo((out / "ablation.md").read_text())
     typer.echo(f"→ {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'paired.png'}")
 
@@ -783,6 +796,7 @@ def pipeline_compile(
     ablation: AblationOpt = False,
     modes: ModesOpt = None,
     vary: VaryOpt = None,
+    one_at_a_time: EachOpt = False,
     seeds: SeedsOpt = "0,1,2,3,4",
 ) -> None:
     """Compile the Kubeflow pipeline to one IR YAML file; params become the pipeline's default parameters.
@@ -797,9 +811,9 @@ def pipeline_compile(
         from jointdistill.pipelines import ablation as kfp_ablation
 
         output = Path(kfp_ablation.COMPILED) if output == Path("jointdistill.yaml") else output
-        kfp_ablation.compile_pipeline(output, cfg, image, **_ablation_rows(modes, vary, seeds))
+        kfp_ablation.compile_pipeline(output, cfg, image, **_ablation_rows(modes, vary, seeds, one_at_a_time))
     else:
-        _no_ablation_rows(modes, vary)
+        _no_ablation_rows(modes, vary or one_at_a_time)
         from jointdistill.pipelines import pipeline as kfp_pipeline
 
         kfp_pipeline.compile_pipeline(output, cfg, image=image)
@@ -810,7 +824,7 @@ def _no_ablation_rows(modes, vary) -> None:
     from jointdistill.errors import ConfigError
 
     if modes is not None or vary:
-        raise ConfigError("--modes and --vary choose the ablation pipeline's rows: add --ablation")
+        raise ConfigError("--modes, --vary and --one-at-a-time choose the ablation pipeline's rows: add --ablation")
 
 
 DataRepoOpt = Annotated[
@@ -977,6 +991,7 @@ def pipeline_run_local(
     ablation: AblationOpt = False,
     modes: ModesOpt = None,
     vary: VaryOpt = None,
+    one_at_a_time: EachOpt = False,
     seeds: SeedsOpt = "0,1,2,3,4",
 ) -> None:
     """Run the pipeline on this machine with kfp.local (SubprocessRunner, current environment).
@@ -996,11 +1011,11 @@ def pipeline_run_local(
 
         if arguments:
             raise ConfigError(f"--ablation prepares each seed's data as params say; it takes no {', '.join(arguments)}")
-        artifacts = kfp_ablation.run_local(cfg, root, **_ablation_rows(modes, vary, seeds))
+        artifacts = kfp_ablation.run_local(cfg, root, **_ablation_rows(modes, vary, seeds, one_at_a_time))
         for name, artifact in artifacts.items():
             typer.echo(f"{name}: {artifact.path}")
         return
-    _no_ablation_rows(modes, vary)
+    _no_ablation_rows(modes, vary or one_at_a_time)
     outputs = kfp_pipeline.run_local(cfg, root, **arguments)
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
