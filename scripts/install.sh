@@ -5,6 +5,7 @@
 # Environment:
 #   JOINTDISTILL_INSTALL=editable (default: a checkout you work in) | package (a copy for an image)
 #   JOINTDISTILL_ORT_GPU=1.31.1   replace onnxruntime by onnxruntime-gpu of that version (the CUDA image)
+#   UV_COMPILE_BYTECODE=0         skip compiling the dependencies' bytecode (default: compiled)
 # Skips everything when VENV_DIR was built from the same lock and pyproject (a stamp file holds their hash),
 # so a repeated `make test` costs nothing and CI only reinstalls when the lock changes.
 set -euo pipefail
@@ -31,7 +32,10 @@ rm -f "$stamp"
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$uv_version"
 # --exact removes packages that are no longer in the lock, so the venv equals the lock.
-"$venv/bin/uv" pip sync --quiet --python "$venv/bin/python" "$lock"
+# Bytecode is compiled at install (uv's UV_COMPILE_BYTECODE, on unless set to 0): where PYTHONDONTWRITEBYTECODE is
+# set (CI, containers), every process would otherwise compile torch, kfp and dvc from source at each start, and
+# the tests start hundreds.
+UV_COMPILE_BYTECODE="${UV_COMPILE_BYTECODE:-1}" "$venv/bin/uv" pip sync --quiet --python "$venv/bin/python" "$lock"
 if [[ "$mode" == editable ]]; then
     "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --no-deps -e "$here"
 else
