@@ -1,5 +1,6 @@
 """`dvc repro` for real, in a temporary git repository holding a copy of this project."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,14 +47,23 @@ def ran(out):
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
 
 
+# The many status checks call DVC's Repo API in this process: the code `dvc status` and `dvc repro --dry` run,
+# without starting a DVC process each time (about 2 s each). The CLI itself runs in the tests that change things.
 def status(project) -> set[str]:
-    """The stages whose own deps, params or outs changed (`dvc status --json`), without running anything."""
-    return set(json.loads(run(["dvc", "status", "--json"], project)))
+    """The stages whose own deps, params or outs changed (what `dvc status --json` lists), running nothing."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(project), Repo() as repo:  # names stages as the CLI does, relative to the cwd
+        return set(repo.status())
 
 
 def would_run(project) -> set[str]:
-    """Those stages and everything downstream of them, from DVC's own graph (`--dry`: nothing runs)."""
-    return ran(run(["dvc", "repro", "--dry", "--force-downstream"], project))
+    """Those stages and everything downstream of them, from DVC's own graph (`dvc repro --dry
+    --force-downstream`: nothing runs)."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(project), Repo() as repo:
+        return {stage.addressing for stage in repo.reproduce(dry=True, force_downstream=True)}
 
 
 @pytest.fixture(scope="session")  # shared by both lanes (see conftest)
