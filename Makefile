@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 # dvc.yaml's stage commands call `jointdistill` from the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast test-slow test-bench lint lock bench ablation pipeline image clean
+.PHONY: setup run test test-fast test-slow test-bench lint lock bench ablation open-questions pipeline image clean
 
 ## setup: create $(VENV) from requirements.lock (no-op when it is already up to date)
 setup:
@@ -40,6 +40,26 @@ test-slow: setup
 ## test-bench: every benchmark suite at toy sizes (writes nothing under bench/results)
 test-bench: setup
 	$(BIN)/python -m pytest -m bench
+
+## open-questions: the questions the paper leaves open (validation size, top_k, trajectory length, alpha, feedback
+## direction) as one sensitivity sweep of JointDistill (`full`): each key varied alone, paired by seed against
+## params' values (one shared reference row). OPEN_SET: the size, by default the 64x128 screen (hours on a
+## 2-core CPU at the default size). Resumable like `make ablation`; tables copied to $(OPEN_RESULTS).
+OPEN_SEEDS ?= 0,1,2
+OPEN_SET ?= prepare.height=64 prepare.width=128
+OPEN_JOBS ?= 3
+OPEN_DIR ?= data/open-questions
+OPEN_RESULTS ?= bench/results/ablation/open-questions
+# Cheapest first, so that an interrupted sweep has whole questions: val size needs its own data and teachers.
+OPEN_GRID := --vary distill.alpha=0,1,1.5,2 --vary distill.feedback=progress,deficit --vary distill.top_k=5,10,20 \
+	--vary distill.trajectory_length=3,5,10,20 --vary prepare.val_fraction=0.05,0.1,0.15,0.25
+open-questions: setup
+	$(BIN)/jointdistill ablate --params $(PARAMS) --set distill.mode=full $(foreach s,$(OPEN_SET),--set $(s)) \
+		$(OPEN_GRID) --one-at-a-time --seeds $(OPEN_SEEDS) --jobs $(OPEN_JOBS) --out $(OPEN_DIR)
+	mkdir -p $(OPEN_RESULTS)
+	cp $(OPEN_DIR)/ablation.md $(OPEN_DIR)/ablation.csv $(OPEN_DIR)/ablation.json $(OPEN_DIR)/runs.csv \
+		$(OPEN_DIR)/ablation.png $(OPEN_DIR)/paired*.png $(OPEN_RESULTS)/
+	$(BIN)/python -m bench.docs
 
 ## lint: formatting, lint (with complexity limits), types (mypy), dvc.yaml code deps and the generated benchmarks page;
 ## CI runs it before the tests
