@@ -24,6 +24,11 @@ SECTIONS = [
         "Does distillation pay? (`make ablation`)",
         "Every mode against plain multi-task training and the teachers, paired by seed.",
     ),
+    (
+        "ablation/open-questions/ablation.md",
+        "The paper's open questions (`make open-questions`)",
+        "Each knob the paper leaves open, varied alone for `full` and paired by seed against params' values.",
+    ),
     ("pipeline.md", "`make run` end to end (`--only pipeline`)", "The whole `dvc repro` from scratch."),
     (
         "data.md",
@@ -90,6 +95,13 @@ def render() -> str:
             _demote(body),
             "",
         ]
+        # A one-key-at-a-time sweep's plot per key (ablate's paired-KEY.png), shown under its table.
+        for plot in sorted(path.parent.glob("paired-*.png")):
+            key = plot.stem.removeprefix("paired-")
+            parts += [
+                f"![{key}: paired differences against the reference](../bench/results/{plot.relative_to(RESULTS)})",
+                "",
+            ]
     return "\n".join(parts)
 
 

@@ -44,6 +44,14 @@ def test_the_benchmarks_page_is_generated_from_the_results(tmp_path, monkeypatch
     assert docs.main(["--check"]) == 1
     docs.write()
     assert docs.main(["--check"]) == 0 and "- a new row" in page.read_text()
+    # A one-key-at-a-time sweep's per-key plots are shown under its table.
+    sweep = results / "ablation" / "open-questions"
+    sweep.mkdir(parents=True, exist_ok=True)
+    (sweep / "ablation.md").write_text("Ablation on test.\n")
+    (sweep / "paired-distill.alpha.png").write_bytes(b"png")
+    docs.write()
+    shown = "![distill.alpha: paired differences against the reference](../bench/results/ablation/open-questions/"
+    assert shown + "paired-distill.alpha.png)" in page.read_text()
 
 
 @pytest.mark.bench
