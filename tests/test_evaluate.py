@@ -292,7 +292,8 @@ def test_ablate_vary_pairs_every_point_with_the_reference(prepared, tmp_path):
     assert saved["pairs"][0]["delta_m"]["mean"] == pytest.approx(statistics.fmean(diffs)) and diffs[0] != 0
     md = (out / "ablation.md").read_text()
     assert (
-        "reference distill.lambda_depth=2.0" in md and "| distill.lambda_depth=0.5 − distill.lambda_depth=2.0 |" in md
+        "paired against distill.lambda_depth=2.0 (params' values)" in md
+        and "| distill.lambda_depth=0.5 − distill.lambda_depth=2.0 |" in md
     )
     for seed in (0, 1):  # one student per point, beside the seed's one pair of teachers
         runs = out / "runs" / f"seed-{seed}"
