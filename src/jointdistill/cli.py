@@ -813,17 +813,17 @@ def pipeline_compile(
         output = Path(kfp_ablation.COMPILED) if output == Path("jointdistill.yaml") else output
         kfp_ablation.compile_pipeline(output, cfg, image, **_ablation_rows(modes, vary, seeds, one_at_a_time))
     else:
-        _no_ablation_rows(modes, vary or one_at_a_time)
+        _no_ablation_rows(modes, vary, one_at_a_time)
         from jointdistill.pipelines import pipeline as kfp_pipeline
 
         kfp_pipeline.compile_pipeline(output, cfg, image=image)
     typer.echo(f"compiled → {output}")
 
 
-def _no_ablation_rows(modes, vary) -> None:
+def _no_ablation_rows(modes, vary, each: bool) -> None:
     from jointdistill.errors import ConfigError
 
-    if modes is not None or vary:
+    if modes is not None or vary or each:
         raise ConfigError("--modes, --vary and --one-at-a-time choose the ablation pipeline's rows: add --ablation")
 
 
@@ -1015,7 +1015,7 @@ def pipeline_run_local(
         for name, artifact in artifacts.items():
             typer.echo(f"{name}: {artifact.path}")
         return
-    _no_ablation_rows(modes, vary or one_at_a_time)
+    _no_ablation_rows(modes, vary, one_at_a_time)
     outputs = kfp_pipeline.run_local(cfg, root, **arguments)
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
