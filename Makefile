@@ -41,6 +41,14 @@ test-slow: setup
 test-bench: setup
 	$(BIN)/python -m pytest -m bench
 
+# publish FROM,TO: an `ablate` run's tables and plots (paired.png and a sweep's paired-KEY.png) into bench/results,
+# then docs/benchmarks.md made again from them
+define publish
+	mkdir -p $(2)
+	cp $(1)/ablation.md $(1)/ablation.csv $(1)/ablation.json $(1)/runs.csv $(1)/ablation.png $(1)/paired*.png $(2)/
+	$(BIN)/python -m bench.docs
+endef
+
 ## open-questions: the questions the paper leaves open (validation size, top_k, trajectory length, alpha, feedback
 ## direction) as one sensitivity sweep of JointDistill (`full`): each key varied alone, paired by seed against
 ## params' values (one shared reference row). OPEN_SET: the size, by default the 64x128 screen (hours on a
@@ -56,10 +64,7 @@ OPEN_GRID := --vary distill.alpha=0,1,1.5,2 --vary distill.feedback=progress,def
 open-questions: setup
 	$(BIN)/jointdistill ablate --params $(PARAMS) --set distill.mode=full $(foreach s,$(OPEN_SET),--set $(s)) \
 		$(OPEN_GRID) --one-at-a-time --seeds $(OPEN_SEEDS) --jobs $(OPEN_JOBS) --out $(OPEN_DIR)
-	mkdir -p $(OPEN_RESULTS)
-	cp $(OPEN_DIR)/ablation.md $(OPEN_DIR)/ablation.csv $(OPEN_DIR)/ablation.json $(OPEN_DIR)/runs.csv \
-		$(OPEN_DIR)/ablation.png $(OPEN_DIR)/paired*.png $(OPEN_RESULTS)/
-	$(BIN)/python -m bench.docs
+	$(call publish,$(OPEN_DIR),$(OPEN_RESULTS))
 
 ## lint: formatting, lint (with complexity limits), types (mypy), dvc.yaml code deps and the generated benchmarks page;
 ## CI runs it before the tests
@@ -93,10 +98,7 @@ ABLATION_SETS := $(foreach s,$(ABLATION_SET),--set $(s))
 ablation: setup
 	$(BIN)/jointdistill ablate --params $(PARAMS) $(ABLATION_SETS) --out $(ABLATION_DIR) \
 		--modes $(ABLATION_MODES) --seeds $(ABLATION_SEEDS) --jobs $(ABLATION_JOBS)
-	mkdir -p $(ABLATION_RESULTS)
-	cp $(ABLATION_DIR)/ablation.md $(ABLATION_DIR)/ablation.csv $(ABLATION_DIR)/ablation.json $(ABLATION_DIR)/ablation.png \
-		$(ABLATION_DIR)/paired.png $(ABLATION_DIR)/runs.csv $(ABLATION_RESULTS)/
-	$(BIN)/python -m bench.docs
+	$(call publish,$(ABLATION_DIR),$(ABLATION_RESULTS))
 
 ## pipeline: compile the Kubeflow pipeline to jointdistill.yaml, and the ablation pipeline (ABLATION_MODES over
 ## ABLATION_SEEDS) to jointdistill-ablation.yaml
