@@ -14,6 +14,8 @@ SUITES = {
     ),
     "teachers": teachers.rows,
     "distill": distill.rows,
+    # full's step over static_kd's, the variants taking turns on one core: the 1.25× target's verdict.
+    "distill-steps": distill.step_ratio_rows,
     "export": export.rows,
     "serve": serve.rows,
     "loader": pipeline.loader_rows,

@@ -11,12 +11,13 @@ buffer is empty). The teachers train 1 epoch: their quality does not change the 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from .common import run_json
+from .common import run_json, summary
 
 RUN = """
 import json, os, time
@@ -184,4 +185,86 @@ def rows(quick: bool, params: str) -> list[dict]:
             f"({traj['timeframes']} timeframes × {traj['probe_images']} images, top-{traj['top_k']})",
         }
     )
+    return out
+
+
+# The same step, timed without the engine around it: each variant built as the distill stage builds it, then one
+# optimisation step of each in turn, many rounds, on one pinned core. Taking turns spreads any drift of the
+# machine over every variant alike, so the ratios are steadier than one epoch per mode run after another.
+STEPS = """
+import json, os, time
+from pathlib import Path
+os.environ["JOINTDISTILL_PROGRESS"] = "off"
+import torch
+from jointdistill.config import apply_overrides, params_from_dict
+from jointdistill.data.contract import verify_prepared
+from jointdistill.distill.builder import build
+from jointdistill.distill.plan import DistillPlan
+from jointdistill.stages import prepare, teacher
+from jointdistill.training.engine import build_optimizer, build_scheduler, train_step
+from jointdistill.training.sampling import EpochSampler, make_loader
+tmp, data, sets, variants, rounds = {tmp!r}, json.loads({data!r}), {sets!r}, {variants!r}, {rounds!r}
+def params(*extra):
+    return params_from_dict(apply_overrides(data, sets + list(extra)))
+base = params("teacher.epochs=1")
+prepare.run(base, tmp + "/prepared")
+for task in ("seg", "depth"):
+    teacher.run(base, task, tmp + "/prepared", tmp + "/" + task)
+meta, cpu, runs = verify_prepared(tmp + "/prepared"), torch.device("cpu"), {{}}
+for name, mode, extra in variants:
+    p = params("distill.mode=" + mode, *extra)
+    plan = DistillPlan.from_params(p.distill, meta)
+    b = build(p, plan, Path(tmp, "prepared"), meta, (tmp + "/seg", tmp + "/depth"), cpu, Path(tmp, "cache"))
+    if plan.trajectory:  # a first timeframe's record fills the buffer: from here on every step has its trajectory pass
+        b.objective.record_trajectories(1, 0, b.model)
+    opt = build_optimizer(b.model, p.distill)
+    cfg = p.distill
+    sampler = EpochSampler(len(b.train_set) - b.pool[0], cfg.batch_size, 0, True, length=b.epoch_samples,
+                           pool=b.pool[0], pool_batch=b.pool[1])
+    sampler.set_epoch(0)
+    batches = iter(make_loader(b.train_set, sampler, sampler.step_size, 0, cpu, True))
+    runs[name] = (b.model.train(), b.objective, opt, build_scheduler(opt, cfg, 10 ** 6), cfg, batches, [])
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+for r in range(rounds + 2):
+    for model, objective, opt, sched, cfg, batches, times in runs.values():
+        t0 = time.perf_counter()
+        batch = next(batches)
+        model.steps.fill_(1)  # never a gradient-measurement step (they come every grad_log_every steps in every mode)
+        train_step(model, objective, batch, opt, sched, scaler, cfg, None)
+        if r >= 2:  # the first two rounds warm the allocator and the kernels
+            times.append(time.perf_counter() - t0)
+print(json.dumps({{name: v[-1] for name, v in runs.items()}}))
+"""
+STEP_VARIANTS = [
+    ("static_kd", "static_kd", CACHE),
+    ("full", "full", CACHE),
+    ("full, no trajectory pass", "full", [*CACHE, "distill.traj_every=1000000"]),
+    ("full, connector_channels 48", "full", [*CACHE, "distill.connector_channels=48"]),
+]
+
+
+def step_ratio_rows(quick: bool, params: str) -> list[dict]:
+    """full's training step over static_kd's (both with the teacher cache, the default), and where the difference
+    goes: the connector (full without its trajectory pass) and the trajectory pass; a narrower connector beside."""
+    quick_sets = ["prepare.budget.seg=1.0", "prepare.num_samples=80", "prepare.height=48", "prepare.width=96"]
+    sets = [*quick_sets, "distill.batch_size=4", "distill.probe_images=4"] if quick else []
+    data = json.dumps(yaml.safe_load(Path(params).read_text()))
+    rounds = 3 if quick else 30
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_json(STEPS.format(data=data, sets=sets, tmp=tmp, variants=STEP_VARIANTS, rounds=rounds), timeout=3600)
+    static = statistics.median(res["static_kd"])
+    out = []
+    for name, times in res.items():
+        ratio = [t / static for t in times]
+        row = {
+            "name": f"training step, {name} / static_kd (teacher cache, one core, turns)",
+            "unit": "×",
+            **summary([statistics.median(times) / static]),
+            "note": f"median {statistics.median(times) * 1000:.0f} ms of {len(times)} steps "
+            f"(per-step ratio {min(ratio):.2f}–{max(ratio):.2f})",
+        }
+        if name == "full":
+            row.update(target="≤ 1.25×", ok=row["median"] <= 1.25)
+        if name != "static_kd":
+            out.append(row)
     return out

@@ -37,7 +37,18 @@ SECTIONS = [
     ),
     ("loader.md", "Data loading (`--only loader`)", "Loader time against a training step."),
     ("teachers.md", "Teachers (`--only teachers`)", "Teacher quality and cost."),
-    ("distill.md", "Distillation step cost (`--only distill`)", "One training step per mode, against `mtl`."),
+    (
+        "distill.md",
+        "Distillation step cost (`--only distill`)",
+        "One training step per mode, against `mtl`: one epoch of each mode after another, at two threads, so a ratio "
+        "between two modes can move by a tenth from run to run (here the full step without its trajectory pass came "
+        "out slower than with it). The next section's turns are the steadier comparison.",
+    ),
+    (
+        "distill-steps.md",
+        "What JointDistill adds to a step (`--only distill-steps`)",
+        "`full`'s step against `static_kd`'s, the variants taking turns on one core; where the difference goes.",
+    ),
     (
         "teacher-cache.md",
         "Teacher-output cache (`--only teacher-cache`)",

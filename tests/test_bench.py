@@ -54,9 +54,13 @@ def test_the_benchmarks_page_is_generated_from_the_results(tmp_path, monkeypatch
     assert shown + "paired-distill.alpha.png)" in page.read_text()
 
 
+def _results(folder, suite: str) -> list[dict]:
+    return json.loads((folder / f"{suite}.json").read_text())["results"]
+
+
 @pytest.mark.bench
 def test_bench_quick_writes_results(tmp_path):
-    only = "data,loader,teachers,distill,export,ablation"
+    only = "data,loader,teachers,distill,distill-steps,export,ablation"
     assert bench_main.main(["--quick", "--out", str(tmp_path), "--only", only]) == 0
     data = json.loads((tmp_path / "data.json").read_text())
     names = [row["name"] for row in data["results"]]
@@ -88,6 +92,9 @@ def test_bench_quick_writes_results(tmp_path):
     ]
     assert all(r["target"] == "≤ 1.25×" and r["ok"] == (r["median"] <= 1.25) for r in over_static[:2])
     assert all("target" not in r for r in over_static[2:])  # breakdowns of full's cost
+    turns = {r["name"].split(",", 1)[1].split(" / ")[0].strip(): r for r in _results(tmp_path, "distill-steps")}
+    assert list(turns) == ["full", "full, no trajectory pass", "full, connector_channels 48"]
+    assert turns["full"]["ok"] == (turns["full"]["median"] <= 1.25) and all(r["median"] > 0 for r in turns.values())
     storage = next(r for r in distilled if r["name"].startswith("trajectory storage"))
     assert 0 < storage["median"] < 100
     ablation = json.loads((tmp_path / "ablation.json").read_text())["results"]
