@@ -19,11 +19,12 @@ import yaml
 
 from .common import run_json, summary
 
-RUN = """
+# Both scripts start alike: the data prepared and both teachers trained 1 epoch (their quality does not change a step).
+SETUP = """
 import json, os, time
 os.environ["JOINTDISTILL_PROGRESS"] = "off"
 from jointdistill.config import apply_overrides, params_from_dict
-from jointdistill.stages import prepare, teacher, distill
+from jointdistill.stages import prepare, teacher
 tmp, data, sets, variants = {tmp!r}, json.loads({data!r}), {sets!r}, {variants!r}
 def params(*extra):
     return params_from_dict(apply_overrides(data, sets + list(extra)))
@@ -31,6 +32,11 @@ base = params("teacher.epochs=1")
 prepare.run(base, tmp + "/prepared")
 for task in ("seg", "depth"):
     teacher.run(base, task, tmp + "/prepared", tmp + "/" + task)
+"""
+RUN = (
+    SETUP
+    + """
+from jointdistill.stages import distill
 out = {{}}
 for name, mode, extra in variants:
     p = params("distill.mode=" + mode, "distill.epochs=2", "distill.timeframe_steps=0", *extra)
@@ -40,6 +46,7 @@ for name, mode, extra in variants:
     out[name] = r
 print(json.dumps(out))
 """
+)
 
 CACHE = ["distill.teacher_cache=true"]
 LIVE = ["distill.teacher_cache=false"]
@@ -191,25 +198,17 @@ def rows(quick: bool, params: str) -> list[dict]:
 # The same step, timed without the engine around it: each variant built as the distill stage builds it, then one
 # optimisation step of each in turn, many rounds, on one pinned core. Taking turns spreads any drift of the
 # machine over every variant alike, so the ratios are steadier than one epoch per mode run after another.
-STEPS = """
-import json, os, time
+STEPS = (
+    SETUP
+    + """
 from pathlib import Path
-os.environ["JOINTDISTILL_PROGRESS"] = "off"
 import torch
-from jointdistill.config import apply_overrides, params_from_dict
 from jointdistill.data.contract import verify_prepared
 from jointdistill.distill.builder import build
 from jointdistill.distill.plan import DistillPlan
-from jointdistill.stages import prepare, teacher
 from jointdistill.training.engine import build_optimizer, build_scheduler, train_step
 from jointdistill.training.sampling import EpochSampler, make_loader
-tmp, data, sets, variants, rounds = {tmp!r}, json.loads({data!r}), {sets!r}, {variants!r}, {rounds!r}
-def params(*extra):
-    return params_from_dict(apply_overrides(data, sets + list(extra)))
-base = params("teacher.epochs=1")
-prepare.run(base, tmp + "/prepared")
-for task in ("seg", "depth"):
-    teacher.run(base, task, tmp + "/prepared", tmp + "/" + task)
+rounds = {rounds!r}
 meta, cpu, runs = verify_prepared(tmp + "/prepared"), torch.device("cpu"), {{}}
 for name, mode, extra in variants:
     p = params("distill.mode=" + mode, *extra)
@@ -235,6 +234,7 @@ for r in range(rounds + 2):
             times.append(time.perf_counter() - t0)
 print(json.dumps({{name: v[-1] for name, v in runs.items()}}))
 """
+)
 STEP_VARIANTS = [
     ("static_kd", "static_kd", CACHE),
     ("full", "full", CACHE),
