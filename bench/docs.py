@@ -41,8 +41,7 @@ SECTIONS = [
         "distill.md",
         "Distillation step cost (`--only distill`)",
         "One training step per mode, against `mtl`: one epoch of each mode after another, at two threads, so a ratio "
-        "between two modes can move by a tenth from run to run (here the full step without its trajectory pass came "
-        "out slower than with it). The next section's turns are the steadier comparison.",
+        "between two modes can move by a quarter from run to run. The next section's turns are the steadier comparison.",
     ),
     (
         "distill-steps.md",
