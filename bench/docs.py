@@ -41,7 +41,7 @@ SECTIONS = [
         "distill.md",
         "Distillation step cost (`--only distill`)",
         "One training step per mode, against `mtl`: one epoch of each mode after another, at two threads, so a ratio "
-        "between two modes can move by a quarter from run to run. The next section's turns are the steadier comparison.",
+        "between two modes can move by a quarter from run to run; the next section's turns are steadier.",
     ),
     (
         "distill-steps.md",
